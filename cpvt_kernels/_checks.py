@@ -1,0 +1,86 @@
+"""Input checks of the fused PEG (SPEC section 4), run for every backend before dispatch.
+
+The C++ ops repeat the checks that guard memory (csrc/peg.cpp) for callers that reach them
+through ``torch.ops.cpvt`` directly; the messages are the same.
+"""
+from __future__ import annotations
+
+import torch
+
+MAX_KERNEL_SIZE = 31
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def parse_size(size, num_tokens: int | None = None, num_prefix_tokens: int = 0) -> tuple[int, int]:
+    """``size`` as ``(H, W)``: a pair, or ``None`` for a square grid inferred from the tokens."""
+    if size is None:
+        if num_tokens is None:
+            raise ValueError("fused_peg: size must be given as (H, W), got None")
+        n = num_tokens - num_prefix_tokens
+        side = int(round(max(n, 0) ** 0.5))
+        if n < 1 or side * side != n:
+            raise ValueError(
+                f"fused_peg: size=None needs a square grid, but x has {num_tokens} tokens and "
+                f"num_prefix_tokens={num_prefix_tokens}, leaving {n}; pass size=(H, W)")
+        return side, side
+    if isinstance(size, (int, torch.SymInt)) and not isinstance(size, bool):
+        return size, size
+    try:
+        H, W = size
+    except (TypeError, ValueError):
+        raise TypeError(f"fused_peg: size must be a pair (H, W), got {size!r}") from None
+    for name, v in (("H", H), ("W", W)):
+        if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
+            raise TypeError(f"fused_peg: size {name} must be an int, got {type(v).__name__}")
+    return H, W
+
+
+def check_inputs(x, weight, bias, H, W, num_prefix_tokens) -> None:
+    """Raise ValueError/TypeError/RuntimeError naming the bad argument; return None if valid."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fused_peg: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"fused_peg: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
+        raise TypeError("fused_peg: num_prefix_tokens must be an int, "
+                        f"got {type(num_prefix_tokens).__name__}")
+    if H < 1:
+        raise ValueError(f"fused_peg: size H must be >= 1, got {H}")
+    if W < 1:
+        raise ValueError(f"fused_peg: size W must be >= 1, got {W}")
+    if num_prefix_tokens < 0:
+        raise ValueError(f"fused_peg: num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+    if x.dim() != 3:
+        raise ValueError("fused_peg: x must be 3-D (B, num_prefix_tokens + H*W, C), "
+                         f"got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError("fused_peg: x must be float32, float64, float16 or bfloat16, "
+                        f"got {x.dtype}")
+    if x.shape[1] != num_prefix_tokens + H * W:
+        raise ValueError(
+            f"fused_peg: x.shape[1] must equal num_prefix_tokens + H*W = "
+            f"{num_prefix_tokens} + {H}*{W} = {num_prefix_tokens + H * W}, got {x.shape[1]}")
+    C = x.shape[2]
+    if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1:
+        raise ValueError(f"fused_peg: weight must have shape (C, 1, kh, kw) with C = {C} "
+                         f"(depthwise), got {tuple(weight.shape)}")
+    kh, kw = weight.shape[2], weight.shape[3]
+    if not (kh % 2 == 1 and kw % 2 == 1 and 1 <= kh <= MAX_KERNEL_SIZE
+            and 1 <= kw <= MAX_KERNEL_SIZE):
+        raise ValueError(f"fused_peg: weight kernel size (kh, kw) must be odd and in "
+                         f"[1, {MAX_KERNEL_SIZE}], got ({kh}, {kw})")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"fused_peg: weight dtype must match x ({x.dtype}), got {weight.dtype}")
+    if weight.device != x.device:
+        raise RuntimeError(f"fused_peg: weight must be on the device of x ({x.device}), "
+                           f"got {weight.device}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != C:
+            raise ValueError(f"fused_peg: bias must have shape (C,) with C = {C}, "
+                             f"got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"fused_peg: bias dtype must match x ({x.dtype}), got {bias.dtype}")
+        if bias.device != x.device:
+            raise RuntimeError(f"fused_peg: bias must be on the device of x ({x.device}), "
+                               f"got {bias.device}")

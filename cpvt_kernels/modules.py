@@ -1,0 +1,85 @@
+"""PEG modules: the eager reference ``PEG`` and the drop-in ``FusedPEG``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _checks
+from .ops import fused_peg
+from .reference import peg_reference
+
+
+def _kernel_pair(kernel_size) -> tuple[int, int]:
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    for k in (kh, kw):
+        if not (isinstance(k, int) and k % 2 == 1 and 1 <= k <= _checks.MAX_KERNEL_SIZE):
+            raise ValueError(f"PEG: kernel_size must be odd and in [1, {_checks.MAX_KERNEL_SIZE}], "
+                             f"got {kernel_size!r}")
+    return kh, kw
+
+
+def _hw(x, H, W):
+    """Accept forward(x, H, W) (paper, Twins) and forward(x, (H, W)) (timm)."""
+    if W is None:
+        if isinstance(H, (tuple, list, torch.Size)):
+            return _checks.parse_size(tuple(H))
+        raise TypeError("PEG.forward: call as forward(x, H, W) or forward(x, (H, W)), "
+                        f"got H={H!r} and no W")
+    return H, W
+
+
+class PEG(nn.Module):
+    """CPVT's Positional Encoding Generator in eager PyTorch (the reference).
+
+    ``forward(x, H, W)`` or ``forward(x, (H, W))`` with ``x`` of shape ``(B, P + H*W, dim)``;
+    returns the same shape: prefix tokens pass through, the grid gets ``proj(grid) + grid``.
+    ``proj`` is ``nn.Conv2d(dim, dim, kernel_size, padding=kernel_size//2, groups=dim)`` so
+    checkpoints of the paper's ``PosCNN`` load unchanged.
+
+    Example:
+        >>> peg = PEG(192)
+        >>> peg(torch.randn(2, 1 + 14 * 14, 192), 14, 14).shape
+        torch.Size([2, 197, 192])
+    """
+
+    def __init__(self, dim: int, kernel_size=3, num_prefix_tokens: int = 1, bias: bool = True):
+        super().__init__()
+        kh, kw = _kernel_pair(kernel_size)
+        if num_prefix_tokens < 0:
+            raise ValueError(f"PEG: num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        self.num_prefix_tokens = num_prefix_tokens
+        self.proj = nn.Conv2d(dim, dim, (kh, kw), 1, (kh // 2, kw // 2), bias=bias, groups=dim)
+
+    def forward(self, x: torch.Tensor, H, W=None) -> torch.Tensor:
+        H, W = _hw(x, H, W)
+        _checks.check_inputs(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens)
+        return peg_reference(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens)
+
+    def extra_repr(self) -> str:
+        return f"num_prefix_tokens={self.num_prefix_tokens}"
+
+
+class FusedPEG(PEG):
+    """Drop-in replacement of :class:`PEG` that runs the fused op (``fused_peg``).
+
+    Same parameters and state-dict keys as ``PEG`` (``proj.weight``, ``proj.bias``).
+    ``backend`` is any of ``available_backends()`` or ``"auto"``.
+
+    Example:
+        >>> peg = FusedPEG(192, backend="auto")
+        >>> peg(torch.randn(2, 1 + 14 * 14, 192), (14, 14)).shape
+        torch.Size([2, 197, 192])
+    """
+
+    def __init__(self, dim: int, kernel_size=3, num_prefix_tokens: int = 1, bias: bool = True,
+                 backend: str = "auto"):
+        super().__init__(dim, kernel_size, num_prefix_tokens, bias)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, H, W=None) -> torch.Tensor:
+        H, W = _hw(x, H, W)
+        return fused_peg(x, self.proj.weight, self.proj.bias, (H, W), self.num_prefix_tokens,
+                         self.backend)
+
+    def extra_repr(self) -> str:
+        return f"num_prefix_tokens={self.num_prefix_tokens}, backend={self.backend!r}"

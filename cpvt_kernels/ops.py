@@ -1,0 +1,233 @@
+"""torch.library registration of the fused PEG: fake kernels, autograd, and backend choice.
+
+The ops ``torch.ops.cpvt.peg_forward`` / ``peg_backward`` are declared in C++ (csrc/peg.cpp)
+and implemented there for CPU and CUDA tensors; the Triton backend registers its own ops in
+``cpvt_kernels.triton_peg``. ``fused_peg`` checks its inputs once (``_checks``), picks a backend
+and calls it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+
+from . import _checks
+from .reference import peg_reference
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+# Preference order of backend="auto" per device type.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+# Environment override of backend="auto", read once at import.
+ENV_BACKEND = os.environ.get("CPVT_PEG_BACKEND", "").strip().lower() or None
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_EXT_ERROR: str | None = None
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.cpvt)
+except ImportError as e:  # importing the package never fails because a part is missing
+    _EXT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    except RuntimeError:
+        return False
+
+
+HAS_CPU_KERNELS = _EXT_ERROR is None and _has_kernel("cpvt::peg_forward", "CPU")
+HAS_CUDA_KERNELS = _EXT_ERROR is None and _has_kernel("cpvt::peg_forward", "CUDA")
+
+_TRITON_ERROR: str | None = None
+_triton_peg = None
+try:
+    _triton_peg = importlib.import_module(".triton_peg", __package__)
+except ImportError as e:
+    _TRITON_ERROR = f"{type(e).__name__}: {e}"
+
+_BUILD_HINT = ("reinstall from the source tree with `pip install --no-build-isolation -e .` "
+               "(see the README's build switches)")
+
+
+def _unavailable_reason(name: str, device_type: str) -> str | None:
+    """Why backend ``name`` cannot run on ``device_type`` tensors, or None if it can."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got {device_type} tensors"
+        if _EXT_ERROR is not None:
+            return f"the C++ extension cpvt_kernels._C is not built or failed to load " \
+                   f"({_EXT_ERROR}); {_BUILD_HINT}"
+        if not HAS_CPU_KERNELS:
+            return f"the C++ extension has no CPU kernels; {_BUILD_HINT}"
+        return None
+    if name == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device_type} tensors"
+        if _EXT_ERROR is not None:
+            return f"the C++ extension cpvt_kernels._C is not built or failed to load " \
+                   f"({_EXT_ERROR}); {_BUILD_HINT}"
+        if not HAS_CUDA_KERNELS:
+            return ("the extension was built without CUDA kernels; install a CUDA build of torch "
+                    "and the CUDA toolkit, then rebuild with CPVT_BUILD_CUDA=1 and CUDA_HOME set")
+        return None
+    if name == "triton":
+        if _TRITON_ERROR is not None:
+            return f"Triton is missing or failed to load ({_TRITON_ERROR}); `pip install triton`"
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu" and TRITON_INTERPRET:
+            return None
+        return (f"the triton backend runs on CUDA tensors (CPU tensors only with "
+                f"TRITON_INTERPRET=1 set before triton is imported), got {device_type} tensors")
+    raise ValueError(f"fused_peg: backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends that can run here, fastest first.
+
+    With ``device`` (``"cpu"``, ``"cuda"``), those that run on tensors of that device; without,
+    those that run on any device of this machine.
+
+    Example:
+        >>> import cpvt_kernels as ck
+        >>> ck.available_backends("cpu")
+        ['cpu', 'reference']
+    """
+    if device is None:
+        types = (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
+    else:
+        types = [torch.device(device).type]
+    out = []
+    for name in BACKENDS:
+        if any(_unavailable_reason(name, t) is None for t in types):
+            out.append(name)
+    if device is not None:
+        order = AUTO_ORDER.get(types[0], ())
+        out.sort(key=lambda n: order.index(n) if n in order else len(order))
+    return out
+
+
+def resolve_backend(backend: str, device_type: str) -> str:
+    """The concrete backend for ``backend`` ("auto" or a name) on ``device_type`` tensors."""
+    if not isinstance(backend, str):
+        raise TypeError(f"fused_peg: backend must be a str, got {type(backend).__name__}")
+    backend = backend.lower()
+    if backend == "auto":
+        if ENV_BACKEND is not None:
+            why = _unavailable_reason(ENV_BACKEND, device_type) if ENV_BACKEND in BACKENDS \
+                else f"unknown backend name; expected one of {BACKENDS}"
+            if why is None:
+                return ENV_BACKEND
+            warnings.warn(f"cpvt_kernels: CPVT_PEG_BACKEND={ENV_BACKEND!r} cannot run here "
+                          f"({why}); falling back to backend='auto'", stacklevel=3)
+        for name in AUTO_ORDER.get(device_type, ("reference",)):
+            if _unavailable_reason(name, device_type) is None:
+                return name
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"fused_peg: backend must be one of {('auto',) + BACKENDS}, "
+                         f"got {backend!r}")
+    why = _unavailable_reason(backend, device_type)
+    if why is not None:
+        raise RuntimeError(f"fused_peg: backend {backend!r} is unavailable: {why}")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration of the C++ ops: fake kernels and autograd.
+
+def _empty_grads_like(x, weight, mask):
+    C = x.shape[2]
+    return (x.new_empty(x.shape) if mask[0] else x.new_empty(0),
+            weight.new_empty(weight.shape) if mask[1] else x.new_empty(0),
+            x.new_empty(C) if mask[2] else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, H, W, P = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.size = (H, W, P)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    H, W, P = ctx.size
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2]]
+    if not any(mask):
+        return None, None, None, None, None, None
+    gx, gw, gb = torch.ops.cpvt.peg_backward(grad_out, x, weight, H, W, P, mask)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+            None, None, None)
+
+
+if _EXT_ERROR is None:
+    @torch.library.register_fake("cpvt::peg_forward")
+    def _peg_forward_fake(x, weight, bias, H, W, num_prefix_tokens):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("cpvt::peg_backward")
+    def _peg_backward_fake(grad_out, x, weight, H, W, num_prefix_tokens, output_mask):
+        return _empty_grads_like(x, weight, output_mask)
+
+    torch.library.register_autograd("cpvt::peg_forward", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _run_backend(name, x, weight, bias, H, W, P):
+    if name in ("cpu", "cuda"):
+        return torch.ops.cpvt.peg_forward(x, weight, bias, H, W, P)
+    if name == "triton":
+        return _triton_peg.peg_triton(x, weight, bias, H, W, P)
+    return peg_reference(x, weight, bias, H, W, P)
+
+
+def fused_peg(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              size=None, num_prefix_tokens: int = 1, backend: str = "auto") -> torch.Tensor:
+    """CPVT's Positional Encoding Generator in one fused pass.
+
+    ``out[:, :P] = x[:, :P]`` and ``out[:, P:] = dwconv(grid(x)) + grid(x)``, where ``grid``
+    views the ``H*W`` tokens after the ``P = num_prefix_tokens`` prefix tokens as a row-major
+    ``(B, C, H, W)`` grid and ``dwconv`` is a zero-padded, stride-1 depthwise convolution.
+
+    Args:
+        x: ``(B, P + H*W, C)`` tokens, float32/float64/float16/bfloat16, any strides.
+        weight: ``(C, 1, kh, kw)`` (``nn.Conv2d(C, C, k, groups=C).weight``), kh, kw odd <= 31.
+        bias: ``(C,)`` or ``None``.
+        size: ``(H, W)``; an int means a square grid; ``None`` infers a square grid.
+        num_prefix_tokens: ``P``, the cls/distillation/register tokens before the grid (>= 0).
+        backend: ``"auto"`` (fastest for the device; env ``CPVT_PEG_BACKEND`` overrides),
+            ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+    Returns:
+        A new contiguous ``(B, P + H*W, C)`` tensor of ``x``'s dtype. Differentiable in ``x``,
+        ``weight`` and ``bias``. Under ``torch.autocast`` it runs in the autocast dtype.
+
+    Example:
+        >>> import torch, cpvt_kernels as ck
+        >>> x = torch.randn(8, 1 + 14 * 14, 192)
+        >>> conv = torch.nn.Conv2d(192, 192, 3, padding=1, groups=192)
+        >>> ck.fused_peg(x, conv.weight, conv.bias, size=(14, 14)).shape
+        torch.Size([8, 197, 192])
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fused_peg: x must be a torch.Tensor, got {type(x).__name__}")
+    H, W = _checks.parse_size(size, x.shape[1] if x.dim() == 3 else None, num_prefix_tokens
+                              if isinstance(num_prefix_tokens, int) else 0)
+    device_type = x.device.type
+    # As for a convolution, autocast casts float32/float16/bfloat16 (never float64) inputs.
+    if torch.is_autocast_enabled(device_type) and x.dtype in _AUTOCAST_ELIGIBLE:
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
+    _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
+    name = resolve_backend(backend, device_type)
+    return _run_backend(name, x, weight, bias, H, W, num_prefix_tokens)

@@ -1,0 +1,32 @@
+"""The eager definition of CPVT's PEG (SPEC section 1); tests and benchmarks import it."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def peg_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  H: int, W: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """PEG in eager PyTorch: split, view as a grid, depthwise conv with zero padding, add, concat.
+
+    Args:
+        x: ``(B, P + H*W, C)`` tokens; the first ``P = num_prefix_tokens`` pass through.
+        weight: ``(C, 1, kh, kw)`` depthwise kernel, ``kh`` and ``kw`` odd.
+        bias: ``(C,)`` or ``None``.
+    Returns:
+        ``(B, P + H*W, C)``: ``out[:, :P] = x[:, :P]``, ``out[:, P:] = conv(grid) + grid``.
+
+    Example:
+        >>> x = torch.randn(2, 1 + 14 * 14, 64)
+        >>> w = torch.randn(64, 1, 3, 3)
+        >>> peg_reference(x, w, None, 14, 14).shape
+        torch.Size([2, 197, 64])
+    """
+    B, N, C = x.shape
+    P = num_prefix_tokens
+    prefix, tokens = x[:, :P], x[:, P:]
+    grid = tokens.transpose(1, 2).reshape(B, C, H, W)
+    kh, kw = weight.shape[-2:]
+    y = F.conv2d(grid, weight, bias, stride=1, padding=(kh // 2, kw // 2), groups=C) + grid
+    y = y.flatten(2).transpose(1, 2)
+    return torch.cat([prefix, y], dim=1)

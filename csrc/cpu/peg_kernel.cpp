@@ -1,0 +1,350 @@
+// CPU kernels of the fused PEG, forward and backward.
+//
+// Tokens are channel-last, so every kernel walks a grid row at a time and vectorizes along C.
+// Each input row the convolution needs is converted once into a zero-padded row of the
+// accumulation type (float for float/half/bfloat16, double for double) that stays in cache
+// while the kh output rows that use it are computed: the zero padding of the convolution is
+// then plain memory and the inner loops carry no bounds checks. Rows are cached in a ring of
+// kh slots per thread.
+// ATen's vector types pick their width from CPU_CAPABILITY_* macros, which ATen's own build
+// sets per dispatch target. This file is compiled for the build machine's ISA (CPVT_CPU_ARCH),
+// so select the matching width from the compiler's target macros.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__) && !defined(CPU_CAPABILITY_AVX512)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY_AVX2)
+#define CPU_CAPABILITY_AVX2
+#endif
+
+#include "../peg.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace cpvt {
+namespace {
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Work is split into a fixed number of row chunks that depends only on the shape, never on
+// the thread count, so the weight and bias gradients are summed in the same order every run.
+constexpr int64_t kMaxChunks = 128;
+
+struct Geometry {
+  int64_t B, N, C, H, W, P, kh, kw, ph, pw;
+  int64_t sb, st;  // strides of the token tensor in elements (channel stride is 1)
+};
+
+// A ring of kh zero-padded rows of width (W + 2*pw) * C, tagged by (batch, row).
+template <typename T>
+class RowRing {
+ public:
+  using A = acc_t<T>;
+  RowRing(const Geometry& g, const T* base, int64_t sb, int64_t st)
+      : g_(g), base_(base), sb_(sb), st_(st), width_((g.W + 2 * g.pw) * g.C),
+        buf_(static_cast<size_t>(g.kh * width_), A(0)), tag_(g.kh, -1) {}
+
+  // Padded row hh of image b (0 <= hh < H); loads it on a miss.
+  const A* get(int64_t b, int64_t hh) {
+    const int64_t slot = hh % g_.kh;
+    const int64_t tag = b * g_.H + hh;
+    A* row = buf_.data() + slot * width_;
+    if (tag_[slot] != tag) {
+      const T* src = base_ + b * sb_ + (g_.P + hh * g_.W) * st_;
+      A* dst = row + g_.pw * g_.C;  // borders stay zero from construction
+      for (int64_t w = 0; w < g_.W; ++w) {
+        at::vec::convert(src + w * st_, dst + w * g_.C, g_.C);
+      }
+      tag_[slot] = tag;
+    }
+    return row;
+  }
+
+ private:
+  const Geometry& g_;
+  const T* base_;
+  int64_t sb_, st_, width_;
+  std::vector<A> buf_;
+  std::vector<int64_t> tag_;
+};
+
+// out[w, c] = bias[c] + center[w, c] + sum_{i, j} wt[i*kw + j][c] * rows[i][(w + j)*C + c]
+// rows[i] is the padded input row h + i - ph, or null where that row is outside the grid.
+template <typename A, int KW>
+void conv_row(const A* const* rows, int64_t kh, int64_t kw_rt, const A* wt, const A* bias,
+              const A* center, int64_t W, int64_t C, A* out) {
+  using Vec = at::vec::Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  const int64_t kw = KW > 0 ? KW : kw_rt;
+  for (int64_t c0 = 0; c0 < C; c0 += V) {
+    const int64_t n = std::min<int64_t>(V, C - c0);
+    const Vec b = Vec::loadu(bias + c0, n);
+    for (int64_t w = 0; w < W; ++w) {
+      Vec acc = b + Vec::loadu(center + w * C + c0, n);
+      for (int64_t i = 0; i < kh; ++i) {
+        const A* r = rows[i];
+        if (r == nullptr) continue;
+        const A* wi = wt + i * kw * C + c0;
+        const A* ri = r + w * C + c0;
+        if constexpr (KW > 0) {
+#pragma GCC unroll 8
+          for (int64_t j = 0; j < KW; ++j) {
+            acc = at::vec::fmadd(Vec::loadu(wi + j * C, n), Vec::loadu(ri + j * C, n), acc);
+          }
+        } else {
+          for (int64_t j = 0; j < kw; ++j) {
+            acc = at::vec::fmadd(Vec::loadu(wi + j * C, n), Vec::loadu(ri + j * C, n), acc);
+          }
+        }
+      }
+      acc.store(out + w * C + c0, n);
+    }
+  }
+}
+
+template <typename A>
+void conv_row_dispatch(const A* const* rows, int64_t kh, int64_t kw, const A* wt, const A* bias,
+                       const A* center, int64_t W, int64_t C, A* out) {
+  switch (kw) {
+    case 1: return conv_row<A, 1>(rows, kh, kw, wt, bias, center, W, C, out);
+    case 3: return conv_row<A, 3>(rows, kh, kw, wt, bias, center, W, C, out);
+    case 5: return conv_row<A, 5>(rows, kh, kw, wt, bias, center, W, C, out);
+    case 7: return conv_row<A, 7>(rows, kh, kw, wt, bias, center, W, C, out);
+    default: return conv_row<A, 0>(rows, kh, kw, wt, bias, center, W, C, out);
+  }
+}
+
+// part[(i*kw + j)*C + c] += sum_w g[w, c] * rows[i][(w + j)*C + c];  part_b[c] += sum_w g[w, c]
+template <typename A>
+void weight_grad_row(const A* const* rows, int64_t kh, int64_t kw, const A* g, int64_t W,
+                     int64_t C, A* part, A* part_b) {
+  using Vec = at::vec::Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t c0 = 0; c0 < C; c0 += V) {
+    const int64_t n = std::min<int64_t>(V, C - c0);
+    if (part_b != nullptr) {
+      Vec acc(A(0));
+      for (int64_t w = 0; w < W; ++w) acc = acc + Vec::loadu(g + w * C + c0, n);
+      (Vec::loadu(part_b + c0, n) + acc).store(part_b + c0, n);
+    }
+    if (part == nullptr) continue;
+    for (int64_t i = 0; i < kh; ++i) {
+      const A* r = rows[i];
+      if (r == nullptr) continue;
+      for (int64_t j = 0; j < kw; ++j) {
+        Vec acc(A(0));
+        const A* rj = r + j * C + c0;
+        for (int64_t w = 0; w < W; ++w) {
+          acc = at::vec::fmadd(Vec::loadu(g + w * C + c0, n), Vec::loadu(rj + w * C, n), acc);
+        }
+        A* p = part + (i * kw + j) * C + c0;
+        (Vec::loadu(p, n) + acc).store(p, n);
+      }
+    }
+  }
+}
+
+Geometry make_geometry(const at::Tensor& x, const at::Tensor& weight, int64_t H, int64_t W,
+                       int64_t P) {
+  Geometry g;
+  g.B = x.size(0); g.N = x.size(1); g.C = x.size(2);
+  g.H = H; g.W = W; g.P = P;
+  g.kh = weight.size(2); g.kw = weight.size(3);
+  g.ph = g.kh / 2; g.pw = g.kw / 2;
+  g.sb = x.stride(0); g.st = x.stride(1);
+  return g;
+}
+
+// Kernels read channels contiguously; any batch and token strides are fine.
+at::Tensor channels_contiguous(const at::Tensor& t) {
+  return (t.size(2) <= 1 || t.stride(2) == 1) ? t : t.contiguous();
+}
+
+// (C, 1, kh, kw) -> (kh*kw, C) in the accumulation type; flipped for the input gradient.
+at::Tensor taps_by_channel(const at::Tensor& weight, at::ScalarType acc, bool flip) {
+  at::Tensor w = flip ? weight.flip({2, 3}) : weight;
+  return w.reshape({weight.size(0), -1}).t().to(acc).contiguous();
+}
+
+template <typename T>
+void copy_prefix(const T* src, int64_t sb, int64_t st, T* dst, const Geometry& g) {
+  if (g.P == 0) return;
+  at::parallel_for(0, g.B * g.P, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t b = k / g.P, p = k % g.P;
+      std::copy_n(src + b * sb + p * st, g.C, dst + (b * g.N + p) * g.C);
+    }
+  });
+}
+
+// The forward pass; with flipped taps, zero bias and grad_out as input it is also grad_x.
+template <typename T>
+void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
+                       const acc_t<T>* bias, T* dst) {
+  using A = acc_t<T>;
+  copy_prefix(src, g.sb, g.st, dst, g);
+  const int64_t rows = g.B * g.H;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.W * g.C));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    RowRing<T> ring(g, src, g.sb, g.st);
+    std::vector<const A*> in_rows(g.kh);
+    std::vector<A> tmp(std::is_same_v<T, A> ? 0 : g.W * g.C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / g.H, h = r % g.H;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t hh = h + i - g.ph;
+        in_rows[i] = (hh >= 0 && hh < g.H) ? ring.get(b, hh) : nullptr;
+      }
+      const A* center = in_rows[g.ph] + g.pw * g.C;
+      T* out_row = dst + (b * g.N + g.P + h * g.W) * g.C;
+      if constexpr (std::is_same_v<T, A>) {
+        conv_row_dispatch<A>(in_rows.data(), g.kh, g.kw, wt, bias, center, g.W, g.C, out_row);
+      } else {
+        conv_row_dispatch<A>(in_rows.data(), g.kh, g.kw, wt, bias, center, g.W, g.C, tmp.data());
+        at::vec::convert(tmp.data(), out_row, g.W * g.C);
+      }
+    }
+  });
+}
+
+at::Tensor peg_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, int64_t H, int64_t W,
+                           int64_t P) {
+  check_forward_inputs(x_in, weight, bias, H, W, P);
+  const at::Tensor x = channels_contiguous(x_in);
+  const Geometry g = make_geometry(x, weight, H, W, P);
+  at::Tensor out = at::empty({g.B, g.N, g.C}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peg_forward_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<A>::value;
+    const at::Tensor wt = taps_by_channel(weight, acc, /*flip=*/false);
+    const at::Tensor bt = (bias.has_value() && bias->defined())
+                              ? bias->to(acc).contiguous()
+                              : at::zeros({g.C}, x.options().dtype(acc));
+    peg_conv_residual<scalar_t>(x.const_data_ptr<scalar_t>(), g, wt.const_data_ptr<A>(),
+                                bt.const_data_ptr<A>(), out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// One pass over grad_out and x: grad_x rows (flipped taps over grad_out, plus grad_out) and
+// per-chunk partial sums of grad_weight and grad_bias, then a fixed-order reduction.
+template <typename T>
+void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, const Geometry& gx,
+                        const acc_t<T>* wt_flip, std::array<bool, 3> mask, T* grad_x,
+                        acc_t<T>* gw_out, acc_t<T>* gb_out) {
+  using A = acc_t<T>;
+  const bool want_x = mask[0], want_w = mask[1], want_b = mask[2];
+  if (want_x) copy_prefix(g_ptr, gg.sb, gg.st, grad_x, gg);
+  const int64_t rows = gx.B * gx.H;
+  const int64_t nchunks = std::min<int64_t>(rows, kMaxChunks);
+  if (nchunks == 0) return;
+  const int64_t per = (rows + nchunks - 1) / nchunks;
+  const int64_t kk = gx.kh * gx.kw, C = gx.C, W = gx.W;
+  std::vector<A> part_w(want_w ? nchunks * kk * C : 0, A(0));
+  std::vector<A> part_b(want_b ? nchunks * C : 0, A(0));
+  at::parallel_for(0, nchunks, 1, [&](int64_t cbeg, int64_t cend) {
+    RowRing<T> xring(gx, x_ptr, gx.sb, gx.st);
+    RowRing<T> gring(gg, g_ptr, gg.sb, gg.st);
+    std::vector<const A*> x_rows(gx.kh), g_rows(gx.kh);
+    const A* zero_bias = wt_flip + kk * C;  // a row of zeros after the taps
+    std::vector<A> tmp(std::is_same_v<T, A> || !want_x ? 0 : W * C);
+    for (int64_t k = cbeg; k < cend; ++k) {
+      for (int64_t r = k * per; r < std::min(rows, (k + 1) * per); ++r) {
+        const int64_t b = r / gx.H, h = r % gx.H;
+        for (int64_t i = 0; i < gx.kh; ++i) {
+          const int64_t hh = h + i - gx.ph;
+          const bool valid = hh >= 0 && hh < gx.H;
+          x_rows[i] = (want_w && valid) ? xring.get(b, hh) : nullptr;
+          g_rows[i] = ((want_x || i == gx.ph) && valid) ? gring.get(b, hh) : nullptr;
+        }
+        const A* g_center = g_rows[gx.ph] + gx.pw * C;
+        if (want_x) {
+          T* out_row = grad_x + (b * gx.N + gx.P + h * W) * C;
+          if constexpr (std::is_same_v<T, A>) {
+            conv_row_dispatch<A>(g_rows.data(), gx.kh, gx.kw, wt_flip, zero_bias, g_center, W, C,
+                                 out_row);
+          } else {
+            conv_row_dispatch<A>(g_rows.data(), gx.kh, gx.kw, wt_flip, zero_bias, g_center, W, C,
+                                 tmp.data());
+            at::vec::convert(tmp.data(), out_row, W * C);
+          }
+        }
+        if (want_w || want_b) {
+          weight_grad_row<A>(x_rows.data(), gx.kh, gx.kw, g_center, W, C,
+                             want_w ? part_w.data() + k * kk * C : nullptr,
+                             want_b ? part_b.data() + k * C : nullptr);
+        }
+      }
+    }
+  });
+  // Fixed-order reduction over chunks.
+  at::parallel_for(0, kk + 1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const bool is_bias = t == kk;
+      if (is_bias ? !want_b : !want_w) continue;
+      A* dst = is_bias ? gb_out : gw_out + t * C;
+      const A* src = is_bias ? part_b.data() : part_w.data() + t * C;
+      const int64_t step = is_bias ? C : kk * C;
+      for (int64_t k = 0; k < nchunks; ++k) {
+        for (int64_t c = 0; c < C; ++c) dst[c] += src[k * step + c];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> peg_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight, int64_t H,
+    int64_t W, int64_t P, std::array<bool, 3> output_mask) {
+  check_backward_inputs(grad_out_in, x_in, weight, H, W, P);
+  const at::Tensor grad_out = channels_contiguous(grad_out_in);
+  const at::Tensor x = channels_contiguous(x_in);
+  const Geometry gx = make_geometry(x, weight, H, W, P);
+  const Geometry gg = make_geometry(grad_out, weight, H, W, P);
+  const int64_t C = gx.C, kh = gx.kh, kw = gx.kw;
+  const at::Tensor empty = at::empty({0}, x.options());
+  at::Tensor grad_x = output_mask[0] ? at::empty({gx.B, gx.N, C}, x.options()) : empty;
+  at::Tensor grad_w = empty, grad_b = empty;
+  const bool want_params = output_mask[1] || output_mask[2];
+  if (!output_mask[0] && !want_params) return {grad_x, grad_w, grad_b};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peg_backward_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<A>::value;
+    // Flipped taps (kh*kw, C) followed by one row of zeros that serves as the (absent) bias.
+    const at::Tensor wt = at::zeros({kh * kw + 1, C}, x.options().dtype(acc));
+    wt.narrow(0, 0, kh * kw).copy_(taps_by_channel(weight, acc, /*flip=*/true));
+    at::Tensor gw = at::zeros({kh * kw, C}, x.options().dtype(acc));
+    at::Tensor gb = at::zeros({C}, x.options().dtype(acc));
+    if (gx.B > 0 && C > 0) {
+      peg_backward_fused<scalar_t>(
+          grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gg, gx,
+          wt.const_data_ptr<A>(), output_mask,
+          output_mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
+          gw.mutable_data_ptr<A>(), gb.mutable_data_ptr<A>());
+    }
+    if (output_mask[1]) {
+      grad_w = gw.t().reshape({C, 1, kh, kw}).to(weight.scalar_type()).contiguous();
+    }
+    if (output_mask[2]) grad_b = gb.to(x.scalar_type());
+  });
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+}  // namespace cpvt
+
+TORCH_LIBRARY_IMPL(cpvt, CPU, m) {
+  m.impl("peg_forward", &cpvt::peg_forward_cpu);
+  m.impl("peg_backward", &cpvt::peg_backward_cpu);
+}

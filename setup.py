@@ -1,0 +1,116 @@
+"""Build of cpvt_kernels and its extension cpvt_kernels._C.
+
+Build switches (environment variables, printed when the build starts):
+  CPVT_BUILD_CUDA   1: build the CUDA kernels (fails without a toolkit); 0: skip them;
+                    unset: build them when torch is a CUDA build and a CUDA toolkit is found.
+  CUDA_HOME         the CUDA toolkit root; found from nvcc when unset.
+  TORCH_CUDA_ARCH_LIST  GPU architectures for nvcc (default here: "8.0;9.0").
+  CPVT_CPU_ARCH     native (default): compile the CPU kernels for this machine's vector units;
+                    generic: a portable build.
+  CPVT_DEBUG        1: build with -O0 -g.
+  MAX_JOBS          parallel compile jobs (ninja).
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _real_cuda_home():
+    """The toolkit root, looking through an nvcc that is a wrapper script."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        nvcc = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(nvcc)))
+        try:
+            with open(nvcc, "rb") as f:
+                head = f.read(4096)
+            if head.startswith(b"#!"):
+                for m in re.finditer(rb"(/[^\s\"']+)/bin/nvcc", head):
+                    candidates.insert(0, m.group(1).decode())
+        except OSError:
+            pass
+    candidates += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
+    for root in candidates:
+        libs = glob.glob(os.path.join(root, "lib64", "libcudart.so*")) + glob.glob(
+            os.path.join(root, "targets", "*", "lib", "libcudart.so*"))
+        if os.path.exists(os.path.join(root, "bin", "nvcc")) and libs:
+            return root
+    return None
+
+
+_cuda_home = _real_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension is imported)
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _env_flag(name):
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    return v.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _build_config():
+    want = _env_flag("CPVT_BUILD_CUDA")
+    has_toolkit = _cuda_home is not None
+    torch_cuda = torch.version.cuda is not None
+    if want is None:
+        cuda = has_toolkit and torch_cuda
+        why = "auto: " + ("torch CUDA build and toolkit found" if cuda else
+                          ("no CUDA toolkit found" if not has_toolkit else "torch is a CPU build"))
+    else:
+        cuda = want
+        why = "CPVT_BUILD_CUDA=" + os.environ["CPVT_BUILD_CUDA"]
+        if cuda and not (has_toolkit and torch_cuda):
+            sys.exit("cpvt_kernels build: CPVT_BUILD_CUDA=1 but "
+                     + ("no CUDA toolkit was found (set CUDA_HOME)" if not has_toolkit
+                        else "torch is a CPU build"))
+    arch = os.environ.get("CPVT_CPU_ARCH", "native").strip().lower()
+    if arch not in ("native", "generic"):
+        sys.exit(f"cpvt_kernels build: CPVT_CPU_ARCH must be 'native' or 'generic', got {arch!r}")
+    return cuda, why, arch
+
+
+def _extensions():
+    cuda, why, arch = _build_config()
+    debug = _env_flag("CPVT_DEBUG") is True
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-fvisibility=hidden"]
+    if arch == "native":
+        cxx.append("-march=native")
+    sources = ["csrc/module.cpp", "csrc/peg.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    print("cpvt_kernels build configuration:")
+    print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
+    print(f"  CUDA kernels: {'yes' if cuda else 'no'} ({why})")
+    if cuda:
+        print(f"  CUDA_HOME={_cuda_home}  TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    print(f"  CPU arch: {arch}   debug: {debug}   MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
+    if cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        return [CUDAExtension("cpvt_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                              extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                              py_limited_api=False)]
+    return [CppExtension("cpvt_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                         extra_compile_args={"cxx": cxx})]
+
+
+setup(
+    name="cpvt_kernels",
+    packages=find_packages(include=["cpvt_kernels", "cpvt_kernels.*"]),
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExtension},
+)

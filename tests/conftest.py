@@ -1,0 +1,85 @@
+"""Shared test helpers: input factories, the float64 reference, tolerances (SPEC section 5).
+
+Without a GPU, Triton runs on CPU tensors through its interpreter; TRITON_INTERPRET must be set
+before triton is first imported, so it is set here, before cpvt_kernels is imported.
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import cpvt_kernels as ck  # noqa: E402
+from cpvt_kernels.reference import peg_reference  # noqa: E402
+
+# max |out - ref| / max |ref| against the float64 reference (SPEC section 5)
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+HAS_GPU = torch.cuda.is_available()
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double().cpu(), ref.double().cpu()
+    denom = ref.abs().max().item()
+    diff = (a - ref).abs().max().item() if a.numel() else 0.0
+    return diff / denom if denom > 0 else diff
+
+
+def make_inputs(B, P, H, W, C, kh, kw, bias=True, dtype=torch.float32, device="cpu",
+                noncontig=False, seed=None):
+    """Fresh random float64 master inputs and their copies in ``dtype`` on ``device``.
+
+    ``noncontig`` gives ``x`` as a strided view (every other channel of a wider tensor, with a
+    storage offset), so kernels must honour strides and misaligned starts.
+    """
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    N = P + H * W
+    if noncontig:
+        big = torch.randn(B, N, 2 * C + 1, dtype=torch.float64, generator=g)
+        x64 = big[:, :, 1::2]
+    else:
+        x64 = torch.randn(B, N, C, dtype=torch.float64, generator=g)
+    w64 = torch.randn(C, 1, kh, kw, dtype=torch.float64, generator=g) / (kh * kw) ** 0.5
+    b64 = torch.randn(C, dtype=torch.float64, generator=g) if bias else None
+    x = x64.to(device=device, dtype=dtype)
+    if noncontig:
+        x = torch.empty(B, N, 2 * C + 1, dtype=dtype, device=device)[:, :, 1::2]
+        x.copy_(x64)
+        assert not x.is_contiguous()
+    return (x64, w64, b64), (x, w64.to(device=device, dtype=dtype),
+                             None if b64 is None else b64.to(device=device, dtype=dtype))
+
+
+def reference_with_grads(x64, w64, b64, H, W, P, grad_out64):
+    """The float64 reference output and gradients of x, weight and bias."""
+    x = x64.detach().clone().requires_grad_()
+    w = w64.detach().clone().requires_grad_()
+    b = None if b64 is None else b64.detach().clone().requires_grad_()
+    out = peg_reference(x, w, b, H, W, P)
+    out.backward(grad_out64)
+    return out.detach(), x.grad, w.grad, (None if b is None else b.grad)
+
+
+def backend_device(backend: str) -> str:
+    if backend in ("cuda",):
+        return "cuda"
+    if backend == "triton":
+        return "cuda" if HAS_GPU else "cpu"
+    if backend == "cpu":
+        return "cpu"
+    return "cuda" if HAS_GPU else "cpu"
+
+
+def require_backend(backend: str) -> str:
+    """Skip unless ``backend`` can run here; returns the device its tests use."""
+    device = backend_device(backend)
+    if backend not in ck.available_backends(device):
+        reason = ck.ops._unavailable_reason(backend, device)
+        if backend == "cuda" and not HAS_GPU:
+            pytest.skip("GPU-only: no CUDA device")
+        pytest.fail(f"backend {backend!r} unavailable on {device}: {reason}")
+    return device
