@@ -84,3 +84,16 @@ def check_inputs(x, weight, bias, H, W, num_prefix_tokens) -> None:
         if bias.device != x.device:
             raise RuntimeError(f"fused_peg: bias must be on the device of x ({x.device}), "
                                f"got {bias.device}")
+
+
+def check_backward_inputs(grad_out, x, weight, H, W, num_prefix_tokens) -> None:
+    """The checks of ``check_inputs`` plus ``grad_out`` matching ``x``."""
+    check_inputs(x, weight, None, H, W, num_prefix_tokens)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"fused_peg: grad_out must have the shape of x ({tuple(x.shape)}), "
+                         f"got {tuple(grad_out.shape)}")
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"fused_peg: grad_out dtype must match x ({x.dtype}), got {grad_out.dtype}")
+    if grad_out.device != x.device:
+        raise RuntimeError(f"fused_peg: grad_out must be on the device of x ({x.device}), "
+                           f"got {grad_out.device}")

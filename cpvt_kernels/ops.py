@@ -169,10 +169,12 @@ def _backward(ctx, grad_out):
 if _EXT_ERROR is None:
     @torch.library.register_fake("cpvt::peg_forward")
     def _peg_forward_fake(x, weight, bias, H, W, num_prefix_tokens):
+        _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("cpvt::peg_backward")
     def _peg_backward_fake(grad_out, x, weight, H, W, num_prefix_tokens, output_mask):
+        _checks.check_backward_inputs(grad_out, x, weight, H, W, num_prefix_tokens)
         return _empty_grads_like(x, weight, output_mask)
 
     torch.library.register_autograd("cpvt::peg_forward", _backward, setup_context=_setup_context)

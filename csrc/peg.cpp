@@ -9,9 +9,14 @@
 
 #include <torch/library.h>
 
+#include <string>
+
 namespace cpvt {
 
 namespace {
+
+// "float32", as torch prints dtypes in Python.
+std::string dtype_name(at::ScalarType t) { return std::string(c10::getDtypeNames(t).first); }
 
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
@@ -29,7 +34,7 @@ void check_tokens(const at::Tensor& t, const char* name, int64_t H, int64_t W,
   TORCH_CHECK_VALUE(t.dim() == 3, "fused_peg: ", name,
                     " must be 3-D (B, num_prefix_tokens + H*W, C), got shape ", t.sizes());
   TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), "fused_peg: ", name,
-                   " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+                   " must be float32, float64, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
   // H*W may overflow int64 for absurd sizes: compare by division.
   const int64_t grid = t.size(1) - num_prefix_tokens;
   const bool ok = grid >= 1 && grid % W == 0 && grid / W == H;
@@ -54,14 +59,14 @@ void check_forward_inputs(const at::Tensor& x, const at::Tensor& weight,
                     "fused_peg: weight kernel size (kh, kw) must be odd and in [1, ",
                     kMaxKernelSize, "], got (", kh, ", ", kw, ")");
   TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "fused_peg: weight dtype must match x (",
-                   x.scalar_type(), "), got ", weight.scalar_type());
+                   dtype_name(x.scalar_type()), "), got ", dtype_name(weight.scalar_type()));
   TORCH_CHECK(weight.device() == x.device(), "fused_peg: weight must be on the device of x (",
               x.device(), "), got ", weight.device());
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C,
                       "fused_peg: bias must have shape (C,) with C = ", C, ", got ", bias->sizes());
     TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "fused_peg: bias dtype must match x (",
-                     x.scalar_type(), "), got ", bias->scalar_type());
+                   dtype_name(x.scalar_type()), "), got ", dtype_name(bias->scalar_type()));
     TORCH_CHECK(bias->device() == x.device(), "fused_peg: bias must be on the device of x (",
                 x.device(), "), got ", bias->device());
   }
@@ -74,8 +79,8 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
   TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "fused_peg: grad_out must have the shape of x (",
                     x.sizes(), "), got ", grad_out.sizes());
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(),
-                   "fused_peg: grad_out dtype must match x (", x.scalar_type(), "), got ",
-                   grad_out.scalar_type());
+                   "fused_peg: grad_out dtype must match x (", dtype_name(x.scalar_type()),
+                   "), got ", dtype_name(grad_out.scalar_type()));
   TORCH_CHECK(grad_out.device() == x.device(), "fused_peg: grad_out must be on the device of x (",
               x.device(), "), got ", grad_out.device());
 }

@@ -52,7 +52,11 @@ class RowRing {
   using A = acc_t<T>;
   RowRing(const Geometry& g, const T* base, int64_t sb, int64_t st)
       : g_(g), base_(base), sb_(sb), st_(st), width_((g.W + 2 * g.pw) * g.C),
-        buf_(static_cast<size_t>(g.kh * width_), A(0)), tag_(g.kh, -1) {}
+        buf_(static_cast<size_t>((g.kh + 1) * width_), A(0)), tag_(g.kh, -1) {}
+
+  // A row of zeros for rows outside the grid: the padding is multiplied like any other input,
+  // so an Inf or NaN tap meets 0 * Inf = NaN at the border exactly as in a padded convolution.
+  const A* zeros() const { return buf_.data() + g_.kh * width_; }
 
   // Padded row hh of image b (0 <= hh < H); loads it on a miss.
   const A* get(int64_t b, int64_t hh) {
@@ -79,7 +83,7 @@ class RowRing {
 };
 
 // out[w, c] = bias[c] + center[w, c] + sum_{i, j} wt[i*kw + j][c] * rows[i][(w + j)*C + c]
-// rows[i] is the padded input row h + i - ph, or null where that row is outside the grid.
+// rows[i] is the padded input row h + i - ph (a zero row outside the grid).
 template <typename A, int KW>
 void conv_row(const A* const* rows, int64_t kh, int64_t kw_rt, const A* wt, const A* bias,
               const A* center, int64_t W, int64_t C, A* out) {
@@ -93,7 +97,6 @@ void conv_row(const A* const* rows, int64_t kh, int64_t kw_rt, const A* wt, cons
       Vec acc = b + Vec::loadu(center + w * C + c0, n);
       for (int64_t i = 0; i < kh; ++i) {
         const A* r = rows[i];
-        if (r == nullptr) continue;
         const A* wi = wt + i * kw * C + c0;
         const A* ri = r + w * C + c0;
         if constexpr (KW > 0) {
@@ -140,7 +143,6 @@ void weight_grad_row(const A* const* rows, int64_t kh, int64_t kw, const A* g, i
     if (part == nullptr) continue;
     for (int64_t i = 0; i < kh; ++i) {
       const A* r = rows[i];
-      if (r == nullptr) continue;
       for (int64_t j = 0; j < kw; ++j) {
         Vec acc(A(0));
         const A* rj = r + j * C + c0;
@@ -203,7 +205,7 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
       const int64_t b = r / g.H, h = r % g.H;
       for (int64_t i = 0; i < g.kh; ++i) {
         const int64_t hh = h + i - g.ph;
-        in_rows[i] = (hh >= 0 && hh < g.H) ? ring.get(b, hh) : nullptr;
+        in_rows[i] = (hh >= 0 && hh < g.H) ? ring.get(b, hh) : ring.zeros();
       }
       const A* center = in_rows[g.ph] + g.pw * g.C;
       T* out_row = dst + (b * g.N + g.P + h * g.W) * g.C;
@@ -266,8 +268,8 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
         for (int64_t i = 0; i < gx.kh; ++i) {
           const int64_t hh = h + i - gx.ph;
           const bool valid = hh >= 0 && hh < gx.H;
-          x_rows[i] = (want_w && valid) ? xring.get(b, hh) : nullptr;
-          g_rows[i] = ((want_x || i == gx.ph) && valid) ? gring.get(b, hh) : nullptr;
+          x_rows[i] = !want_w ? nullptr : valid ? xring.get(b, hh) : xring.zeros();
+          g_rows[i] = !(want_x || i == gx.ph) ? nullptr : valid ? gring.get(b, hh) : gring.zeros();
         }
         const A* g_center = g_rows[gx.ph] + gx.pw * C;
         if (want_x) {
@@ -313,9 +315,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> peg_backward_cpu(
   const Geometry gx = make_geometry(x, weight, H, W, P);
   const Geometry gg = make_geometry(grad_out, weight, H, W, P);
   const int64_t C = gx.C, kh = gx.kh, kw = gx.kw;
-  const at::Tensor empty = at::empty({0}, x.options());
-  at::Tensor grad_x = output_mask[0] ? at::empty({gx.B, gx.N, C}, x.options()) : empty;
-  at::Tensor grad_w = empty, grad_b = empty;
+  // Masked-out outputs are distinct empty tensors (outputs must not alias one another).
+  at::Tensor grad_x = output_mask[0] ? at::empty({gx.B, gx.N, C}, x.options())
+                                      : at::empty({0}, x.options());
+  at::Tensor grad_w = at::empty({0}, x.options()), grad_b = at::empty({0}, x.options());
   const bool want_params = output_mask[1] || output_mask[2];
   if (!output_mask[0] && !want_params) return {grad_x, grad_w, grad_b};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peg_backward_cpu", [&] {

@@ -1,0 +1,156 @@
+"""Every bad input of SPEC section 4 raises a clear error that names the argument.
+
+Each case runs through the public ``fused_peg`` on every backend that runs on CPU tensors, and,
+where the C++ extension is built, straight through ``torch.ops.cpvt`` so that callers who skip
+the Python layer are guarded too. No input tensor may be modified.
+"""
+import pytest
+import torch
+
+import cpvt_kernels as ck
+
+B, P, H, W, C = 2, 1, 3, 4, 6
+
+
+def _good():
+    g = torch.Generator().manual_seed(0)
+    return dict(x=torch.randn(B, P + H * W, C, generator=g),
+                weight=torch.randn(C, 1, 3, 3, generator=g),
+                bias=torch.randn(C, generator=g), H=H, W=W, P=P)
+
+
+def _with(**changes):
+    a = _good()
+    a.update(changes)
+    return a
+
+
+# name -> (arguments, error type, words the message must contain)
+BAD = {
+    "x_not_3d": (_with(x=torch.randn(P + H * W, C)), ValueError, ["x", "3-D"]),
+    "x_4d": (_with(x=torch.randn(B, P + H * W, C, 1)), ValueError, ["x", "3-D"]),
+    "tokens_mismatch": (_with(x=torch.randn(B, P + H * W + 1, C)), ValueError,
+                        ["x.shape[1]", "num_prefix_tokens + H*W"]),
+    "tokens_match_other_prefix": (_with(P=2), ValueError, ["x.shape[1]", "2 + 3*4"]),
+    "H_zero": (_with(H=0), ValueError, ["H", ">= 1"]),
+    "W_negative": (_with(W=-4), ValueError, ["W", ">= 1"]),
+    "prefix_negative": (_with(P=-1), ValueError, ["num_prefix_tokens", ">= 0"]),
+    "weight_wrong_channels": (_with(weight=torch.randn(C + 1, 1, 3, 3)), ValueError,
+                              ["weight", "(C, 1, kh, kw)"]),
+    "weight_full_conv": (_with(weight=torch.randn(C, C, 3, 3)), ValueError,
+                         ["weight", "depthwise"]),
+    "weight_3d": (_with(weight=torch.randn(C, 3, 3)), ValueError, ["weight", "(C, 1, kh, kw)"]),
+    "kernel_even": (_with(weight=torch.randn(C, 1, 2, 3)), ValueError, ["kernel size", "odd"]),
+    "kernel_too_big": (_with(weight=torch.randn(C, 1, 33, 33)), ValueError,
+                       ["kernel size", "31"]),
+    "bias_wrong_shape": (_with(bias=torch.randn(C + 2)), ValueError, ["bias", "(C,)"]),
+    "bias_2d": (_with(bias=torch.randn(C, 1)), ValueError, ["bias", "(C,)"]),
+    "weight_dtype": (_with(weight=torch.randn(C, 1, 3, 3, dtype=torch.float64)), TypeError,
+                     ["weight dtype", "float32", "float64"]),
+    "bias_dtype": (_with(bias=torch.randn(C, dtype=torch.float16)), TypeError,
+                   ["bias dtype", "float16"]),
+    "x_integer": (_with(x=torch.randint(0, 5, (B, P + H * W, C)),
+                        weight=torch.randint(0, 5, (C, 1, 3, 3)), bias=None), TypeError,
+                  ["x", "int64"]),
+    "x_complex": (_with(x=torch.randn(B, P + H * W, C, dtype=torch.complex64),
+                        weight=torch.randn(C, 1, 3, 3, dtype=torch.complex64), bias=None),
+                  TypeError, ["x", "complex64"]),
+    "weight_other_device": (_with(weight=torch.randn(C, 1, 3, 3, device="meta")), RuntimeError,
+                            ["weight", "device", "meta"]),
+    "bias_other_device": (_with(bias=torch.randn(C, device="meta")), RuntimeError,
+                          ["bias", "device", "meta"]),
+}
+
+
+def _backends():
+    return [b for b in ck.available_backends("cpu")]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_public_api(name, backend):
+    args, err, words = BAD[name]
+    snapshot = {k: v.clone() for k, v in args.items()
+                if isinstance(v, torch.Tensor) and v.device.type != "meta"}
+    with pytest.raises(err) as info:
+        ck.fused_peg(args["x"], args["weight"], args["bias"], size=(args["H"], args["W"]),
+                     num_prefix_tokens=args["P"], backend=backend)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+    for k, v in snapshot.items():
+        assert torch.equal(args[k], v), f"{k} was modified"
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_cpp_op(name):
+    """The C++ op checks its inputs itself (callers may skip the Python layer)."""
+    if "cpu" not in ck.available_backends("cpu"):
+        pytest.skip("C++ extension not built")
+    args, err, words = BAD[name]
+    with pytest.raises(err) as info:
+        torch.ops.cpvt.peg_forward(args["x"], args["weight"], args["bias"], args["H"],
+                                   args["W"], args["P"])
+    msg = str(info.value)
+    for w in words:
+        assert w in msg.replace("torch.", ""), f"{w!r} not in {msg!r}"
+
+
+def test_bad_backward_inputs_cpp_op():
+    if "cpu" not in ck.available_backends("cpu"):
+        pytest.skip("C++ extension not built")
+    a = _good()
+    with pytest.raises(ValueError, match="grad_out"):
+        torch.ops.cpvt.peg_backward(a["x"][:, :-1], a["x"], a["weight"], H, W, P,
+                                    [True, True, True])
+    with pytest.raises(TypeError, match="grad_out"):
+        torch.ops.cpvt.peg_backward(a["x"].double(), a["x"], a["weight"], H, W, P,
+                                    [True, True, True])
+
+
+def test_unknown_backend():
+    a = _good()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ck.fused_peg(a["x"], a["weight"], a["bias"], (H, W), P, backend="cudnn")
+    with pytest.raises(TypeError, match="backend"):
+        ck.fused_peg(a["x"], a["weight"], a["bias"], (H, W), P, backend=3)
+
+
+def test_backend_that_cannot_run_on_device():
+    a = _good()
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: .*CUDA tensors"):
+        ck.fused_peg(a["x"], a["weight"], a["bias"], (H, W), P, backend="cuda")
+
+
+def test_triton_on_cpu_without_interpreter_says_how():
+    reason = ck.ops._unavailable_reason("triton", "cpu")
+    if ck.ops.TRITON_INTERPRET and ck.ops._TRITON_ERROR is None:
+        assert reason is None
+    else:
+        assert "TRITON_INTERPRET" in reason or "pip install triton" in reason
+
+
+@pytest.mark.parametrize("bad", [(3,), (3, 4, 5), "3x4", (3.0, 4)])
+def test_bad_size(bad):
+    a = _good()
+    with pytest.raises(TypeError, match="size"):
+        ck.fused_peg(a["x"], a["weight"], a["bias"], bad, P)
+
+
+def test_non_tensor_arguments():
+    a = _good()
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        ck.fused_peg(a["x"].tolist(), a["weight"], a["bias"], (H, W), P)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        ck.fused_peg(a["x"], None, a["bias"], (H, W), P)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor or None"):
+        ck.fused_peg(a["x"], a["weight"], 1.0, (H, W), P)
+    with pytest.raises(TypeError, match="num_prefix_tokens must be an int"):
+        ck.fused_peg(a["x"], a["weight"], a["bias"], (H, W), 1.0)
+
+
+def test_module_bad_kernel_size():
+    with pytest.raises(ValueError, match="kernel_size"):
+        ck.FusedPEG(8, kernel_size=4)
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        ck.PEG(8, num_prefix_tokens=-1)

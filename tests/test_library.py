@@ -1,0 +1,119 @@
+"""The op as a torch.library citizen: opcheck, torch.compile, torch.export, autocast."""
+import pytest
+import torch
+
+import cpvt_kernels as ck
+from conftest import make_inputs, rel_err, require_backend
+
+SAMPLES = [  # (B, P, H, W, C, kh, kw, bias)
+    (2, 1, 5, 6, 8, 3, 3, True),
+    (1, 0, 3, 3, 5, 3, 5, False),
+    (3, 2, 4, 7, 3, 1, 1, True),
+    (0, 1, 2, 2, 4, 3, 3, True),
+]
+
+
+def _needs_cpp():
+    require_backend("cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: "-".join(map(str, s)))
+def test_opcheck_forward(sample, dtype):
+    _needs_cpp()
+    B, P, H, W, C, kh, kw, bias = sample
+    _, (x, w, b) = make_inputs(B, P, H, W, C, kh, kw, bias, dtype, "cpu")
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_()
+    torch.library.opcheck(torch.ops.cpvt.peg_forward.default, (x, w, b, H, W, P))
+
+
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True),
+                                  (False, False, True)])
+@pytest.mark.parametrize("sample", SAMPLES[:3], ids=lambda s: "-".join(map(str, s)))
+def test_opcheck_backward(sample, mask):
+    _needs_cpp()
+    B, P, H, W, C, kh, kw, _ = sample
+    _, (x, w, _b) = make_inputs(B, P, H, W, C, kh, kw, False, torch.float32, "cpu")
+    g = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.cpvt.peg_backward.default, (g, x, w, H, W, P, list(mask)))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compile_fullgraph_matches_eager(backend):
+    require_backend(backend)
+    torch._dynamo.reset()
+    peg = ck.FusedPEG(16, 3, num_prefix_tokens=1, backend=backend)
+    x = torch.randn(2, 1 + 5 * 6, 16, requires_grad=True)
+
+    def step(m, x):
+        y = m(x, 5, 6)
+        return (y * y).sum(), y
+
+    loss_e, y_e = step(peg, x)
+    g_e = torch.autograd.grad(loss_e, [x, peg.proj.weight, peg.proj.bias])
+    compiled = torch.compile(step, fullgraph=True)
+    loss_c, y_c = compiled(peg, x)
+    g_c = torch.autograd.grad(loss_c, [x, peg.proj.weight, peg.proj.bias])
+    assert rel_err(y_c, y_e) < 1e-6
+    for a, b in zip(g_c, g_e):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_compile_has_no_graph_break_and_keeps_the_op():
+    require_backend("cpu")
+    torch._dynamo.reset()
+    peg = ck.FusedPEG(8, 3, backend="cpu")
+    x = torch.randn(2, 1 + 4 * 4, 8)
+    explain = torch._dynamo.explain(lambda t: peg(t, 4, 4))(x)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    ops = [str(n.target) for g in explain.graphs for n in g.graph.nodes]
+    assert any("cpvt.peg_forward" in o for o in ops), ops
+
+
+def test_compile_dynamic_two_resolutions_without_recompiling():
+    require_backend("cpu")
+    torch._dynamo.reset()
+    peg = ck.FusedPEG(8, 3, backend="cpu")
+    counter = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(lambda t, h, w: peg(t, h, w), backend=counter, dynamic=True,
+                       fullgraph=True)
+    for h, w in [(4, 5), (7, 3), (6, 6)]:
+        x = torch.randn(2, 1 + h * w, 8)
+        assert rel_err(fn(x, h, w), peg(x, h, w)) < 1e-6
+    assert counter.frame_count == 1
+
+
+def test_export_runs_and_matches_eager():
+    require_backend("cpu")
+    peg = ck.FusedPEG(8, 3, backend="cpu").eval()
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.peg = peg
+
+        def forward(self, x):
+            return self.peg(x, 4, 5)
+
+    x = torch.randn(3, 21, 8)
+    ep = torch.export.export(Wrap(), (x,))
+    assert any("cpvt.peg_forward" in str(n.target) for n in ep.graph.nodes)
+    x2 = torch.randn(3, 21, 8)
+    assert rel_err(ep.module()(x2), peg(x2, 4, 5)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_autocast_cpu_bfloat16(backend):
+    require_backend(backend)
+    peg = ck.FusedPEG(12, 3, backend=backend)
+    x = torch.randn(2, 1 + 4 * 4, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = peg(x, 4, 4)
+    assert y.dtype == torch.bfloat16
+    y.float().pow(2).sum().backward()
+    assert x.grad.dtype == torch.float32 and peg.proj.weight.grad.dtype == torch.float32
+    ref = ck.peg_reference(x.detach().bfloat16().double(), peg.proj.weight.detach().bfloat16()
+                           .double(), peg.proj.bias.detach().bfloat16().double(), 4, 4, 1)
+    assert rel_err(y, ref) < 1.6e-2

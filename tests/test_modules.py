@@ -1,0 +1,76 @@
+"""PEG and FusedPEG: same parameters and state dict, both call forms, same results."""
+import pytest
+import torch
+
+import cpvt_kernels as ck
+from conftest import rel_err
+
+
+@pytest.mark.parametrize("kernel_size,bias,P", [(3, True, 1), (7, False, 0), ((3, 5), True, 2)])
+def test_fused_matches_eager_module(kernel_size, bias, P):
+    torch.manual_seed(0)
+    eager = ck.PEG(24, kernel_size, num_prefix_tokens=P, bias=bias).double()
+    fused = ck.FusedPEG(24, kernel_size, num_prefix_tokens=P, bias=bias).double()
+    assert list(eager.state_dict()) == list(fused.state_dict())
+    assert list(eager.state_dict()) == ["proj.weight"] + (["proj.bias"] if bias else [])
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(3, P + 6 * 5, 24, dtype=torch.float64)
+    y_e = eager(x, 6, 5)
+    assert rel_err(fused(x, 6, 5), y_e) < 1e-12
+    assert rel_err(fused(x, (6, 5)), y_e) < 1e-12
+    assert rel_err(eager(x, (6, 5)), y_e) < 1e-12
+
+
+def test_checkpoint_loads_both_ways():
+    a = ck.FusedPEG(16)
+    b = ck.PEG(16)
+    b.load_state_dict(a.state_dict())
+    a2 = ck.FusedPEG(16)
+    a2.load_state_dict(b.state_dict())
+    assert torch.equal(a2.proj.weight, a.proj.weight) and torch.equal(a2.proj.bias, a.proj.bias)
+
+
+def test_module_gradients_match():
+    torch.manual_seed(1)
+    eager = ck.PEG(10).double()
+    fused = ck.FusedPEG(10, backend="auto").double()
+    fused.load_state_dict(eager.state_dict())
+    x1 = torch.randn(2, 1 + 16, 10, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    eager(x1, 4, 4).pow(2).sum().backward()
+    fused(x2, 4, 4).pow(2).sum().backward()
+    assert rel_err(x2.grad, x1.grad) < 1e-12
+    assert rel_err(fused.proj.weight.grad, eager.proj.weight.grad) < 1e-12
+    assert rel_err(fused.proj.bias.grad, eager.proj.bias.grad) < 1e-12
+
+
+def test_forward_call_form_errors():
+    peg = ck.FusedPEG(4)
+    with pytest.raises(TypeError, match="forward"):
+        peg(torch.randn(1, 5, 4), 2)
+
+
+def test_available_backends():
+    names = ck.available_backends()
+    assert "reference" in names
+    assert set(names) <= {"cuda", "triton", "cpu", "reference"}
+    cpu = ck.available_backends("cpu")
+    assert "reference" in cpu and "cuda" not in cpu
+    if ck.ops.HAS_CPU_KERNELS:
+        assert cpu[0] == "cpu"
+    if not torch.cuda.is_available():
+        assert "cuda" not in names
+
+
+def test_auto_prefers_fused_cpu_kernel():
+    if "cpu" in ck.available_backends("cpu"):
+        assert ck.ops.resolve_backend("auto", "cpu") == "cpu"
+
+
+def test_env_override_falls_back_loudly(monkeypatch):
+    monkeypatch.setattr(ck.ops, "ENV_BACKEND", "cuda")
+    with pytest.warns(UserWarning, match="CPVT_PEG_BACKEND='cuda' cannot run here"):
+        name = ck.ops.resolve_backend("auto", "cpu")
+    assert name == ck.available_backends("cpu")[0]
+    monkeypatch.setattr(ck.ops, "ENV_BACKEND", "reference")
+    assert ck.ops.resolve_backend("auto", "cpu") == "reference"

@@ -1,0 +1,197 @@
+"""Parity of the fused PEG with the float64 reference: output and every gradient.
+
+Runs on the backends that work on this machine's default tensors: ``cpu`` and ``reference``
+here; ``cuda`` and ``triton`` have their own files (test_cuda.py, test_triton.py).
+"""
+import math
+
+import pytest
+import torch
+
+import cpvt_kernels as ck
+from conftest import (DTYPES, TOLERANCE, make_inputs, reference_with_grads, rel_err,
+                      require_backend)
+
+BACKENDS = ["cpu", "reference"]
+
+# (B, P, H, W, C, kh, kw, bias, layout): together these cover every value of P {0,1,2},
+# kernels {(1,1),(3,3),(5,5),(7,7),(3,5)}, grids {(1,1),(7,9),(14,14)}, C {1,3,64,192},
+# B {0,1,3}, bias on and off, and non-contiguous layouts.
+CASES = [
+    (1, 1, 14, 14, 192, 3, 3, True, "contiguous"),
+    (3, 0, 7, 9, 64, 3, 5, False, "contiguous"),
+    (3, 2, 7, 9, 3, 5, 5, True, "strided_channels"),
+    (1, 1, 1, 1, 1, 1, 1, True, "contiguous"),
+    (3, 1, 14, 14, 3, 7, 7, False, "offset_slice"),
+    (0, 1, 7, 9, 64, 3, 3, True, "contiguous"),
+    (1, 2, 14, 14, 1, 3, 3, False, "transposed"),
+    (3, 0, 1, 1, 64, 7, 7, True, "contiguous"),
+    (1, 1, 7, 9, 192, 1, 1, False, "transposed"),
+    (3, 1, 7, 9, 17, 9, 3, True, "offset_slice"),
+]
+
+
+def _case_id(c):
+    B, P, H, W, C, kh, kw, bias, layout = c
+    return f"B{B}-P{P}-{H}x{W}-C{C}-k{kh}x{kw}-{'bias' if bias else 'nobias'}-{layout}"
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``x`` in another memory layout."""
+    B, N, C = x.shape
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "strided_channels":  # channel stride 2
+        y = torch.full((B, N, 2 * C), float("nan"), dtype=x.dtype)[:, :, ::2]
+    elif layout == "offset_slice":  # channel-contiguous, storage offset breaks vector alignment
+        y = torch.full((B, N, C + 3), float("nan"), dtype=x.dtype)[:, :, 1:C + 1]
+    elif layout == "transposed":  # (N, B, C) storage viewed as (B, N, C)
+        y = torch.full((N, B, C), float("nan"), dtype=x.dtype).transpose(0, 1)
+    else:
+        raise ValueError(layout)
+    y.copy_(x)
+    return y
+
+
+def _poison_allocator(*shapes, dtype):
+    """Free NaN-filled blocks of the output sizes so new outputs likely reuse NaN memory."""
+    blocks = [torch.full(s, float("nan"), dtype=dtype) for s in shapes if math.prod(s) > 0]
+    del blocks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_parity_output_and_grads(backend, dtype, case):
+    device = require_backend(backend)
+    B, P, H, W, C, kh, kw, bias, layout = case
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, kh, kw, bias, dtype, device)
+    x = _layout(x, layout)
+    x.requires_grad_()
+    w.requires_grad_()
+    if b is not None:
+        b.requires_grad_()
+    grad64 = torch.randn(x64.shape, dtype=torch.float64)
+    ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
+
+    _poison_allocator(x.shape, w.shape, dtype=dtype)
+    out = ck.fused_peg(x, w, b, size=(H, W), num_prefix_tokens=P, backend=backend)
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+    tol = TOLERANCE[dtype]
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < tol
+    if P > 0:  # prefix tokens pass through exactly
+        assert torch.equal(out[:, :P], x[:, :P].detach())
+
+    out.backward(grad64.to(dtype))
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    assert rel_err(x.grad, gx_ref) < tol
+    assert rel_err(w.grad, gw_ref) < tol
+    if b is not None:
+        assert rel_err(b.grad, gb_ref) < tol
+    if B == 0:
+        assert torch.count_nonzero(w.grad) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("needs", ["x", "weight", "bias", "weight+bias"])
+def test_only_required_grads(backend, needs):
+    """Each gradient is computed only when required, and the others are still right."""
+    device = require_backend(backend)
+    B, P, H, W, C = 2, 1, 5, 6, 11
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float64, device)
+    parts = needs.split("+")
+    for name, t in (("x", x), ("weight", w), ("bias", b)):
+        t.requires_grad_(name in parts)
+    grad64 = torch.randn(x64.shape, dtype=torch.float64)
+    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
+    ck.fused_peg(x, w, b, (H, W), P, backend=backend).backward(grad64)
+    for name, t, ref in (("x", x, gx_ref), ("weight", w, gw_ref), ("bias", b, gb_ref)):
+        if name in parts:
+            assert rel_err(t.grad, ref) < 1e-12
+        else:
+            assert t.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_grad_out(backend):
+    """``out.sum().backward()`` hands the backward a stride-0 gradient."""
+    device = require_backend(backend)
+    (x64, w64, b64), (x, w, b) = make_inputs(2, 1, 4, 5, 7, 3, 3, True, torch.float64, device)
+    for t in (x, w, b):
+        t.requires_grad_()
+    ck.fused_peg(x, w, b, (4, 5), 1, backend=backend).sum().backward()
+    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, 4, 5, 1,
+                                                     torch.ones_like(x64))
+    assert rel_err(x.grad, gx_ref) < 1e-12
+    assert rel_err(w.grad, gw_ref) < 1e-12
+    assert rel_err(b.grad, gb_ref) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("P,kh,kw,bias", [(1, 3, 3, True), (0, 3, 5, False), (2, 1, 1, True)])
+def test_gradcheck(backend, P, kh, kw, bias):
+    device = require_backend(backend)
+    H, W, C = 4, 3, 5
+    _, (x, w, b) = make_inputs(2, P, H, W, C, kh, kw, bias, torch.float64, device)
+    inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]
+
+    def fn(*args):
+        return ck.fused_peg(args[0], args[1], args[2] if bias else None, (H, W), P,
+                            backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_grads_are_deterministic(backend):
+    """The same inputs give bitwise the same grad_weight and grad_bias on every run."""
+    device = require_backend(backend)
+    _, (x, w, b) = make_inputs(8, 1, 14, 14, 40, 3, 3, True, torch.float32, device)
+    grad = torch.randn(x.shape, dtype=torch.float32)
+    results = []
+    for _ in range(5):
+        ws, bs = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        ck.fused_peg(x, ws, bs, (14, 14), 1, backend=backend).backward(grad)
+        results.append((ws.grad, bs.grad))
+    for gw, gb in results[1:]:
+        assert torch.equal(gw, results[0][0]) and torch.equal(gb, results[0][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["x", "weight"])
+def test_nan_and_inf_propagate_like_reference(backend, where):
+    device = require_backend(backend)
+    H, W, P = 6, 7, 1
+    (x64, w64, b64), _ = make_inputs(2, P, H, W, 9, 3, 3, True, torch.float64, device)
+    if where == "x":
+        x64[0, P + 2 * W + 3, 4] = float("nan")
+        x64[1, P + 5 * W + 6, 2] = float("inf")
+        x64[1, 0, 1] = float("-inf")
+    else:
+        w64[4, 0, 1, 2] = float("nan")
+        w64[2, 0, 0, 0] = float("inf")
+    ref = ck.peg_reference(x64, w64, b64, H, W, P)
+    out = ck.fused_peg(x64, w64, b64, (H, W), P, backend=backend)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert torch.equal(out[ref.isinf()], ref[ref.isinf()])
+    assert rel_err(out[finite], ref[finite]) < 1e-12
+
+
+def test_backends_agree_with_each_other():
+    require_backend("cpu")
+    _, (x, w, b) = make_inputs(3, 1, 9, 8, 31, 5, 3, True, torch.float32, "cpu")
+    a = ck.fused_peg(x, w, b, (9, 8), 1, backend="cpu")
+    r = ck.fused_peg(x, w, b, (9, 8), 1, backend="reference")
+    assert rel_err(a, r) < 1e-5
+
+
+def test_size_forms():
+    _, (x, w, b) = make_inputs(2, 1, 6, 6, 8, 3, 3, True, torch.float32, "cpu")
+    ref = ck.fused_peg(x, w, b, (6, 6), 1)
+    assert torch.equal(ck.fused_peg(x, w, b, 6, 1), ref)
+    assert torch.equal(ck.fused_peg(x, w, b, None, 1), ref)
+    with pytest.raises(ValueError, match="size"):
+        ck.fused_peg(x[:, :-1], w, b, None, 1)
