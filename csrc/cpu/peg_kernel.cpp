@@ -45,6 +45,24 @@ struct Geometry {
   int64_t sb, st;  // strides of the token tensor in elements (channel stride is 1)
 };
 
+// dst[0:n] = float(src[0:n]); ATen's generic convert() is a scalar loop for half types.
+template <typename T, typename A>
+void widen(const T* src, A* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    std::copy_n(src, n, dst);
+  } else {
+    using VecT = at::vec::Vectorized<T>;
+    using VecA = at::vec::Vectorized<A>;
+    int64_t i = 0;
+    for (; i + VecT::size() <= n; i += VecT::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(VecT::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + VecA::size());
+    }
+    for (; i < n; ++i) dst[i] = static_cast<A>(src[i]);
+  }
+}
+
 // A ring of kh zero-padded rows of width (W + 2*pw) * C, tagged by (batch, row).
 template <typename T>
 class RowRing {
@@ -66,8 +84,10 @@ class RowRing {
     if (tag_[slot] != tag) {
       const T* src = base_ + b * sb_ + (g_.P + hh * g_.W) * st_;
       A* dst = row + g_.pw * g_.C;  // borders stay zero from construction
-      for (int64_t w = 0; w < g_.W; ++w) {
-        at::vec::convert(src + w * st_, dst + w * g_.C, g_.C);
+      if (st_ == g_.C) {
+        widen(src, dst, g_.W * g_.C);
+      } else {
+        for (int64_t w = 0; w < g_.W; ++w) widen(src + w * st_, dst + w * g_.C, g_.C);
       }
       tag_[slot] = tag;
     }
@@ -84,34 +104,42 @@ class RowRing {
 
 // out[w, c] = bias[c] + center[w, c] + sum_{i, j} wt[i*kw + j][c] * rows[i][(w + j)*C + c]
 // rows[i] is the padded input row h + i - ph (a zero row outside the grid).
+// WB outputs along w share each weight vector load (register blocking).
+template <typename A, int KW, int WB>
+inline void conv_block(const A* const* rows, int64_t kh, int64_t kw, const A* wt,
+                       const at::vec::Vectorized<A>& b, const A* center, int64_t w0, int64_t C,
+                       int64_t c0, int64_t n, A* out) {
+  using Vec = at::vec::Vectorized<A>;
+  Vec acc[WB];
+#pragma GCC unroll 8
+  for (int q = 0; q < WB; ++q) acc[q] = b + Vec::loadu(center + (w0 + q) * C + c0, n);
+  for (int64_t i = 0; i < kh; ++i) {
+    const A* wi = wt + i * kw * C + c0;
+    const A* ri = rows[i] + w0 * C + c0;
+    const int64_t nj = KW > 0 ? KW : kw;
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < nj; ++j) {
+      const Vec wv = Vec::loadu(wi + j * C, n);
+#pragma GCC unroll 8
+      for (int q = 0; q < WB; ++q) acc[q] = at::vec::fmadd(wv, Vec::loadu(ri + (q + j) * C, n), acc[q]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < WB; ++q) acc[q].store(out + (w0 + q) * C + c0, n);
+}
+
 template <typename A, int KW>
-void conv_row(const A* const* rows, int64_t kh, int64_t kw_rt, const A* wt, const A* bias,
+void conv_row(const A* const* rows, int64_t kh, int64_t kw, const A* wt, const A* bias,
               const A* center, int64_t W, int64_t C, A* out) {
   using Vec = at::vec::Vectorized<A>;
   constexpr int64_t V = Vec::size();
-  const int64_t kw = KW > 0 ? KW : kw_rt;
+  constexpr int WB = 4;
   for (int64_t c0 = 0; c0 < C; c0 += V) {
     const int64_t n = std::min<int64_t>(V, C - c0);
     const Vec b = Vec::loadu(bias + c0, n);
-    for (int64_t w = 0; w < W; ++w) {
-      Vec acc = b + Vec::loadu(center + w * C + c0, n);
-      for (int64_t i = 0; i < kh; ++i) {
-        const A* r = rows[i];
-        const A* wi = wt + i * kw * C + c0;
-        const A* ri = r + w * C + c0;
-        if constexpr (KW > 0) {
-#pragma GCC unroll 8
-          for (int64_t j = 0; j < KW; ++j) {
-            acc = at::vec::fmadd(Vec::loadu(wi + j * C, n), Vec::loadu(ri + j * C, n), acc);
-          }
-        } else {
-          for (int64_t j = 0; j < kw; ++j) {
-            acc = at::vec::fmadd(Vec::loadu(wi + j * C, n), Vec::loadu(ri + j * C, n), acc);
-          }
-        }
-      }
-      acc.store(out + w * C + c0, n);
-    }
+    int64_t w = 0;
+    for (; w + WB <= W; w += WB) conv_block<A, KW, WB>(rows, kh, kw, wt, b, center, w, C, c0, n, out);
+    for (; w < W; ++w) conv_block<A, KW, 1>(rows, kh, kw, wt, b, center, w, C, c0, n, out);
   }
 }
 
@@ -128,11 +156,33 @@ void conv_row_dispatch(const A* const* rows, int64_t kh, int64_t kw, const A* wt
 }
 
 // part[(i*kw + j)*C + c] += sum_w g[w, c] * rows[i][(w + j)*C + c];  part_b[c] += sum_w g[w, c]
+// Up to JB taps along j accumulate in registers, sharing each load of g.
+template <typename A, int JB>
+inline void weight_grad_taps(const A* r, const A* g, int64_t j0, int64_t W, int64_t C, int64_t c0,
+                             int64_t n, A* part) {
+  using Vec = at::vec::Vectorized<A>;
+  Vec acc[JB];
+#pragma GCC unroll 8
+  for (int q = 0; q < JB; ++q) acc[q] = Vec(A(0));
+  for (int64_t w = 0; w < W; ++w) {
+    const Vec gv = Vec::loadu(g + w * C + c0, n);
+    const A* rw = r + (w + j0) * C + c0;
+#pragma GCC unroll 8
+    for (int q = 0; q < JB; ++q) acc[q] = at::vec::fmadd(gv, Vec::loadu(rw + q * C, n), acc[q]);
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < JB; ++q) {
+    A* p = part + (j0 + q) * C + c0;
+    (Vec::loadu(p, n) + acc[q]).store(p, n);
+  }
+}
+
 template <typename A>
 void weight_grad_row(const A* const* rows, int64_t kh, int64_t kw, const A* g, int64_t W,
                      int64_t C, A* part, A* part_b) {
   using Vec = at::vec::Vectorized<A>;
   constexpr int64_t V = Vec::size();
+  constexpr int JB = 4;
   for (int64_t c0 = 0; c0 < C; c0 += V) {
     const int64_t n = std::min<int64_t>(V, C - c0);
     if (part_b != nullptr) {
@@ -142,16 +192,10 @@ void weight_grad_row(const A* const* rows, int64_t kh, int64_t kw, const A* g, i
     }
     if (part == nullptr) continue;
     for (int64_t i = 0; i < kh; ++i) {
-      const A* r = rows[i];
-      for (int64_t j = 0; j < kw; ++j) {
-        Vec acc(A(0));
-        const A* rj = r + j * C + c0;
-        for (int64_t w = 0; w < W; ++w) {
-          acc = at::vec::fmadd(Vec::loadu(g + w * C + c0, n), Vec::loadu(rj + w * C, n), acc);
-        }
-        A* p = part + (i * kw + j) * C + c0;
-        (Vec::loadu(p, n) + acc).store(p, n);
-      }
+      A* pi = part + i * kw * C;
+      int64_t j = 0;
+      for (; j + JB <= kw; j += JB) weight_grad_taps<A, JB>(rows[i], g, j, W, C, c0, n, pi);
+      for (; j < kw; ++j) weight_grad_taps<A, 1>(rows[i], g, j, W, C, c0, n, pi);
     }
   }
 }
