@@ -85,3 +85,24 @@ def require_backend(backend: str) -> str:
             pytest.skip("GPU-only: no CUDA device")
         pytest.fail(f"backend {backend!r} unavailable on {device}: {reason}")
     return device
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Cases run per category (test file), so CI logs show what was covered."""
+    counts = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            if getattr(rep, "when", "call") not in ("call", "setup") or (
+                    outcome == "passed" and rep.when != "call"):
+                continue
+            module = rep.nodeid.split("::")[0].rsplit("/", 1)[-1]
+            counts.setdefault(module, {}).setdefault(outcome, 0)
+            counts[module][outcome] += 1
+    if not counts:
+        return
+    terminalreporter.section("cases per category")
+    for module in sorted(counts):
+        c = counts[module]
+        terminalreporter.write_line(
+            f"{module:28s} " + "  ".join(f"{k} {c[k]}" for k in ("passed", "failed", "skipped",
+                                                                   "error") if c.get(k)))
