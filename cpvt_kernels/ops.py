@@ -47,6 +47,8 @@ try:
 except ImportError as e:
     _TRITON_ERROR = f"{type(e).__name__}: {e}"
 
+_NO_GPU = "no CUDA device is available (torch.cuda.is_available() is False)"
+
 _BUILD_HINT = ("reinstall from the source tree with `pip install --no-build-isolation -e .` "
                "(see the README's build switches)")
 
@@ -70,6 +72,8 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
         if _EXT_ERROR is not None:
             return f"the C++ extension cpvt_kernels._C is not built or failed to load " \
                    f"({_EXT_ERROR}); {_BUILD_HINT}"
+        if not torch.cuda.is_available():
+            return _NO_GPU
         if not HAS_CUDA_KERNELS:
             return ("the extension was built without CUDA kernels; install a CUDA build of torch "
                     "and the CUDA toolkit, then rebuild with CPVT_BUILD_CUDA=1 and CUDA_HOME set")
@@ -78,7 +82,7 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
         if _TRITON_ERROR is not None:
             return f"Triton is missing or failed to load ({_TRITON_ERROR}); `pip install triton`"
         if device_type == "cuda":
-            return None
+            return None if torch.cuda.is_available() else _NO_GPU
         if device_type == "cpu" and TRITON_INTERPRET:
             return None
         return (f"the triton backend runs on CUDA tensors (CPU tensors only with "

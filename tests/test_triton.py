@@ -1,0 +1,425 @@
+"""The triton backend: parity with the float64 reference, gradients, determinism, registration.
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by conftest), with
+small shapes because the interpreter is slow. With a GPU the same tests run on CUDA tensors with
+larger shapes, plus opcheck, torch.compile and a tensor of more than 2**31 elements.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cpvt_kernels as ck
+from conftest import (DTYPES, HAS_GPU, TOLERANCE, make_inputs, reference_with_grads, rel_err,
+                      require_backend)
+
+gpu = pytest.mark.skipif(not HAS_GPU, reason="GPU-only: no CUDA device")
+
+# (B, P, H, W, C, kh, kw, bias, layout). Together: P {0,1,2}; kernels (1,1) (3,3) (5,5) (7,7)
+# (3,5) (7,3), one larger than the grid, and 9x11, wider than the unrolled columns, so every
+# unrolled and looped path runs; H = W = 1; C {1,3,4,5,8,17,24}; B {0,1,2}; bias on and off;
+# channel-strided, misaligned, transposed and channels-first x.
+CPU_CASES = [
+    (2, 1, 5, 6, 17, 3, 3, True, "contiguous"),
+    (1, 0, 4, 4, 3, 5, 5, False, "strided_channels"),
+    (2, 2, 3, 7, 24, 3, 5, True, "offset_slice"),
+    (1, 1, 1, 1, 1, 1, 1, True, "contiguous"),
+    (1, 2, 7, 7, 5, 7, 7, False, "transposed"),
+    (2, 0, 6, 5, 8, 1, 1, True, "channels_first"),
+    (1, 1, 2, 5, 3, 7, 3, True, "contiguous"),
+    (0, 1, 3, 3, 4, 3, 3, True, "contiguous"),
+    (1, 1, 4, 7, 3, 9, 11, True, "offset_slice"),
+]
+GPU_CASES = [
+    (4, 1, 14, 14, 192, 3, 3, True, "contiguous"),
+    (2, 0, 24, 24, 384, 7, 7, False, "offset_slice"),
+    (3, 2, 13, 17, 97, 5, 3, True, "strided_channels"),
+    (2, 1, 32, 32, 768, 3, 3, True, "channels_first"),
+    (2, 1, 9, 11, 64, 27, 27, True, "transposed"),
+    (5, 1, 1, 1, 33, 3, 3, False, "contiguous"),
+    (0, 1, 14, 14, 192, 3, 3, True, "contiguous"),
+    (1, 3, 7, 9, 1, 1, 1, True, "contiguous"),
+    (2, 1, 5, 6, 8, 31, 31, True, "contiguous"),
+]
+CASES = GPU_CASES if HAS_GPU else CPU_CASES
+
+
+def _case_id(c):
+    B, P, H, W, C, kh, kw, bias, layout = c
+    return f"B{B}-P{P}-{H}x{W}-C{C}-k{kh}x{kw}-{'bias' if bias else 'nobias'}-{layout}"
+
+
+@pytest.fixture(scope="module")
+def device():
+    return require_backend("triton")
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """New float buffers from ``torch.empty`` start as NaN, so an element a kernel forgets to
+    write (output, gradient or partial sum) shows up as NaN instead of passing as garbage."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``x`` in another memory layout (NaN in the gaps)."""
+    B, N, C = x.shape
+    nan = dict(fill_value=float("nan"), dtype=x.dtype, device=x.device)
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "strided_channels":  # channel stride 2
+        y = torch.full((B, N, 2 * C), **nan)[:, :, ::2]
+    elif layout == "offset_slice":  # storage offset breaks vector alignment
+        y = torch.full((B, N, C + 3), **nan)[:, :, 1:C + 1]
+    elif layout == "transposed":  # (N, B, C) storage viewed as (B, N, C)
+        y = torch.full((N, B, C), **nan).transpose(0, 1)
+    elif layout == "channels_first":  # (B, C, N) storage: channel stride N
+        y = torch.full((B, C, N), **nan).transpose(1, 2)
+    else:
+        raise ValueError(layout)
+    y.copy_(x)
+    return y
+
+
+def _leaf(t):
+    return None if t is None else t.detach().requires_grad_()
+
+
+def _run(x, w, b, H, W, P, grad, backend="triton"):
+    x, w, b = _leaf(x), _leaf(w), _leaf(b)
+    out = ck.fused_peg(x, w, b, size=(H, W), num_prefix_tokens=P, backend=backend)
+    out.backward(grad)
+    return out.detach(), x.grad, w.grad, (None if b is None else b.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with the float64 reference
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_parity_output_and_grads(device, dtype, case, poison_empty):
+    B, P, H, W, C, kh, kw, bias, layout = case
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, kh, kw, bias, dtype, device)
+    x = _layout(x, layout)
+    grad64 = torch.randn(x64.shape, dtype=torch.float64).to(dtype).double()
+    ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
+
+    out, gx, gw, gb = _run(x, w, b, H, W, P, grad64.to(device=device, dtype=dtype))
+    tol = TOLERANCE[dtype]
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+    assert gx.shape == x.shape and gx.dtype == dtype
+    assert gw.shape == w.shape and gw.dtype == dtype
+    for name, got, want in (("out", out, ref), ("grad_x", gx, gx_ref), ("grad_weight", gw, gw_ref),
+                            ("grad_bias", gb, gb_ref)):
+        if want is None:
+            continue
+        assert not got.isnan().any(), f"{name} has unwritten (NaN) elements"
+        err = rel_err(got, want)
+        assert err < tol, f"{name}: rel err {err:.3g} >= {tol:g}"
+    if P > 0:  # prefix tokens pass through exactly, forward and backward
+        assert torch.equal(out[:, :P], x[:, :P])
+        assert torch.equal(gx[:, :P].cpu(), grad64[:, :P].to(dtype))
+    if B == 0:
+        assert torch.count_nonzero(gw) == 0 and (gb is None or torch.count_nonzero(gb) == 0)
+
+
+@pytest.mark.parametrize("needs", ["x", "weight", "bias", "weight+bias", "x+bias"])
+def test_only_required_grads(device, needs, poison_empty):
+    """Each gradient is computed only when required, and the others are still right."""
+    B, P, H, W, C = 2, 1, 4, 5, 7
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float64, device)
+    parts = needs.split("+")
+    for name, t in (("x", x), ("weight", w), ("bias", b)):
+        t.requires_grad_(name in parts)
+    grad64 = torch.randn(x64.shape, dtype=torch.float64)
+    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
+    ck.fused_peg(x, w, b, (H, W), P, backend="triton").backward(grad64.to(device))
+    for name, t, ref in (("x", x, gx_ref), ("weight", w, gw_ref), ("bias", b, gb_ref)):
+        if name in parts:
+            assert rel_err(t.grad, ref) < 1e-12, name
+        else:
+            assert t.grad is None, name
+
+
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, False),
+                                  (False, False, True), (False, True, True), (True, True, False),
+                                  (True, False, True), (False, False, False)], ids=str)
+def test_backward_op_output_mask(device, mask):
+    """The backward op returns empty (0,) tensors for masked-out outputs."""
+    B, P, H, W, C = 2, 2, 3, 5, 6
+    (x64, w64, _), (x, w, _) = make_inputs(B, P, H, W, C, 3, 5, False, torch.float64, device)
+    grad64 = torch.randn(x64.shape, dtype=torch.float64)
+    ref = reference_with_grads(x64, w64, torch.randn(C, dtype=torch.float64), H, W, P, grad64)
+    got = torch.ops.cpvt.peg_backward_triton(grad64.to(device), x, w, H, W, P, list(mask))
+    for m, g, r in zip(mask, got, ref[1:]):
+        if m:
+            assert g.shape == r.shape and rel_err(g, r) < 1e-12
+        else:
+            assert g.shape == (0,)
+
+
+def test_expanded_grad_out(device):
+    """``out.sum().backward()`` hands the backward a stride-0 gradient."""
+    (x64, w64, b64), (x, w, b) = make_inputs(2, 1, 4, 5, 7, 3, 3, True, torch.float64, device)
+    for t in (x, w, b):
+        t.requires_grad_()
+    ck.fused_peg(x, w, b, (4, 5), 1, backend="triton").sum().backward()
+    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, 4, 5, 1,
+                                                     torch.ones_like(x64))
+    assert rel_err(x.grad, gx_ref) < 1e-12
+    assert rel_err(w.grad, gw_ref) < 1e-12
+    assert rel_err(b.grad, gb_ref) < 1e-12
+
+
+@pytest.mark.parametrize("P,kh,kw,bias,layout,fast", [(1, 3, 3, True, "contiguous", False),
+                                                      (0, 3, 5, False, "channels_first", True),
+                                                      (2, 1, 1, True, "offset_slice", True),
+                                                      (1, 5, 3, True, "strided_channels", True)])
+def test_gradcheck(device, P, kh, kw, bias, layout, fast):
+    # Under the interpreter each call takes a good fraction of a second: one full check on a
+    # tiny grid, the other layouts in fast mode (a random projection of the Jacobian).
+    fast = fast and not HAS_GPU
+    B, H, W, C = (2, 3, 4, 3) if fast or HAS_GPU else (1, 2, 3, 2)
+    _, (x, w, b) = make_inputs(B, P, H, W, C, kh, kw, bias, torch.float64, device)
+    inputs = [_layout(x, layout).requires_grad_(), w.requires_grad_()]
+    if bias:
+        inputs.append(b.requires_grad_())
+
+    def fn(*args):
+        return ck.fused_peg(args[0], args[1], args[2] if bias else None, (H, W), P,
+                            backend="triton")
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=fast)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_grads_are_deterministic(device, dtype):
+    """The same inputs give bitwise the same grad_weight and grad_bias on every run."""
+    B, P, H, W, C = (16, 1, 24, 24, 192) if HAS_GPU else (2, 1, 6, 7, 10)
+    _, (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, dtype, device)
+    grad = torch.randn(x.shape, dtype=dtype, device=device)
+    results = [_run(x, w, b, H, W, P, grad)[1:] for _ in range(3)]
+    for r in results[1:]:
+        for got, first in zip(r, results[0]):
+            assert torch.equal(got, first)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("where", ["x", "weight"])
+def test_nan_and_inf_propagate_like_reference(device, where):
+    H, W, P = 6, 7, 1
+    (x64, w64, b64), _ = make_inputs(2, P, H, W, 9, 3, 3, True, torch.float64, "cpu")
+    if where == "x":
+        x64[0, P + 2 * W + 3, 4] = float("nan")
+        x64[1, P + 5 * W + 6, 2] = float("inf")
+        x64[1, 0, 1] = float("-inf")
+    else:
+        w64[4, 0, 1, 2] = float("nan")
+        w64[2, 0, 0, 0] = float("inf")
+    ref = ck.peg_reference(x64, w64, b64, H, W, P)
+    out = ck.fused_peg(x64.to(device), w64.to(device), b64.to(device), (H, W), P,
+                       backend="triton").cpu()
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.isinf(), ref.isinf())
+    assert torch.equal(out[ref.isinf()], ref[ref.isinf()])
+    finite = ref.isfinite()
+    assert rel_err(out[finite], ref[finite]) < 1e-12
+
+
+def test_matches_cpu_backend(device):
+    """Two independent implementations agree (the cpu backend, where it is built)."""
+    if "cpu" not in ck.available_backends("cpu"):
+        pytest.skip("C++ extension not built")
+    _, (x, w, b) = make_inputs(2, 1, 5, 7, 19, 5, 3, True, torch.float32, "cpu")
+    grad = torch.randn(x.shape)
+    got = _run(x.to(device), w.to(device), b.to(device), 5, 7, 1, grad.to(device))
+    want = _run(x, w, b, 5, 7, 1, grad, backend="cpu")
+    for g, r in zip(got, want):
+        assert rel_err(g, r) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration and selection
+
+def test_ops_are_registered_with_symbolic_sizes(device):
+    fwd = torch.ops.cpvt.peg_forward_triton.default._schema
+    bwd = torch.ops.cpvt.peg_backward_triton.default._schema
+    assert "SymInt H, SymInt W" in str(fwd), fwd
+    assert "SymInt H, SymInt W" in str(bwd) and "bool[] output_mask" in str(bwd), bwd
+
+
+def test_backward_op_checks_its_inputs(device):
+    _, (x, w, _) = make_inputs(1, 1, 3, 3, 4, 3, 3, False, torch.float32, device)
+    with pytest.raises(ValueError, match="grad_out"):
+        torch.ops.cpvt.peg_backward_triton(x[:, :-1], x, w, 3, 3, 1, [True, True, True])
+    with pytest.raises(ValueError, match="output_mask"):
+        torch.ops.cpvt.peg_backward_triton(x, x, w, 3, 3, 1, [True, True])
+    with pytest.raises(ValueError, match="x.shape"):
+        torch.ops.cpvt.peg_forward_triton(x, w, None, 3, 4, 1)
+
+
+def test_import_error_when_triton_is_unusable():
+    """A broken Triton makes the backend unavailable with a reason, never a crash at import."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, cpvt_kernels as ck\n"
+        "try:\n"
+        "    import cpvt_kernels.triton_peg\n"
+        "    print('IMPORTED')\n"
+        "except ImportError as e:\n"
+        "    print('IMPORTERROR')\n"
+        "assert 'triton' not in ck.available_backends('cpu')\n"
+        "x, w = torch.randn(1, 5, 2), torch.randn(2, 1, 3, 3)\n"
+        "try:\n"
+        "    ck.fused_peg(x, w, None, (2, 2), 1, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('RUNTIMEERROR', e)\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "IMPORTERROR" in res.stdout and "RUNTIMEERROR" in res.stdout, res.stdout
+    assert "pip install triton" in res.stdout, res.stdout
+
+
+@gpu
+def test_auto_picks_triton_on_cuda_without_cuda_kernels():
+    want = "cuda" if "cuda" in ck.available_backends("cuda") else "triton"
+    assert ck.ops.resolve_backend("auto", "cuda") == want or ck.ops.ENV_BACKEND is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: the torch.library contract and very large tensors
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES[:3] + GPU_CASES[6:7], ids=_case_id)
+def test_opcheck(case, dtype):
+    B, P, H, W, C, kh, kw, bias, layout = case
+    _, (x, w, b) = make_inputs(B, P, H, W, C, kh, kw, bias, dtype, "cuda")
+    x = _layout(x, layout)
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_()
+    torch.library.opcheck(torch.ops.cpvt.peg_forward_triton.default, (x, w, b, H, W, P))
+    g = torch.randn(x.shape, dtype=dtype, device="cuda")
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        torch.library.opcheck(torch.ops.cpvt.peg_backward_triton.default,
+                              (g, x.detach(), w.detach(), H, W, P, mask))
+
+
+@gpu
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_matches_eager(dynamic):
+    torch._dynamo.reset()
+    peg = ck.FusedPEG(96, 3, num_prefix_tokens=1, backend="triton").cuda()
+
+    def step(m, x, h, w):
+        y = m(x, h, w)
+        return (y * y).sum(), y
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
+    for h, w in [(14, 14), (9, 12)]:
+        x = torch.randn(3, 1 + h * w, 96, device="cuda", requires_grad=True)
+        params = [x, peg.proj.weight, peg.proj.bias]
+        loss_e, y_e = step(peg, x, h, w)
+        g_e = torch.autograd.grad(loss_e, params)
+        loss_c, y_c = compiled(peg, x, h, w)
+        g_c = torch.autograd.grad(loss_c, params)
+        assert rel_err(y_c, y_e) < 1e-6
+        for a, b in zip(g_c, g_e):
+            assert rel_err(a, b) < 1e-6
+
+
+@gpu
+def test_compile_dynamic_resolutions_without_recompiling():
+    torch._dynamo.reset()
+    peg = ck.FusedPEG(24, 3, backend="triton").cuda()
+    counter = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(lambda t, h, w: peg(t, h, w), backend=counter, dynamic=True,
+                       fullgraph=True)
+    for h, w in [(4, 5), (7, 3), (14, 14)]:
+        x = torch.randn(2, 1 + h * w, 24, device="cuda")
+        assert rel_err(fn(x, h, w), peg(x, h, w)) < 1e-6
+    assert counter.frame_count == 1
+
+
+@gpu
+def test_one_launch_forward_two_backward():
+    """Forward is one kernel (prefix copy included); backward is the fused pass plus the
+    reduction of the partial sums."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, (x, w, b) = make_inputs(2, 1, 14, 14, 64, 3, 3, True, torch.float32, "cuda")
+    x, w, b = _leaf(x), _leaf(w), _leaf(b)
+    g = torch.randn_like(x)
+    torch.autograd.grad(ck.fused_peg(x, w, b, (14, 14), 1, backend="triton"), [x, w, b], g)
+
+    def kernels(fn):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            result = fn()
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA]
+        return result, names
+
+    out, fwd = kernels(lambda: ck.fused_peg(x, w, b, (14, 14), 1, backend="triton"))
+    assert len(fwd) == 1 and "_peg_fwd_kernel" in fwd[0], fwd
+    _, bwd = kernels(lambda: torch.autograd.grad(out, [x, w, b], g))
+    assert len(bwd) == 2, bwd
+    assert "_peg_bwd_kernel" in bwd[0] and "_reduce_partials_kernel" in bwd[1], bwd
+
+
+@gpu
+def test_compile_has_no_graph_break_and_keeps_the_kernels():
+    torch._dynamo.reset()
+    peg = ck.FusedPEG(32, 3, backend="triton").cuda()
+    x = torch.randn(2, 1 + 4 * 4, 32, device="cuda")
+    explain = torch._dynamo.explain(lambda t: peg(t, 4, 4))(x)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+
+
+@gpu
+def test_more_than_2_31_elements():
+    """64-bit offsets: the last images lie past element 2**31."""
+    P, H, W, C = 1, 14, 14, 768
+    N = P + H * W
+    B = 2**31 // (N * C) + 2
+    itemsize = 2
+    need = 4 * B * N * C * itemsize + (2 << 30)
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, N, C, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(C, 1, 3, 3, device="cuda", dtype=torch.bfloat16, generator=g) / 3
+    b = torch.randn(C, device="cuda", dtype=torch.bfloat16, generator=g)
+    assert x.numel() > 2**31
+    xr, wr, br = x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    out = ck.fused_peg(xr, wr, br, (H, W), P, backend="triton")
+    tail = slice(B - 2, B)
+    ref = ck.peg_reference(x[tail].detach().double(), w.detach().double(), b.detach().double(),
+                           H, W, P)
+    assert rel_err(out[tail], ref) < TOLERANCE[torch.bfloat16]
+    grad = torch.ones_like(out)
+    grad[tail] = 2
+    out.backward(grad)
+    del out
+    gx_tail = x.grad[tail]
+    x_ref = x[tail].detach().double().requires_grad_()
+    ck.peg_reference(x_ref, w.detach().double(), None, H, W, P).backward(
+        torch.full(x_ref.shape, 2.0, dtype=torch.float64, device="cuda"))
+    assert rel_err(gx_tail, x_ref.grad) < TOLERANCE[torch.bfloat16]
+    # grad_bias[c] = sum over every grid token of grad: (B + 2) * H * W
+    assert rel_err(b.grad, torch.full((C,), float((B + 2) * H * W))) < TOLERANCE[torch.bfloat16]
