@@ -1,0 +1,803 @@
+#!/usr/bin/env python
+"""Benchmark of the fused PEG against eager PyTorch and torch.compile (SPEC section 6).
+
+For every shape, dtype and pass it times, side by side in one process:
+
+    eager                 cpvt_kernels.PEG (split, transpose, depthwise conv, add, concat)
+    compile               torch.compile(PEG), default mode
+    compile-max-autotune  torch.compile(PEG, mode="max-autotune-no-cudagraphs") (GPU only)
+    <backend>             cpvt_kernels.FusedPEG(backend=...) for each fused backend of the device
+
+Passes: ``fwd`` (forward under ``torch.no_grad()``), ``bwd`` (backward of a retained graph:
+grad of x, weight and bias) and ``fwdbwd`` (forward and that backward).
+
+Bytes, the least a PEG must move (``S = B * (P + H*W) * C * itemsize``): forward reads x and
+writes out, ``2 S``; backward reads grad_out and x and writes grad_x, ``3 S``; forward+backward
+``5 S``. GB/s is that over the median time; "% copy" divides it by the copy bandwidth measured at
+the start of the same run (``dst.copy_(src)`` of 256 MiB, bytes read plus written).
+
+Before timing, every implementation's output (and gradients, when a backward pass is timed) is
+compared with the float64 reference on the same inputs; a fused backend outside the tolerance of
+SPEC section 5 is reported as a failure and not timed, and the program exits non-zero.
+
+Usage::
+
+    python bench/bench_peg.py --quick              # CPVT-Ti shapes, about a minute on 2 CPU cores
+    python bench/bench_peg.py                      # the shapes of SPEC section 6
+    python bench/bench_peg.py --device cuda --dtypes bfloat16 --shapes 256x384x24 --passes fwd
+
+Writes ``peg.csv`` (one row per measurement, each with device, versions, commit and date),
+``peg.md`` and ``peg.png`` to ``--out`` (default ``bench/results/<date>_<device>/``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.metadata
+import importlib.util
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# Benchmark the source tree this script sits in when its extension is built there (in place or
+# editable install); otherwise the installed package.
+if list((REPO / "cpvt_kernels").glob("_C*")) or importlib.util.find_spec("cpvt_kernels") is None:
+    sys.path.insert(0, str(REPO))
+
+import cpvt_kernels as ck  # noqa: E402
+from cpvt_kernels import _checks  # noqa: E402
+from cpvt_kernels.reference import peg_reference  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+
+# SPEC section 5: max |out - ref| / max |ref| against the float64 reference.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3,
+             torch.bfloat16: 1.6e-2}
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+               "float64": torch.float64, "fp64": torch.float64}
+SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+         torch.float64: "fp64"}
+PASSES = ("fwd", "bwd", "fwdbwd")
+# Bytes moved per pass, in units of B * N * C * itemsize.
+PASS_BYTES = {"fwd": 2, "bwd": 3, "fwdbwd": 5}
+BYTES_NOTE = ("bytes = the least a PEG moves, S = B*(P+H*W)*C*itemsize: fwd 2S (read x, write "
+              "out), bwd 3S (read grad_out and x, write grad_x), fwdbwd 5S")
+COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune-no-cudagraphs"}
+BASELINES = ("eager",) + tuple(COMPILE_MODES)
+COPY_MIB = 256
+
+CSV_FIELDS = ["date", "device", "device_type", "threads", "torch", "triton", "python", "cuda",
+              "cpvt_kernels", "commit", "mode", "pass", "dtype", "B", "C", "H", "W", "P", "k",
+              "impl", "median_ms", "p20_ms", "p80_ms", "reps", "bytes", "gbps", "copy_gbps",
+              "frac_copy", "speedup_vs_eager", "speedup_vs_compile", "peak_mem_mib",
+              "max_rel_err", "status"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One PEG shape: x is (B, P + H*W, C), weight (C, 1, k, k)."""
+    B: int
+    C: int
+    H: int
+    W: int
+    P: int = 1
+    k: int = 3
+
+    @property
+    def N(self) -> int:
+        return self.P + self.H * self.W
+
+    def label(self) -> str:
+        hw = f"H=W={self.H}" if self.H == self.W else f"H={self.H} W={self.W}"
+        return f"B={self.B} C={self.C} {hw} P={self.P} k={self.k}"
+
+    def short(self) -> str:
+        hw = f"{self.H}" if self.H == self.W else f"{self.H}x{self.W}"
+        return f"{self.B}x{self.C}x{hw} P{self.P} k{self.k}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+
+QUICK_CASES = [Case(32, 192, h, h, 1, k) for h in (14, 24) for k in (3, 7)]
+
+
+def full_cases(device_type: str) -> list[Case]:
+    """SPEC section 6: CPVT-Ti/S/B (C = 192/384/768) at 224/384/512 pixels (H = W = 14/24/32),
+    P = 1 and k = 3, plus k = 7 and P = 0 at a few of them.
+
+    Every shape costs two torch.compile graphs per dtype (with and without autograd), so the
+    batch sweep runs at 224 pixels and the larger images at the largest batch: B = 1, 32, 256
+    and 256 on a GPU; on a CPU B = 1, 32 and 32, 8 so that the run takes about ten minutes.
+    """
+    widths = (192, 384, 768)
+    if device_type == "cuda":
+        sweep, big = (1, 32, 256), {24: 256, 32: 256}
+    else:
+        sweep, big = (1, 32), {24: 32, 32: 8}
+    cases = [Case(B, C, 14, 14) for C in widths for B in sweep]
+    cases += [Case(big[s], C, s, s) for s in (24, 32) for C in widths]
+    cases += [Case(big[24], 192, s, s, 1, 7) for s in (14, 24)]
+    cases += [Case(big[24], 384, s, s, 0, 3) for s in (14, 24)]
+    return cases
+
+
+def parse_shape(text: str, prefixes, kernels) -> list[Case]:
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:x(\d+))?", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"--shapes: expected BxCxH or BxCxHxW (e.g. 32x192x14), got {text!r}")
+    B, C, H = int(m[1]), int(m[2]), int(m[3])
+    W = int(m[4]) if m[4] else H
+    return [Case(B, C, H, W, P, k) for P in prefixes for k in kernels]
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in re.split(r"[,\s]+", text.strip()) if v]
+
+
+def _name_list(values) -> list[str]:
+    out = []
+    for v in values or []:
+        out += [s for s in re.split(r"[,\s]+", v.strip()) if s]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Run metadata shared with bench_model.py
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_name()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_slug(device: torch.device) -> str:
+    name = device_name(device)
+    return slug(name) if device.type == "cuda" else "cpu-" + slug(name)
+
+
+def git_commit() -> str:
+    """Short hash of HEAD, with "-dirty" when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, timeout=20)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True, timeout=20)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def run_metadata(device: torch.device) -> dict:
+    """The columns every CSV row carries: device, versions, commit and date."""
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "threads": torch.get_num_threads() if device.type == "cpu" else "",
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda or "none",
+        "cpvt_kernels": ck.__version__,
+        "commit": git_commit(),
+    }
+
+
+def default_out_dir(device: torch.device) -> Path:
+    return RESULTS / f"{datetime.date.today().isoformat()}_{device_slug(device)}"
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda, got {name!r}")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_values:
+        return math.nan
+    pos = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+@dataclass
+class Stats:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size of the CPU's largest cache (Linux sysfs), or None."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        m = re.fullmatch(r"(\d+)([KMG]?)", path.read_text().strip())
+        if m:
+            sizes.append(int(m[1]) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m[2]])
+    return max(sizes) if sizes else None
+
+
+class Timer:
+    """Times a callable: warmup, then one sample per call; median and the p20-p80 spread.
+
+    CPU: ``time.perf_counter`` around each call. GPU: CUDA events around each call. With
+    ``flush_cache``, a buffer larger than the last-level cache is written (GPU: 256 MiB) or read
+    (CPU: twice the cache) before each call, so the inputs come from DRAM.
+    The number of samples is ``min_time / (time per call)``, clamped to ``[min_reps, max_reps]``.
+    """
+
+    def __init__(self, device: torch.device, min_time: float, min_reps: int = 5,
+                 max_reps: int = 1000, flush_cache: bool = False):
+        self.cuda = device.type == "cuda"
+        self.min_time, self.min_reps, self.max_reps = min_time, min_reps, max_reps
+        self.flush = None
+        if flush_cache:
+            nbytes = COPY_MIB * 2**20 if self.cuda else \
+                min(max(2 * (last_level_cache_bytes() or 0), 64 * 2**20), 1024 * 2**20)
+            self.flush = torch.ones(nbytes // 4, dtype=torch.int32, device=device)
+
+    def _flush(self):
+        if self.flush is not None:
+            # Writing on a GPU (as Triton's do_bench); reading on a CPU, which leaves no dirty
+            # lines for the timed call to write back.
+            if self.cuda:
+                self.flush.zero_()
+            else:
+                self.flush.max()
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, fn) -> Stats:
+        fn()
+        self._sync()
+        n, start = 0, time.perf_counter()
+        while True:
+            fn()
+            self._sync()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= 0.2 * self.min_time or n >= 50:
+                break
+        reps = int(min(max(self.min_time / max(elapsed / n, 1e-7), self.min_reps), self.max_reps))
+        if self.cuda:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(reps)]
+            for begin, end in events:
+                self._flush()
+                begin.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize()
+            times = [begin.elapsed_time(end) for begin, end in events]
+        else:
+            times = []
+            for _ in range(reps):
+                self._flush()
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return Stats(statistics.median(times), percentile(times, 0.2), percentile(times, 0.8),
+                     reps)
+
+
+def peak_memory_mib(device: torch.device, fn) -> float | None:
+    """Peak memory one call allocates beyond what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def copy_bandwidth(device: torch.device, timer: Timer) -> tuple[float, Stats]:
+    """GB/s of ``dst.copy_(src)`` on 256 MiB, counting bytes read plus written."""
+    n = COPY_MIB * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.5)
+    dst = torch.empty_like(src)
+    flush, timer.flush = timer.flush, None  # the copy is far larger than any cache
+    min_reps, timer.min_reps = timer.min_reps, max(timer.min_reps, 10)
+    try:
+        stats = timer(lambda: dst.copy_(src))
+    finally:
+        timer.flush, timer.min_reps = flush, min_reps
+    gbps = 2 * src.numel() * src.element_size() / (stats.median_ms * 1e-3) / 1e9
+    return gbps, stats
+
+
+def cpu_load_warning(device: torch.device) -> str | None:
+    """A note when other processes keep the CPU busy: CPU timings are then noisy."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    if load < 0.5:
+        return None
+    return (f"load average {load:.1f} on {cores} cores when the run started: other processes "
+            f"compete for the CPU, so the times are noisy")
+
+
+def check_overhead_us(device: torch.device) -> float:
+    """Microseconds of the Python input checks that both PEG.forward and fused_peg run."""
+    x = torch.randn(2, 1 + 4 * 4, 8, device=device)
+    w = torch.randn(8, 1, 3, 3, device=device)
+    b = torch.randn(8, device=device)
+    reps = 2000
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        _checks.check_inputs(x, w, b, 4, 4, 1)
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations and passes
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    denom = ref.abs().max().item() if ref.numel() else 0.0
+    diff = (a - ref).abs().max().item() if a.numel() else 0.0
+    return diff / denom if denom > 0 else diff
+
+
+def fused_backends(device: torch.device) -> list[str]:
+    """The fused backends to time: every available one but reference (that is the eager PEG).
+
+    Triton on CPU tensors runs only through its interpreter, which is not a fast path.
+    """
+    names = [n for n in ck.available_backends(device.type) if n != "reference"]
+    if device.type == "cpu":
+        names = [n for n in names if n != "triton"]
+    return names
+
+
+def build_impls(names: list[str], peg: torch.nn.Module) -> dict:
+    """Callables ``m(x, H, W)`` sharing ``peg``'s parameters, keyed by implementation name."""
+    impls = {}
+    for name in names:
+        if name == "eager":
+            impls[name] = peg
+        elif name in COMPILE_MODES:
+            impls[name] = torch.compile(peg, mode=COMPILE_MODES[name])
+        else:
+            fused = ck.FusedPEG(peg.proj.in_channels, peg.proj.kernel_size,
+                                peg.num_prefix_tokens, peg.proj.bias is not None, backend=name)
+            fused.proj = peg.proj
+            impls[name] = fused
+    return impls
+
+
+def make_pass(pass_name: str, m, x: torch.Tensor, xg: torch.Tensor, params, g, H, W):
+    """A no-argument callable running one pass of ``m``."""
+    if pass_name == "fwd":
+        def run():
+            with torch.no_grad():
+                m(x, H, W)
+        return run
+    if pass_name == "fwdbwd":
+        def run():
+            out = m(xg, H, W)
+            torch.autograd.grad(out, params, g)
+        return run
+    out = m(xg, H, W)
+
+    def run():
+        torch.autograd.grad(out, params, g, retain_graph=True)
+    return run
+
+
+def reference_outputs(case: Case, x, params, g, need_grads: bool):
+    """The float64 reference output and, with ``need_grads``, its gradients of x, weight, bias."""
+    x64 = x.detach().double().requires_grad_(need_grads)
+    w64, b64 = (p.detach().double().requires_grad_(need_grads) for p in params[1:])
+    with torch.set_grad_enabled(need_grads):
+        ref = peg_reference(x64, w64, b64, case.H, case.W, case.P)
+    grads = torch.autograd.grad(ref, (x64, w64, b64), g.double()) if need_grads else ()
+    return ref.detach(), grads
+
+
+def parity_error(m, case: Case, x, xg, params, g, ref, ref_grads) -> float:
+    """Max relative error of ``m`` against the float64 reference: the output and, when
+    ``ref_grads`` are given, every gradient."""
+    with torch.no_grad():
+        err = rel_err(m(x, case.H, case.W), ref)
+    if ref_grads:
+        out = m(xg, case.H, case.W)
+        grads = torch.autograd.grad(out, params, g)
+        err = max([err, rel_err(out, ref)] + [rel_err(a, r) for a, r in zip(grads, ref_grads)])
+    return err
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+def _fmt(v, spec: str, blank: str = "") -> str:
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return blank
+    return format(float(v), spec)
+
+
+MD_HEADER = ("| pass | dtype | shape (B x C x H=W, P, k) | impl | median ms | p20-p80 ms | GB/s "
+             "| % copy | x eager | x compile | peak MiB | status |")
+MD_RULE = "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|"
+
+
+def md_row(r: dict) -> str:
+    case = Case(int(r["B"]), int(r["C"]), int(r["H"]), int(r["W"]), int(r["P"]), int(r["k"]))
+    spread = (f"{_fmt(r['p20_ms'], '.3f')}-{_fmt(r['p80_ms'], '.3f')}"
+              if r["median_ms"] not in ("", None) else "")
+    frac = _fmt(r["frac_copy"], ".0%") if r["frac_copy"] not in ("", None) else ""
+    return (f"| {r['pass']} | {r['dtype']} | {case.short()} | {r['impl']} | "
+            f"{_fmt(r['median_ms'], '.3f')} | {spread} | {_fmt(r['gbps'], '.1f')} | {frac} | "
+            f"{_fmt(r['speedup_vs_eager'], '.2f')} | {_fmt(r['speedup_vs_compile'], '.2f')} | "
+            f"{_fmt(r['peak_mem_mib'], '.1f', '-')} | {r['status']} |")
+
+
+def summary_rows(rows: list[dict]) -> list[str]:
+    """Per implementation, pass and dtype: geometric-mean speedups and median % copy."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r["impl"] != "eager":
+            groups.setdefault((r["impl"], r["pass"], r["dtype"]), []).append(r)
+    lines = ["| impl | pass | dtype | shapes | x eager (geo-mean, min-max) | x compile (geo-mean) "
+             "| % copy (median) |", "|---|---|---|--:|--:|--:|--:|"]
+
+    def geo(vals):
+        vals = [float(v) for v in vals if v not in ("", None)]
+        return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
+
+    for (impl, p, dt), rs in sorted(groups.items()):
+        se = [float(r["speedup_vs_eager"]) for r in rs if r["speedup_vs_eager"] not in ("", None)]
+        sc = [r["speedup_vs_compile"] for r in rs]
+        fr = [float(r["frac_copy"]) for r in rs if r["frac_copy"] not in ("", None)]
+        rng = f" ({min(se):.2f}-{max(se):.2f})" if se else ""
+        lines.append(f"| {impl} | {p} | {dt} | {len(rs)} | {_fmt(geo(se), '.2f')}{rng} | "
+                     f"{_fmt(geo(sc), '.2f')} | "
+                     f"{_fmt(statistics.median(fr) if fr else None, '.0%')} |")
+    return lines
+
+
+def markdown(rows: list[dict], meta: dict, notes: list[str]) -> str:
+    lines = [f"# Fused PEG benchmark: {meta['device']}", "",
+             f"- date {meta['date']}, commit {meta['commit']}, mode {meta['mode']}",
+             f"- torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}, "
+             f"CUDA {meta['cuda']}, cpvt_kernels {meta['cpvt_kernels']}"
+             + (f", {meta['threads']} CPU threads" if meta["threads"] != "" else "")]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", "## Summary", ""] + summary_rows(rows)
+    lines += ["", "## All measurements", "", MD_HEADER, MD_RULE] + [md_row(r) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Fused PEG vs eager PEG vs torch.compile: time, GB/s, % of copy bandwidth.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Shapes: BxCxH or BxCxHxW, e.g. --shapes 32x192x14 256x384x24; "
+               "each is run for every --prefix-tokens and --kernel-sizes value.")
+    p.add_argument("--quick", action="store_true",
+                   help="CPVT-Ti (B=32, C=192) at H=W=14 and 24, k=3 and 7, fp32 and bf16, "
+                        "fwd and fwdbwd, default torch.compile only (about a minute on 2 cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--dtypes", nargs="+", default=None, metavar="DTYPE",
+                   help="float32 bfloat16 float16 (default: float32 bfloat16, plus float16 on a "
+                        "GPU outside --quick)")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="BxCxH[xW]",
+                   help="shapes to run (default: see --quick)")
+    p.add_argument("--prefix-tokens", default=None, metavar="P[,P]",
+                   help="P values for --shapes, comma-separated (default 1)")
+    p.add_argument("--kernel-sizes", default=None, metavar="K[,K]",
+                   help="k values for --shapes, comma-separated (default 3)")
+    p.add_argument("--passes", default=None, metavar="fwd,bwd,fwdbwd",
+                   help="comma-separated from fwd,bwd,fwdbwd "
+                        "(default: all; fwd,fwdbwd with --quick)")
+    p.add_argument("--impls", nargs="+", default=None, metavar="IMPL",
+                   help="subset of eager, compile, compile-max-autotune and the fused backends "
+                        "(default: all that run here)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="output folder (default bench/results/<date>_<device>/)")
+    p.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
+                   help="seconds of samples per measurement (default 0.2 quick, 0.5 full on CPU; "
+                        "0.1 on a GPU)")
+    p.add_argument("--min-reps", type=int, default=5, metavar="N",
+                   help="fewest samples per measurement")
+    p.add_argument("--flush-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="evict the inputs from the last-level cache before each timed call "
+                        "(default: on for a GPU's L2; off on a CPU, where the shapes that fit "
+                        "stay in cache as they would between a model's layers)")
+    p.add_argument("--autotune-min-batch", type=int, default=256, metavar="B",
+                   help="GPU: run compile-max-autotune (tens of seconds of autotuning per graph) "
+                        "only for shapes with B >= this (default 256)")
+    p.add_argument("--autotune-dtypes", nargs="+", default=["bfloat16"], metavar="DTYPE",
+                   help="GPU: the dtypes compile-max-autotune runs for (default bfloat16)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (torch.set_num_threads; default: PyTorch's choice)")
+    p.add_argument("--no-plot", action="store_true", help="skip peg.png")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    on_gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if on_gpu:
+        torch.cuda.set_device(device)
+        # Every implementation computes in true float32, as the fused kernels do.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    dtype_names = _name_list(args.dtypes) or (
+        ["float32", "bfloat16"] + (["float16"] if on_gpu and not args.quick else []))
+    try:
+        dtypes = [DTYPE_NAMES[d.lower()] for d in dtype_names]
+        autotune_dtypes = [DTYPE_NAMES[d.lower()] for d in _name_list(args.autotune_dtypes)]
+    except KeyError as e:
+        raise SystemExit(f"--dtypes: expected float32, bfloat16, float16 or float64, got {e}")
+    passes = [s for s in (args.passes or ("fwd,fwdbwd" if args.quick else ",".join(PASSES)))
+              .split(",") if s]
+    for s in passes:
+        if s not in PASSES:
+            raise SystemExit(f"--passes: expected a comma-separated subset of {PASSES}, got {s!r}")
+    if args.shapes:
+        prefixes = _int_list(args.prefix_tokens or "1")
+        kernels = _int_list(args.kernel_sizes or "3")
+        try:
+            cases = [c for s in args.shapes for c in parse_shape(s, prefixes, kernels)]
+        except argparse.ArgumentTypeError as e:
+            raise SystemExit(str(e))
+    else:
+        cases = list(QUICK_CASES if args.quick else full_cases(device.type))
+
+    backends = fused_backends(device)
+    modes = ["compile"] + (["compile-max-autotune"] if on_gpu and not args.quick else [])
+    available = ["eager"] + modes + backends
+    names = _name_list(args.impls) or available
+    for n in names:
+        if n not in available + ["compile-max-autotune"]:
+            raise SystemExit(f"--impls: {n!r} cannot run on {device.type}; expected a subset of "
+                             f"{available}")
+    if "compile-max-autotune" in names and not on_gpu:
+        raise SystemExit("--impls: compile-max-autotune is benchmarked on a GPU only")
+    if "eager" not in names:
+        names = ["eager"] + names  # speedups are relative to it
+    notes = []
+    if not backends:
+        notes.append("no fused backend is available on this device: "
+                     + "; ".join(f"{b}: {ck.ops._unavailable_reason(b, device.type)}"
+                                 for b in ("cuda", "triton", "cpu")
+                                 if ck.ops._unavailable_reason(b, device.type)))
+    if device.type == "cpu" and "triton" in ck.available_backends("cpu"):
+        notes.append("triton is excluded on CPU (it runs there only through its interpreter)")
+
+    min_time = args.min_time or (0.1 if on_gpu else (0.2 if args.quick else 0.5))
+    flush = on_gpu if args.flush_cache is None else args.flush_cache
+    timer = Timer(device, min_time, args.min_reps, flush_cache=flush)
+    out_dir = args.out or default_out_dir(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = run_metadata(device)
+    meta["mode"] = "quick" if args.quick else ("custom" if args.shapes else "full")
+
+    print(f"device: {meta['device']} ({device.type}"
+          + (f", {meta['threads']} threads" if not on_gpu else "") + ")")
+    print(f"torch {meta['torch']}  triton {meta['triton']}  python {meta['python']}  "
+          f"commit {meta['commit']}")
+    print(f"implementations: {', '.join(names)}")
+    copy_gbps, copy_stats = copy_bandwidth(device, timer)
+    print(f"copy bandwidth: {copy_gbps:.1f} GB/s (dst.copy_(src), {COPY_MIB} MiB, read + write; "
+          f"median of {copy_stats.reps}, p20-p80 {copy_stats.p20_ms:.2f}-"
+          f"{copy_stats.p80_ms:.2f} ms)")
+    check_us = check_overhead_us(device)
+    notes += [f"copy bandwidth {copy_gbps:.1f} GB/s: dst.copy_(src) of {COPY_MIB} MiB, bytes "
+              f"read + written, median of {copy_stats.reps}, measured at the start of this run",
+              BYTES_NOTE,
+              "fwd runs under torch.no_grad(); bwd is the backward of a retained graph (grads of "
+              "x, weight, bias); fwdbwd is both",
+              "times: median of per-call samples, spread p20-p80; "
+              + ("CUDA events" if on_gpu else "time.perf_counter")
+              + (f", caches flushed before each call ({timer.flush.nbytes >> 20} MiB buffer)"
+                 if timer.flush is not None else ", inputs may stay in cache between calls"),
+              "peak MiB: " + ("torch.cuda.max_memory_allocated during one call, beyond what was "
+                              "allocated before it" if on_gpu else
+                              "not measured on CPU (PyTorch keeps no CPU allocation statistics)"),
+              f"input checks: {check_us:.1f} us per call, run by the eager PEG and FusedPEG alike",
+              "parity: every implementation vs the float64 reference before timing (SPEC 5 "
+              "tolerances; fused backends must pass)"]
+    if on_gpu:
+        notes.append("TF32 disabled: every implementation computes float32 in float32")
+    load = cpu_load_warning(device)
+    if load:
+        print(f"warning: {load}")
+        notes.append(load)
+
+    groups = [(c, dt) for c in cases for dt in dtypes]
+
+    autotune_everywhere = "compile-max-autotune" in _name_list(args.impls)
+    if "compile-max-autotune" in names and not autotune_everywhere:
+        notes.append(f"compile-max-autotune runs at B >= {args.autotune_min_batch} in "
+                     f"{', '.join(SHORT[d] for d in autotune_dtypes)} only (each graph autotunes "
+                     f"for tens of seconds; --impls compile-max-autotune runs it everywhere)")
+
+    def impls_for(case, dtype):
+        return [n for n in names if n != "compile-max-autotune" or autotune_everywhere
+                or (case.B >= args.autotune_min_batch and dtype in autotune_dtypes)]
+
+    total = sum(len(impls_for(c, dt)) for c, dt in groups) * len(passes)
+    print(f"{len(cases)} shapes x {len(dtypes)} dtypes x {len(passes)} passes: "
+          f"{total} measurements; {BYTES_NOTE}")
+
+    csv_path = out_dir / "peg.csv"
+    csv_file = open(csv_path, "w", newline="")
+    writer = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    rows, failures = [], []
+    done, t_start = 0, time.perf_counter()
+    for case, dtype in groups:
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{case}{dtype}".encode()))
+        torch._dynamo.reset()
+        peg = ck.PEG(case.C, case.k, case.P).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            for prm in peg.parameters():
+                prm.copy_(torch.randn(prm.shape, generator=gen) / case.k)
+        x = torch.randn(case.B, case.N, case.C, generator=gen).to(device=device, dtype=dtype)
+        xg = x.clone().requires_grad_()
+        g = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
+        params = [xg, peg.proj.weight, peg.proj.bias]
+        group_names = impls_for(case, dtype)
+        errors, broken = {}, {}
+        impls = build_impls(group_names, peg)
+        ref, ref_grads = reference_outputs(case, x, params, g, any(p != "fwd" for p in passes))
+        for name in group_names:
+            try:
+                errors[name] = parity_error(impls[name], case, x, xg, params, g, ref, ref_grads)
+            except Exception as e:  # a failing implementation must not stop the others
+                broken[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        del ref, ref_grads
+        tol = TOLERANCE[dtype]
+        for name, err in errors.items():
+            if err > tol:
+                msg = (f"PARITY FAILURE: {name} {SHORT[dtype]} {case.label()}: max rel err "
+                       f"{err:.3g} > {tol:g} against the float64 reference")
+                if name in BASELINES:
+                    print(f"warning: {msg} (baseline, still timed)", file=sys.stderr)
+                else:
+                    print(msg, file=sys.stderr)
+                    broken[name] = f"parity failure ({err:.2g} > {tol:g})"
+        group_rows = []
+        for pass_name in passes:
+            for name in group_names:
+                done += 1
+                row = dict(meta)
+                row.update({"pass": pass_name, "dtype": SHORT[dtype], "B": case.B, "C": case.C,
+                            "H": case.H, "W": case.W, "P": case.P, "k": case.k, "impl": name,
+                            "max_rel_err": _fmt(errors.get(name), ".3g"), "copy_gbps":
+                            f"{copy_gbps:.6g}", "status": broken.get(name, "ok")})
+                prefix = f"[{done}/{total}] {pass_name} {SHORT[dtype]} {case.label()} {name}:"
+                if name in broken:
+                    failures.append(f"{prefix} {broken[name]}")
+                    print(f"{prefix} {broken[name]}", flush=True)
+                    row.update({k: "" for k in CSV_FIELDS if k not in row})
+                    group_rows.append(row)
+                    continue
+                try:
+                    fn = make_pass(pass_name, impls[name], x, xg, params, g, case.H, case.W)
+                    stats = timer(fn)
+                    peak = peak_memory_mib(device, fn)
+                    del fn
+                except Exception as e:
+                    status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    failures.append(f"{prefix} {status}")
+                    print(f"{prefix} {status}", flush=True)
+                    row.update({k: "" for k in CSV_FIELDS if k not in row})
+                    row["status"] = status
+                    group_rows.append(row)
+                    continue
+                nbytes = PASS_BYTES[pass_name] * case.B * case.N * case.C * x.element_size()
+                gbps = nbytes / (stats.median_ms * 1e-3) / 1e9
+                row.update({"median_ms": f"{stats.median_ms:.6g}", "p20_ms": f"{stats.p20_ms:.6g}",
+                            "p80_ms": f"{stats.p80_ms:.6g}", "reps": stats.reps,
+                            "bytes": nbytes, "gbps": f"{gbps:.6g}",
+                            "frac_copy": f"{gbps / copy_gbps:.5g}",
+                            "peak_mem_mib": _fmt(peak, ".2f"), "speedup_vs_eager": "",
+                            "speedup_vs_compile": ""})
+                group_rows.append(row)
+                eta = (time.perf_counter() - t_start) / done * (total - done)
+                print(f"{prefix} {stats.median_ms:.3f} ms ({stats.p20_ms:.3f}-{stats.p80_ms:.3f}) "
+                      f"{gbps:.1f} GB/s {gbps / copy_gbps:.0%} of copy  [eta {eta:.0f} s]",
+                      flush=True)
+        for pass_name in passes:
+            same = {r["impl"]: r for r in group_rows if r["pass"] == pass_name}
+            for r in same.values():
+                if r["median_ms"] in ("", None):
+                    continue
+                for col, base in (("speedup_vs_eager", "eager"), ("speedup_vs_compile", "compile")):
+                    if base in same and same[base]["median_ms"] not in ("", None):
+                        r[col] = f"{float(same[base]['median_ms']) / float(r['median_ms']):.5g}"
+        writer.writerows(group_rows)
+        csv_file.flush()
+        rows += group_rows
+        del peg, impls, x, xg, g, params
+        if on_gpu:
+            torch.cuda.empty_cache()
+    csv_file.close()
+    torch._dynamo.reset()
+
+    md = markdown(rows, meta, notes)
+    (out_dir / "peg.md").write_text(md)
+    print()
+    print(md)
+    if not args.no_plot:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from plot import plot_peg
+        png = plot_peg(rows, out_dir / "peg.png")
+        print(f"plot: {png}" if png else "plot: skipped (matplotlib is not installed; "
+                                          "`pip install matplotlib`)")
+    print(f"wrote {csv_path}, {out_dir / 'peg.md'}  ({time.perf_counter() - t_start:.0f} s)")
+    if failures:
+        print(f"\n{len(failures)} FAILED measurement(s):", file=sys.stderr)
+        for f in failures:
+            print("  " + f, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, for a GPU machine with no network:
+#
+#   bash bench/gpu_suite.sh                 # every step
+#   bash bench/gpu_suite.sh build test      # some steps, in the order given
+#
+# Steps:
+#   build      compile the extension in place with the CUDA kernels, for this GPU's architecture
+#   selfcheck  python -m cpvt_kernels.selfcheck (gradcheck, opcheck, parity per backend)
+#   test       pytest -q tests on this machine (the CUDA and Triton tests run on CUDA tensors)
+#   sanitize   compute-sanitizer memcheck, racecheck and initcheck over bench/sanitize_small.py
+#   bench      bench/bench_peg.py --device cuda (the full grid; BENCH_ARGS=--quick for a short one)
+#   model      bench/bench_model.py --device cuda
+#
+# Every log and result lands in one folder, bench/results/<date>_<gpu>/ (or $CPVT_RESULTS_DIR),
+# with summary.txt listing each step's status and time. All steps run even when one fails; the
+# exit status is non-zero if any failed.
+#
+# Environment: PYTHON (default: python, else python3), CPVT_RESULTS_DIR, BENCH_ARGS, MODEL_ARGS, PYTEST_ARGS,
+# MAX_JOBS (default 16), TORCH_CUDA_ARCH_LIST (default: the detected GPU's), SANITIZE_TOOLS
+# (default "memcheck racecheck initcheck"), SANITIZE_TIMEOUT (seconds per tool, default 1200).
+set -u -o pipefail
+
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$(pwd)
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export MAX_JOBS=${MAX_JOBS:-16}
+
+STEPS=("$@")
+if [ ${#STEPS[@]} -eq 0 ]; then
+    STEPS=(build selfcheck test sanitize bench model)
+fi
+for s in "${STEPS[@]}"; do
+    case "$s" in
+        build|selfcheck|test|sanitize|bench|model) ;;
+        *) echo "gpu_suite: unknown step '$s'; expected build selfcheck test sanitize bench model" >&2
+           exit 2 ;;
+    esac
+done
+
+commit() {
+    local head
+    if head=$(git rev-parse --short HEAD 2>/dev/null); then
+        git diff --quiet HEAD 2>/dev/null && echo "$head" || echo "$head-dirty"
+    else
+        echo unknown
+    fi
+}
+
+if ! GPU_INFO=$("$PY" -c "import torch
+assert torch.cuda.is_available(), 'no CUDA device'
+cap = torch.cuda.get_device_capability()
+print(torch.cuda.get_device_name()); print(f'{cap[0]}.{cap[1]}')" 2>&1); then
+    echo "gpu_suite: this machine has no usable GPU for $PY: $GPU_INFO" >&2
+    exit 2
+fi
+GPU_NAME=$(echo "$GPU_INFO" | sed -n 1p)
+GPU_ARCH=$(echo "$GPU_INFO" | sed -n 2p)
+GPU_SLUG=$(echo "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
+OUT=${CPVT_RESULTS_DIR:-bench/results/$(date +%Y-%m-%d)_$GPU_SLUG}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SUMMARY="$OUT/summary.txt"
+
+{
+    echo "== $(date -Iseconds) gpu_suite: ${STEPS[*]}"
+    echo "gpu: $GPU_NAME (sm_${GPU_ARCH/./}), commit $(commit)"
+} | tee -a "$SUMMARY"
+{
+    date -Iseconds
+    nvidia-smi 2>&1 || echo "nvidia-smi not found"
+    "$PY" -c "import sys, torch; print('python', sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+    "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
+    command -v nvcc >/dev/null && nvcc --version
+} > "$OUT/env.txt" 2>&1
+
+FAILED=()
+# Extra arguments, split on spaces.
+read -r -a PYTEST_EXTRA <<< "${PYTEST_ARGS:-}"
+read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
+read -r -a MODEL_EXTRA <<< "${MODEL_ARGS:-}"
+
+# run_step NAME COMMAND...: runs COMMAND with its output in $OUT/NAME.log and on the terminal.
+run_step() {
+    local name=$1; shift
+    local log="$OUT/$name.log" start rc
+    start=$(date +%s)
+    echo
+    echo "=== [$name] $*"
+    echo "\$ $*" > "$log"
+    "$@" 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    local took=$(( $(date +%s) - start ))
+    if [ "$rc" -eq 0 ]; then
+        printf '%-22s ok      %5ds  %s\n' "$name" "$took" "$log" | tee -a "$SUMMARY"
+    else
+        printf '%-22s FAILED  %5ds  %s (exit %d)\n' "$name" "$took" "$log" "$rc" | tee -a "$SUMMARY"
+        FAILED+=("$name")
+    fi
+    return 0
+}
+
+find_sanitizer() {
+    local c site
+    site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" 2>/dev/null)
+    for c in "$(command -v compute-sanitizer 2>/dev/null)" "${CUDA_HOME:-}/bin/compute-sanitizer" \
+             /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
+             /opt/nvidia/*/compute-sanitizer/compute-sanitizer \
+             "$site"/nvidia/*/bin/compute-sanitizer; do
+        if [ -n "$c" ] && [ -x "$c" ]; then echo "$c"; return 0; fi
+    done
+    return 1
+}
+
+step_build() {
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$GPU_ARCH}
+    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CPVT_BUILD_CUDA=1"
+    CPVT_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace || return 1
+    "$PY" - <<'EOF'
+import cpvt_kernels as ck
+backends = ck.available_backends("cuda")
+print("available on cuda:", backends)
+missing = [b for b in ("cuda", "triton") if b not in backends]
+for b in missing:
+    print(f"missing backend {b}: {ck.ops._unavailable_reason(b, 'cuda')}")
+raise SystemExit(1 if missing else 0)
+EOF
+}
+
+step_sanitize() {
+    local cs rc=0 tool
+    if ! cs=$(find_sanitizer); then
+        echo "compute-sanitizer not found (looked on PATH, in \$CUDA_HOME/bin, /usr/local/cuda*/bin and the nvidia wheels); install the CUDA toolkit's compute-sanitizer or put it on PATH"
+        return 1
+    fi
+    "$cs" --version | head -n 3
+    for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
+        echo "--- compute-sanitizer --tool $tool"
+        # Without the caching allocator every tensor is its own allocation, so an access past
+        # its end is out of bounds for memcheck instead of landing in a cached neighbour.
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-1200}" \
+            "$cs" --tool "$tool" --error-exitcode 99 --print-limit 50 \
+            "$PY" bench/sanitize_small.py 2>&1 | tee "$OUT/sanitize_$tool.log"
+        local r=${PIPESTATUS[0]}
+        if [ "$r" -ne 0 ]; then
+            echo "--- $tool FAILED (exit $r)"
+            rc=1
+        else
+            echo "--- $tool: no errors"
+        fi
+    done
+    return $rc
+}
+
+for s in "${STEPS[@]}"; do
+    case "$s" in
+        build) run_step build step_build ;;
+        selfcheck) run_step selfcheck "$PY" -m cpvt_kernels.selfcheck --device cuda ;;
+        test) run_step test "$PY" -m pytest -q -ra tests --junitxml="$OUT/pytest.xml" \
+                  "${PYTEST_EXTRA[@]}" ;;
+        sanitize) run_step sanitize step_sanitize ;;
+        bench) run_step bench "$PY" bench/bench_peg.py --device cuda --out "$OUT" \
+                   "${BENCH_EXTRA[@]}" ;;
+        model) run_step model "$PY" bench/bench_model.py --device cuda --out "$OUT" \
+                   "${MODEL_EXTRA[@]}" ;;
+    esac
+done
+
+echo
+echo "results in $OUT"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "gpu_suite: FAILED steps: ${FAILED[*]}" | tee -a "$SUMMARY"
+    exit 1
+fi
+echo "gpu_suite: all steps passed (${STEPS[*]})" | tee -a "$SUMMARY"

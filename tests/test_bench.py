@@ -1,0 +1,205 @@
+"""Smoke tests of the benchmark programs (bench/) and of ``python -m cpvt_kernels.selfcheck``.
+
+They run the programs' ``main`` with tiny shapes: the point is that every path writes complete
+rows and that a wrong backend is reported, not the timings.
+"""
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cpvt_kernels as ck
+import cpvt_kernels.modules
+from cpvt_kernels import selfcheck
+from conftest import HAS_GPU, require_backend
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import bench_peg  # noqa: E402
+
+META = ("date", "device", "device_type", "torch", "triton", "python", "commit")
+TINY = ["--shapes", "2x8x5", "3x5x4x6", "--kernel-sizes", "3,7", "--min-time", "0.005",
+        "--min-reps", "3", "--no-plot"]
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_peg_tiny_run_writes_every_row(tmp_path, capsys):
+    require_backend("cpu")
+    rc = bench_peg.main(TINY + ["--device", "cpu", "--dtypes", "float32", "bfloat16",
+                                "--passes", "fwd,bwd,fwdbwd", "--impls", "eager", "cpu",
+                                "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(tmp_path / "peg.csv")
+    # 2 shapes x 2 kernel sizes x 2 dtypes x 3 passes x 2 implementations
+    assert len(rows) == 2 * 2 * 2 * 3 * 2
+    assert set(rows[0]) == set(bench_peg.CSV_FIELDS)
+    for r in rows:
+        assert r["status"] == "ok", r
+        for col in META:
+            assert r[col], (col, r)
+        assert float(r["median_ms"]) > 0 and float(r["p20_ms"]) <= float(r["median_ms"]) \
+            <= float(r["p80_ms"])
+        assert int(r["reps"]) >= 3
+        n = int(r["B"]) * (int(r["P"]) + int(r["H"]) * int(r["W"])) * int(r["C"])
+        itemsize = 4 if r["dtype"] == "fp32" else 2
+        assert int(r["bytes"]) == bench_peg.PASS_BYTES[r["pass"]] * n * itemsize
+        gbps = int(r["bytes"]) / (float(r["median_ms"]) * 1e-3) / 1e9
+        assert float(r["gbps"]) == pytest.approx(gbps, rel=1e-3)
+        assert float(r["frac_copy"]) == pytest.approx(gbps / float(r["copy_gbps"]), rel=1e-2)
+        if r["impl"] == "eager":
+            assert float(r["speedup_vs_eager"]) == 1.0
+        assert float(r["max_rel_err"]) <= bench_peg.TOLERANCE[bench_peg.DTYPE_NAMES[r["dtype"]]]
+    assert {r["impl"] for r in rows} == {"eager", "cpu"}
+    assert {(r["B"], r["C"], r["H"], r["W"]) for r in rows} == {("2", "8", "5", "5"),
+                                                                  ("3", "5", "4", "6")}
+    md = (tmp_path / "peg.md").read_text()
+    assert md.count("\n| fwdbwd |") == 2 * 2 * 2 * 2
+    assert "copy bandwidth" in md and "## Summary" in md
+    out = capsys.readouterr().out
+    assert "[48/48]" in out and "| impl | pass | dtype |" in out
+
+
+@pytest.mark.slow
+def test_bench_peg_quick_mode_with_compile(tmp_path):
+    """--quick's implementation set (eager, torch.compile, cpu) on one tiny shape."""
+    require_backend("cpu")
+    rc = bench_peg.main(["--quick", "--shapes", "2x8x5", "--dtypes", "float32", "--passes",
+                         "fwd,fwdbwd", "--min-time", "0.005", "--min-reps", "3", "--no-plot",
+                         "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(tmp_path / "peg.csv")
+    assert [(r["pass"], r["impl"]) for r in rows] == [
+        (p, i) for p in ("fwd", "fwdbwd") for i in ("eager", "compile", "cpu")]
+    assert all(r["status"] == "ok" and r["speedup_vs_compile"] for r in rows)
+
+
+def test_bench_peg_reports_a_wrong_backend(tmp_path, monkeypatch, capsys):
+    require_backend("cpu")
+    real = cpvt_kernels.modules.fused_peg
+
+    def wrong(x, weight, bias=None, size=None, num_prefix_tokens=1, backend="auto"):
+        return real(x, weight, bias, size, num_prefix_tokens, backend) * 1.01
+
+    monkeypatch.setattr(cpvt_kernels.modules, "fused_peg", wrong)
+    rc = bench_peg.main(["--shapes", "2x8x5", "--dtypes", "float32", "--passes", "fwd",
+                         "--impls", "eager", "cpu", "--min-time", "0.005", "--no-plot",
+                         "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 1
+    rows = {r["impl"]: r for r in _rows(tmp_path / "peg.csv")}
+    assert rows["cpu"]["status"].startswith("parity failure") and rows["cpu"]["median_ms"] == ""
+    assert rows["eager"]["status"] == "ok"
+    assert "PARITY FAILURE: cpu" in capsys.readouterr().err
+
+
+def test_bench_peg_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    import plot
+    rows = [dict(device="d", torch="t", commit="c", copy_gbps="10", **{"pass": p}, dtype=dt,
+                 B=2, C=8, H=5, W=5, P=1, k=3, impl=i, gbps=str(g))
+            for p in ("fwd", "fwdbwd") for dt in ("fp32", "bf16")
+            for i, g in (("eager", 1.0), ("cpu", 5.0))]
+    png = plot.plot_peg(rows, tmp_path / "peg.png")
+    assert png is not None and png.stat().st_size > 10_000
+
+
+def test_bench_peg_helpers():
+    assert bench_peg.parse_shape("32x192x14", [0, 1], [3]) == [
+        bench_peg.Case(32, 192, 14, 14, 0, 3), bench_peg.Case(32, 192, 14, 14, 1, 3)]
+    assert bench_peg.parse_shape("2x3x4x5", [1], [7]) == [bench_peg.Case(2, 3, 4, 5, 1, 7)]
+    with pytest.raises(Exception, match="BxCxH"):
+        bench_peg.parse_shape("32,192,14", [1], [3])
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+        assert bench_peg.percentile(sorted(values), q) == pytest.approx(
+            torch.quantile(torch.tensor(values, dtype=torch.float64), q).item())
+    assert bench_peg.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    for flush in (False, True):
+        timer = bench_peg.Timer(torch.device("cpu"), min_time=0.02, min_reps=5, flush_cache=flush)
+        assert (timer.flush is not None) == flush
+        if flush:
+            assert timer.flush.nbytes >= max(64 * 2**20, 2 * (bench_peg.last_level_cache_bytes()
+                                                                or 0))
+        stats = timer(lambda: __import__("time").sleep(0.002))
+        assert stats.reps >= 5 and stats.median_ms >= 2.0
+        assert stats.p20_ms <= stats.median_ms <= stats.p80_ms
+
+
+def test_bench_model_tiny_run(tmp_path):
+    require_backend("cpu")
+    import bench_model
+    rc = bench_model.main(["--quick", "--device", "cpu", "--sizes", "32,48", "--batch", "2",
+                           "--min-time", "0.005", "--min-reps", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(tmp_path / "model.csv")
+    assert [(r["img"], r["mode"], r["impl"]) for r in rows] == [
+        (s, m, i) for s in ("32", "48") for m in ("infer", "train") for i in ("eager", "fused")]
+    for r in rows:
+        assert r["status"] == "ok" and float(r["images_per_s"]) > 0 and r["commit"]
+        assert r["backend"] == ("cpu" if r["impl"] == "fused" else "eager")
+    assert all(float(r["max_rel_err"]) < 1e-3 for r in rows
+               if r["mode"] == "infer" and r["impl"] == "fused")
+    assert "images/s" in (tmp_path / "model.md").read_text()
+
+
+def test_selfcheck_passes_on_cpu(capsys):
+    require_backend("cpu")
+    assert selfcheck.main(["--device", "cpu", "--backends", "cpu,reference"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("|")[0].strip(): line for line in out.splitlines() if "|" in line}
+    assert "PASS" in lines["cpu"] and "PASS" in lines["reference"]
+    assert [c.strip() for c in lines["cpu"].split("|")[1:3]] == ["pass", "pass"]
+    assert "PASS: all 2 backend(s) passed" in out
+
+
+def test_selfcheck_fails_loudly_on_a_wrong_backend(monkeypatch, capsys):
+    require_backend("cpu")
+    real = ck.fused_peg
+
+    def wrong(x, weight, bias=None, size=None, num_prefix_tokens=1, backend="auto"):
+        out = real(x, weight, bias, size, num_prefix_tokens, backend)
+        return out + 1e-2 * out.detach().abs().max() if backend == "cpu" else out
+
+    monkeypatch.setattr(ck, "fused_peg", wrong)
+    assert selfcheck.main(["--device", "cpu", "--backends", "cpu,reference"]) == 1
+    out = capsys.readouterr().out
+    lines = {line.split("|")[0].strip(): line for line in out.splitlines() if "|" in line}
+    assert "FAIL" in lines["cpu"] and "PASS" in lines["reference"]
+    assert "FAIL cpu parity: out" in out and "1 of 2 backend(s) failed: cpu" in out
+
+
+def test_selfcheck_rejects_an_unavailable_backend(capsys):
+    assert selfcheck.main(["--device", "cpu", "--backends", "cuda"]) == 2
+    assert "cuda" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bench_peg_tiny_run_on_gpu(tmp_path):
+    """The CUDA timing path: events, L2 flush, peak memory, every GPU backend and compile."""
+    if not HAS_GPU:
+        pytest.skip("GPU-only: no CUDA device")
+    backends = [b for b in ck.available_backends("cuda") if b != "reference"]
+    rc = bench_peg.main(TINY + ["--device", "cuda", "--dtypes", "float32", "float16",
+                                "--passes", "fwd,bwd,fwdbwd", "--impls", "eager", "compile",
+                                *backends, "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(tmp_path / "peg.csv")
+    assert len(rows) == 2 * 2 * 2 * 3 * (2 + len(backends))
+    assert {r["impl"] for r in rows} == {"eager", "compile", *backends}
+    for r in rows:
+        assert r["status"] == "ok" and r["device_type"] == "cuda", r
+        assert float(r["median_ms"]) > 0 and float(r["peak_mem_mib"]) >= 0
+        assert float(r["copy_gbps"]) > 100
+
+
+@pytest.mark.gpu
+def test_selfcheck_passes_on_gpu(capsys):
+    if not HAS_GPU:
+        pytest.skip("GPU-only: no CUDA device")
+    assert selfcheck.main(["--device", "cuda"]) == 0, capsys.readouterr().out
