@@ -74,8 +74,10 @@ def test_parity_output_and_grads(backend, dtype, case):
     grad64 = torch.randn(x64.shape, dtype=torch.float64)
     ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
 
+    before = [t.detach().clone() for t in (x, w, b) if t is not None]
     _poison_allocator(x.shape, w.shape, dtype=dtype)
     out = ck.fused_peg(x, w, b, size=(H, W), num_prefix_tokens=P, backend=backend)
+    assert all(torch.equal(t.detach(), c) for t, c in zip([x, w, b], before)), "input modified"
     assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
     tol = TOLERANCE[dtype]
     assert not out.isnan().any()

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -69,18 +70,19 @@ class RowRing {
  public:
   using A = acc_t<T>;
   RowRing(const Geometry& g, const T* base, int64_t sb, int64_t st)
-      : g_(g), base_(base), sb_(sb), st_(st), width_((g.W + 2 * g.pw) * g.C),
-        buf_(static_cast<size_t>((g.kh + 1) * width_), A(0)), tag_(g.kh, -1) {}
+      : g_(g), base_(base), sb_(sb), st_(st), width_(round_up((g.W + 2 * g.pw) * g.C)),
+        storage_(static_cast<size_t>((g.kh + 1) * width_ + kAlign / sizeof(A)), A(0)),
+        buf_(aligned(storage_.data())), tag_(g.kh, -1) {}
 
   // A row of zeros for rows outside the grid: the padding is multiplied like any other input,
   // so an Inf or NaN tap meets 0 * Inf = NaN at the border exactly as in a padded convolution.
-  const A* zeros() const { return buf_.data() + g_.kh * width_; }
+  const A* zeros() const { return buf_ + g_.kh * width_; }
 
   // Padded row hh of image b (0 <= hh < H); loads it on a miss.
   const A* get(int64_t b, int64_t hh) {
     const int64_t slot = hh % g_.kh;
     const int64_t tag = b * g_.H + hh;
-    A* row = buf_.data() + slot * width_;
+    A* row = buf_ + slot * width_;
     if (tag_[slot] != tag) {
       const T* src = base_ + b * sb_ + (g_.P + hh * g_.W) * st_;
       A* dst = row + g_.pw * g_.C;  // borders stay zero from construction
@@ -97,84 +99,182 @@ class RowRing {
  private:
   const Geometry& g_;
   const T* base_;
+  // Rows start on cache-line boundaries: a 64-byte vector load from an unaligned row would
+  // split across two lines on every access.
+  static constexpr size_t kAlign = 64;
+  static int64_t round_up(int64_t n) {
+    const int64_t per_line = kAlign / sizeof(A);
+    return (n + per_line - 1) / per_line * per_line;
+  }
+  static A* aligned(A* p) {
+    const auto addr = reinterpret_cast<uintptr_t>(p);
+    return reinterpret_cast<A*>((addr + kAlign - 1) / kAlign * kAlign);
+  }
   int64_t sb_, st_, width_;
-  std::vector<A> buf_;
+  std::vector<A> storage_;
+  A* buf_;
   std::vector<int64_t> tag_;
 };
 
-// out[w, c] = bias[c] + center[w, c] + sum_{i, j} wt[i*kw + j][c] * rows[i][(w + j)*C + c]
-// rows[i] is the padded input row h + i - ph (a zero row outside the grid).
-// WB outputs along w share each weight vector load (register blocking).
-template <typename A, int KW, int WB>
-inline void conv_block(const A* const* rows, int64_t kh, int64_t kw, const A* wt,
-                       const at::vec::Vectorized<A>& b, const A* center, int64_t w0, int64_t C,
-                       int64_t c0, int64_t n, A* out) {
-  using Vec = at::vec::Vectorized<A>;
-  Vec acc[WB];
-#pragma GCC unroll 8
-  for (int q = 0; q < WB; ++q) acc[q] = b + Vec::loadu(center + (w0 + q) * C + c0, n);
-  for (int64_t i = 0; i < kh; ++i) {
-    const A* wi = wt + i * kw * C + c0;
-    const A* ri = rows[i] + w0 * C + c0;
-    const int64_t nj = KW > 0 ? KW : kw;
-#pragma GCC unroll 8
-    for (int64_t j = 0; j < nj; ++j) {
-      const Vec wv = Vec::loadu(wi + j * C, n);
-#pragma GCC unroll 8
-      for (int q = 0; q < WB; ++q) acc[q] = at::vec::fmadd(wv, Vec::loadu(ri + (q + j) * C, n), acc[q]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int q = 0; q < WB; ++q) acc[q].store(out + (w0 + q) * C + c0, n);
+// Vector load/store of n <= size() elements; FULL (n == size()) avoids the masked forms.
+template <bool FULL, typename A>
+inline at::vec::Vectorized<A> ld(const A* p, int64_t n) {
+  if constexpr (FULL) return at::vec::Vectorized<A>::loadu(p);
+  else return at::vec::Vectorized<A>::loadu(p, n);
+}
+template <bool FULL, typename A>
+inline void st(const at::vec::Vectorized<A>& v, A* p, int64_t n) {
+  if constexpr (FULL) v.store(p);
+  else v.store(p, n);
 }
 
-template <typename A, int KW>
-void conv_row(const A* const* rows, int64_t kh, int64_t kw, const A* wt, const A* bias,
-              const A* center, int64_t W, int64_t C, A* out) {
+// out[w, c] = bias[c] + sum_{i, j} wt[i*kw + j][c] * rows[i][(w + j)*C + c]
+//             + rows[ph][(w + pw)*C + c]
+// rows[i] is the padded input row h + i - ph (a zero row outside the grid). The residual is its
+// own term, not folded into the centre tap, so that Inf and NaN propagate exactly as in
+// conv(x) + x. WB outputs along w are computed together: each weight vector is loaded once for
+// all of them, and each input vector once for all the taps that read it (WB + KW - 1 loads
+// instead of WB * KW). With KH and KW known at compile time everything unrolls and the
+// accumulators stay in registers; KH = KW = 0 is the general path for any kernel size.
+template <typename A, int KH, int KW, int WB, bool FULL>
+inline void conv_block(const A* const* rows, int64_t kh_rt, int64_t kw_rt, const A* wt,
+                       const at::vec::Vectorized<A>& b, int64_t w0, int64_t C, int64_t c0,
+                       int64_t n, A* out) {
   using Vec = at::vec::Vectorized<A>;
-  constexpr int64_t V = Vec::size();
-  constexpr int WB = 4;
-  for (int64_t c0 = 0; c0 < C; c0 += V) {
-    const int64_t n = std::min<int64_t>(V, C - c0);
-    const Vec b = Vec::loadu(bias + c0, n);
-    int64_t w = 0;
-    for (; w + WB <= W; w += WB) conv_block<A, KW, WB>(rows, kh, kw, wt, b, center, w, C, c0, n, out);
-    for (; w < W; ++w) conv_block<A, KW, 1>(rows, kh, kw, wt, b, center, w, C, c0, n, out);
+  Vec acc[WB];
+#pragma GCC unroll 16
+  for (int q = 0; q < WB; ++q) acc[q] = b;
+  if constexpr (KH > 0) {
+#pragma GCC unroll 8
+    for (int i = 0; i < KH; ++i) {
+      const A* ri = rows[i] + w0 * C + c0;
+      const A* wi = wt + i * KW * C + c0;
+      Vec in[WB + KW - 1];
+#pragma GCC unroll 16
+      for (int t = 0; t < WB + KW - 1; ++t) in[t] = ld<FULL>(ri + t * C, n);
+#pragma GCC unroll 8
+      for (int j = 0; j < KW; ++j) {
+        const Vec wv = ld<FULL>(wi + j * C, n);
+#pragma GCC unroll 16
+        for (int q = 0; q < WB; ++q) acc[q] = at::vec::fmadd(wv, in[q + j], acc[q]);
+      }
+      if (i == KH / 2) {
+#pragma GCC unroll 16
+        for (int q = 0; q < WB; ++q) acc[q] = acc[q] + in[q + KW / 2];
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < kh_rt; ++i) {
+      const A* ri = rows[i] + w0 * C + c0;
+      const A* wi = wt + i * kw_rt * C + c0;
+      for (int64_t j = 0; j < kw_rt; ++j) {
+        const Vec wv = ld<FULL>(wi + j * C, n);
+#pragma GCC unroll 16
+        for (int q = 0; q < WB; ++q) acc[q] = at::vec::fmadd(wv, ld<FULL>(ri + (q + j) * C, n), acc[q]);
+      }
+      if (i == kh_rt / 2) {
+#pragma GCC unroll 16
+        for (int q = 0; q < WB; ++q) acc[q] = acc[q] + ld<FULL>(ri + (q + kw_rt / 2) * C, n);
+      }
+    }
   }
+#pragma GCC unroll 16
+  for (int q = 0; q < WB; ++q) st<FULL>(acc[q], out + (w0 + q) * C + c0, n);
+}
+
+template <typename A, int KH, int KW, bool FULL>
+inline void conv_cols(const A* const* rows, int64_t kh, int64_t kw, const A* wt, const A* bias,
+                      int64_t W, int64_t C, int64_t c0, int64_t n, A* out) {
+  // Registers: WB accumulators + WB + KW - 1 inputs + 1 weight must fit in 32 (AVX-512);
+  // AVX2's 16 spill a little for the wider blocks, which costs little.
+  constexpr int WB = (KW > 0 && KW <= 3) ? 8 : 4;
+  const auto b = ld<FULL>(bias + c0, n);
+  int64_t w = 0;
+  for (; w + WB <= W; w += WB) conv_block<A, KH, KW, WB, FULL>(rows, kh, kw, wt, b, w, C, c0, n, out);
+  if (WB > 4 && w + 4 <= W) {
+    conv_block<A, KH, KW, 4, FULL>(rows, kh, kw, wt, b, w, C, c0, n, out);
+    w += 4;
+  }
+  if (w + 2 <= W) {
+    conv_block<A, KH, KW, 2, FULL>(rows, kh, kw, wt, b, w, C, c0, n, out);
+    w += 2;
+  }
+  for (; w < W; ++w) conv_block<A, KH, KW, 1, FULL>(rows, kh, kw, wt, b, w, C, c0, n, out);
+}
+
+template <typename A, int KH, int KW>
+void conv_row(const A* const* rows, int64_t kh, int64_t kw, const A* wt, const A* bias,
+              int64_t W, int64_t C, A* out) {
+  constexpr int64_t V = at::vec::Vectorized<A>::size();
+  int64_t c0 = 0;
+  for (; c0 + V <= C; c0 += V) conv_cols<A, KH, KW, true>(rows, kh, kw, wt, bias, W, C, c0, V, out);
+  if (c0 < C) conv_cols<A, KH, KW, false>(rows, kh, kw, wt, bias, W, C, c0, C - c0, out);
 }
 
 template <typename A>
 void conv_row_dispatch(const A* const* rows, int64_t kh, int64_t kw, const A* wt, const A* bias,
-                       const A* center, int64_t W, int64_t C, A* out) {
-  switch (kw) {
-    case 1: return conv_row<A, 1>(rows, kh, kw, wt, bias, center, W, C, out);
-    case 3: return conv_row<A, 3>(rows, kh, kw, wt, bias, center, W, C, out);
-    case 5: return conv_row<A, 5>(rows, kh, kw, wt, bias, center, W, C, out);
-    case 7: return conv_row<A, 7>(rows, kh, kw, wt, bias, center, W, C, out);
-    default: return conv_row<A, 0>(rows, kh, kw, wt, bias, center, W, C, out);
+                       int64_t W, int64_t C, A* out) {
+  if (kh == kw) {
+    switch (kw) {
+      case 1: return conv_row<A, 1, 1>(rows, kh, kw, wt, bias, W, C, out);
+      case 3: return conv_row<A, 3, 3>(rows, kh, kw, wt, bias, W, C, out);
+      case 5: return conv_row<A, 5, 5>(rows, kh, kw, wt, bias, W, C, out);
+      case 7: return conv_row<A, 7, 7>(rows, kh, kw, wt, bias, W, C, out);
+      default: break;
+    }
   }
+  return conv_row<A, 0, 0>(rows, kh, kw, wt, bias, W, C, out);
 }
 
 // part[(i*kw + j)*C + c] += sum_w g[w, c] * rows[i][(w + j)*C + c];  part_b[c] += sum_w g[w, c]
-// Up to JB taps along j accumulate in registers, sharing each load of g.
-template <typename A, int JB>
-inline void weight_grad_taps(const A* r, const A* g, int64_t j0, int64_t W, int64_t C, int64_t c0,
-                             int64_t n, A* part) {
+// With KW known at compile time, all KW taps of a row accumulate in registers over blocks of WB
+// columns, so each input vector is loaded once for all taps that read it.
+template <typename A, int KW>
+void weight_grad_taps(const A* r, const A* g, int64_t W, int64_t C, int64_t c0, int64_t n,
+                      A* part) {
   using Vec = at::vec::Vectorized<A>;
-  Vec acc[JB];
+  constexpr int WB = 4;
+  Vec acc[KW];
 #pragma GCC unroll 8
-  for (int q = 0; q < JB; ++q) acc[q] = Vec(A(0));
-  for (int64_t w = 0; w < W; ++w) {
+  for (int j = 0; j < KW; ++j) acc[j] = Vec(A(0));
+  int64_t w = 0;
+  for (; w + WB <= W; w += WB) {
+    Vec gv[WB], in[WB + KW - 1];
+#pragma GCC unroll 8
+    for (int q = 0; q < WB; ++q) gv[q] = Vec::loadu(g + (w + q) * C + c0, n);
+#pragma GCC unroll 16
+    for (int t = 0; t < WB + KW - 1; ++t) in[t] = Vec::loadu(r + (w + t) * C + c0, n);
+#pragma GCC unroll 8
+    for (int j = 0; j < KW; ++j) {
+#pragma GCC unroll 8
+      for (int q = 0; q < WB; ++q) acc[j] = at::vec::fmadd(gv[q], in[q + j], acc[j]);
+    }
+  }
+  for (; w < W; ++w) {
     const Vec gv = Vec::loadu(g + w * C + c0, n);
-    const A* rw = r + (w + j0) * C + c0;
 #pragma GCC unroll 8
-    for (int q = 0; q < JB; ++q) acc[q] = at::vec::fmadd(gv, Vec::loadu(rw + q * C, n), acc[q]);
+    for (int j = 0; j < KW; ++j) {
+      acc[j] = at::vec::fmadd(gv, Vec::loadu(r + (w + j) * C + c0, n), acc[j]);
+    }
   }
 #pragma GCC unroll 8
-  for (int q = 0; q < JB; ++q) {
-    A* p = part + (j0 + q) * C + c0;
-    (Vec::loadu(p, n) + acc[q]).store(p, n);
+  for (int j = 0; j < KW; ++j) {
+    A* p = part + j * C + c0;
+    (Vec::loadu(p, n) + acc[j]).store(p, n);
   }
+}
+
+// Any kw: one tap at a time.
+template <typename A>
+void weight_grad_tap_rt(const A* r, const A* g, int64_t j, int64_t W, int64_t C, int64_t c0,
+                        int64_t n, A* part) {
+  using Vec = at::vec::Vectorized<A>;
+  Vec acc(A(0));
+  for (int64_t w = 0; w < W; ++w) {
+    acc = at::vec::fmadd(Vec::loadu(g + w * C + c0, n), Vec::loadu(r + (w + j) * C + c0, n), acc);
+  }
+  A* p = part + j * C + c0;
+  (Vec::loadu(p, n) + acc).store(p, n);
 }
 
 template <typename A>
@@ -182,7 +282,6 @@ void weight_grad_row(const A* const* rows, int64_t kh, int64_t kw, const A* g, i
                      int64_t C, A* part, A* part_b) {
   using Vec = at::vec::Vectorized<A>;
   constexpr int64_t V = Vec::size();
-  constexpr int JB = 4;
   for (int64_t c0 = 0; c0 < C; c0 += V) {
     const int64_t n = std::min<int64_t>(V, C - c0);
     if (part_b != nullptr) {
@@ -193,9 +292,14 @@ void weight_grad_row(const A* const* rows, int64_t kh, int64_t kw, const A* g, i
     if (part == nullptr) continue;
     for (int64_t i = 0; i < kh; ++i) {
       A* pi = part + i * kw * C;
-      int64_t j = 0;
-      for (; j + JB <= kw; j += JB) weight_grad_taps<A, JB>(rows[i], g, j, W, C, c0, n, pi);
-      for (; j < kw; ++j) weight_grad_taps<A, 1>(rows[i], g, j, W, C, c0, n, pi);
+      switch (kw) {
+        case 1: weight_grad_taps<A, 1>(rows[i], g, W, C, c0, n, pi); break;
+        case 3: weight_grad_taps<A, 3>(rows[i], g, W, C, c0, n, pi); break;
+        case 5: weight_grad_taps<A, 5>(rows[i], g, W, C, c0, n, pi); break;
+        case 7: weight_grad_taps<A, 7>(rows[i], g, W, C, c0, n, pi); break;
+        default:
+          for (int64_t j = 0; j < kw; ++j) weight_grad_tap_rt<A>(rows[i], g, j, W, C, c0, n, pi);
+      }
     }
   }
 }
@@ -251,12 +355,11 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
         const int64_t hh = h + i - g.ph;
         in_rows[i] = (hh >= 0 && hh < g.H) ? ring.get(b, hh) : ring.zeros();
       }
-      const A* center = in_rows[g.ph] + g.pw * g.C;
       T* out_row = dst + (b * g.N + g.P + h * g.W) * g.C;
       if constexpr (std::is_same_v<T, A>) {
-        conv_row_dispatch<A>(in_rows.data(), g.kh, g.kw, wt, bias, center, g.W, g.C, out_row);
+        conv_row_dispatch<A>(in_rows.data(), g.kh, g.kw, wt, bias, g.W, g.C, out_row);
       } else {
-        conv_row_dispatch<A>(in_rows.data(), g.kh, g.kw, wt, bias, center, g.W, g.C, tmp.data());
+        conv_row_dispatch<A>(in_rows.data(), g.kh, g.kw, wt, bias, g.W, g.C, tmp.data());
         at::vec::convert(tmp.data(), out_row, g.W * g.C);
       }
     }
@@ -319,10 +422,10 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
         if (want_x) {
           T* out_row = grad_x + (b * gx.N + gx.P + h * W) * C;
           if constexpr (std::is_same_v<T, A>) {
-            conv_row_dispatch<A>(g_rows.data(), gx.kh, gx.kw, wt_flip, zero_bias, g_center, W, C,
+            conv_row_dispatch<A>(g_rows.data(), gx.kh, gx.kw, wt_flip, zero_bias, W, C,
                                  out_row);
           } else {
-            conv_row_dispatch<A>(g_rows.data(), gx.kh, gx.kw, wt_flip, zero_bias, g_center, W, C,
+            conv_row_dispatch<A>(g_rows.data(), gx.kh, gx.kw, wt_flip, zero_bias, W, C,
                                  tmp.data());
             at::vec::convert(tmp.data(), out_row, W * C);
           }
