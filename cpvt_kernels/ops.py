@@ -194,6 +194,11 @@ def _run_backend(name, x, weight, bias, H, W, P):
         return torch.ops.cpvt.peg_forward(x, weight, bias, H, W, P)
     if name == "triton":
         return _triton_peg.peg_triton(x, weight, bias, H, W, P)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # SPEC: half types accumulate in float32, for this backend too.
+        out = peg_reference(x.float(), weight.float(), None if bias is None else bias.float(),
+                            H, W, P)
+        return out.to(x.dtype)
     return peg_reference(x, weight, bias, H, W, P)
 
 
