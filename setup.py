@@ -88,7 +88,8 @@ def _extensions():
     cuda, why, arch = _build_config()
     debug = _env_flag("CPVT_DEBUG") is True
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fvisibility=hidden"]
+    # at::parallel_for is OpenMP in torch's builds; without -fopenmp it silently runs serially.
+    cxx = opt + ["-fvisibility=hidden", "-fopenmp"]
     if arch == "native":
         cxx.append("-march=native")
     sources = ["csrc/module.cpp", "csrc/peg.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -103,9 +104,9 @@ def _extensions():
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         return [CUDAExtension("cpvt_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                               extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                              py_limited_api=False)]
+                              extra_link_args=["-fopenmp"], py_limited_api=False)]
     return [CppExtension("cpvt_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                         extra_compile_args={"cxx": cxx})]
+                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
 
 
 setup(
