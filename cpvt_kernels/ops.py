@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from . import _checks
+from . import _autograd, _checks
 from .reference import peg_reference
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
@@ -151,25 +151,6 @@ def _empty_grads_like(x, weight, mask):
             x.new_empty(C) if mask[2] else x.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, H, W, P = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.size = (H, W, P)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_out):
-    x, weight = ctx.saved_tensors
-    H, W, P = ctx.size
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2]]
-    if not any(mask):
-        return None, None, None, None, None, None
-    gx, gw, gb = torch.ops.cpvt.peg_backward(grad_out, x, weight, H, W, P, mask)
-    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
-            None, None, None)
-
-
 if _EXT_ERROR is None:
     @torch.library.register_fake("cpvt::peg_forward")
     def _peg_forward_fake(x, weight, bias, H, W, num_prefix_tokens):
@@ -181,7 +162,7 @@ if _EXT_ERROR is None:
         _checks.check_backward_inputs(grad_out, x, weight, H, W, num_prefix_tokens)
         return _empty_grads_like(x, weight, output_mask)
 
-    torch.library.register_autograd("cpvt::peg_forward", _backward, setup_context=_setup_context)
+    _autograd.register("cpvt::peg_forward", torch.ops.cpvt.peg_backward)
 
 
 # ---------------------------------------------------------------------------------------------

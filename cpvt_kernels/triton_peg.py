@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _checks
+from . import _autograd, _checks
 
 try:
     import triton
@@ -372,26 +372,7 @@ def peg_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     return gx, gw, gb
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, H, W, P = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.size = (H, W, P)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_out):
-    x, weight = ctx.saved_tensors
-    H, W, P = ctx.size
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2]]
-    if not any(mask):
-        return None, None, None, None, None, None
-    gx, gw, gb = torch.ops.cpvt.peg_backward_triton(grad_out, x, weight, H, W, P, mask)
-    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
-            None, None, None)
-
-
-peg_forward_triton.register_autograd(_backward, setup_context=_setup_context)
+_autograd.register("cpvt::peg_forward_triton", torch.ops.cpvt.peg_backward_triton)
 
 
 def peg_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

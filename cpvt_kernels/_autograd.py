@@ -1,0 +1,36 @@
+"""The autograd formula of a fused PEG forward op, shared by the C++ and Triton registrations.
+
+The backward is another registered op (``peg_backward`` or ``peg_backward_triton``) called with
+an output mask, so each gradient is computed only when required and compiled graphs contain no
+opaque Python.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, H, W, P = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.size = (H, W, P)
+    ctx.has_bias = bias is not None
+
+
+def register(forward_op, backward_op) -> None:
+    """``torch.library.register_autograd`` for ``forward_op`` with ``backward_op`` as backward.
+
+    ``backward_op(grad_out, x, weight, H, W, P, output_mask) -> (grad_x, grad_w, grad_b)``.
+    """
+
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        H, W, P = ctx.size
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2]]
+        if not any(mask):
+            return None, None, None, None, None, None
+        gx, gw, gb = backward_op(grad_out, x, weight, H, W, P, mask)
+        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+                None, None, None)
+
+    torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
