@@ -8,6 +8,7 @@ and calls it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -24,10 +25,13 @@ ENV_BACKEND = os.environ.get("CPVT_PEG_BACKEND", "").strip().lower() or None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _EXT_ERROR: str | None = None
-try:
-    from . import _C  # noqa: F401  (loading the library registers torch.ops.cpvt)
-except ImportError as e:  # importing the package never fails because a part is missing
-    _EXT_ERROR = f"{type(e).__name__}: {e}"
+if importlib.util.find_spec(f"{__package__}._C") is None:
+    _EXT_ERROR = "no compiled cpvt_kernels._C next to the package"
+else:
+    try:
+        from . import _C  # noqa: F401  (loading the library registers torch.ops.cpvt)
+    except ImportError as e:  # importing the package never fails because a part is missing
+        _EXT_ERROR = f"{type(e).__name__}: {e}"
 
 
 def _has_kernel(op: str, key: str) -> bool:

@@ -74,3 +74,28 @@ def test_env_override_falls_back_loudly(monkeypatch):
     assert name == ck.available_backends("cpu")[0]
     monkeypatch.setattr(ck.ops, "ENV_BACKEND", "reference")
     assert ck.ops.resolve_backend("auto", "cpu") == "reference"
+
+
+def test_import_without_extension_reports_how_to_build(tmp_path):
+    """A package copy without the compiled _C still imports; the cpu backend says how to build."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    src = os.path.dirname(ck.__file__)
+    shutil.copytree(src, tmp_path / "cpvt_kernels",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    code = ("import torch, cpvt_kernels as ck\n"
+            "assert 'cpu' not in ck.available_backends('cpu'), ck.available_backends('cpu')\n"
+            "x = torch.randn(1, 5, 3); w = torch.randn(3, 1, 3, 3)\n"
+            "assert ck.fused_peg(x, w, None, (2, 2)).shape == x.shape\n"
+            "try:\n"
+            "    ck.fused_peg(x, w, None, (2, 2), backend='cpu')\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "not built" in proc.stdout and "pip install" in proc.stdout, proc.stdout
