@@ -84,9 +84,11 @@ def test_import_without_extension_reports_how_to_build(tmp_path):
     import sys
 
     src = os.path.dirname(ck.__file__)
-    shutil.copytree(src, tmp_path / "cpvt_kernels",
+    # Another name, so that an editable install's import hook cannot hand back the original.
+    shutil.copytree(src, tmp_path / "cpvt_kernels_noext",
                     ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
-    code = ("import torch, cpvt_kernels as ck\n"
+    code = ("import torch, cpvt_kernels_noext as ck\n"
+            "assert ck.ops._EXT_ERROR is not None\n"
             "assert 'cpu' not in ck.available_backends('cpu'), ck.available_backends('cpu')\n"
             "x = torch.randn(1, 5, 3); w = torch.randn(3, 1, 3, 3)\n"
             "assert ck.fused_peg(x, w, None, (2, 2)).shape == x.shape\n"
