@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import importlib.metadata
 import importlib.util
 import math
 import os
@@ -59,6 +58,7 @@ if list((REPO / "cpvt_kernels").glob("_C*")) or importlib.util.find_spec("cpvt_k
 import cpvt_kernels as ck  # noqa: E402
 from cpvt_kernels import _checks  # noqa: E402
 from cpvt_kernels.reference import peg_reference  # noqa: E402
+from cpvt_kernels.selfcheck import cpu_name, dist_version  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -159,21 +159,10 @@ def _name_list(values) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Run metadata shared with bench_model.py
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return _cpu_name()
+    return cpu_name()
 
 
 def slug(text: str) -> str:
@@ -199,13 +188,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
-
-
 def run_metadata(device: torch.device) -> dict:
     """The columns every CSV row carries: device, versions, commit and date."""
     return {
@@ -214,7 +196,7 @@ def run_metadata(device: torch.device) -> dict:
         "device_type": device.type,
         "threads": torch.get_num_threads() if device.type == "cpu" else "",
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": dist_version("triton"),
         "python": platform.python_version(),
         "cuda": torch.version.cuda or "none",
         "cpvt_kernels": ck.__version__,

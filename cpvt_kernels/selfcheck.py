@@ -151,7 +151,8 @@ def _cell(result: str | None) -> str:
     return "-" if result == "-" else ("pass" if result is None else "FAIL")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model, as /proc/cpuinfo names it (shared with the benchmarks)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -162,7 +163,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
-def _version(dist: str) -> str:
+def dist_version(dist: str) -> str:
+    """The installed version of a distribution, or "not installed"."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -200,9 +202,9 @@ def main(argv=None) -> int:
         backends = available
     seed = args.seed if args.seed is not None else int(time.time()) % 2**31
 
-    where = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    where = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     print(f"cpvt_kernels {ck.__version__} selfcheck on {device} ({where})")
-    print(f"  torch {torch.__version__}, triton {_version('triton')}, python "
+    print(f"  torch {torch.__version__}, triton {dist_version('triton')}, python "
           f"{sys.version.split()[0]}, seed {seed}")
     print(f"  package {ck.__file__.rsplit('/', 1)[0]}; extension: "
           + ("loaded" if ops._EXT_ERROR is None else f"NOT loaded ({ops._EXT_ERROR})"))

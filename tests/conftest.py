@@ -33,11 +33,11 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def make_inputs(B, P, H, W, C, kh, kw, bias=True, dtype=torch.float32, device="cpu",
-                noncontig=False, seed=None):
+                seed=None):
     """Fresh random float64 master inputs and their copies in ``dtype`` on ``device``.
 
-    ``noncontig`` gives ``x`` as a strided view (every other channel of a wider tensor, with a
-    storage offset), so kernels must honour strides and misaligned starts.
+    Memory layouts (strides, storage offsets) are the tests' own: see ``_layout`` in
+    test_peg.py and ``_materialize`` in test_fuzz.py.
     """
     g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
     N = P + H * W
@@ -47,11 +47,7 @@ def make_inputs(B, P, H, W, C, kh, kw, bias=True, dtype=torch.float32, device="c
     w64 = (torch.randn(C, 1, kh, kw, dtype=torch.float64, generator=g) / (kh * kw) ** 0.5
            ).to(dtype).double()
     b64 = torch.randn(C, dtype=torch.float64, generator=g).to(dtype).double() if bias else None
-    if noncontig:
-        x = torch.full((B, N, 2 * C + 1), float("nan"), dtype=dtype, device=device)[:, :, 1::2]
-        x.copy_(x64)
-    else:
-        x = x64.to(device=device, dtype=dtype)
+    x = x64.to(device=device, dtype=dtype)
     return (x64, w64, b64), (x, w64.to(device=device, dtype=dtype),
                              None if b64 is None else b64.to(device=device, dtype=dtype))
 

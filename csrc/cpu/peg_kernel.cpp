@@ -69,8 +69,8 @@ template <typename T>
 class RowRing {
  public:
   using A = acc_t<T>;
-  RowRing(const Geometry& g, const T* base, int64_t sb, int64_t st)
-      : g_(g), base_(base), sb_(sb), st_(st), width_(round_up((g.W + 2 * g.pw) * g.C)),
+  RowRing(const Geometry& g, const T* base)
+      : g_(g), base_(base), width_(round_up((g.W + 2 * g.pw) * g.C)),
         storage_(static_cast<size_t>((g.kh + 1) * width_ + kAlign / sizeof(A)), A(0)),
         buf_(aligned(storage_.data())), tag_(g.kh, -1) {}
 
@@ -84,12 +84,12 @@ class RowRing {
     const int64_t tag = b * g_.H + hh;
     A* row = buf_ + slot * width_;
     if (tag_[slot] != tag) {
-      const T* src = base_ + b * sb_ + (g_.P + hh * g_.W) * st_;
+      const T* src = base_ + b * g_.sb + (g_.P + hh * g_.W) * g_.st;
       A* dst = row + g_.pw * g_.C;  // borders stay zero from construction
-      if (st_ == g_.C) {
+      if (g_.st == g_.C) {
         widen(src, dst, g_.W * g_.C);
       } else {
-        for (int64_t w = 0; w < g_.W; ++w) widen(src + w * st_, dst + w * g_.C, g_.C);
+        for (int64_t w = 0; w < g_.W; ++w) widen(src + w * g_.st, dst + w * g_.C, g_.C);
       }
       tag_[slot] = tag;
     }
@@ -110,7 +110,7 @@ class RowRing {
     const auto addr = reinterpret_cast<uintptr_t>(p);
     return reinterpret_cast<A*>((addr + kAlign - 1) / kAlign * kAlign);
   }
-  int64_t sb_, st_, width_;
+  int64_t width_;
   std::vector<A> storage_;
   A* buf_;
   std::vector<int64_t> tag_;
@@ -327,26 +327,26 @@ at::Tensor taps_by_channel(const at::Tensor& weight, at::ScalarType acc, bool fl
 }
 
 template <typename T>
-void copy_prefix(const T* src, int64_t sb, int64_t st, T* dst, const Geometry& g) {
+void copy_prefix(const T* src, const Geometry& g, T* dst) {
   if (g.P == 0) return;
   at::parallel_for(0, g.B * g.P, 64, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t b = k / g.P, p = k % g.P;
-      std::copy_n(src + b * sb + p * st, g.C, dst + (b * g.N + p) * g.C);
+      std::copy_n(src + b * g.sb + p * g.st, g.C, dst + (b * g.N + p) * g.C);
     }
   });
 }
 
-// The forward pass; with flipped taps, zero bias and grad_out as input it is also grad_x.
+// The forward pass: prefix tokens copied, then each grid row convolved from the row ring.
 template <typename T>
 void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
                        const acc_t<T>* bias, T* dst) {
   using A = acc_t<T>;
-  copy_prefix(src, g.sb, g.st, dst, g);
+  copy_prefix(src, g, dst);
   const int64_t rows = g.B * g.H;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.W * g.C));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    RowRing<T> ring(g, src, g.sb, g.st);
+    RowRing<T> ring(g, src);
     std::vector<const A*> in_rows(g.kh);
     std::vector<A> tmp(std::is_same_v<T, A> ? 0 : g.W * g.C);
     for (int64_t r = begin; r < end; ++r) {
@@ -395,7 +395,7 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
                         acc_t<T>* gw_out, acc_t<T>* gb_out) {
   using A = acc_t<T>;
   const bool want_x = mask[0], want_w = mask[1], want_b = mask[2];
-  if (want_x) copy_prefix(g_ptr, gg.sb, gg.st, grad_x, gg);
+  if (want_x) copy_prefix(g_ptr, gg, grad_x);
   const int64_t rows = gx.B * gx.H;
   const int64_t nchunks = std::min<int64_t>(rows, kMaxChunks);
   if (nchunks == 0) return;
@@ -404,8 +404,8 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
   std::vector<A> part_w(want_w ? nchunks * kk * C : 0, A(0));
   std::vector<A> part_b(want_b ? nchunks * C : 0, A(0));
   at::parallel_for(0, nchunks, 1, [&](int64_t cbeg, int64_t cend) {
-    RowRing<T> xring(gx, x_ptr, gx.sb, gx.st);
-    RowRing<T> gring(gg, g_ptr, gg.sb, gg.st);
+    RowRing<T> xring(gx, x_ptr);
+    RowRing<T> gring(gg, g_ptr);
     std::vector<const A*> x_rows(gx.kh), g_rows(gx.kh);
     const A* zero_bias = wt_flip + kk * C;  // a row of zeros after the taps
     std::vector<A> tmp(std::is_same_v<T, A> || !want_x ? 0 : W * C);
