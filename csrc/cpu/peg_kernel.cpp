@@ -1,11 +1,11 @@
 // CPU kernels of the fused PEG, forward and backward.
 //
 // Tokens are channel-last, so every kernel walks a grid row at a time and vectorizes along C.
-// Each input row the convolution needs is converted once into a zero-padded row of the
-// accumulation type (float for float/half/bfloat16, double for double) that stays in cache
-// while the kh output rows that use it are computed: the zero padding of the convolution is
-// then plain memory and the inner loops carry no bounds checks. Rows are cached in a ring of
-// kh slots per thread.
+// Each input row the convolution needs is converted once into a zero-padded, channel-blocked row
+// of the accumulation type (float for float/half/bfloat16, double for double) that stays in
+// cache while the kh output rows that use it are computed (RowRing): the zero padding of the
+// convolution is then plain memory, the inner loops carry no bounds checks, and every vector
+// they read is aligned and at a compile-time distance from its neighbours.
 // ATen's vector types pick their width from CPU_CAPABILITY_* macros, which ATen's own build
 // sets per dispatch target. This file is compiled for the build machine's ISA (CPVT_CPU_ARCH),
 // so select the matching width from the compiler's target macros.
@@ -23,13 +23,22 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#if defined(__unix__)
+#include <unistd.h>
+#endif
 
 namespace cpvt {
 namespace {
@@ -46,52 +55,73 @@ struct Geometry {
   int64_t sb, st;  // strides of the token tensor in elements (channel stride is 1)
 };
 
-// dst[0:n] = float(src[0:n]); ATen's generic convert() is a scalar loop for half types.
+#define CPVT_ALWAYS_INLINE inline __attribute__((always_inline))
+
+template <typename A>
+using Vec = at::vec::Vectorized<A>;
+
+// n <= Vec::size() elements of src as a vector of the accumulation type, zero-filled past n.
 template <typename T, typename A>
-void widen(const T* src, A* dst, int64_t n) {
+CPVT_ALWAYS_INLINE Vec<A> load_acc(const T* src, int64_t n) {
   if constexpr (std::is_same_v<T, A>) {
-    std::copy_n(src, n, dst);
+    return Vec<A>::loadu(src, n);
   } else {
-    using VecT = at::vec::Vectorized<T>;
-    using VecA = at::vec::Vectorized<A>;
-    int64_t i = 0;
-    for (; i + VecT::size() <= n; i += VecT::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<T>(VecT::loadu(src + i));
-      lo.store(dst + i);
-      hi.store(dst + i + VecA::size());
-    }
-    for (; i < n; ++i) dst[i] = static_cast<A>(src[i]);
+    return at::vec::convert<A>(Vec<T>::loadu(src, n));
   }
 }
 
-// A ring of kh zero-padded rows of width (W + 2*pw) * C, tagged by (batch, row).
+// Store modes of the output loops: a partial vector (masked), a full vector, or a full vector to
+// a vector-aligned address with a non-temporal hint (see store_full).
+constexpr int kPartial = 0, kFull = 1, kStream = 2;
+
+// Rows of the grid in the layout the inner loops want: converted to the accumulation type,
+// zero-padded by pw columns on both sides, and split into channel blocks of one vector each:
+// element (column w, channel c) of a padded row is at [(c / V) * Wp + w + pw] * V + c % V, with
+// Wp = W + 2 * pw. Inside a block every column is one aligned vector at a constant distance
+// from its neighbours, the padding and the channel tail (zero lanes) need no bounds checks, and
+// a vector is read from cache rather than from a stride-C address. A ring of kh such rows per
+// thread, tagged by (image, row), holds each row while the kh output rows that read it are
+// computed, so it is converted once.
 template <typename T>
 class RowRing {
  public:
   using A = acc_t<T>;
-  RowRing(const Geometry& g, const T* base)
-      : g_(g), base_(base), width_(round_up((g.W + 2 * g.pw) * g.C)),
-        storage_(static_cast<size_t>((g.kh + 1) * width_ + kAlign / sizeof(A)), A(0)),
-        buf_(aligned(storage_.data())), tag_(g.kh, -1) {}
+  static constexpr int64_t V = Vec<A>::size();
+  RowRing(const Geometry& g, const T* base, int64_t slots)
+      : g_(g), base_(base), nblk_((g.C + V - 1) / V), wp_(g.W + 2 * g.pw),
+        width_(nblk_ * wp_ * V), slots_(slots),
+        storage_(static_cast<size_t>((slots + 1) * width_ + kAlign / sizeof(A)), A(0)),
+        buf_(aligned(storage_.data())), tag_(slots, -1) {}
+
+  int64_t block_stride() const { return wp_ * V; }
 
   // A row of zeros for rows outside the grid: the padding is multiplied like any other input,
   // so an Inf or NaN tap meets 0 * Inf = NaN at the border exactly as in a padded convolution.
-  const A* zeros() const { return buf_ + g_.kh * width_; }
+  const A* zeros() const { return buf_ + slots_ * width_; }
 
-  // Padded row hh of image b (0 <= hh < H); loads it on a miss.
+  // Padded row hh of image b (0 <= hh < H); converts it on a miss.
   const A* get(int64_t b, int64_t hh) {
-    const int64_t slot = hh % g_.kh;
+    const int64_t slot = hh % slots_;
     const int64_t tag = b * g_.H + hh;
     A* row = buf_ + slot * width_;
     if (tag_[slot] != tag) {
       const T* src = base_ + b * g_.sb + (g_.P + hh * g_.W) * g_.st;
-      A* dst = row + g_.pw * g_.C;  // borders stay zero from construction
-      if (g_.st == g_.C) {
-        widen(src, dst, g_.W * g_.C);
-      } else {
-        for (int64_t w = 0; w < g_.W; ++w) widen(src + w * g_.st, dst + w * g_.C, g_.C);
+      const int64_t C = g_.C, full = C / V * V;
+      for (int64_t w = 0; w < g_.W; ++w) {
+        const T* s = src + w * g_.st;
+        A* d = row + (w + g_.pw) * V;
+        int64_t c = 0;
+        for (; c < full; c += V, d += wp_ * V) load_acc<T, A>(s + c, V).store(d);
+        if (c < C) load_acc<T, A>(s + c, C - c).store(d);  // zero lanes past C
       }
       tag_[slot] = tag;
+      // The next row of the image is read next: start fetching it into L2 now, so that its
+      // conversion does not wait on the last-level cache or DRAM.
+      if (hh + 1 < g_.H && g_.st == C) {
+        const char* next = reinterpret_cast<const char*>(src + g_.W * g_.st);
+        const int64_t bytes = g_.W * C * static_cast<int64_t>(sizeof(T));
+        for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(next + off, 0, 2);
+      }
     }
     return row;
   }
@@ -99,207 +129,408 @@ class RowRing {
  private:
   const Geometry& g_;
   const T* base_;
-  // Rows start on cache-line boundaries: a 64-byte vector load from an unaligned row would
-  // split across two lines on every access.
   static constexpr size_t kAlign = 64;
-  static int64_t round_up(int64_t n) {
-    const int64_t per_line = kAlign / sizeof(A);
-    return (n + per_line - 1) / per_line * per_line;
-  }
   static A* aligned(A* p) {
     const auto addr = reinterpret_cast<uintptr_t>(p);
     return reinterpret_cast<A*>((addr + kAlign - 1) / kAlign * kAlign);
   }
-  int64_t width_;
+  int64_t nblk_, wp_, width_, slots_;
   std::vector<A> storage_;
   A* buf_;
   std::vector<int64_t> tag_;
 };
 
-// Vector load/store of n <= size() elements; FULL (n == size()) avoids the masked forms.
+// Loads of n <= size() taps (FULL: n == size(), no mask).
 template <bool FULL, typename A>
-inline at::vec::Vectorized<A> ld(const A* p, int64_t n) {
-  if constexpr (FULL) return at::vec::Vectorized<A>::loadu(p);
-  else return at::vec::Vectorized<A>::loadu(p, n);
-}
-template <bool FULL, typename A>
-inline void st(const at::vec::Vectorized<A>& v, A* p, int64_t n) {
-  if constexpr (FULL) v.store(p);
-  else v.store(p, n);
+CPVT_ALWAYS_INLINE Vec<A> ld(const A* p, int64_t n) {
+  if constexpr (FULL) return Vec<A>::loadu(p);
+  else return Vec<A>::loadu(p, n);
 }
 
-// out[w, c] = bias[c] + sum_{i, j} wt[i*kw + j][c] * rows[i][(w + j)*C + c]
-//             + rows[ph][(w + pw)*C + c]
-// rows[i] is the padded input row h + i - ph (a zero row outside the grid). The residual is its
-// own term, not folded into the centre tap, so that Inf and NaN propagate exactly as in
-// conv(x) + x. WB outputs along w are computed together: each weight vector is loaded once for
-// all of them, and each input vector once for all the taps that read it (WB + KW - 1 loads
-// instead of WB * KW). With KH and KW known at compile time everything unrolls and the
-// accumulators stay in registers; KH = KW = 0 is the general path for any kernel size.
-template <typename A, int KH, int KW, int WB, bool FULL>
-inline void conv_block(const A* const* rows, int64_t kh_rt, int64_t kw_rt, const A* wt,
-                       const at::vec::Vectorized<A>& b, int64_t w0, int64_t C, int64_t c0,
-                       int64_t n, A* out) {
-  using Vec = at::vec::Vectorized<A>;
-  Vec acc[WB];
+// Stores a full vector to a vector-aligned dst with a non-temporal hint when STREAM: the line
+// goes to memory without first being read into cache (no read-for-ownership), which saves a
+// third of the memory traffic when the output is too large to stay in cache anyway.
+template <bool STREAM, typename A>
+CPVT_ALWAYS_INLINE void store_full(const Vec<A>& v, A* dst) {
+#if defined(__AVX512F__)
+  if constexpr (STREAM && sizeof(Vec<A>) == 64) {
+    __m512 raw;
+    std::memcpy(&raw, &v, sizeof(raw));
+    _mm512_stream_ps(reinterpret_cast<float*>(dst), raw);
+    return;
+  }
+#elif defined(__AVX2__)
+  if constexpr (STREAM && sizeof(Vec<A>) == 32) {
+    __m256 raw;
+    std::memcpy(&raw, &v, sizeof(raw));
+    _mm256_stream_ps(reinterpret_cast<float*>(dst), raw);
+    return;
+  }
+#endif
+  v.store(dst);
+}
+
+// Stores n <= Vec<A>::size() elements of v to dst, rounding to T.
+template <int M, typename T, typename A>
+CPVT_ALWAYS_INLINE void store_out(const Vec<A>& v, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    if constexpr (M == kStream) store_full<true>(v, dst);
+    else if constexpr (M == kFull) v.store(dst);
+    else v.store(dst, n);
+  } else {
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+    // One instruction (round to nearest even, NaN stays NaN) instead of ATen's integer
+    // emulation of the rounding, which costs more vector operations than the taps themselves.
+    if constexpr (std::is_same_v<T, at::BFloat16> && sizeof(Vec<A>) == 64) {
+      __m512 raw;
+      std::memcpy(&raw, &v, sizeof(raw));
+      const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(raw));
+      if constexpr (M == kPartial) {
+        _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << n) - 1), h);
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
+      }
+      return;
+    }
+#endif
+    at::vec::convert<T>(v).store(dst, M == kPartial ? n : Vec<A>::size());
+  }
+}
+
+// Orders this thread's non-temporal stores before whatever it does next (they are weakly
+// ordered): called by each thread after its last streaming store.
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Returns v unchanged, but through an empty asm statement the compiler cannot see into, so it
+// keeps v in a register: otherwise GCC re-reads an input vector from memory as the operand of
+// each FMA that uses it, and the loads, not the FMAs, bound the loop.
+template <typename A>
+CPVT_ALWAYS_INLINE Vec<A> in_register(Vec<A> v) {
+#if defined(__GNUC__) && defined(__AVX512F__)
+  if constexpr (sizeof(Vec<A>) == 64) {
+    __m512 raw;
+    std::memcpy(&raw, &v, sizeof(raw));
+    asm("" : "+v"(raw));
+    std::memcpy(static_cast<void*>(&v), &raw, sizeof(raw));
+  }
+#elif defined(__GNUC__) && defined(__AVX2__)
+  if constexpr (sizeof(Vec<A>) == 32) {
+    __m256 raw;
+    std::memcpy(&raw, &v, sizeof(raw));
+    asm("" : "+x"(raw));
+    std::memcpy(static_cast<void*>(&v), &raw, sizeof(raw));
+  }
+#endif
+  return v;
+}
+
+// One output row of the convolution for one block of channels:
+//   out[w, c] = bias[c] + sum_{i, j} wt[i*kw + j][c] * r[i][w + j] + r[ph][w + pw]
+// r[i] is the block of padded input row h + i - ph (a zero row outside the grid). The residual
+// is its own term, not folded into the centre tap, so that Inf and NaN propagate exactly as in
+// conv(x) + x.
+//
+// Square kernels K = 1, 3, 5, 7 (the sizes PEG uses) are fully unrolled: WB outputs along w
+// accumulate in registers while the input row slides past them, so each input vector is loaded
+// once for every tap that reads it, and for K <= 3 the K*K weight vectors stay in registers
+// across the whole row.
+template <int K, int WB, int M, typename T, typename A>
+CPVT_ALWAYS_INLINE void conv_block_k(const A* const* r, const Vec<A>* wv, const A* wt,
+                                     const Vec<A>& b, int64_t w0, int64_t C, int64_t n, T* out) {
+  constexpr int64_t V = Vec<A>::size();
+  constexpr bool FULL = M != kPartial;
+  constexpr bool kRegWeights = K <= 3;
+  Vec<A> acc[WB];
 #pragma GCC unroll 16
   for (int q = 0; q < WB; ++q) acc[q] = b;
-  if constexpr (KH > 0) {
 #pragma GCC unroll 8
-    for (int i = 0; i < KH; ++i) {
-      const A* ri = rows[i] + w0 * C + c0;
-      const A* wi = wt + i * KW * C + c0;
-      Vec in[WB + KW - 1];
+  for (int i = 0; i < K; ++i) {
+    const A* ri = r[i] + w0 * V;
 #pragma GCC unroll 16
-      for (int t = 0; t < WB + KW - 1; ++t) in[t] = ld<FULL>(ri + t * C, n);
+    for (int t = 0; t < WB + K - 1; ++t) {
+      const Vec<A> v = in_register<A>(Vec<A>::loadu(ri + t * V));
 #pragma GCC unroll 8
-      for (int j = 0; j < KW; ++j) {
-        const Vec wv = ld<FULL>(wi + j * C, n);
-#pragma GCC unroll 16
-        for (int q = 0; q < WB; ++q) acc[q] = at::vec::fmadd(wv, in[q + j], acc[q]);
+      for (int j = 0; j < K; ++j) {
+        const int q = t - j;
+        if (q >= 0 && q < WB) {
+          const Vec<A> wij = kRegWeights ? wv[i * K + j] : ld<FULL>(wt + (i * K + j) * C, n);
+          acc[q] = at::vec::fmadd(wij, v, acc[q]);
+        }
       }
-      if (i == KH / 2) {
-#pragma GCC unroll 16
-        for (int q = 0; q < WB; ++q) acc[q] = acc[q] + in[q + KW / 2];
-      }
-    }
-  } else {
-    for (int64_t i = 0; i < kh_rt; ++i) {
-      const A* ri = rows[i] + w0 * C + c0;
-      const A* wi = wt + i * kw_rt * C + c0;
-      for (int64_t j = 0; j < kw_rt; ++j) {
-        const Vec wv = ld<FULL>(wi + j * C, n);
-#pragma GCC unroll 16
-        for (int q = 0; q < WB; ++q) acc[q] = at::vec::fmadd(wv, ld<FULL>(ri + (q + j) * C, n), acc[q]);
-      }
-      if (i == kh_rt / 2) {
-#pragma GCC unroll 16
-        for (int q = 0; q < WB; ++q) acc[q] = acc[q] + ld<FULL>(ri + (q + kw_rt / 2) * C, n);
+      if (i == K / 2) {
+        const int q = t - K / 2;
+        if (q >= 0 && q < WB) acc[q] = acc[q] + v;
       }
     }
   }
+  T* o = out + w0 * C;
 #pragma GCC unroll 16
-  for (int q = 0; q < WB; ++q) st<FULL>(acc[q], out + (w0 + q) * C + c0, n);
+  for (int q = 0; q < WB; ++q, o += C) store_out<M>(acc[q], o, n);
 }
 
-template <typename A, int KH, int KW, bool FULL>
-inline void conv_cols(const A* const* rows, int64_t kh, int64_t kw, const A* wt, const A* bias,
-                      int64_t W, int64_t C, int64_t c0, int64_t n, A* out) {
-  // Registers: WB accumulators + WB + KW - 1 inputs + 1 weight must fit in 32 (AVX-512);
-  // AVX2's 16 spill a little for the wider blocks, which costs little.
-  constexpr int WB = (KW > 0 && KW <= 3) ? 8 : 4;
-  const auto b = ld<FULL>(bias + c0, n);
-  int64_t w = 0;
-  for (; w + WB <= W; w += WB) conv_block<A, KH, KW, WB, FULL>(rows, kh, kw, wt, b, w, C, c0, n, out);
-  if (WB > 4 && w + 4 <= W) {
-    conv_block<A, KH, KW, 4, FULL>(rows, kh, kw, wt, b, w, C, c0, n, out);
-    w += 4;
+template <int K, int M, typename T, typename A>
+CPVT_ALWAYS_INLINE void conv_cols_k(const A* const* r, const A* wt, const A* bias, int64_t W,
+                                    int64_t C, int64_t n, T* out) {
+  constexpr int WB = 8;
+  constexpr bool FULL = M != kPartial;
+  Vec<A> wv[K <= 3 ? K * K : 1];
+  if constexpr (K <= 3) {
+#pragma GCC unroll 16
+    for (int t = 0; t < K * K; ++t) wv[t] = ld<FULL>(wt + t * C, n);
   }
-  if (w + 2 <= W) {
-    conv_block<A, KH, KW, 2, FULL>(rows, kh, kw, wt, b, w, C, c0, n, out);
-    w += 2;
+  const Vec<A> b = ld<FULL>(bias, n);
+  int64_t w0 = 0;
+  for (; w0 + WB <= W; w0 += WB) conv_block_k<K, WB, M>(r, wv, wt, b, w0, C, n, out);
+  if (w0 + 4 <= W) {
+    conv_block_k<K, 4, M>(r, wv, wt, b, w0, C, n, out);
+    w0 += 4;
   }
-  for (; w < W; ++w) conv_block<A, KH, KW, 1, FULL>(rows, kh, kw, wt, b, w, C, c0, n, out);
+  if (w0 + 2 <= W) {
+    conv_block_k<K, 2, M>(r, wv, wt, b, w0, C, n, out);
+    w0 += 2;
+  }
+  if (w0 < W) conv_block_k<K, 1, M>(r, wv, wt, b, w0, C, n, out);
 }
 
-template <typename A, int KH, int KW>
-void conv_row(const A* const* rows, int64_t kh, int64_t kw, const A* wt, const A* bias,
-              int64_t W, int64_t C, A* out) {
-  constexpr int64_t V = at::vec::Vectorized<A>::size();
-  int64_t c0 = 0;
-  for (; c0 + V <= C; c0 += V) conv_cols<A, KH, KW, true>(rows, kh, kw, wt, bias, W, C, c0, V, out);
-  if (c0 < C) conv_cols<A, KH, KW, false>(rows, kh, kw, wt, bias, W, C, c0, C - c0, out);
+// Any kernel size: taps at run time, four outputs along w at a time.
+template <int WB, int M, typename T, typename A>
+inline void conv_block_rt(const A* const* r, int64_t kh, int64_t kw, const A* wt,
+                          const Vec<A>& b, int64_t w0, int64_t C, int64_t n, T* out) {
+  constexpr int64_t V = Vec<A>::size();
+  constexpr bool FULL = M != kPartial;
+  Vec<A> acc[WB];
+#pragma GCC unroll 16
+  for (int q = 0; q < WB; ++q) acc[q] = b;
+  for (int64_t i = 0; i < kh; ++i) {
+    const A* ri = r[i] + w0 * V;
+    for (int64_t j = 0; j < kw; ++j) {
+      const Vec<A> wij = ld<FULL>(wt + (i * kw + j) * C, n);
+#pragma GCC unroll 16
+      for (int q = 0; q < WB; ++q) {
+        acc[q] = at::vec::fmadd(wij, Vec<A>::loadu(ri + (q + j) * V), acc[q]);
+      }
+    }
+    if (i == kh / 2) {
+#pragma GCC unroll 16
+      for (int q = 0; q < WB; ++q) acc[q] = acc[q] + Vec<A>::loadu(ri + (q + kw / 2) * V);
+    }
+  }
+  T* o = out + w0 * C;
+#pragma GCC unroll 16
+  for (int q = 0; q < WB; ++q, o += C) store_out<M>(acc[q], o, n);
 }
 
-template <typename A>
-void conv_row_dispatch(const A* const* rows, int64_t kh, int64_t kw, const A* wt, const A* bias,
-                       int64_t W, int64_t C, A* out) {
+template <int M, typename T, typename A>
+void conv_cols_rt(const A* const* r, int64_t kh, int64_t kw, const A* wt, const A* bias,
+                  int64_t W, int64_t C, int64_t n, T* out) {
+  constexpr bool FULL = M != kPartial;
+  const Vec<A> b = ld<FULL>(bias, n);
+  int64_t w0 = 0;
+  for (; w0 + 4 <= W; w0 += 4) conv_block_rt<4, M>(r, kh, kw, wt, b, w0, C, n, out);
+  for (; w0 < W; ++w0) conv_block_rt<1, M>(r, kh, kw, wt, b, w0, C, n, out);
+}
+
+// One output row, all channel blocks. rows[i] are padded ring rows, block_stride the distance
+// between their channel blocks; wt is (kh*kw, C), bias (C,); out is the row's W tokens. With
+// stream, full vectors are stored with a non-temporal hint (out and C must keep them aligned).
+template <int K, typename T, typename A>
+void conv_row(const A* const* rows, int64_t block_stride, int64_t kh, int64_t kw, const A* wt,
+              const A* bias, int64_t W, int64_t C, bool stream, T* out) {
+  constexpr int64_t V = Vec<A>::size();
+  const A* r[K > 0 ? K : kMaxKernelSize];
+  for (int64_t c0 = 0, blk = 0; c0 < C; c0 += V, ++blk) {
+    for (int64_t i = 0; i < (K > 0 ? K : kh); ++i) r[i] = rows[i] + blk * block_stride;
+    const int64_t n = std::min<int64_t>(V, C - c0);
+    const A* w = wt + c0;
+    const A* b = bias + c0;
+    T* o = out + c0;
+    if constexpr (K > 0) {
+      if (n < V) conv_cols_k<K, kPartial>(r, w, b, W, C, n, o);
+      else if (stream) conv_cols_k<K, kStream>(r, w, b, W, C, n, o);
+      else conv_cols_k<K, kFull>(r, w, b, W, C, n, o);
+    } else {
+      if (n < V) conv_cols_rt<kPartial>(r, kh, kw, w, b, W, C, n, o);
+      else if (stream) conv_cols_rt<kStream>(r, kh, kw, w, b, W, C, n, o);
+      else conv_cols_rt<kFull>(r, kh, kw, w, b, W, C, n, o);
+    }
+  }
+}
+
+template <typename T, typename A>
+void conv_row_dispatch(const A* const* rows, int64_t block_stride, int64_t kh, int64_t kw,
+                       const A* wt, const A* bias, int64_t W, int64_t C, bool stream, T* out) {
   if (kh == kw) {
     switch (kw) {
-      case 1: return conv_row<A, 1, 1>(rows, kh, kw, wt, bias, W, C, out);
-      case 3: return conv_row<A, 3, 3>(rows, kh, kw, wt, bias, W, C, out);
-      case 5: return conv_row<A, 5, 5>(rows, kh, kw, wt, bias, W, C, out);
-      case 7: return conv_row<A, 7, 7>(rows, kh, kw, wt, bias, W, C, out);
+      case 1: return conv_row<1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, out);
+      case 3: return conv_row<3>(rows, block_stride, kh, kw, wt, bias, W, C, stream, out);
+      case 5: return conv_row<5>(rows, block_stride, kh, kw, wt, bias, W, C, stream, out);
+      case 7: return conv_row<7>(rows, block_stride, kh, kw, wt, bias, W, C, stream, out);
       default: break;
     }
   }
-  return conv_row<A, 0, 0>(rows, kh, kw, wt, bias, W, C, out);
+  return conv_row<0>(rows, block_stride, kh, kw, wt, bias, W, C, stream, out);
 }
 
-// part[(i*kw + j)*C + c] += sum_w g[w, c] * rows[i][(w + j)*C + c];  part_b[c] += sum_w g[w, c]
-// With KW known at compile time, all KW taps of a row accumulate in registers over blocks of WB
-// columns, so each input vector is loaded once for all taps that read it.
-template <typename A, int KW>
-void weight_grad_taps(const A* r, const A* g, int64_t W, int64_t C, int64_t c0, int64_t n,
-                      A* part) {
-  using Vec = at::vec::Vectorized<A>;
+// Output size from which the grid rows are written with non-temporal stores:
+// CPVT_CPU_STREAM_BYTES if set (0: always, a huge value: never), else a quarter of the
+// last-level cache. Below it the output stays in cache for whatever reads it next; above it, it
+// would not, and streaming saves the read-for-ownership of every line (a third of the traffic).
+inline int64_t stream_threshold() {
+  if (const char* env = std::getenv("CPVT_CPU_STREAM_BYTES"); env != nullptr && *env != '\0') {
+    return std::atoll(env);
+  }
+  static const int64_t from_cache = [] {
+    int64_t llc = 0;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    llc = static_cast<int64_t>(sysconf(_SC_LEVEL3_CACHE_SIZE));
+#endif
+    return llc > 0 ? llc / 4 : int64_t(8) << 20;
+  }();
+  return from_cache;
+}
+
+// Whether the grid rows of a freshly allocated (B, N, C) output are streamed: every full vector
+// store must be aligned, and half types (which store half a vector) never are.
+template <typename T>
+bool stream_output(const T* grid, const Geometry& g) {
+  if (!std::is_same_v<T, acc_t<T>>) return false;
+  constexpr size_t align = sizeof(Vec<acc_t<T>>);
+  const int64_t bytes = g.B * g.N * g.C * static_cast<int64_t>(sizeof(T));
+  return bytes >= stream_threshold() && reinterpret_cast<uintptr_t>(grid) % align == 0 &&
+         (g.C * sizeof(T)) % align == 0;
+}
+
+// Weight and bias gradients of one grid row, for one block of channels:
+//   part[(i*kw + j)*C + c] += sum_w g[w, c] * x[i][w + j, c];   part_b[c] += sum_w g[w, c]
+// g is the block of the (padded) grad_out row, x[i] the blocks of the padded input rows
+// h + i - ph. RB kernel rows are done per pass over w (all of them for K <= 3, so grad_out is
+// read once): RB*K accumulators and WB grad_out vectors stay in registers while x slides past.
+template <int K, int RB, bool FULL, typename A>
+CPVT_ALWAYS_INLINE void weight_grad_rows_k(const A* const* x, const A* g, int64_t W, int64_t C,
+                                           int64_t n, A* part, A* part_b) {
+  constexpr int64_t V = Vec<A>::size();
   constexpr int WB = 4;
-  Vec acc[KW];
+  constexpr int P = K / 2;
+  const A* gc = g + P * V;  // column 0 of grad_out
+  if (part == nullptr) {
+    Vec<A> accb(A(0));
+    for (int64_t w = 0; w < W; ++w) accb = accb + Vec<A>::loadu(gc + w * V);
+    (ld<FULL>(part_b, n) + accb).store(part_b, n);
+    return;
+  }
+#pragma GCC unroll 1
+  for (int i0 = 0; i0 < K; i0 += RB) {
+    const bool with_bias = part_b != nullptr && i0 == 0;
+    Vec<A> acc[RB][K];
+    Vec<A> accb(A(0));
 #pragma GCC unroll 8
-  for (int j = 0; j < KW; ++j) acc[j] = Vec(A(0));
-  int64_t w = 0;
-  for (; w + WB <= W; w += WB) {
-    Vec gv[WB], in[WB + KW - 1];
+    for (int i = 0; i < RB; ++i) {
 #pragma GCC unroll 8
-    for (int q = 0; q < WB; ++q) gv[q] = Vec::loadu(g + (w + q) * C + c0, n);
-#pragma GCC unroll 16
-    for (int t = 0; t < WB + KW - 1; ++t) in[t] = Vec::loadu(r + (w + t) * C + c0, n);
-#pragma GCC unroll 8
-    for (int j = 0; j < KW; ++j) {
-#pragma GCC unroll 8
-      for (int q = 0; q < WB; ++q) acc[j] = at::vec::fmadd(gv[q], in[q + j], acc[j]);
+      for (int j = 0; j < K; ++j) acc[i][j] = Vec<A>(A(0));
     }
-  }
-  for (; w < W; ++w) {
-    const Vec gv = Vec::loadu(g + w * C + c0, n);
+    int64_t w0 = 0;
+    for (; w0 + WB <= W; w0 += WB) {
+      Vec<A> gv[WB];
 #pragma GCC unroll 8
-    for (int j = 0; j < KW; ++j) {
-      acc[j] = at::vec::fmadd(gv, Vec::loadu(r + (w + j) * C + c0, n), acc[j]);
-    }
-  }
+      for (int q = 0; q < WB; ++q) gv[q] = Vec<A>::loadu(gc + (w0 + q) * V);
+      if (with_bias) {
 #pragma GCC unroll 8
-  for (int j = 0; j < KW; ++j) {
-    A* p = part + j * C + c0;
-    (Vec::loadu(p, n) + acc[j]).store(p, n);
-  }
-}
-
-// Any kw: one tap at a time.
-template <typename A>
-void weight_grad_tap_rt(const A* r, const A* g, int64_t j, int64_t W, int64_t C, int64_t c0,
-                        int64_t n, A* part) {
-  using Vec = at::vec::Vectorized<A>;
-  Vec acc(A(0));
-  for (int64_t w = 0; w < W; ++w) {
-    acc = at::vec::fmadd(Vec::loadu(g + w * C + c0, n), Vec::loadu(r + (w + j) * C + c0, n), acc);
-  }
-  A* p = part + j * C + c0;
-  (Vec::loadu(p, n) + acc).store(p, n);
-}
-
-template <typename A>
-void weight_grad_row(const A* const* rows, int64_t kh, int64_t kw, const A* g, int64_t W,
-                     int64_t C, A* part, A* part_b) {
-  using Vec = at::vec::Vectorized<A>;
-  constexpr int64_t V = Vec::size();
-  for (int64_t c0 = 0; c0 < C; c0 += V) {
-    const int64_t n = std::min<int64_t>(V, C - c0);
-    if (part_b != nullptr) {
-      Vec acc(A(0));
-      for (int64_t w = 0; w < W; ++w) acc = acc + Vec::loadu(g + w * C + c0, n);
-      (Vec::loadu(part_b + c0, n) + acc).store(part_b + c0, n);
-    }
-    if (part == nullptr) continue;
-    for (int64_t i = 0; i < kh; ++i) {
-      A* pi = part + i * kw * C;
-      switch (kw) {
-        case 1: weight_grad_taps<A, 1>(rows[i], g, W, C, c0, n, pi); break;
-        case 3: weight_grad_taps<A, 3>(rows[i], g, W, C, c0, n, pi); break;
-        case 5: weight_grad_taps<A, 5>(rows[i], g, W, C, c0, n, pi); break;
-        case 7: weight_grad_taps<A, 7>(rows[i], g, W, C, c0, n, pi); break;
-        default:
-          for (int64_t j = 0; j < kw; ++j) weight_grad_tap_rt<A>(rows[i], g, j, W, C, c0, n, pi);
+        for (int q = 0; q < WB; ++q) accb = accb + gv[q];
       }
+#pragma GCC unroll 8
+      for (int i = 0; i < RB; ++i) {
+        const A* xi = x[i0 + i] + w0 * V;
+#pragma GCC unroll 16
+        for (int t = 0; t < WB + K - 1; ++t) {
+          const Vec<A> v = in_register<A>(Vec<A>::loadu(xi + t * V));
+#pragma GCC unroll 8
+          for (int j = 0; j < K; ++j) {
+            const int q = t - j;
+            if (q >= 0 && q < WB) acc[i][j] = at::vec::fmadd(gv[q], v, acc[i][j]);
+          }
+        }
+      }
+    }
+    for (; w0 < W; ++w0) {
+      const Vec<A> gv = Vec<A>::loadu(gc + w0 * V);
+      if (with_bias) accb = accb + gv;
+#pragma GCC unroll 8
+      for (int i = 0; i < RB; ++i) {
+        const A* xi = x[i0 + i] + w0 * V;
+#pragma GCC unroll 8
+        for (int j = 0; j < K; ++j) acc[i][j] = at::vec::fmadd(gv, Vec<A>::loadu(xi + j * V), acc[i][j]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) {
+#pragma GCC unroll 8
+      for (int j = 0; j < K; ++j) {
+        A* p = part + ((i0 + i) * K + j) * C;
+        (ld<FULL>(p, n) + acc[i][j]).store(p, n);
+      }
+    }
+    if (with_bias) (ld<FULL>(part_b, n) + accb).store(part_b, n);
+  }
+}
+
+// Any kernel size: one tap at a time.
+template <typename A>
+void weight_grad_rows_rt(const A* const* x, const A* g, int64_t kh, int64_t kw, int64_t W,
+                         int64_t C, int64_t n, A* part, A* part_b) {
+  constexpr int64_t V = Vec<A>::size();
+  const A* gc = g + (kw / 2) * V;
+  if (part_b != nullptr) {
+    Vec<A> acc(A(0));
+    for (int64_t w = 0; w < W; ++w) acc = acc + Vec<A>::loadu(gc + w * V);
+    (Vec<A>::loadu(part_b, n) + acc).store(part_b, n);
+  }
+  if (part == nullptr) return;
+  for (int64_t i = 0; i < kh; ++i) {
+    for (int64_t j = 0; j < kw; ++j) {
+      Vec<A> acc(A(0));
+      for (int64_t w = 0; w < W; ++w) {
+        acc = at::vec::fmadd(Vec<A>::loadu(gc + w * V), Vec<A>::loadu(x[i] + (w + j) * V), acc);
+      }
+      A* p = part + (i * kw + j) * C;
+      (Vec<A>::loadu(p, n) + acc).store(p, n);
+    }
+  }
+}
+
+// part (kh*kw, C) and part_b (C,) (either may be null) += the gradients of one grid row.
+template <typename A>
+void weight_grad_row(const A* const* x_rows, const A* g_row, int64_t block_stride, int64_t kh,
+                     int64_t kw, int64_t W, int64_t C, A* part, A* part_b) {
+  constexpr int64_t V = Vec<A>::size();
+  const A* x[kMaxKernelSize];
+  for (int64_t c0 = 0, blk = 0; c0 < C; c0 += V, ++blk) {
+    const int64_t off = blk * block_stride;
+    if (part != nullptr) {
+      for (int64_t i = 0; i < kh; ++i) x[i] = x_rows[i] + off;
+    }
+    const A* g = g_row + off;
+    A* p = part == nullptr ? nullptr : part + c0;
+    A* pb = part_b == nullptr ? nullptr : part_b + c0;
+    const int64_t n = std::min<int64_t>(V, C - c0);
+    const bool full = n == V;
+    if (kh == kw && kw == 3) {
+      if (full) weight_grad_rows_k<3, 3, true>(x, g, W, C, n, p, pb);
+      else weight_grad_rows_k<3, 3, false>(x, g, W, C, n, p, pb);
+    } else if (kh == kw && kw == 5) {
+      if (full) weight_grad_rows_k<5, 1, true>(x, g, W, C, n, p, pb);
+      else weight_grad_rows_k<5, 1, false>(x, g, W, C, n, p, pb);
+    } else if (kh == kw && kw == 7) {
+      if (full) weight_grad_rows_k<7, 1, true>(x, g, W, C, n, p, pb);
+      else weight_grad_rows_k<7, 1, false>(x, g, W, C, n, p, pb);
+    } else if (kh == kw && kw == 1) {
+      if (full) weight_grad_rows_k<1, 1, true>(x, g, W, C, n, p, pb);
+      else weight_grad_rows_k<1, 1, false>(x, g, W, C, n, p, pb);
+    } else {
+      weight_grad_rows_rt(x, g, kh, kw, W, C, n, p, pb);
     }
   }
 }
@@ -320,10 +551,21 @@ at::Tensor channels_contiguous(const at::Tensor& t) {
   return (t.size(2) <= 1 || t.stride(2) == 1) ? t : t.contiguous();
 }
 
-// (C, 1, kh, kw) -> (kh*kw, C) in the accumulation type; flipped for the input gradient.
-at::Tensor taps_by_channel(const at::Tensor& weight, at::ScalarType acc, bool flip) {
-  at::Tensor w = flip ? weight.flip({2, 3}) : weight;
-  return w.reshape({weight.size(0), -1}).t().to(acc).contiguous();
+// (C, 1, kh, kw) -> (kh*kw [+ extra], C) in the accumulation type, flipped for the input
+// gradient; `extra` rows of zeros follow the taps. A plain loop: the weight is small, and the
+// handful of ATen ops this would otherwise take cost more than the loop on small inputs.
+template <typename T>
+std::vector<acc_t<T>> taps_by_channel(const at::Tensor& weight, bool flip, int64_t extra = 0) {
+  const at::Tensor w = weight.contiguous();
+  const T* src = w.const_data_ptr<T>();
+  const int64_t C = w.size(0), kh = w.size(2), kw = w.size(3), kk = kh * kw;
+  std::vector<acc_t<T>> taps(static_cast<size_t>((kk + extra) * C), acc_t<T>(0));
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < kk; ++t) {
+      taps[(flip ? kk - 1 - t : t) * C + c] = static_cast<acc_t<T>>(src[c * kk + t]);
+    }
+  }
+  return taps;
 }
 
 template <typename T>
@@ -345,10 +587,10 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
   copy_prefix(src, g, dst);
   const int64_t rows = g.B * g.H;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.W * g.C));
+  const bool stream = stream_output(dst + g.P * g.C, g);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    RowRing<T> ring(g, src);
+    RowRing<T> ring(g, src, g.kh);
     std::vector<const A*> in_rows(g.kh);
-    std::vector<A> tmp(std::is_same_v<T, A> ? 0 : g.W * g.C);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / g.H, h = r % g.H;
       for (int64_t i = 0; i < g.kh; ++i) {
@@ -356,13 +598,10 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
         in_rows[i] = (hh >= 0 && hh < g.H) ? ring.get(b, hh) : ring.zeros();
       }
       T* out_row = dst + (b * g.N + g.P + h * g.W) * g.C;
-      if constexpr (std::is_same_v<T, A>) {
-        conv_row_dispatch<A>(in_rows.data(), g.kh, g.kw, wt, bias, g.W, g.C, out_row);
-      } else {
-        conv_row_dispatch<A>(in_rows.data(), g.kh, g.kw, wt, bias, g.W, g.C, tmp.data());
-        at::vec::convert(tmp.data(), out_row, g.W * g.C);
-      }
+      conv_row_dispatch(in_rows.data(), ring.block_stride(), g.kh, g.kw, wt, bias, g.W, g.C,
+                        stream, out_row);
     }
+    if (stream) store_fence();
   });
 }
 
@@ -376,40 +615,53 @@ at::Tensor peg_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peg_forward_cpu", [&] {
     using A = acc_t<scalar_t>;
-    const auto acc = c10::CppTypeToScalarType<A>::value;
-    const at::Tensor wt = taps_by_channel(weight, acc, /*flip=*/false);
-    const at::Tensor bt = (bias.has_value() && bias->defined())
-                              ? bias->to(acc).contiguous()
-                              : at::zeros({g.C}, x.options().dtype(acc));
-    peg_conv_residual<scalar_t>(x.const_data_ptr<scalar_t>(), g, wt.const_data_ptr<A>(),
-                                bt.const_data_ptr<A>(), out.mutable_data_ptr<scalar_t>());
+    // Taps followed by one row for the bias (zeros without one).
+    std::vector<A> wt = taps_by_channel<scalar_t>(weight, /*flip=*/false, /*extra=*/1);
+    A* bt = wt.data() + g.kh * g.kw * g.C;
+    if (bias.has_value() && bias->defined()) {
+      const at::Tensor b = bias->contiguous();
+      const scalar_t* bp = b.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < g.C; ++c) bt[c] = static_cast<A>(bp[c]);
+    }
+    peg_conv_residual<scalar_t>(x.const_data_ptr<scalar_t>(), g, wt.data(), bt,
+                                out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
 
 // One pass over grad_out and x: grad_x rows (flipped taps over grad_out, plus grad_out) and
-// per-chunk partial sums of grad_weight and grad_bias, then a fixed-order reduction.
+// per-chunk partial sums of grad_weight and grad_bias, then a fixed-order reduction that writes
+// grad_weight as (C, kh*kw) and grad_bias as (C,) in T.
 template <typename T>
 void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, const Geometry& gx,
                         const acc_t<T>* wt_flip, std::array<bool, 3> mask, T* grad_x,
-                        acc_t<T>* gw_out, acc_t<T>* gb_out) {
+                        T* gw_out, T* gb_out) {
   using A = acc_t<T>;
   const bool want_x = mask[0], want_w = mask[1], want_b = mask[2];
   if (want_x) copy_prefix(g_ptr, gg, grad_x);
   const int64_t rows = gx.B * gx.H;
   const int64_t nchunks = std::min<int64_t>(rows, kMaxChunks);
-  if (nchunks == 0) return;
-  const int64_t per = (rows + nchunks - 1) / nchunks;
   const int64_t kk = gx.kh * gx.kw, C = gx.C, W = gx.W;
-  std::vector<A> part_w(want_w ? nchunks * kk * C : 0, A(0));
-  std::vector<A> part_b(want_b ? nchunks * C : 0, A(0));
+  if (nchunks == 0 || C == 0) {
+    if (want_w) std::fill_n(gw_out, C * kk, T(0));
+    if (want_b) std::fill_n(gb_out, C, T(0));
+    return;
+  }
+  const int64_t per = (rows + nchunks - 1) / nchunks;
+  // Each chunk zeroes its own slice, in the thread that fills it.
+  std::unique_ptr<A[]> part_w(want_w ? new A[nchunks * kk * C] : nullptr);
+  std::unique_ptr<A[]> part_b(want_b ? new A[nchunks * C] : nullptr);
+  const bool stream = want_x && stream_output(grad_x + gx.P * C, gx);
   at::parallel_for(0, nchunks, 1, [&](int64_t cbeg, int64_t cend) {
-    RowRing<T> xring(gx, x_ptr);
-    RowRing<T> gring(gg, g_ptr);
+    RowRing<T> xring(gx, x_ptr, gx.kh);
+    RowRing<T> gring(gg, g_ptr, gx.kh);
     std::vector<const A*> x_rows(gx.kh), g_rows(gx.kh);
     const A* zero_bias = wt_flip + kk * C;  // a row of zeros after the taps
-    std::vector<A> tmp(std::is_same_v<T, A> || !want_x ? 0 : W * C);
     for (int64_t k = cbeg; k < cend; ++k) {
+      A* pw = want_w ? part_w.get() + k * kk * C : nullptr;
+      A* pb = want_b ? part_b.get() + k * C : nullptr;
+      if (pw != nullptr) std::fill_n(pw, kk * C, A(0));
+      if (pb != nullptr) std::fill_n(pb, C, A(0));
       for (int64_t r = k * per; r < std::min(rows, (k + 1) * per); ++r) {
         const int64_t b = r / gx.H, h = r % gx.H;
         for (int64_t i = 0; i < gx.kh; ++i) {
@@ -418,36 +670,36 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
           x_rows[i] = !want_w ? nullptr : valid ? xring.get(b, hh) : xring.zeros();
           g_rows[i] = !(want_x || i == gx.ph) ? nullptr : valid ? gring.get(b, hh) : gring.zeros();
         }
-        const A* g_center = g_rows[gx.ph] + gx.pw * C;
         if (want_x) {
           T* out_row = grad_x + (b * gx.N + gx.P + h * W) * C;
-          if constexpr (std::is_same_v<T, A>) {
-            conv_row_dispatch<A>(g_rows.data(), gx.kh, gx.kw, wt_flip, zero_bias, W, C,
-                                 out_row);
-          } else {
-            conv_row_dispatch<A>(g_rows.data(), gx.kh, gx.kw, wt_flip, zero_bias, W, C,
-                                 tmp.data());
-            at::vec::convert(tmp.data(), out_row, W * C);
-          }
+          conv_row_dispatch(g_rows.data(), gring.block_stride(), gx.kh, gx.kw, wt_flip,
+                            zero_bias, W, C, stream, out_row);
         }
         if (want_w || want_b) {
-          weight_grad_row<A>(x_rows.data(), gx.kh, gx.kw, g_center, W, C,
-                             want_w ? part_w.data() + k * kk * C : nullptr,
-                             want_b ? part_b.data() + k * C : nullptr);
+          weight_grad_row<A>(x_rows.data(), g_rows[gx.ph], gring.block_stride(), gx.kh, gx.kw,
+                             W, C, pw, pb);
         }
       }
     }
+    if (stream) store_fence();
   });
-  // Fixed-order reduction over chunks.
+  // Fixed-order reduction over chunks, one tap (or the bias) per task.
   at::parallel_for(0, kk + 1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> sum(C);
     for (int64_t t = begin; t < end; ++t) {
       const bool is_bias = t == kk;
       if (is_bias ? !want_b : !want_w) continue;
-      A* dst = is_bias ? gb_out : gw_out + t * C;
-      const A* src = is_bias ? part_b.data() : part_w.data() + t * C;
+      const A* src = is_bias ? part_b.get() : part_w.get() + t * C;
       const int64_t step = is_bias ? C : kk * C;
-      for (int64_t k = 0; k < nchunks; ++k) {
-        for (int64_t c = 0; c < C; ++c) dst[c] += src[k * step + c];
+      std::copy_n(src, C, sum.data());
+      for (int64_t k = 1; k < nchunks; ++k) {
+        const A* s = src + k * step;
+        for (int64_t c = 0; c < C; ++c) sum[c] += s[c];
+      }
+      if (is_bias) {
+        for (int64_t c = 0; c < C; ++c) gb_out[c] = static_cast<T>(sum[c]);
+      } else {
+        for (int64_t c = 0; c < C; ++c) gw_out[c * kk + t] = static_cast<T>(sum[c]);
       }
     }
   });
@@ -465,28 +717,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> peg_backward_cpu(
   // Masked-out outputs are distinct empty tensors (outputs must not alias one another).
   at::Tensor grad_x = output_mask[0] ? at::empty({gx.B, gx.N, C}, x.options())
                                       : at::empty({0}, x.options());
-  at::Tensor grad_w = at::empty({0}, x.options()), grad_b = at::empty({0}, x.options());
-  const bool want_params = output_mask[1] || output_mask[2];
-  if (!output_mask[0] && !want_params) return {grad_x, grad_w, grad_b};
+  at::Tensor grad_w = output_mask[1] ? at::empty({C, 1, kh, kw}, weight.options())
+                                      : at::empty({0}, x.options());
+  at::Tensor grad_b = output_mask[2] ? at::empty({C}, weight.options())
+                                      : at::empty({0}, x.options());
+  if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {grad_x, grad_w, grad_b};
+  if (output_mask[0] && grad_x.numel() == 0) output_mask[0] = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peg_backward_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    const auto acc = c10::CppTypeToScalarType<A>::value;
     // Flipped taps (kh*kw, C) followed by one row of zeros that serves as the (absent) bias.
-    const at::Tensor wt = at::zeros({kh * kw + 1, C}, x.options().dtype(acc));
-    wt.narrow(0, 0, kh * kw).copy_(taps_by_channel(weight, acc, /*flip=*/true));
-    at::Tensor gw = at::zeros({kh * kw, C}, x.options().dtype(acc));
-    at::Tensor gb = at::zeros({C}, x.options().dtype(acc));
-    if (gx.B > 0 && C > 0) {
-      peg_backward_fused<scalar_t>(
-          grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gg, gx,
-          wt.const_data_ptr<A>(), output_mask,
-          output_mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
-          gw.mutable_data_ptr<A>(), gb.mutable_data_ptr<A>());
-    }
-    if (output_mask[1]) {
-      grad_w = gw.t().reshape({C, 1, kh, kw}).to(weight.scalar_type()).contiguous();
-    }
-    if (output_mask[2]) grad_b = gb.to(x.scalar_type());
+    const auto wt = taps_by_channel<scalar_t>(weight, /*flip=*/true, /*extra=*/1);
+    peg_backward_fused<scalar_t>(
+        grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gg, gx, wt.data(),
+        output_mask, output_mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
+        output_mask[1] ? grad_w.mutable_data_ptr<scalar_t>() : nullptr,
+        output_mask[2] ? grad_b.mutable_data_ptr<scalar_t>() : nullptr);
   });
   return {grad_x, grad_w, grad_b};
 }
