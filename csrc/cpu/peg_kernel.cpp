@@ -90,8 +90,18 @@ class RowRing {
   RowRing(const Geometry& g, const T* base, int64_t slots)
       : g_(g), base_(base), nblk_((g.C + V - 1) / V), wp_(g.W + 2 * g.pw),
         width_(nblk_ * wp_ * V), slots_(slots),
-        storage_(static_cast<size_t>((slots + 1) * width_ + kAlign / sizeof(A)), A(0)),
-        buf_(aligned(storage_.data())), tag_(slots, -1) {}
+        storage_(new A[static_cast<size_t>((slots + 1) * width_ + kAlign / sizeof(A))]),
+        buf_(aligned(storage_.get())), tag_(slots, -1) {
+    // Zero only what no row load writes: the padding columns of every block, and the zero row.
+    for (int64_t s = 0; s < slots; ++s) {
+      for (int64_t blk = 0; blk < nblk_; ++blk) {
+        A* b = buf_ + s * width_ + blk * wp_ * V;
+        std::fill_n(b, g.pw * V, A(0));
+        std::fill_n(b + (g.pw + g.W) * V, g.pw * V, A(0));
+      }
+    }
+    std::fill_n(buf_ + slots * width_, width_, A(0));
+  }
 
   int64_t block_stride() const { return wp_ * V; }
 
@@ -135,7 +145,7 @@ class RowRing {
     return reinterpret_cast<A*>((addr + kAlign - 1) / kAlign * kAlign);
   }
   int64_t nblk_, wp_, width_, slots_;
-  std::vector<A> storage_;
+  std::unique_ptr<A[]> storage_;
   A* buf_;
   std::vector<int64_t> tag_;
 };
