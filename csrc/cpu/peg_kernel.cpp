@@ -27,17 +27,16 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
-#endif
-#if defined(__unix__)
-#include <unistd.h>
 #endif
 
 namespace cpvt {
@@ -247,44 +246,61 @@ CPVT_ALWAYS_INLINE Vec<A> in_register(Vec<A> v) {
 // Square kernels K = 1, 3, 5, 7 (the sizes PEG uses) are fully unrolled: WB outputs along w
 // accumulate in registers while the input row slides past them, so each input vector is loaded
 // once for every tap that reads it, and for K <= 3 the K*K weight vectors stay in registers
-// across the whole row.
-template <int K, int WB, int M, typename T, typename A>
+// across the whole row. RB = 2 computes two consecutive output rows at once from K + 1 input
+// rows (r[0..K]), so each of the K - 1 shared input vectors feeds both: with K = 3 that cuts the
+// loads per FMA enough that the FMAs, not the loads, set the pace. Output row p is at
+// out + p * row_stride.
+template <int K, int WB, int RB, int M, typename T, typename A>
 CPVT_ALWAYS_INLINE void conv_block_k(const A* const* r, const Vec<A>* wv, const A* wt,
-                                     const Vec<A>& b, int64_t w0, int64_t C, int64_t n, T* out) {
+                                     const Vec<A>& b, int64_t w0, int64_t C, int64_t n,
+                                     int64_t row_stride, T* out) {
   constexpr int64_t V = Vec<A>::size();
   constexpr bool FULL = M != kPartial;
   constexpr bool kRegWeights = K <= 3;
-  Vec<A> acc[WB];
+  Vec<A> acc[RB][WB];
+#pragma GCC unroll 2
+  for (int p = 0; p < RB; ++p) {
 #pragma GCC unroll 16
-  for (int q = 0; q < WB; ++q) acc[q] = b;
+    for (int q = 0; q < WB; ++q) acc[p][q] = b;
+  }
 #pragma GCC unroll 8
-  for (int i = 0; i < K; ++i) {
+  for (int i = 0; i < K + RB - 1; ++i) {
     const A* ri = r[i] + w0 * V;
 #pragma GCC unroll 16
     for (int t = 0; t < WB + K - 1; ++t) {
       const Vec<A> v = in_register<A>(Vec<A>::loadu(ri + t * V));
+#pragma GCC unroll 2
+      for (int p = 0; p < RB; ++p) {
+        const int ki = i - p;  // the kernel row input row i is for output row p
+        if (ki < 0 || ki >= K) continue;
 #pragma GCC unroll 8
-      for (int j = 0; j < K; ++j) {
-        const int q = t - j;
-        if (q >= 0 && q < WB) {
-          const Vec<A> wij = kRegWeights ? wv[i * K + j] : ld<FULL>(wt + (i * K + j) * C, n);
-          acc[q] = at::vec::fmadd(wij, v, acc[q]);
+        for (int j = 0; j < K; ++j) {
+          const int q = t - j;
+          if (q >= 0 && q < WB) {
+            const Vec<A> wij =
+                kRegWeights ? wv[ki * K + j] : ld<FULL>(wt + (ki * K + j) * C, n);
+            acc[p][q] = at::vec::fmadd(wij, v, acc[p][q]);
+          }
         }
-      }
-      if (i == K / 2) {
-        const int q = t - K / 2;
-        if (q >= 0 && q < WB) acc[q] = acc[q] + v;
+        if (ki == K / 2) {
+          const int q = t - K / 2;
+          if (q >= 0 && q < WB) acc[p][q] = acc[p][q] + v;
+        }
       }
     }
   }
-  T* o = out + w0 * C;
+#pragma GCC unroll 2
+  for (int p = 0; p < RB; ++p) {
+    T* o = out + p * row_stride + w0 * C;
 #pragma GCC unroll 16
-  for (int q = 0; q < WB; ++q, o += C) store_out<M>(acc[q], o, n);
+    for (int q = 0; q < WB; ++q, o += C) store_out<M>(acc[p][q], o, n);
+  }
 }
 
-template <int K, int M, typename T, typename A>
+template <int K, int RB, int M, typename T, typename A>
 CPVT_ALWAYS_INLINE void conv_cols_k(const A* const* r, const A* wt, const A* bias, int64_t W,
-                                    int64_t C, int64_t n, T* out) {
+                                    int64_t C, int64_t n, int64_t row_stride, T* out) {
+  // Registers (AVX-512): RB * WB accumulators + K*K weights (K <= 3) + bias + input <= 32.
   constexpr int WB = 8;
   constexpr bool FULL = M != kPartial;
   Vec<A> wv[K <= 3 ? K * K : 1];
@@ -294,16 +310,18 @@ CPVT_ALWAYS_INLINE void conv_cols_k(const A* const* r, const A* wt, const A* bia
   }
   const Vec<A> b = ld<FULL>(bias, n);
   int64_t w0 = 0;
-  for (; w0 + WB <= W; w0 += WB) conv_block_k<K, WB, M>(r, wv, wt, b, w0, C, n, out);
+  for (; w0 + WB <= W; w0 += WB) {
+    conv_block_k<K, WB, RB, M>(r, wv, wt, b, w0, C, n, row_stride, out);
+  }
   if (w0 + 4 <= W) {
-    conv_block_k<K, 4, M>(r, wv, wt, b, w0, C, n, out);
+    conv_block_k<K, 4, RB, M>(r, wv, wt, b, w0, C, n, row_stride, out);
     w0 += 4;
   }
   if (w0 + 2 <= W) {
-    conv_block_k<K, 2, M>(r, wv, wt, b, w0, C, n, out);
+    conv_block_k<K, 2, RB, M>(r, wv, wt, b, w0, C, n, row_stride, out);
     w0 += 2;
   }
-  if (w0 < W) conv_block_k<K, 1, M>(r, wv, wt, b, w0, C, n, out);
+  if (w0 < W) conv_block_k<K, 1, RB, M>(r, wv, wt, b, w0, C, n, row_stride, out);
 }
 
 // Any kernel size: taps at run time, four outputs along w at a time.
@@ -344,24 +362,25 @@ void conv_cols_rt(const A* const* r, int64_t kh, int64_t kw, const A* wt, const 
   for (; w0 < W; ++w0) conv_block_rt<1, M>(r, kh, kw, wt, b, w0, C, n, out);
 }
 
-// One output row, all channel blocks. rows[i] are padded ring rows, block_stride the distance
-// between their channel blocks; wt is (kh*kw, C), bias (C,); out is the row's W tokens. With
+// RB (1 or 2) consecutive output rows, all channel blocks. rows[i] are padded ring rows (kh +
+// RB - 1 of them), block_stride the distance between their channel blocks; wt is (kh*kw, C),
+// bias (C,); out is the first row's W tokens, row_stride the distance to the next row's. With
 // stream, full vectors are stored with a non-temporal hint (out and C must keep them aligned).
-template <int K, typename T, typename A>
+template <int K, int RB, typename T, typename A>
 void conv_row(const A* const* rows, int64_t block_stride, int64_t kh, int64_t kw, const A* wt,
-              const A* bias, int64_t W, int64_t C, bool stream, T* out) {
+              const A* bias, int64_t W, int64_t C, bool stream, int64_t row_stride, T* out) {
   constexpr int64_t V = Vec<A>::size();
-  const A* r[K > 0 ? K : kMaxKernelSize];
+  const A* r[K > 0 ? K + RB - 1 : kMaxKernelSize];
   for (int64_t c0 = 0, blk = 0; c0 < C; c0 += V, ++blk) {
-    for (int64_t i = 0; i < (K > 0 ? K : kh); ++i) r[i] = rows[i] + blk * block_stride;
+    for (int64_t i = 0; i < (K > 0 ? K + RB - 1 : kh); ++i) r[i] = rows[i] + blk * block_stride;
     const int64_t n = std::min<int64_t>(V, C - c0);
     const A* w = wt + c0;
     const A* b = bias + c0;
     T* o = out + c0;
     if constexpr (K > 0) {
-      if (n < V) conv_cols_k<K, kPartial>(r, w, b, W, C, n, o);
-      else if (stream) conv_cols_k<K, kStream>(r, w, b, W, C, n, o);
-      else conv_cols_k<K, kFull>(r, w, b, W, C, n, o);
+      if (n < V) conv_cols_k<K, RB, kPartial>(r, w, b, W, C, n, row_stride, o);
+      else if (stream) conv_cols_k<K, RB, kStream>(r, w, b, W, C, n, row_stride, o);
+      else conv_cols_k<K, RB, kFull>(r, w, b, W, C, n, row_stride, o);
     } else {
       if (n < V) conv_cols_rt<kPartial>(r, kh, kw, w, b, W, C, n, o);
       else if (stream) conv_cols_rt<kStream>(r, kh, kw, w, b, W, C, n, o);
@@ -370,34 +389,63 @@ void conv_row(const A* const* rows, int64_t block_stride, int64_t kh, int64_t kw
   }
 }
 
+// Whether conv_row_dispatch computes two output rows in one pass for this kernel size.
+inline bool pairs_rows(int64_t kh, int64_t kw) { return kh == kw && (kw == 1 || kw == 3); }
+
+// nrows (1, or 2 when pairs_rows) consecutive output rows from rows[0 .. kh + nrows - 2].
 template <typename T, typename A>
 void conv_row_dispatch(const A* const* rows, int64_t block_stride, int64_t kh, int64_t kw,
-                       const A* wt, const A* bias, int64_t W, int64_t C, bool stream, T* out) {
-  if (kh == kw) {
-    switch (kw) {
-      case 1: return conv_row<1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, out);
-      case 3: return conv_row<3>(rows, block_stride, kh, kw, wt, bias, W, C, stream, out);
-      case 5: return conv_row<5>(rows, block_stride, kh, kw, wt, bias, W, C, stream, out);
-      case 7: return conv_row<7>(rows, block_stride, kh, kw, wt, bias, W, C, stream, out);
-      default: break;
+                       const A* wt, const A* bias, int64_t W, int64_t C, bool stream,
+                       T* out, int64_t nrows = 1, int64_t row_stride = 0) {
+  const auto one = [&](int K_rt) {
+    switch (K_rt) {
+      case 1: return conv_row<1, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out);
+      case 3: return conv_row<3, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out);
+      case 5: return conv_row<5, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out);
+      case 7: return conv_row<7, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out);
+      default: return conv_row<0, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out);
     }
+  };
+  if (nrows == 2) {
+    TORCH_INTERNAL_ASSERT(pairs_rows(kh, kw));
+    if (kw == 1) {
+      return conv_row<1, 2>(rows, block_stride, kh, kw, wt, bias, W, C, stream, row_stride, out);
+    }
+    return conv_row<3, 2>(rows, block_stride, kh, kw, wt, bias, W, C, stream, row_stride, out);
   }
-  return conv_row<0>(rows, block_stride, kh, kw, wt, bias, W, C, stream, out);
+  return one(kh == kw && (kw == 1 || kw == 3 || kw == 5 || kw == 7) ? static_cast<int>(kw) : 0);
 }
 
 // Output size from which the grid rows are written with non-temporal stores:
 // CPVT_CPU_STREAM_BYTES if set (0: always, a huge value: never), else a quarter of the
-// last-level cache. Below it the output stays in cache for whatever reads it next; above it, it
+// last-level cache (8 MiB where its size is unknown). Below it the output stays in cache for whatever reads it next; above it, it
 // would not, and streaming saves the read-for-ownership of every line (a third of the traffic).
 inline int64_t stream_threshold() {
   if (const char* env = std::getenv("CPVT_CPU_STREAM_BYTES"); env != nullptr && *env != '\0') {
     return std::atoll(env);
   }
   static const int64_t from_cache = [] {
+    // The kernel's description of the last-level cache (glibc's sysconf figure for it can be a
+    // multiple of the real size on virtual machines).
     int64_t llc = 0;
-#if defined(_SC_LEVEL3_CACHE_SIZE)
-    llc = static_cast<int64_t>(sysconf(_SC_LEVEL3_CACHE_SIZE));
-#endif
+    int best_level = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+      int level = 0;
+      long long kib = 0;
+      if (std::FILE* f = std::fopen((dir + "/level").c_str(), "r")) {
+        if (std::fscanf(f, "%d", &level) != 1) level = 0;
+        std::fclose(f);
+      }
+      if (std::FILE* f = std::fopen((dir + "/size").c_str(), "r")) {
+        if (std::fscanf(f, "%lldK", &kib) != 1) kib = 0;
+        std::fclose(f);
+      }
+      if (level > best_level && kib > 0) {
+        best_level = level;
+        llc = kib * 1024;
+      }
+    }
     return llc > 0 ? llc / 4 : int64_t(8) << 20;
   }();
   return from_cache;
@@ -599,17 +647,21 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.W * g.C));
   const bool stream = stream_output(dst + g.P * g.C, g);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    RowRing<T> ring(g, src, g.kh);
-    std::vector<const A*> in_rows(g.kh);
-    for (int64_t r = begin; r < end; ++r) {
+    // kh + 1 slots: a pair of output rows reads kh + 1 input rows.
+    RowRing<T> ring(g, src, g.kh + 1);
+    std::vector<const A*> in_rows(g.kh + 1);
+    const bool pairs = pairs_rows(g.kh, g.kw);
+    for (int64_t r = begin; r < end;) {
       const int64_t b = r / g.H, h = r % g.H;
-      for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t nr = (pairs && r + 1 < end && h + 1 < g.H) ? 2 : 1;
+      for (int64_t i = 0; i < g.kh + nr - 1; ++i) {
         const int64_t hh = h + i - g.ph;
         in_rows[i] = (hh >= 0 && hh < g.H) ? ring.get(b, hh) : ring.zeros();
       }
       T* out_row = dst + (b * g.N + g.P + h * g.W) * g.C;
       conv_row_dispatch(in_rows.data(), ring.block_stride(), g.kh, g.kw, wt, bias, g.W, g.C,
-                        stream, out_row);
+                        stream, out_row, nr, g.W * g.C);
+      r += nr;
     }
     if (stream) store_fence();
   });
@@ -663,32 +715,40 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
   std::unique_ptr<A[]> part_b(want_b ? new A[nchunks * C] : nullptr);
   const bool stream = want_x && stream_output(grad_x + gx.P * C, gx);
   at::parallel_for(0, nchunks, 1, [&](int64_t cbeg, int64_t cend) {
-    RowRing<T> xring(gx, x_ptr, gx.kh);
-    RowRing<T> gring(gg, g_ptr, gx.kh);
-    std::vector<const A*> x_rows(gx.kh), g_rows(gx.kh);
+    RowRing<T> xring(gx, x_ptr, gx.kh + 1);
+    RowRing<T> gring(gg, g_ptr, gx.kh + 1);
+    std::vector<const A*> x_rows(gx.kh + 1), g_rows(gx.kh + 1);
+    const bool pairs = pairs_rows(gx.kh, gx.kw);
     const A* zero_bias = wt_flip + kk * C;  // a row of zeros after the taps
     for (int64_t k = cbeg; k < cend; ++k) {
       A* pw = want_w ? part_w.get() + k * kk * C : nullptr;
       A* pb = want_b ? part_b.get() + k * C : nullptr;
       if (pw != nullptr) std::fill_n(pw, kk * C, A(0));
       if (pb != nullptr) std::fill_n(pb, C, A(0));
-      for (int64_t r = k * per; r < std::min(rows, (k + 1) * per); ++r) {
+      const int64_t r_end = std::min(rows, (k + 1) * per);
+      for (int64_t r = k * per; r < r_end;) {
         const int64_t b = r / gx.H, h = r % gx.H;
-        for (int64_t i = 0; i < gx.kh; ++i) {
+        // grad_x of two rows at a time where the kernel allows; the weight gradients row by row.
+        const int64_t nr = (pairs && r + 1 < r_end && h + 1 < gx.H) ? 2 : 1;
+        for (int64_t i = 0; i < gx.kh + nr - 1; ++i) {
           const int64_t hh = h + i - gx.ph;
           const bool valid = hh >= 0 && hh < gx.H;
+          const bool centre = i >= gx.ph && i < gx.ph + nr;
           x_rows[i] = !want_w ? nullptr : valid ? xring.get(b, hh) : xring.zeros();
-          g_rows[i] = !(want_x || i == gx.ph) ? nullptr : valid ? gring.get(b, hh) : gring.zeros();
+          g_rows[i] = !(want_x || centre) ? nullptr : valid ? gring.get(b, hh) : gring.zeros();
         }
         if (want_x) {
           T* out_row = grad_x + (b * gx.N + gx.P + h * W) * C;
           conv_row_dispatch(g_rows.data(), gring.block_stride(), gx.kh, gx.kw, wt_flip,
-                            zero_bias, W, C, stream, out_row);
+                            zero_bias, W, C, stream, out_row, nr, W * C);
         }
         if (want_w || want_b) {
-          weight_grad_row<A>(x_rows.data(), g_rows[gx.ph], gring.block_stride(), gx.kh, gx.kw,
-                             W, C, pw, pb);
+          for (int64_t p = 0; p < nr; ++p) {
+            weight_grad_row<A>(x_rows.data() + p, g_rows[gx.ph + p], gring.block_stride(),
+                               gx.kh, gx.kw, W, C, pw, pb);
+          }
         }
+        r += nr;
       }
     }
     if (stream) store_fence();
