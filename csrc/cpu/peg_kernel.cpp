@@ -78,9 +78,9 @@ constexpr int kPartial = 0, kFull = 1, kStream = 2;
 // element (column w, channel c) of a padded row is at [(c / V) * Wp + w + pw] * V + c % V, with
 // Wp = W + 2 * pw. Inside a block every column is one aligned vector at a constant distance
 // from its neighbours, the padding and the channel tail (zero lanes) need no bounds checks, and
-// a vector is read from cache rather than from a stride-C address. A ring of kh such rows per
-// thread, tagged by (image, row), holds each row while the kh output rows that read it are
-// computed, so it is converted once.
+// a vector is read from cache rather than from a stride-C address. A ring of such rows per
+// thread (kh + 1 slots, so that a pair of output rows finds all its inputs), tagged by (image,
+// row), holds each row while the output rows that read it are computed, so it is converted once.
 template <typename T>
 class RowRing {
  public:
