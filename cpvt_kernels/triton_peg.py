@@ -138,7 +138,10 @@ def _bwd_tap(gacc, g_base, x_base, w_ptr, part_ptr, part_row, g_grid, n64, col, 
         wv = tl.load(w_ptr + c * sw0 + i * sw2 + j * sw3, mask=c_ok, other=0.0)
         gv = tl.load(g_base + ((n64 - delta) * sgn)[:, None] + gc_off[None, :],
                      mask=ok[:, None] & c_ok[None, :], other=0.0)
-        gacc += gv.to(gacc.dtype) * wv.to(gacc.dtype)[None, :]
+        # Taps outside the grid are skipped, not multiplied by a zero: they stand for outputs
+        # that do not exist, and an Inf or NaN tap times zero would be NaN (the reference's
+        # gradient has no such term).
+        gacc += tl.where(ok[:, None], gv.to(gacc.dtype) * wv.to(gacc.dtype)[None, :], 0.0)
     if NEED_W:
         cx = col + dj
         ok = xrow_ok & (cx >= 0) & (cx < W)

@@ -102,3 +102,39 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"{module:28s} " + "  ".join(f"{k} {c[k]}" for k in ("passed", "failed", "skipped",
                                                                    "error") if c.get(k)))
+
+
+def nonfinite_case(where: str, device="cpu"):
+    """Inputs of a small float64 PEG with NaN and Inf planted in `where` (x, weight or grad_out),
+    next to the grid's borders so that they meet the zero padding. Returns the inputs, the
+    output gradient and the reference output and gradients."""
+    H, W, P = 6, 7, 1
+    (x64, w64, b64), _ = make_inputs(2, P, H, W, 9, 3, 3, True, torch.float64)
+    grad64 = torch.randn(x64.shape, dtype=torch.float64)
+    if where == "x":
+        x64[0, P + 2 * W + 3, 4] = float("nan")
+        x64[1, P + 5 * W + 6, 2] = float("inf")
+        x64[1, P + 0 * W + 3, 7] = float("-inf")
+        x64[1, 0, 1] = float("-inf")
+    elif where == "weight":
+        w64[4, 0, 1, 2] = float("nan")
+        w64[2, 0, 0, 0] = float("inf")
+    elif where == "grad_out":
+        grad64[0, P + 0 * W + 2, 3] = float("inf")
+        grad64[1, P + 5 * W + 0, 5] = float("nan")
+        grad64[1, P + 3 * W + 6, 1] = float("-inf")
+    else:
+        raise ValueError(where)
+    ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
+    return (H, W, P), (x64, w64, b64, grad64), ref
+
+
+def assert_same_nonfinite(got: torch.Tensor, ref: torch.Tensor):
+    """NaN where the reference has NaN, the same infinities, and close elsewhere."""
+    got = got.detach().cpu()
+    assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(got.isinf(), ref.isinf())
+    assert torch.equal(got[ref.isinf()], ref[ref.isinf()])
+    finite = ref.isfinite()
+    if finite.any():
+        assert rel_err(got[finite], ref[finite]) < 1e-12

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import (DTYPES, TOLERANCE, make_inputs, reference_with_grads, rel_err,
-                      require_backend)
+from conftest import (DTYPES, TOLERANCE, assert_same_nonfinite, make_inputs, nonfinite_case,
+                      reference_with_grads, rel_err, require_backend)
 
 BACKENDS = ["cpu", "reference"]
 
@@ -180,6 +180,20 @@ def test_nan_and_inf_propagate_like_reference(backend, where):
     finite = ref.isfinite()
     assert torch.equal(out[ref.isinf()], ref[ref.isinf()])
     assert rel_err(out[finite], ref[finite]) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["x", "weight", "grad_out"])
+def test_nan_and_inf_propagate_through_backward(backend, where):
+    """Output and every gradient: NaN and Inf where the reference has them, including where they
+    meet the zero padding (Inf * 0 is NaN, in the reference as in a fused kernel)."""
+    device = require_backend(backend)
+    (H, W, P), (x64, w64, b64, grad64), ref = nonfinite_case(where)
+    x, w, b = (t.to(device).requires_grad_() for t in (x64, w64, b64))
+    out = ck.fused_peg(x, w, b, (H, W), P, backend=backend)
+    out.backward(grad64.to(device))
+    for got, want in zip((out, x.grad, w.grad, b.grad), ref):
+        assert_same_nonfinite(got, want)
 
 
 def test_backends_agree_with_each_other():

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -691,6 +692,46 @@ at::Tensor peg_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   return out;
 }
 
+// grad_x at the grid's border band, recomputed with the taps that fall outside the grid
+// skipped. The fused pass treats grad_out as zero-padded, which is exact for finite taps
+// (t * 0 = 0) but not for an Inf or NaN tap (Inf * 0 = NaN): the padding stands for outputs that
+// do not exist, and the reference's gradient has no term for them. Run only when a tap is not
+// finite; the band is a small part of the grid.
+template <typename T>
+void fix_grad_x_border(const T* g_ptr, const Geometry& gg, const acc_t<T>* wt_flip,
+                       const Geometry& gx, T* grad_x) {
+  using A = acc_t<T>;
+  const int64_t H = gx.H, W = gx.W, C = gx.C, kh = gx.kh, kw = gx.kw, ph = gx.ph, pw = gx.pw;
+  const auto token = [&](int64_t b, int64_t hh, int64_t ww) {
+    return g_ptr + b * gg.sb + (gg.P + hh * W + ww) * gg.st;
+  };
+  at::parallel_for(0, gx.B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H, h = r % H;
+      const bool border_row = h < ph || h >= H - ph;
+      for (int64_t w = 0; w < W; ++w) {
+        if (!border_row && w >= pw && w < W - pw) continue;
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t hh = h + i - ph;
+          if (hh < 0 || hh >= H) continue;
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t ww = w + j - pw;
+            if (ww < 0 || ww >= W) continue;
+            const T* gs = token(b, hh, ww);
+            const A* t = wt_flip + (i * kw + j) * C;
+            for (int64_t c = 0; c < C; ++c) acc[c] += t[c] * static_cast<A>(gs[c]);
+          }
+        }
+        const T* gc = token(b, h, w);
+        T* o = grad_x + (b * gx.N + gx.P + h * W + w) * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<T>(acc[c] + static_cast<A>(gc[c]));
+      }
+    }
+  });
+}
+
 // One pass over grad_out and x: grad_x rows (flipped taps over grad_out, plus grad_out) and
 // per-chunk partial sums of grad_weight and grad_bias, then a fixed-order reduction that writes
 // grad_weight as (C, kh*kw) and grad_bias as (C,) in T.
@@ -753,6 +794,9 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
     }
     if (stream) store_fence();
   });
+  if (want_x && !std::all_of(wt_flip, wt_flip + kk * C, [](A v) { return std::isfinite(v); })) {
+    fix_grad_x_border(g_ptr, gg, wt_flip, gx, grad_x);
+  }
   // Fixed-order reduction over chunks, one tap (or the bias) per task.
   at::parallel_for(0, kk + 1, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> sum(C);

@@ -261,7 +261,10 @@ __device__ __forceinline__ void load_col(acc_t<T> (&dst)[VEC], const Pack<T, VEC
 
 // out[h, w] = bias + in[h, w] + sum_{i,j} tap[i][j] * in[h + i - ph, w + j - pw] over a
 // staged tile; out points at (image b, channel c_first). WREG keeps the thread's taps in
-// registers (small kernels); BIAS starts from the staged bias instead of zero.
+// registers (small kernels). BIAS (the forward) starts from the staged bias and multiplies the
+// zero padding like any input; without it (grad_x, the same sum over grad_out with flipped
+// taps) taps that fall outside the grid are skipped, as the reference's gradient does: they
+// stand for outputs that do not exist, and an Inf or NaN tap must not turn them into NaN.
 template <typename T, int VEC, int KH, int KW, int RW, bool WREG, bool BIAS>
 __device__ __forceinline__ void conv_tile(const Pack<T, VEC>* s, const acc_t<T>* ws,
                                           const Tile& t, const Geometry& g, int nu, T* out) {
@@ -306,7 +309,26 @@ __device__ __forceinline__ void conv_tile(const Pack<T, VEC>* s, const acc_t<T>*
 #pragma unroll(KH > 0 ? KH : 1)
     for (int i = 0; i < kh; ++i) {
       const int hh = h + i - ph;
-      if (hh < 0 || hh >= g.H) continue;
+      if (hh < 0 || hh >= g.H) {
+        if constexpr (!BIAS) continue;  // grad_x: no output there to take a gradient from
+        // Forward: a padding row's zeros are multiplied like any other input, so an Inf or NaN
+        // tap gives NaN here exactly as in the reference's zero-padded convolution.
+#pragma unroll(KW > 0 ? KW : 1)
+        for (int j = 0; j < kw; ++j) {
+          A wv[VEC];
+          if constexpr (WREG) {
+            wr[i * KW + j].get(wv);
+          } else {
+            load_taps<A, VEC>(wv, ws, i * kw + j, u, sh);
+          }
+#pragma unroll
+          for (int k = 0; k < RW; ++k) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[k][e] += wv[e] * A(0);
+          }
+        }
+        continue;
+      }
       const V* row = s + (((hh - t.r0) * t.cols) << sh) + u;
       // win[k] holds input column wb + k + j - pw while tap column j is applied.
       A win[RW][VEC];
@@ -322,8 +344,12 @@ __device__ __forceinline__ void conv_tile(const Pack<T, VEC>* s, const acc_t<T>*
         }
 #pragma unroll
         for (int k = 0; k < RW; ++k) {
+          // grad_x skips taps on padding columns (see the rows above); the forward multiplies
+          // their zeros.
+          if (BIAS || static_cast<unsigned>(wb - pw + k + j) < static_cast<unsigned>(g.W)) {
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[k][e] += wv[e] * win[k][e];
+            for (int e = 0; e < VEC; ++e) acc[k][e] += wv[e] * win[k][e];
+          }
         }
         if (i == ph && j == pw) {  // the residual: win[k] is the centre input here
 #pragma unroll
@@ -421,9 +447,21 @@ __device__ __forceinline__ void wgrad_tile(const Pack<T, VEC>* sg, const Pack<T,
   for (int unit = rg; unit < units; unit += groups) {
     const int lo = unit / nseg, sgi = unit - lo * nseg;
     const int h = t.h0 + lo, hx = h + i - ph;
-    if (hx < 0 || hx >= g.H) continue;  // the whole tap row reads padding
     const int wa = t.w0 + sgi * seg_w, we = std::min(wa + seg_w, t.w0 + t.tw);
     const V* grow = sg + (((h - t.r0) * t.cols) << sh) + u;
+    if (hx < 0 || hx >= g.H) {
+      // The whole tap row reads padding: grad_out * 0, so that Inf or NaN in grad_out turns
+      // into NaN as in the reference. (Lanes with i != ph: their bias sums are never used.)
+      for (int w = wa; w < we; ++w) {
+        const V gp = grow[(w - t.c0) << sh];
+#pragma unroll
+        for (int j = 0; j < JW; ++j) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[j][e] += static_cast<A>(gp.v[e]) * A(0);
+        }
+      }
+      continue;
+    }
     const V* xrow = sx + (((hx - t.r0) * t.cols) << sh) + u;
     // win[j] holds x column w + jg * JW + j - pw at pixel w.
     const int xc = wa + jg * JW - pw;
