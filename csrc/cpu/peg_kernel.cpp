@@ -391,7 +391,9 @@ void conv_row(const A* const* rows, int64_t block_stride, int64_t kh, int64_t kw
 }
 
 // Whether conv_row_dispatch computes two output rows in one pass for this kernel size.
-inline bool pairs_rows(int64_t kh, int64_t kw) { return kh == kw && (kw == 1 || kw == 3); }
+inline bool pairs_rows(int64_t kh, int64_t kw) {
+  return kh == kw && (kw == 1 || kw == 3 || kw == 5 || kw == 7);
+}
 
 // nrows (1, or 2 when pairs_rows) consecutive output rows from rows[0 .. kh + nrows - 2].
 template <typename T, typename A>
@@ -409,10 +411,12 @@ void conv_row_dispatch(const A* const* rows, int64_t block_stride, int64_t kh, i
   };
   if (nrows == 2) {
     TORCH_INTERNAL_ASSERT(pairs_rows(kh, kw));
-    if (kw == 1) {
-      return conv_row<1, 2>(rows, block_stride, kh, kw, wt, bias, W, C, stream, row_stride, out);
+    switch (kw) {
+      case 1: return conv_row<1, 2>(rows, block_stride, kh, kw, wt, bias, W, C, stream, row_stride, out);
+      case 3: return conv_row<3, 2>(rows, block_stride, kh, kw, wt, bias, W, C, stream, row_stride, out);
+      case 5: return conv_row<5, 2>(rows, block_stride, kh, kw, wt, bias, W, C, stream, row_stride, out);
+      default: return conv_row<7, 2>(rows, block_stride, kh, kw, wt, bias, W, C, stream, row_stride, out);
     }
-    return conv_row<3, 2>(rows, block_stride, kh, kw, wt, bias, W, C, stream, row_stride, out);
   }
   return one(kh == kw && (kw == 1 || kw == 3 || kw == 5 || kw == 7) ? static_cast<int>(kw) : 0);
 }
