@@ -479,10 +479,17 @@ CPVT_ALWAYS_INLINE void weight_grad_rows_k(const A* const* x, const A* g, int64_
   constexpr int WB = 4;
   constexpr int P = K / 2;
   const A* gc = g + P * V;  // column 0 of grad_out
-  if (part == nullptr) {
-    Vec<A> accb(A(0));
-    for (int64_t w = 0; w < W; ++w) accb = accb + Vec<A>::loadu(gc + w * V);
-    (ld<FULL>(part_b, n) + accb).store(part_b, n);
+  if (part == nullptr) {  // the bias gradient alone: four chains, so adds do not wait on adds
+    Vec<A> a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
+    int64_t w = 0;
+    for (; w + 4 <= W; w += 4) {
+      a0 = a0 + Vec<A>::loadu(gc + w * V);
+      a1 = a1 + Vec<A>::loadu(gc + (w + 1) * V);
+      a2 = a2 + Vec<A>::loadu(gc + (w + 2) * V);
+      a3 = a3 + Vec<A>::loadu(gc + (w + 3) * V);
+    }
+    for (; w < W; ++w) a0 = a0 + Vec<A>::loadu(gc + w * V);
+    (ld<FULL>(part_b, n) + ((a0 + a1) + (a2 + a3))).store(part_b, n);
     return;
   }
 #pragma GCC unroll 1
