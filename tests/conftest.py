@@ -138,3 +138,13 @@ def assert_same_nonfinite(got: torch.Tensor, ref: torch.Tensor):
     finite = ref.isfinite()
     if finite.any():
         assert rel_err(got[finite], ref[finite]) < 1e-12
+
+
+def check_nonfinite_backward(backend: str, device, where: str):
+    """fused_peg on `backend` and its gradients keep the reference's NaN and Inf (nonfinite_case)."""
+    (H, W, P), (x64, w64, b64, grad64), ref = nonfinite_case(where)
+    x, w, b = (t.to(device).requires_grad_() for t in (x64, w64, b64))
+    out = ck.fused_peg(x, w, b, (H, W), P, backend=backend)
+    out.backward(grad64.to(device))
+    for got, want in zip((out, x.grad, w.grad, b.grad), ref):
+        assert_same_nonfinite(got, want)

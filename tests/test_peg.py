@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import (DTYPES, TOLERANCE, assert_same_nonfinite, make_inputs, nonfinite_case,
+from conftest import (DTYPES, TOLERANCE, check_nonfinite_backward, make_inputs,
                       reference_with_grads, rel_err, require_backend)
 
 BACKENDS = ["cpu", "reference"]
@@ -187,13 +187,7 @@ def test_nan_and_inf_propagate_like_reference(backend, where):
 def test_nan_and_inf_propagate_through_backward(backend, where):
     """Output and every gradient: NaN and Inf where the reference has them, including where they
     meet the zero padding (Inf * 0 is NaN, in the reference as in a fused kernel)."""
-    device = require_backend(backend)
-    (H, W, P), (x64, w64, b64, grad64), ref = nonfinite_case(where)
-    x, w, b = (t.to(device).requires_grad_() for t in (x64, w64, b64))
-    out = ck.fused_peg(x, w, b, (H, W), P, backend=backend)
-    out.backward(grad64.to(device))
-    for got, want in zip((out, x.grad, w.grad, b.grad), ref):
-        assert_same_nonfinite(got, want)
+    check_nonfinite_backward(backend, require_backend(backend), where)
 
 
 def test_backends_agree_with_each_other():

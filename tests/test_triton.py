@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import (DTYPES, HAS_GPU, TOLERANCE, assert_same_nonfinite, make_inputs,
-                      nonfinite_case, reference_with_grads, rel_err,
-                      require_backend)
+from conftest import (DTYPES, HAS_GPU, TOLERANCE, check_nonfinite_backward, make_inputs,
+                      reference_with_grads, rel_err, require_backend)
 
 gpu = pytest.mark.skipif(not HAS_GPU, reason="GPU-only: no CUDA device")
 
@@ -242,12 +241,7 @@ def test_nan_and_inf_propagate_like_reference(device, where):
 def test_nan_and_inf_propagate_through_backward(device, where):
     """Output and every gradient have NaN and Inf where the reference has them, also where they
     meet the zero padding (see test_peg.py)."""
-    (H, W, P), (x64, w64, b64, grad64), ref = nonfinite_case(where)
-    x, w, b = (t.to(device).requires_grad_() for t in (x64, w64, b64))
-    out = ck.fused_peg(x, w, b, (H, W), P, backend="triton")
-    out.backward(grad64.to(device))
-    for got, want in zip((out, x.grad, w.grad, b.grad), ref):
-        assert_same_nonfinite(got, want)
+    check_nonfinite_backward("triton", device, where)
 
 
 def test_matches_cpu_backend(device):

@@ -245,11 +245,12 @@ struct RegTap {
 };
 
 // Vector at tile column `col` of a staged row (row already offset by u), zero outside the
-// staged columns [c0, c0 + cols): the convolution's padding, or columns no valid output uses.
+// staged columns [c0, c0 + cols) (the convolution's padding, or columns no valid output uses)
+// and everywhere in a padding row (row == nullptr).
 template <typename T, int VEC>
 __device__ __forceinline__ void load_col(acc_t<T> (&dst)[VEC], const Pack<T, VEC>* row, int col,
                                          const Tile& t, int cch_shift) {
-  if (static_cast<unsigned>(col - t.c0) < static_cast<unsigned>(t.cols)) {
+  if (row != nullptr && static_cast<unsigned>(col - t.c0) < static_cast<unsigned>(t.cols)) {
     const Pack<T, VEC> v = row[(col - t.c0) << cch_shift];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) dst[e] = static_cast<acc_t<T>>(v.v[e]);
@@ -309,27 +310,11 @@ __device__ __forceinline__ void conv_tile(const Pack<T, VEC>* s, const acc_t<T>*
 #pragma unroll(KH > 0 ? KH : 1)
     for (int i = 0; i < kh; ++i) {
       const int hh = h + i - ph;
-      if (hh < 0 || hh >= g.H) {
-        if constexpr (!BIAS) continue;  // grad_x: no output there to take a gradient from
-        // Forward: a padding row's zeros are multiplied like any other input, so an Inf or NaN
-        // tap gives NaN here exactly as in the reference's zero-padded convolution.
-#pragma unroll(KW > 0 ? KW : 1)
-        for (int j = 0; j < kw; ++j) {
-          A wv[VEC];
-          if constexpr (WREG) {
-            wr[i * KW + j].get(wv);
-          } else {
-            load_taps<A, VEC>(wv, ws, i * kw + j, u, sh);
-          }
-#pragma unroll
-          for (int k = 0; k < RW; ++k) {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[k][e] += wv[e] * A(0);
-          }
-        }
-        continue;
-      }
-      const V* row = s + (((hh - t.r0) * t.cols) << sh) + u;
+      const bool pad_row = hh < 0 || hh >= g.H;
+      if (!BIAS && pad_row) continue;  // grad_x: no output there to take a gradient from
+      // Forward: a padding row reads as zeros (row == nullptr) that are multiplied like any other
+      // input, so an Inf or NaN tap gives NaN there exactly as in the reference.
+      const V* row = pad_row ? nullptr : s + (((hh - t.r0) * t.cols) << sh) + u;
       // win[k] holds input column wb + k + j - pw while tap column j is applied.
       A win[RW][VEC];
 #pragma unroll
@@ -449,20 +434,10 @@ __device__ __forceinline__ void wgrad_tile(const Pack<T, VEC>* sg, const Pack<T,
     const int h = t.h0 + lo, hx = h + i - ph;
     const int wa = t.w0 + sgi * seg_w, we = std::min(wa + seg_w, t.w0 + t.tw);
     const V* grow = sg + (((h - t.r0) * t.cols) << sh) + u;
-    if (hx < 0 || hx >= g.H) {
-      // The whole tap row reads padding: grad_out * 0, so that Inf or NaN in grad_out turns
-      // into NaN as in the reference. (Lanes with i != ph: their bias sums are never used.)
-      for (int w = wa; w < we; ++w) {
-        const V gp = grow[(w - t.c0) << sh];
-#pragma unroll
-        for (int j = 0; j < JW; ++j) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[j][e] += static_cast<A>(gp.v[e]) * A(0);
-        }
-      }
-      continue;
-    }
-    const V* xrow = sx + (((hx - t.r0) * t.cols) << sh) + u;
+    // A tap row in the padding reads zeros (xrow == nullptr): grad_out * 0, so that Inf or NaN
+    // in grad_out turns into NaN as in the reference. (Lanes with i != ph: their bias sums are
+    // never used.)
+    const V* xrow = (hx < 0 || hx >= g.H) ? nullptr : sx + (((hx - t.r0) * t.cols) << sh) + u;
     // win[j] holds x column w + jg * JW + j - pw at pixel w.
     const int xc = wa + jg * JW - pw;
     A win[JW][VEC];
