@@ -245,12 +245,11 @@ struct RegTap {
 };
 
 // Vector at tile column `col` of a staged row (row already offset by u), zero outside the
-// staged columns [c0, c0 + cols) (the convolution's padding, or columns no valid output uses)
-// and everywhere in a padding row (row == nullptr).
+// staged columns [c0, c0 + cols): the convolution's padding, or columns no valid output uses.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_col(acc_t<T> (&dst)[VEC], const Pack<T, VEC>* row, int col,
                                          const Tile& t, int cch_shift) {
-  if (row != nullptr && static_cast<unsigned>(col - t.c0) < static_cast<unsigned>(t.cols)) {
+  if (static_cast<unsigned>(col - t.c0) < static_cast<unsigned>(t.cols)) {
     const Pack<T, VEC> v = row[(col - t.c0) << cch_shift];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) dst[e] = static_cast<acc_t<T>>(v.v[e]);
@@ -310,11 +309,12 @@ __device__ __forceinline__ void conv_tile(const Pack<T, VEC>* s, const acc_t<T>*
 #pragma unroll(KH > 0 ? KH : 1)
     for (int i = 0; i < kh; ++i) {
       const int hh = h + i - ph;
-      const bool pad_row = hh < 0 || hh >= g.H;
-      if (!BIAS && pad_row) continue;  // grad_x: no output there to take a gradient from
-      // Forward: a padding row reads as zeros (row == nullptr) that are multiplied like any other
-      // input, so an Inf or NaN tap gives NaN there exactly as in the reference.
-      const V* row = pad_row ? nullptr : s + (((hh - t.r0) * t.cols) << sh) + u;
+      if (hh < 0 || hh >= g.H) {
+        // Padding rows: the forward adds their (tap * 0) terms after this loop; grad_x has no
+        // output there to take a gradient from.
+        continue;
+      }
+      const V* row = s + (((hh - t.r0) * t.cols) << sh) + u;
       // win[k] holds input column wb + k + j - pw while tap column j is applied.
       A win[RW][VEC];
 #pragma unroll
@@ -350,6 +350,30 @@ __device__ __forceinline__ void conv_tile(const Pack<T, VEC>* s, const acc_t<T>*
             for (int e = 0; e < VEC; ++e) win[k][e] = win[k + 1][e];
           }
           load_col<T, VEC>(win[RW - 1], row, wb - pw + j + RW, t, sh);
+        }
+      }
+    }
+    if constexpr (BIAS) {
+      // Forward, rows next to the grid's top or bottom: the padding rows' zeros count like any
+      // other input, so an Inf or NaN tap there gives NaN as in the reference (tap * 0); finite
+      // taps add exactly 0. Kept out of the loop above, whose registers it would otherwise cost.
+      if (h < ph || h >= g.H - ph) {
+#pragma unroll 1
+        for (int i = 0; i < kh; ++i) {
+          const int hh = h + i - ph;
+          if (hh >= 0 && hh < g.H) continue;
+#pragma unroll 1
+          for (int j = 0; j < kw; ++j) {
+            A wv[VEC];
+            load_taps<A, VEC>(wv, ws, i * kw + j, u, sh);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              if (!isfinite(wv[e])) {
+#pragma unroll
+                for (int k = 0; k < RW; ++k) acc[k][e] = A(NAN);
+              }
+            }
+          }
         }
       }
     }
@@ -434,10 +458,24 @@ __device__ __forceinline__ void wgrad_tile(const Pack<T, VEC>* sg, const Pack<T,
     const int h = t.h0 + lo, hx = h + i - ph;
     const int wa = t.w0 + sgi * seg_w, we = std::min(wa + seg_w, t.w0 + t.tw);
     const V* grow = sg + (((h - t.r0) * t.cols) << sh) + u;
-    // A tap row in the padding reads zeros (xrow == nullptr): grad_out * 0, so that Inf or NaN
-    // in grad_out turns into NaN as in the reference. (Lanes with i != ph: their bias sums are
-    // never used.)
-    const V* xrow = (hx < 0 || hx >= g.H) ? nullptr : sx + (((hx - t.r0) * t.cols) << sh) + u;
+    if (hx < 0 || hx >= g.H) {
+      // The whole tap row reads padding: its terms are grad_out * 0, which is 0 except that Inf
+      // or NaN in grad_out gives NaN, as in the reference. (Such lanes have i != ph, so their
+      // bias sums are never used.)
+#pragma unroll 1
+      for (int w = wa; w < we; ++w) {
+        const V gp = grow[(w - t.c0) << sh];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          if (!isfinite(static_cast<A>(gp.v[e]))) {
+#pragma unroll
+            for (int j = 0; j < JW; ++j) acc[j][e] = A(NAN);
+          }
+        }
+      }
+      continue;
+    }
+    const V* xrow = sx + (((hx - t.r0) * t.cols) << sh) + u;
     // win[j] holds x column w + jg * JW + j - pw at pixel w.
     const int xc = wa + jg * JW - pw;
     A win[JW][VEC];
