@@ -140,6 +140,14 @@ def assert_same_nonfinite(got: torch.Tensor, ref: torch.Tensor):
         assert rel_err(got[finite], ref[finite]) < 1e-12
 
 
+def check_nonfinite_forward(backend: str, device, where: str):
+    """fused_peg on `backend` keeps the reference's NaN and Inf (nonfinite_case)."""
+    (H, W, P), (x64, w64, b64, _), ref = nonfinite_case(where)
+    out = ck.fused_peg(x64.to(device), w64.to(device), b64.to(device), (H, W), P,
+                       backend=backend)
+    assert_same_nonfinite(out, ref[0])
+
+
 def check_nonfinite_backward(backend: str, device, where: str):
     """fused_peg on `backend` and its gradients keep the reference's NaN and Inf (nonfinite_case)."""
     (H, W, P), (x64, w64, b64, grad64), ref = nonfinite_case(where)

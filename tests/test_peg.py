@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import (DTYPES, TOLERANCE, check_nonfinite_backward, make_inputs,
-                      reference_with_grads, rel_err, require_backend)
+from conftest import (DTYPES, TOLERANCE, check_nonfinite_backward, check_nonfinite_forward,
+                      make_inputs, reference_with_grads, rel_err, require_backend)
 
 BACKENDS = ["cpu", "reference"]
 
@@ -163,23 +163,7 @@ def test_weight_grads_are_deterministic(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["x", "weight"])
 def test_nan_and_inf_propagate_like_reference(backend, where):
-    device = require_backend(backend)
-    H, W, P = 6, 7, 1
-    (x64, w64, b64), _ = make_inputs(2, P, H, W, 9, 3, 3, True, torch.float64, device)
-    if where == "x":
-        x64[0, P + 2 * W + 3, 4] = float("nan")
-        x64[1, P + 5 * W + 6, 2] = float("inf")
-        x64[1, 0, 1] = float("-inf")
-    else:
-        w64[4, 0, 1, 2] = float("nan")
-        w64[2, 0, 0, 0] = float("inf")
-    ref = ck.peg_reference(x64, w64, b64, H, W, P)
-    out = ck.fused_peg(x64, w64, b64, (H, W), P, backend=backend)
-    assert torch.equal(out.isnan(), ref.isnan())
-    assert torch.equal(out.isinf(), ref.isinf())
-    finite = ref.isfinite()
-    assert torch.equal(out[ref.isinf()], ref[ref.isinf()])
-    assert rel_err(out[finite], ref[finite]) < 1e-12
+    check_nonfinite_forward(backend, require_backend(backend), where)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -390,9 +390,22 @@ void conv_row(const A* const* rows, int64_t block_stride, int64_t kh, int64_t kw
   }
 }
 
-// Whether conv_row_dispatch computes two output rows in one pass for this kernel size.
+// The kernel sizes with an unrolled path (the square ones PEG uses); those also compute two
+// output rows per pass.
 inline bool pairs_rows(int64_t kh, int64_t kw) {
   return kh == kw && (kw == 1 || kw == 3 || kw == 5 || kw == 7);
+}
+
+template <int RB, typename T, typename A>
+void conv_rows_unrolled(const A* const* rows, int64_t block_stride, int64_t k, const A* wt,
+                        const A* bias, int64_t W, int64_t C, bool stream, int64_t row_stride,
+                        T* out) {
+  switch (k) {
+    case 1: return conv_row<1, RB>(rows, block_stride, k, k, wt, bias, W, C, stream, row_stride, out);
+    case 3: return conv_row<3, RB>(rows, block_stride, k, k, wt, bias, W, C, stream, row_stride, out);
+    case 5: return conv_row<5, RB>(rows, block_stride, k, k, wt, bias, W, C, stream, row_stride, out);
+    default: return conv_row<7, RB>(rows, block_stride, k, k, wt, bias, W, C, stream, row_stride, out);
+  }
 }
 
 // nrows (1, or 2 when pairs_rows) consecutive output rows from rows[0 .. kh + nrows - 2].
@@ -400,31 +413,21 @@ template <typename T, typename A>
 void conv_row_dispatch(const A* const* rows, int64_t block_stride, int64_t kh, int64_t kw,
                        const A* wt, const A* bias, int64_t W, int64_t C, bool stream,
                        T* out, int64_t nrows = 1, int64_t row_stride = 0) {
-  const auto one = [&](int K_rt) {
-    switch (K_rt) {
-      case 1: return conv_row<1, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out);
-      case 3: return conv_row<3, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out);
-      case 5: return conv_row<5, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out);
-      case 7: return conv_row<7, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out);
-      default: return conv_row<0, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out);
-    }
-  };
-  if (nrows == 2) {
-    TORCH_INTERNAL_ASSERT(pairs_rows(kh, kw));
-    switch (kw) {
-      case 1: return conv_row<1, 2>(rows, block_stride, kh, kw, wt, bias, W, C, stream, row_stride, out);
-      case 3: return conv_row<3, 2>(rows, block_stride, kh, kw, wt, bias, W, C, stream, row_stride, out);
-      case 5: return conv_row<5, 2>(rows, block_stride, kh, kw, wt, bias, W, C, stream, row_stride, out);
-      default: return conv_row<7, 2>(rows, block_stride, kh, kw, wt, bias, W, C, stream, row_stride, out);
-    }
+  if (!pairs_rows(kh, kw)) {
+    TORCH_INTERNAL_ASSERT(nrows == 1);
+    return conv_row<0, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out);
   }
-  return one(kh == kw && (kw == 1 || kw == 3 || kw == 5 || kw == 7) ? static_cast<int>(kw) : 0);
+  if (nrows == 2) {
+    return conv_rows_unrolled<2>(rows, block_stride, kw, wt, bias, W, C, stream, row_stride, out);
+  }
+  return conv_rows_unrolled<1>(rows, block_stride, kw, wt, bias, W, C, stream, 0, out);
 }
 
 // Output size from which the grid rows are written with non-temporal stores:
 // CPVT_CPU_STREAM_BYTES if set (0: always, a huge value: never), else a quarter of the
-// last-level cache (8 MiB where its size is unknown). Below it the output stays in cache for whatever reads it next; above it, it
-// would not, and streaming saves the read-for-ownership of every line (a third of the traffic).
+// last-level cache (8 MiB where its size is unknown). Below it the output stays in cache for
+// whatever reads it next; above it, it would not, and streaming saves the read-for-ownership of
+// every line (a third of the traffic).
 inline int64_t stream_threshold() {
   if (const char* env = std::getenv("CPVT_CPU_STREAM_BYTES"); env != nullptr && *env != '\0') {
     return std::atoll(env);
