@@ -215,3 +215,66 @@ def test_cpu_streaming_stores(monkeypatch, dtype, C, layout):
     assert not x.grad.isnan().any()
     for got, want in ((x.grad, gx_ref), (w.grad, gw_ref), (b.grad, gb_ref)):
         assert rel_err(got, want) < tol
+
+
+# bfloat16 forwards of the square kernels PEG uses run, on CPUs with AVX512-BF16, as bfloat16
+# dot products over pairs of rows (see csrc/cpu/peg_kernel.cpp, namespace dot);
+# CPVT_CPU_BF16_DOT=0 turns that off. Grids with an odd H end an image with a single-row pass.
+DOT_CASES = [  # (B, P, H, W, C, k, layout)
+    (2, 1, 14, 14, 192, 3, "contiguous"),
+    (3, 0, 7, 9, 20, 3, "offset_slice"),
+    (2, 2, 5, 6, 33, 5, "contiguous"),
+    (3, 1, 9, 4, 48, 7, "transposed"),
+    (2, 1, 6, 7, 17, 1, "offset_slice"),
+    (1, 1, 1, 1, 16, 3, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("case", DOT_CASES, ids=lambda c: "B{}-P{}-{}x{}-C{}-k{}-{}".format(*c))
+def test_cpu_bfloat16_forward_paths_agree(monkeypatch, case):
+    """The dot-product and the float bfloat16 forward sum the same float products in another
+    order: every output within one bfloat16 rounding step of the other, and of the reference."""
+    require_backend("cpu")
+    B, P, H, W, C, k, layout = case
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, k, k, True, torch.bfloat16)
+    x = _layout(x, layout)
+    ref = ck.fused_peg(x64, w64, b64, (H, W), P, backend="reference")
+    _poison_allocator(x.shape, dtype=torch.bfloat16)
+    dot = ck.fused_peg(x, w, b, (H, W), P, backend="cpu")
+    monkeypatch.setenv("CPVT_CPU_BF16_DOT", "0")
+    _poison_allocator(x.shape, dtype=torch.bfloat16)
+    flt = ck.fused_peg(x, w, b, (H, W), P, backend="cpu")
+    step = flt.double().abs() * 2.0 ** -7 + 1e-30  # one bfloat16 step at each value (or more)
+    assert not dot.isnan().any() and not flt.isnan().any()
+    assert ((dot.double() - flt.double()).abs() <= step).all()
+    assert rel_err(dot, ref) < TOLERANCE[torch.bfloat16]
+    assert torch.equal(dot[:, :P], x[:, :P])
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+@pytest.mark.parametrize("H,W", [(6, 5), (5, 3)])
+def test_cpu_bfloat16_forward_nonfinite_rows(k, H, W):
+    """An Inf or NaN in one input row reaches only the output rows whose window holds it (the
+    dot-product path multiplies rows outside the window by a zero tap, so it must hand such
+    inputs to the float path), and a non-finite tap meets the zero padding as in the reference."""
+    require_backend("cpu")
+    B, P, C = 2, 1, 18
+    (x64, w64, b64), _ = make_inputs(B, P, H, W, C, k, k, True, torch.bfloat16)
+    specials = [float("inf"), float("-inf"), float("nan")]
+    for row in range(H):
+        xs = x64.clone()
+        xs[row % B, P + row * W + row % W, (5 * row) % C] = specials[row % 3]
+        ref = ck.fused_peg(xs, w64, b64, (H, W), P, backend="reference")
+        out = ck.fused_peg(xs.bfloat16(), w64.bfloat16(), b64.bfloat16(), (H, W), P,
+                           backend="cpu")
+        assert torch.equal(out.isnan(), ref.isnan()), f"row {row}"
+        assert torch.equal(out.isinf(), ref.isinf()), f"row {row}"
+        finite = ref.isfinite()
+        assert torch.equal(out[~finite & ~ref.isnan()], ref[~finite & ~ref.isnan()].bfloat16())
+        assert rel_err(out[finite], ref[finite]) < TOLERANCE[torch.bfloat16]
+    ws = w64.clone()
+    ws[3, 0, 0, k - 1] = float("inf")
+    ws[7, 0, k // 2, 0] = float("nan")
+    ref = ck.fused_peg(x64, ws, b64, (H, W), P, backend="reference")
+    out = ck.fused_peg(x64.bfloat16(), ws.bfloat16(), b64.bfloat16(), (H, W), P, backend="cpu")
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -652,6 +653,304 @@ void copy_prefix(const T* src, const Geometry& g, T* dst) {
   });
 }
 
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+// bfloat16 forward with bfloat16 dot products (AVX512-BF16 `vdpbf16ps`): one instruction
+// multiplies 16 pairs of bfloat16 values by 16 pairs of taps and adds both products to 16 float
+// accumulators. The rows of the grid are held in pairs (a, a + 1), interleaved channel by
+// channel, so that a pair of taps of one kernel column (rows i and i + 1) is one operand:
+// a k x k kernel takes (k + 1) / 2 * k instructions per output vector instead of k * k fused
+// multiply-adds (3x3: 6 instead of 9), and the rows stay bfloat16 in cache (half the bytes).
+// For two output rows y and y + 1 the same pair rows serve both, with the taps shifted by one
+// row: row y uses pairs (w[2m], w[2m + 1]), row y + 1 uses (w[2m - 1], w[2m]), a missing tap
+// being 0. A product of bfloat16 values is exact in float, so each step rounds like a fused
+// multiply-add; inputs and results below float's normal range are flushed to zero.
+//
+// A tap of 0 meets an input row that lies outside that output row's window, which is exact
+// only while the input is finite (0 * Inf = NaN): the rows are checked as they are loaded, and
+// if any is not finite the caller recomputes the output with the float path, whose NaN and Inf
+// follow the reference exactly. Taps that are not finite never take this path.
+namespace dot {
+
+constexpr int64_t kV = 16;  // channels per block: one float accumulator vector
+
+CPVT_ALWAYS_INLINE __m512i in_register_i(__m512i v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
+// Pair rows (a, a + 1) of the grid, interleaved: element (column w, channel c, half e) of a
+// padded pair row is at [((c / 16) * Wp + w + pw) * 16 + c % 16] * 2 + e, Wp = W + 2 * pw; rows
+// outside the grid are zeros. A ring of them per thread, tagged by (image, a).
+class PairRing {
+ public:
+  PairRing(const Geometry& g, const at::BFloat16* base, int64_t slots)
+      : g_(g), base_(reinterpret_cast<const uint16_t*>(base)), nblk_((g.C + kV - 1) / kV),
+        wp_(g.W + 2 * g.pw), width_(nblk_ * wp_ * 2 * kV), slots_(slots),
+        storage_(new uint16_t[static_cast<size_t>((slots + 1) * width_ + 32)]),
+        buf_(reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(storage_.get()) + 63) /
+                                         64 * 64)),
+        tag_(slots, -1), zero_src_(static_cast<size_t>(g.C), 0) {
+    for (int64_t s = 0; s < slots; ++s) {
+      for (int64_t blk = 0; blk < nblk_; ++blk) {
+        uint16_t* b = buf_ + s * width_ + blk * wp_ * 2 * kV;
+        std::fill_n(b, g.pw * 2 * kV, uint16_t(0));
+        std::fill_n(b + (g.pw + g.W) * 2 * kV, g.pw * 2 * kV, uint16_t(0));
+      }
+    }
+    std::fill_n(buf_ + slots * width_, width_, uint16_t(0));
+  }
+
+  int64_t block_stride() const { return wp_ * 2 * kV; }
+
+  // Pair row (a, a + 1) of image b, for -ph <= a < H.
+  const uint16_t* get(int64_t b, int64_t a) {
+    const bool lo_in = a >= 0 && a < g_.H, hi_in = a + 1 >= 0 && a + 1 < g_.H;
+    if (!lo_in && !hi_in) return buf_ + slots_ * width_;  // the zero row
+    const int64_t idx = a + g_.ph;
+    const int64_t slot = (idx / 2) % slots_;
+    const int64_t tag = b * (g_.H + g_.ph + 2) + idx;
+    uint16_t* row = buf_ + slot * width_;
+    if (tag_[slot] != tag) {
+      fill(row, b, a, lo_in, hi_in);
+      tag_[slot] = tag;
+    }
+    return row;
+  }
+
+  // Whether any loaded input element was Inf or NaN.
+  bool nonfinite() const { return nonfinite_; }
+
+ private:
+  const uint16_t* source(int64_t b, int64_t hh) const {
+    return base_ + b * g_.sb + (g_.P + hh * g_.W) * g_.st;
+  }
+
+  void fill(uint16_t* row, int64_t b, int64_t a, bool lo_in, bool hi_in) {
+    // Lane 2i takes element i of the first row, lane 2i + 1 element i of the second.
+    alignas(64) static constexpr uint16_t kInterleave[32] = {
+        0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i perm = _mm512_load_si512(kInterleave);
+    const __m512i magnitude = _mm512_set1_epi16(0x7FFF);
+    // A row outside the grid reads a row of zeros (token stride 0).
+    const uint16_t* lo = lo_in ? source(b, a) : zero_src_.data();
+    const uint16_t* hi = hi_in ? source(b, a + 1) : zero_src_.data();
+    const int64_t lo_st = lo_in ? g_.st : 0, hi_st = hi_in ? g_.st : 0;
+    const int64_t C = g_.C, full = C / kV * kV, step = wp_ * 2 * kV;
+    const __mmask16 tail = static_cast<__mmask16>((1u << (C - full)) - 1);
+    // The largest |bits| seen: an Inf or NaN has all exponent bits set, so it is >= 0x7F80.
+    __m512i largest = _mm512_setzero_si512();
+    const auto put = [&](__m256i l, __m256i h, uint16_t* d) {
+      const __m512i v =
+          _mm512_permutex2var_epi16(_mm512_castsi256_si512(l), perm, _mm512_castsi256_si512(h));
+      largest = _mm512_max_epu16(largest, _mm512_and_si512(v, magnitude));
+      _mm512_store_si512(d, v);
+    };
+    for (int64_t w = 0; w < g_.W; ++w) {
+      const uint16_t* l = lo + w * lo_st;
+      const uint16_t* h = hi + w * hi_st;
+      uint16_t* d = row + (w + g_.pw) * 2 * kV;
+      int64_t c = 0;
+      for (; c < full; c += kV, d += step) {
+        put(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(l + c)),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + c)), d);
+      }
+      if (c < C) put(_mm256_maskz_loadu_epi16(tail, l + c), _mm256_maskz_loadu_epi16(tail, h + c), d);
+    }
+    nonfinite_ = nonfinite_ || _mm512_cmpge_epu16_mask(largest, _mm512_set1_epi16(0x7F80)) != 0;
+  }
+
+  const Geometry& g_;
+  const uint16_t* base_;
+  int64_t nblk_, wp_, width_, slots_;
+  std::unique_ptr<uint16_t[]> storage_;
+  uint16_t* buf_;
+  std::vector<int64_t> tag_;
+  std::vector<uint16_t> zero_src_;  // C zeros
+  bool nonfinite_ = false;
+};
+
+// WB outputs along w of RB output rows, one channel block. pr[m] is the block of pair row
+// (y - K/2 + 2m, y - K/2 + 2m + 1); tap pairs are at wp[((p * NP) + m) * K + j] (registers for
+// K <= 3, else memory). The residual input row y + p is half (K/2 + p) % 2 of pair (K/2 + p) / 2:
+// the high half of a lane, masked, or the low half shifted up, is that bfloat16 as a float.
+template <int K, int WB, int RB, bool FULL>
+CPVT_ALWAYS_INLINE void conv_block(const uint16_t* const* pr, const __m512i* wreg,
+                                   const uint16_t* wmem, __m512 bias, int64_t w0, __mmask16 mask,
+                                   int64_t C, int64_t row_stride, uint16_t* out) {
+  constexpr int NP = (K + 1) / 2, PH = K / 2;
+  __m512 acc[RB][WB];
+#pragma GCC unroll 2
+  for (int p = 0; p < RB; ++p) {
+#pragma GCC unroll 16
+    for (int q = 0; q < WB; ++q) acc[p][q] = bias;
+  }
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+#pragma GCC unroll 4
+  for (int m = 0; m < NP; ++m) {
+    const uint16_t* rm = pr[m] + w0 * 2 * kV;
+#pragma GCC unroll 16
+    for (int t = 0; t < WB + K - 1; ++t) {
+      const __m512i v = in_register_i(_mm512_load_si512(rm + t * 2 * kV));
+#pragma GCC unroll 2
+      for (int p = 0; p < RB; ++p) {
+#pragma GCC unroll 8
+        for (int j = 0; j < K; ++j) {
+          const int q = t - j;
+          if (q < 0 || q >= WB) continue;
+          const int widx = (p * NP + m) * K + j;
+          const __m512i wv =
+              K <= 3 ? wreg[widx] : _mm512_load_si512(wmem + widx * 2 * kV);
+          acc[p][q] = _mm512_dpbf16_ps(acc[p][q], (__m512bh)v, (__m512bh)wv);
+        }
+        if ((PH + p) / 2 == m) {
+          const int q = t - PH;
+          if (q >= 0 && q < WB) {
+            const __m512i r = (PH + p) % 2 ? _mm512_and_si512(v, high) : _mm512_slli_epi32(v, 16);
+            acc[p][q] = _mm512_add_ps(acc[p][q], _mm512_castsi512_ps(r));
+          }
+        }
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int p = 0; p < RB; ++p) {
+    uint16_t* o = out + p * row_stride + w0 * C;
+#pragma GCC unroll 16
+    for (int q = 0; q < WB; ++q, o += C) {
+      const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[p][q]));
+      if constexpr (FULL) _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), h);
+      else _mm256_mask_storeu_epi16(o, mask, h);
+    }
+  }
+}
+
+// RB output rows, one channel block, all W columns.
+template <int K, int RB, bool FULL>
+void conv_cols(const uint16_t* const* pr, const uint16_t* wpairs, const float* bias, int64_t W,
+               __mmask16 mask, int64_t C, int64_t row_stride, uint16_t* out) {
+  constexpr int WB = 8, NP = (K + 1) / 2;
+  __m512i wreg[K <= 3 ? RB * NP * K : 1];
+  if constexpr (K <= 3) {
+#pragma GCC unroll 16
+    for (int i = 0; i < RB * NP * K; ++i) wreg[i] = _mm512_load_si512(wpairs + i * 2 * kV);
+  }
+  const __m512 b = _mm512_maskz_loadu_ps(mask, bias);
+  int64_t w0 = 0;
+  for (; w0 + WB <= W; w0 += WB) {
+    conv_block<K, WB, RB, FULL>(pr, wreg, wpairs, b, w0, mask, C, row_stride, out);
+  }
+  if (w0 + 4 <= W) {
+    conv_block<K, 4, RB, FULL>(pr, wreg, wpairs, b, w0, mask, C, row_stride, out);
+    w0 += 4;
+  }
+  if (w0 + 2 <= W) {
+    conv_block<K, 2, RB, FULL>(pr, wreg, wpairs, b, w0, mask, C, row_stride, out);
+    w0 += 2;
+  }
+  if (w0 < W) conv_block<K, 1, RB, FULL>(pr, wreg, wpairs, b, w0, mask, C, row_stride, out);
+}
+
+// Tap pairs of every channel block, laid out as conv_block reads them: for block blk, output
+// row p (0: y, 1: y + 1), pair m and column j, 16 lanes (w[2m - p][j][c], w[2m + 1 - p][j][c]),
+// a tap outside the kernel being 0. w is the (C, K*K) weight's bfloat16 bits. Sets finite to
+// whether every tap is finite.
+template <int K>
+std::vector<__m512i> tap_pairs(const uint16_t* w, int64_t C, int64_t nblk, bool& finite) {
+  constexpr int NP = (K + 1) / 2;
+  const int64_t per_blk = 2 * NP * K * 2 * kV;
+  std::vector<__m512i> vecs(static_cast<size_t>(nblk * 2 * NP * K), _mm512_setzero_si512());
+  uint16_t* out = reinterpret_cast<uint16_t*>(vecs.data());
+  uint16_t largest = 0;  // of the magnitude bits: Inf and NaN are >= 0x7F80
+  for (int64_t c = 0; c < C; ++c) {
+    const uint16_t* wc = w + c * K * K;
+    for (int t = 0; t < K * K; ++t) largest = std::max<uint16_t>(largest, wc[t] & 0x7FFF);
+    uint16_t* base = out + (c / kV) * per_blk + 2 * (c % kV);
+    for (int p = 0; p < 2; ++p) {
+      for (int m = 0; m < NP; ++m) {
+        const int k0 = 2 * m - p, k1 = k0 + 1;
+        for (int j = 0; j < K; ++j) {
+          uint16_t* d = base + ((p * NP + m) * K + j) * 2 * kV;
+          d[0] = k0 >= 0 ? wc[k0 * K + j] : uint16_t(0);
+          d[1] = k1 < K ? wc[k1 * K + j] : uint16_t(0);
+        }
+      }
+    }
+  }
+  finite = largest < 0x7F80;
+  return vecs;
+}
+
+// The forward of a K x K kernel (K = 1, 3, 5, 7) for bfloat16, two output rows per pass.
+// Returns false, with the grid rows of dst not yet valid, when a tap or an input is not finite.
+template <int K>
+bool forward(const at::BFloat16* src, const Geometry& g, const uint16_t* weight,
+             const float* bias, at::BFloat16* dst) {
+  constexpr int NP = (K + 1) / 2;
+  const int64_t nblk = (g.C + kV - 1) / kV;
+  bool finite_taps = true;
+  const std::vector<__m512i> pair_vecs = tap_pairs<K>(weight, g.C, nblk, finite_taps);
+  if (!finite_taps) return false;
+  const uint16_t* pairs = reinterpret_cast<const uint16_t*>(pair_vecs.data());
+  const int64_t per_blk = 2 * NP * K * 2 * kV;
+  const int64_t rows = g.B * g.H;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.W * g.C));
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    PairRing ring(g, src, NP + 1);
+    const uint16_t* pr[NP];
+    const uint16_t* r[NP];
+    uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t row = begin; row < end;) {
+      const int64_t b = row / g.H, h = row % g.H;
+      const int64_t nr = (row + 1 < end && h + 1 < g.H) ? 2 : 1;
+      for (int m = 0; m < NP; ++m) pr[m] = ring.get(b, h - K / 2 + 2 * m);
+      uint16_t* o = out + (b * g.N + g.P + h * g.W) * g.C;
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        for (int m = 0; m < NP; ++m) r[m] = pr[m] + blk * ring.block_stride();
+        const int64_t c0 = blk * kV, n = std::min<int64_t>(kV, g.C - c0);
+        const __mmask16 mask = n == kV ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+        // Row y's taps come first in a block's pairs; one output row uses only those.
+        const uint16_t* wp = pairs + blk * per_blk;
+        if (nr == 2) {
+          if (n == kV) conv_cols<K, 2, true>(r, wp, bias + c0, g.W, mask, g.C, g.W * g.C, o + c0);
+          else conv_cols<K, 2, false>(r, wp, bias + c0, g.W, mask, g.C, g.W * g.C, o + c0);
+        } else {
+          if (n == kV) conv_cols<K, 1, true>(r, wp, bias + c0, g.W, mask, g.C, 0, o + c0);
+          else conv_cols<K, 1, false>(r, wp, bias + c0, g.W, mask, g.C, 0, o + c0);
+        }
+      }
+      row += nr;
+    }
+    if (ring.nonfinite()) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
+}
+
+}  // namespace dot
+
+// CPVT_CPU_BF16_DOT=0 turns the dot-product forward off, so the float path runs instead.
+inline bool dot_disabled() {
+  const char* env = std::getenv("CPVT_CPU_BF16_DOT");
+  return env != nullptr && std::strcmp(env, "0") == 0;
+}
+
+// Forward of bfloat16 with dot products where it applies (see namespace dot); false where it
+// does not, or where an input was not finite, and the float path must (re)compute the grid.
+// weight is the (C, 1, kh, kw) weight, contiguous.
+inline bool forward_bf16_dot(const at::BFloat16* src, const Geometry& g,
+                             const at::BFloat16* weight, const float* bias, at::BFloat16* dst) {
+  if (dot_disabled() || !pairs_rows(g.kh, g.kw)) return false;
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight);
+  switch (g.kh) {
+    case 1: return dot::forward<1>(src, g, w, bias, dst);
+    case 3: return dot::forward<3>(src, g, w, bias, dst);
+    case 5: return dot::forward<5>(src, g, w, bias, dst);
+    default: return dot::forward<7>(src, g, w, bias, dst);
+  }
+}
+#endif
+
 // The forward pass: prefix tokens copied, then each grid row convolved from the row ring.
 template <typename T>
 void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
@@ -692,16 +991,36 @@ at::Tensor peg_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peg_forward_cpu", [&] {
     using A = acc_t<scalar_t>;
-    // Taps followed by one row for the bias (zeros without one).
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    // The bias in the accumulation type (zeros without one).
+    const auto bias_into = [&](A* bt) {
+      std::fill_n(bt, g.C, A(0));
+      if (bias.has_value() && bias->defined()) {
+        const at::Tensor b = bias->contiguous();
+        const scalar_t* bp = b.const_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < g.C; ++c) bt[c] = static_cast<A>(bp[c]);
+      }
+    };
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      std::vector<A> bt(g.C);
+      bias_into(bt.data());
+      const at::Tensor w = weight.contiguous();
+      if (forward_bf16_dot(reinterpret_cast<const at::BFloat16*>(xp), g,
+                           reinterpret_cast<const at::BFloat16*>(w.const_data_ptr<scalar_t>()),
+                           reinterpret_cast<const float*>(bt.data()),
+                           reinterpret_cast<at::BFloat16*>(op))) {
+        copy_prefix(xp, g, op);
+        return;
+      }
+    }
+#endif
+    // Taps followed by one row for the bias.
     std::vector<A> wt = taps_by_channel<scalar_t>(weight, /*flip=*/false, /*extra=*/1);
     A* bt = wt.data() + g.kh * g.kw * g.C;
-    if (bias.has_value() && bias->defined()) {
-      const at::Tensor b = bias->contiguous();
-      const scalar_t* bp = b.const_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < g.C; ++c) bt[c] = static_cast<A>(bp[c]);
-    }
-    peg_conv_residual<scalar_t>(x.const_data_ptr<scalar_t>(), g, wt.data(), bt,
-                                out.mutable_data_ptr<scalar_t>());
+    bias_into(bt);
+    peg_conv_residual<scalar_t>(xp, g, wt.data(), bt, op);
   });
   return out;
 }
