@@ -126,13 +126,6 @@ class RowRing {
         if (c < C) load_acc<T, A>(s + c, C - c).store(d);  // zero lanes past C
       }
       tag_[slot] = tag;
-      // The next row of the image is read next: start fetching it into L2 now, so that its
-      // conversion does not wait on the last-level cache or DRAM.
-      if (hh + 1 < g_.H && g_.st == C) {
-        const char* next = reinterpret_cast<const char*>(src + g_.W * g_.st);
-        const int64_t bytes = g_.W * C * static_cast<int64_t>(sizeof(T));
-        for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(next + off, 0, 2);
-      }
     }
     return row;
   }
