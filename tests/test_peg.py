@@ -227,6 +227,9 @@ DOT_CASES = [  # (B, P, H, W, C, k, layout)
     (3, 1, 9, 4, 48, 7, "transposed"),
     (2, 1, 6, 7, 17, 1, "offset_slice"),
     (1, 1, 1, 1, 16, 3, "contiguous"),
+    # W * C large enough that every thread takes single rows: with 2 threads the second range
+    # starts at row 5, so its row pairs have the other parity.
+    (1, 1, 9, 16, 2048, 3, "contiguous"),
 ]
 
 
