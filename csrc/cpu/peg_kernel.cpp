@@ -232,6 +232,23 @@ CPVT_ALWAYS_INLINE Vec<A> in_register(Vec<A> v) {
   return v;
 }
 
+// Calls block(std::integral_constant<int, n>{}, w0) over the columns [0, W): blocks of WB, then
+// at most one each of 4, 2 and 1, so that every block width is a compile-time constant.
+template <int WB, typename F>
+CPVT_ALWAYS_INLINE void column_blocks(int64_t W, F&& block) {
+  int64_t w0 = 0;
+  for (; w0 + WB <= W; w0 += WB) block(std::integral_constant<int, WB>{}, w0);
+  if (w0 + 4 <= W) {
+    block(std::integral_constant<int, 4>{}, w0);
+    w0 += 4;
+  }
+  if (w0 + 2 <= W) {
+    block(std::integral_constant<int, 2>{}, w0);
+    w0 += 2;
+  }
+  if (w0 < W) block(std::integral_constant<int, 1>{}, w0);
+}
+
 // One output row of the convolution for one block of channels:
 //   out[w, c] = bias[c] + sum_{i, j} wt[i*kw + j][c] * r[i][w + j] + r[ph][w + pw]
 // r[i] is the block of padded input row h + i - ph (a zero row outside the grid). The residual
@@ -304,19 +321,9 @@ CPVT_ALWAYS_INLINE void conv_cols_k(const A* const* r, const A* wt, const A* bia
     for (int t = 0; t < K * K; ++t) wv[t] = ld<FULL>(wt + t * C, n);
   }
   const Vec<A> b = ld<FULL>(bias, n);
-  int64_t w0 = 0;
-  for (; w0 + WB <= W; w0 += WB) {
-    conv_block_k<K, WB, RB, M>(r, wv, wt, b, w0, C, n, row_stride, out);
-  }
-  if (w0 + 4 <= W) {
-    conv_block_k<K, 4, RB, M>(r, wv, wt, b, w0, C, n, row_stride, out);
-    w0 += 4;
-  }
-  if (w0 + 2 <= W) {
-    conv_block_k<K, 2, RB, M>(r, wv, wt, b, w0, C, n, row_stride, out);
-    w0 += 2;
-  }
-  if (w0 < W) conv_block_k<K, 1, RB, M>(r, wv, wt, b, w0, C, n, row_stride, out);
+  column_blocks<WB>(W, [&](auto nb, int64_t w0) {
+    conv_block_k<K, decltype(nb)::value, RB, M>(r, wv, wt, b, w0, C, n, row_stride, out);
+  });
 }
 
 // Any kernel size: taps at run time, four outputs along w at a time.
@@ -829,19 +836,10 @@ void conv_cols(const uint16_t* const* pr, const uint16_t* wpairs, const float* b
     for (int i = 0; i < RB * NP * K; ++i) wreg[i] = _mm512_load_si512(wpairs + i * 2 * kV);
   }
   const __m512 b = _mm512_maskz_loadu_ps(mask, bias);
-  int64_t w0 = 0;
-  for (; w0 + WB <= W; w0 += WB) {
-    conv_block<K, WB, RB, FULL>(pr, wreg, wpairs, b, w0, mask, C, row_stride, out);
-  }
-  if (w0 + 4 <= W) {
-    conv_block<K, 4, RB, FULL>(pr, wreg, wpairs, b, w0, mask, C, row_stride, out);
-    w0 += 4;
-  }
-  if (w0 + 2 <= W) {
-    conv_block<K, 2, RB, FULL>(pr, wreg, wpairs, b, w0, mask, C, row_stride, out);
-    w0 += 2;
-  }
-  if (w0 < W) conv_block<K, 1, RB, FULL>(pr, wreg, wpairs, b, w0, mask, C, row_stride, out);
+  column_blocks<WB>(W, [&](auto nb, int64_t w0) {
+    conv_block<K, decltype(nb)::value, RB, FULL>(pr, wreg, wpairs, b, w0, mask, C, row_stride,
+                                                 out);
+  });
 }
 
 // Tap pairs of every channel block, laid out as conv_block reads them: for block blk, output
