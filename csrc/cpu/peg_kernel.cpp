@@ -846,11 +846,16 @@ void conv_cols(const uint16_t* const* pr, const uint16_t* wpairs, const float* b
 // row p (0: y, 1: y + 1), pair m and column j, 16 lanes (w[2m - p][j][c], w[2m + 1 - p][j][c]),
 // a tap outside the kernel being 0. w is the (C, K*K) weight's bfloat16 bits. Sets finite to
 // whether every tap is finite.
+// One 64-byte vector of 32 bfloat16 lanes, aligned for vector loads.
+struct alignas(64) Lanes {
+  uint16_t v[2 * kV];
+};
+
 template <int K>
-std::vector<__m512i> tap_pairs(const uint16_t* w, int64_t C, int64_t nblk, bool& finite) {
+std::vector<Lanes> tap_pairs(const uint16_t* w, int64_t C, int64_t nblk, bool& finite) {
   constexpr int NP = (K + 1) / 2;
   const int64_t per_blk = 2 * NP * K * 2 * kV;
-  std::vector<__m512i> vecs(static_cast<size_t>(nblk * 2 * NP * K), _mm512_setzero_si512());
+  std::vector<Lanes> vecs(static_cast<size_t>(nblk * 2 * NP * K), Lanes{});
   uint16_t* out = reinterpret_cast<uint16_t*>(vecs.data());
   uint16_t largest = 0;  // of the magnitude bits: Inf and NaN are >= 0x7F80
   for (int64_t c = 0; c < C; ++c) {
@@ -880,7 +885,7 @@ bool forward(const at::BFloat16* src, const Geometry& g, const uint16_t* weight,
   constexpr int NP = (K + 1) / 2;
   const int64_t nblk = (g.C + kV - 1) / kV;
   bool finite_taps = true;
-  const std::vector<__m512i> pair_vecs = tap_pairs<K>(weight, g.C, nblk, finite_taps);
+  const std::vector<Lanes> pair_vecs = tap_pairs<K>(weight, g.C, nblk, finite_taps);
   if (!finite_taps) return false;
   const uint16_t* pairs = reinterpret_cast<const uint16_t*>(pair_vecs.data());
   const int64_t per_blk = 2 * NP * K * 2 * kV;
