@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -601,7 +602,8 @@ def main(argv=None) -> int:
         raise SystemExit("--impls: compile-max-autotune is benchmarked on a GPU only")
     if "eager" not in names:
         names = ["eager"] + names  # speedups are relative to it
-    notes = []
+    # The command line, so that a committed result says how to produce it again.
+    notes = ["command: python bench/bench_peg.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])]
     if not backends:
         notes.append("no fused backend is available on this device: "
                      + "; ".join(f"{b}: {ck.ops._unavailable_reason(b, device.type)}"
