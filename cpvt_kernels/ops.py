@@ -205,7 +205,9 @@ def fused_peg(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
             ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
     Returns:
         A new contiguous ``(B, P + H*W, C)`` tensor of ``x``'s dtype. Differentiable in ``x``,
-        ``weight`` and ``bias``. Under ``torch.autocast`` it runs in the autocast dtype.
+        ``weight`` and ``bias``. Under ``torch.autocast`` it returns the dtype the eager PEG
+        returns there, the promotion of ``x``'s dtype and the autocast dtype (float32 tokens
+        stay float32), and computes in it.
 
     Example:
         >>> import torch, cpvt_kernels as ck
@@ -219,9 +221,13 @@ def fused_peg(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     H, W = _checks.parse_size(size, x.shape[1] if x.dim() == 3 else None, num_prefix_tokens
                               if isinstance(num_prefix_tokens, int) else 0)
     device_type = x.device.type
-    # As for a convolution, autocast casts float32/float16/bfloat16 (never float64) inputs.
+    # Under autocast the eager PEG runs its convolution in the autocast dtype and adds the
+    # residual in x's dtype, so its output has the promotion of the two (float32 for float32
+    # tokens under bfloat16 autocast). The fused op returns that dtype too, computing in it: a
+    # drop-in replacement must not change the dtype of the residual stream after it (which
+    # would also move every later block's elementwise work to the half type).
     if torch.is_autocast_enabled(device_type) and x.dtype in _AUTOCAST_ELIGIBLE:
-        dtype = torch.get_autocast_dtype(device_type)
+        dtype = torch.promote_types(x.dtype, torch.get_autocast_dtype(device_type))
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
     _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)

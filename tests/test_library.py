@@ -105,15 +105,30 @@ def test_export_runs_and_matches_eager():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_autocast_cpu_bfloat16(backend):
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autocast_cpu_bfloat16(backend, x_dtype):
+    """Under autocast the output has the eager PEG's dtype there (float32 tokens stay float32,
+    so the residual stream after a PEG keeps its dtype); gradients reach float32 parameters in
+    float32. The cpu kernel computes in the output dtype; the reference backend is the eager
+    code, whose convolution autocast runs in bfloat16."""
     require_backend(backend)
     peg = ck.FusedPEG(12, 3, backend=backend)
-    x = torch.randn(2, 1 + 4 * 4, 12, requires_grad=True)
+    x = torch.randn(2, 1 + 4 * 4, 12).to(x_dtype).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = peg(x, 4, 4)
-    assert y.dtype == torch.bfloat16
+        if x_dtype == torch.float32:
+            eager = ck.PEG(12, 3)
+            eager.load_state_dict(peg.state_dict())
+            y_eager = eager(x, 4, 4)
+            assert y_eager.dtype == torch.float32
+    assert y.dtype == x_dtype
     y.float().pow(2).sum().backward()
-    assert x.grad.dtype == torch.float32 and peg.proj.weight.grad.dtype == torch.float32
-    ref = ck.peg_reference(x.detach().bfloat16().double(), peg.proj.weight.detach().bfloat16()
-                           .double(), peg.proj.bias.detach().bfloat16().double(), 4, 4, 1)
+    assert x.grad.dtype == x_dtype and peg.proj.weight.grad.dtype == torch.float32
+    # The float64 reference of the values the op sees (the parameters in x's dtype).
+    w, b = (p.detach().to(x_dtype).double() for p in (peg.proj.weight, peg.proj.bias))
+    ref = ck.peg_reference(x.detach().double(), w, b, 4, 4, 1)
     assert rel_err(y, ref) < 1.6e-2
+    if backend == "cpu" and x_dtype == torch.float32:
+        assert rel_err(y, ref) < 1e-5
+    if x_dtype == torch.float32:
+        assert rel_err(y, y_eager) < 1.6e-2
