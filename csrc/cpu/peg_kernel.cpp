@@ -71,6 +71,15 @@ CPVT_ALWAYS_INLINE Vec<A> load_acc(const T* src, int64_t n) {
   }
 }
 
+// Row buffers start on a cache line (so every vector of a row is aligned): their storage has
+// kAlign bytes to spare, and align_up finds the first line in it.
+constexpr size_t kAlign = 64;
+template <typename U>
+U* align_up(U* p) {
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  return reinterpret_cast<U*>((addr + kAlign - 1) / kAlign * kAlign);
+}
+
 // Store modes of the output loops: a partial vector (masked), a full vector, or a full vector to
 // a vector-aligned address with a non-temporal hint (see store_full).
 constexpr int kPartial = 0, kFull = 1, kStream = 2;
@@ -92,7 +101,7 @@ class RowRing {
       : g_(g), base_(base), nblk_((g.C + V - 1) / V), wp_(g.W + 2 * g.pw),
         width_(nblk_ * wp_ * V), slots_(slots),
         storage_(new A[static_cast<size_t>((slots + 1) * width_ + kAlign / sizeof(A))]),
-        buf_(aligned(storage_.get())), tag_(slots, -1) {
+        buf_(align_up(storage_.get())), tag_(slots, -1) {
     // Zero only what no row load writes: the padding columns of every block, and the zero row.
     for (int64_t s = 0; s < slots; ++s) {
       for (int64_t blk = 0; blk < nblk_; ++blk) {
@@ -133,11 +142,6 @@ class RowRing {
  private:
   const Geometry& g_;
   const T* base_;
-  static constexpr size_t kAlign = 64;
-  static A* aligned(A* p) {
-    const auto addr = reinterpret_cast<uintptr_t>(p);
-    return reinterpret_cast<A*>((addr + kAlign - 1) / kAlign * kAlign);
-  }
   int64_t nblk_, wp_, width_, slots_;
   std::unique_ptr<A[]> storage_;
   A* buf_;
@@ -395,6 +399,17 @@ void conv_row(const A* const* rows, int64_t block_stride, int64_t kh, int64_t kw
 // output rows per pass.
 inline bool pairs_rows(int64_t kh, int64_t kw) {
   return kh == kw && (kw == 1 || kw == 3 || kw == 5 || kw == 7);
+}
+
+// Output rows of the pass that starts at grid row r (of all B * H) in a thread's range [.., end):
+// two where the kernel has a two-row path and both rows are in the range and in one image.
+inline int64_t pass_rows(bool pairs, int64_t r, int64_t end, int64_t H) {
+  return (pairs && r + 1 < end && r % H + 1 < H) ? 2 : 1;
+}
+
+// Grid rows per parallel task: enough elements (32K) to pay for the task's row ring.
+inline int64_t row_grain(const Geometry& g) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.W * g.C));
 }
 
 template <int RB, typename T, typename A>
@@ -686,9 +701,8 @@ class PairRing {
   PairRing(const Geometry& g, const at::BFloat16* base, int64_t slots)
       : g_(g), base_(reinterpret_cast<const uint16_t*>(base)), nblk_((g.C + kV - 1) / kV),
         wp_(g.W + 2 * g.pw), width_(nblk_ * wp_ * 2 * kV), slots_(slots),
-        storage_(new uint16_t[static_cast<size_t>((slots + 1) * width_ + 32)]),
-        buf_(reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(storage_.get()) + 63) /
-                                         64 * 64)),
+        storage_(new uint16_t[static_cast<size_t>((slots + 1) * width_ + kAlign / 2)]),
+        buf_(align_up(storage_.get())),
         tag_(slots, -1), zero_src_(static_cast<size_t>(g.C), 0) {
     for (int64_t s = 0; s < slots; ++s) {
       for (int64_t blk = 0; blk < nblk_; ++blk) {
@@ -890,16 +904,15 @@ bool forward(const at::BFloat16* src, const Geometry& g, const uint16_t* weight,
   const uint16_t* pairs = reinterpret_cast<const uint16_t*>(pair_vecs.data());
   const int64_t per_blk = 2 * NP * K * 2 * kV;
   const int64_t rows = g.B * g.H;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.W * g.C));
   std::atomic<bool> finite{true};
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(g), [&](int64_t begin, int64_t end) {
     PairRing ring(g, src, NP + 1);
     const uint16_t* pr[NP];
     const uint16_t* r[NP];
     uint16_t* out = reinterpret_cast<uint16_t*>(dst);
     for (int64_t row = begin; row < end;) {
       const int64_t b = row / g.H, h = row % g.H;
-      const int64_t nr = (row + 1 < end && h + 1 < g.H) ? 2 : 1;
+      const int64_t nr = pass_rows(true, row, end, g.H);
       for (int m = 0; m < NP; ++m) pr[m] = ring.get(b, h - K / 2 + 2 * m);
       uint16_t* o = out + (b * g.N + g.P + h * g.W) * g.C;
       for (int64_t blk = 0; blk < nblk; ++blk) {
@@ -954,16 +967,15 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
   using A = acc_t<T>;
   copy_prefix(src, g, dst);
   const int64_t rows = g.B * g.H;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.W * g.C));
   const bool stream = stream_output(dst + g.P * g.C, g);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(g), [&](int64_t begin, int64_t end) {
     // kh + 1 slots: a pair of output rows reads kh + 1 input rows.
     RowRing<T> ring(g, src, g.kh + 1);
     std::vector<const A*> in_rows(g.kh + 1);
     const bool pairs = pairs_rows(g.kh, g.kw);
     for (int64_t r = begin; r < end;) {
       const int64_t b = r / g.H, h = r % g.H;
-      const int64_t nr = (pairs && r + 1 < end && h + 1 < g.H) ? 2 : 1;
+      const int64_t nr = pass_rows(pairs, r, end, g.H);
       for (int64_t i = 0; i < g.kh + nr - 1; ++i) {
         const int64_t hh = h + i - g.ph;
         in_rows[i] = (hh >= 0 && hh < g.H) ? ring.get(b, hh) : ring.zeros();
@@ -989,19 +1001,15 @@ at::Tensor peg_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
     using A = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    // The bias in the accumulation type (zeros without one).
-    const auto bias_into = [&](A* bt) {
-      std::fill_n(bt, g.C, A(0));
-      if (bias.has_value() && bias->defined()) {
-        const at::Tensor b = bias->contiguous();
-        const scalar_t* bp = b.const_data_ptr<scalar_t>();
-        for (int64_t c = 0; c < g.C; ++c) bt[c] = static_cast<A>(bp[c]);
-      }
-    };
+    // The bias in the accumulation type (zeros without one), for either path.
+    std::vector<A> bt(g.C, A(0));
+    if (bias.has_value() && bias->defined()) {
+      const at::Tensor b = bias->contiguous();
+      const scalar_t* bp = b.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < g.C; ++c) bt[c] = static_cast<A>(bp[c]);
+    }
 #if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      std::vector<A> bt(g.C);
-      bias_into(bt.data());
       const at::Tensor w = weight.contiguous();
       if (forward_bf16_dot(reinterpret_cast<const at::BFloat16*>(xp), g,
                            reinterpret_cast<const at::BFloat16*>(w.const_data_ptr<scalar_t>()),
@@ -1012,11 +1020,8 @@ at::Tensor peg_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
       }
     }
 #endif
-    // Taps followed by one row for the bias.
-    std::vector<A> wt = taps_by_channel<scalar_t>(weight, /*flip=*/false, /*extra=*/1);
-    A* bt = wt.data() + g.kh * g.kw * g.C;
-    bias_into(bt);
-    peg_conv_residual<scalar_t>(xp, g, wt.data(), bt, op);
+    const std::vector<A> wt = taps_by_channel<scalar_t>(weight, /*flip=*/false);
+    peg_conv_residual<scalar_t>(xp, g, wt.data(), bt.data(), op);
   });
   return out;
 }
@@ -1099,7 +1104,7 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
       for (int64_t r = k * per; r < r_end;) {
         const int64_t b = r / gx.H, h = r % gx.H;
         // grad_x of two rows at a time where the kernel allows; the weight gradients row by row.
-        const int64_t nr = (pairs && r + 1 < r_end && h + 1 < gx.H) ? 2 : 1;
+        const int64_t nr = pass_rows(pairs, r, r_end, gx.H);
         for (int64_t i = 0; i < gx.kh + nr - 1; ++i) {
           const int64_t hh = h + i - gx.ph;
           const bool valid = hh >= 0 && hh < gx.H;
