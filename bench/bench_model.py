@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_peg import (Timer, _fmt, cpu_load_warning, default_out_dir,  # noqa: E402
-                       peak_memory_mib, pick_device, run_metadata)
+from bench_peg import (Timer, _fmt, add_allocator_arg, cpu_load_warning,  # noqa: E402
+                       default_out_dir, faults_note, peak_memory_mib, pick_device, run_metadata,
+                       setup_allocator)
 
 import cpvt_kernels as ck  # noqa: E402
 from cpvt_kernels import models  # noqa: E402
@@ -46,7 +47,8 @@ PRECISIONS = ("fp32", "bf16")  # bf16: torch.autocast(dtype=torch.bfloat16) arou
 CSV_FIELDS = ["date", "device", "device_type", "threads", "torch", "triton", "python", "cuda",
               "cpvt_kernels", "commit", "model", "img", "batch", "peg_positions", "mode",
               "precision", "impl", "backend", "median_ms", "p20_ms", "p80_ms", "reps",
-              "images_per_s", "speedup_vs_eager", "peak_mem_mib", "max_rel_err", "status"]
+              "images_per_s", "speedup_vs_eager", "peak_mem_mib", "faults_per_call", "max_rel_err",
+              "status"]
 
 
 def _positions(text: str) -> tuple[int, ...]:
@@ -107,6 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (torch.set_num_threads; default: PyTorch's choice)")
+    add_allocator_arg(p)
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -138,6 +141,7 @@ def main(argv=None) -> int:
     on_gpu = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = setup_allocator(args.keep_freed_memory, device)
     if on_gpu:
         torch.cuda.set_device(device)
     names = [s for s in (args.models or ("tiny" if args.quick else "tiny,small")).split(",") if s]
@@ -169,6 +173,8 @@ def main(argv=None) -> int:
              "bf16: torch.autocast(dtype=torch.bfloat16) over float32 weights",
              "peak MiB: " + ("torch.cuda.max_memory_allocated during one step, beyond what was "
                              "allocated before it" if on_gpu else "not measured on CPU")]
+    if allocator:
+        notes.append(allocator)
     load = cpu_load_warning(device)
     if load:
         print(f"warning: {load}")
@@ -228,6 +234,7 @@ def main(argv=None) -> int:
                 row.update({"median_ms": f"{stats.median_ms:.4f}", "p20_ms": f"{stats.p20_ms:.4f}",
                             "p80_ms": f"{stats.p80_ms:.4f}", "reps": stats.reps,
                             "images_per_s": f"{ips:.2f}", "peak_mem_mib": _fmt(peak, ".1f"),
+                            "faults_per_call": _fmt(stats.faults_per_call, ".4g"),
                             "speedup_vs_eager": "", "max_rel_err": ""})
                 group.append(row)
                 print(f"{prefix} {stats.median_ms:.1f} ms ({stats.p20_ms:.1f}-{stats.p80_ms:.1f}) "
@@ -256,6 +263,10 @@ def main(argv=None) -> int:
             writer.writerows(group)
             f.flush()
             rows += group
+    faults = faults_note(rows, lambda r: f"{LABELS[r['model']]} {r['img']}px {r['mode']} "
+                                         f"{r['precision']} {r['impl']}")
+    if faults:
+        notes.append(faults)
     md = md_table(rows, meta, notes)
     (out_dir / "model.md").write_text(md)
     print()

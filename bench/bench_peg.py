@@ -32,6 +32,7 @@ Writes ``peg.csv`` (one row per measurement, each with device, versions, commit 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import csv
 import datetime
 import importlib.util
@@ -39,6 +40,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -84,7 +86,7 @@ CSV_FIELDS = ["date", "device", "device_type", "threads", "torch", "triton", "py
               "cpvt_kernels", "commit", "mode", "pass", "dtype", "B", "C", "H", "W", "P", "k",
               "impl", "median_ms", "p20_ms", "p80_ms", "reps", "bytes", "gbps", "copy_gbps",
               "frac_copy", "speedup_vs_eager", "speedup_vs_compile", "peak_mem_mib",
-              "max_rel_err", "status"]
+              "faults_per_call", "max_rel_err", "status"]
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,83 @@ class Stats:
     p20_ms: float
     p80_ms: float
     reps: int
+    faults_per_call: float | None = None  # CPU: minor page faults of the process per sample
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (all its threads)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEEP_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed value on 64-bit
+
+
+def keep_freed_memory() -> str | None:
+    """Makes glibc malloc keep freed memory for reuse; returns why not, or None when done.
+
+    By default glibc returns memory to the system when the top of the heap is free beyond a
+    threshold (and serves large blocks with mmap until a free raises its threshold), so a call
+    can find that the memory an earlier call freed is gone and pay a page fault per 4 KiB
+    touched, zeroed by the kernel. Whether that happens depends on the order of allocations and
+    frees, so it strikes one implementation and not another, or one run and not the next (up to
+    a thousand faults and a millisecond per call of the eager PEG's forward+backward at the
+    CPVT-Ti shape on a 2-core EPYC). Heap trimming off and every block up to 32 MiB from the heap,
+    freed tensors are reused as PyTorch's caching allocator reuses them on a GPU, and as the
+    allocators that PyTorch's CPU launcher (torch.backends.xeon.run_cpu) preloads do. Blocks
+    above 32 MiB still come from mmap; ``faults_per_call`` in the CSV shows any faults left.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return f"not glibc malloc ({platform.system()} {platform.libc_ver()[0] or 'other libc'})"
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError) as e:
+        return f"mallopt unavailable ({e})"
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if not (mallopt(_M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD)
+            and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+        return "mallopt refused the settings"
+    return None
+
+
+def add_allocator_arg(p: argparse.ArgumentParser) -> None:
+    """The ``--keep-freed-memory`` switch shared by the benchmarks."""
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU: glibc malloc keeps freed memory for reuse (no heap trimming, "
+                        "blocks up to 32 MiB from the heap), so no call pays page faults for "
+                        "memory an earlier call freed, as with a GPU's caching allocator "
+                        "(default: on for a CPU; --no-keep-freed-memory keeps glibc's defaults)")
+
+
+def setup_allocator(keep: bool | None, device: torch.device) -> str | None:
+    """Applies ``--keep-freed-memory`` (default: on for a CPU); the note for the results, if any."""
+    if device.type != "cpu":
+        return None
+    if keep is False:
+        return ("allocator: glibc's defaults (--no-keep-freed-memory): calls may pay page faults "
+                "for memory returned to the system")
+    failed = keep_freed_memory()
+    if failed:
+        print(f"warning: --keep-freed-memory: {failed}; the allocator keeps its defaults",
+              file=sys.stderr)
+        return f"allocator: the C library's defaults ({failed})"
+    return (f"allocator: glibc malloc keeps freed memory (mallopt: no heap trimming, blocks up "
+            f"to {KEEP_MMAP_THRESHOLD >> 20} MiB from the heap), as a GPU's caching allocator "
+            f"does")
+
+
+def faults_note(rows: list[dict], describe) -> str | None:
+    """The measurements with a page fault or more per call, ``describe(row)`` naming each."""
+    counted = [r for r in rows if r.get("faults_per_call") not in ("", None)]
+    if not counted:
+        return None
+    faulty = [r for r in counted if float(r["faults_per_call"]) >= 1]
+    if not faulty:
+        return "page faults: fewer than 1 per call in every measurement"
+    return ("page faults (minor faults of the process while timing, each a 4 KiB page the "
+            "kernel zeroes): " + "; ".join(f"{describe(r)}: {float(r['faults_per_call']):.0f} "
+                                          f"per call" for r in faulty))
 
 
 def last_level_cache_bytes() -> int | None:
@@ -257,6 +336,7 @@ class Timer:
     ``flush_cache``, a buffer larger than the last-level cache is written (GPU: 256 MiB) or read
     (CPU: twice the cache) before each call, so the inputs come from DRAM.
     The number of samples is ``min_time / (time per call)``, clamped to ``[min_reps, max_reps]``.
+    CPU: the minor page faults of the process over the samples are counted too.
     """
 
     def __init__(self, device: torch.device, min_time: float, min_reps: int = 5,
@@ -304,16 +384,19 @@ class Timer:
                 end.record()
             torch.cuda.synchronize()
             times = [begin.elapsed_time(end) for begin, end in events]
+            faults = None
         else:
             times = []
+            faults0 = minor_faults()
             for _ in range(reps):
                 self._flush()
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
+            faults = (minor_faults() - faults0) / reps
         times.sort()
         return Stats(statistics.median(times), percentile(times, 0.2), percentile(times, 0.8),
-                     reps)
+                     reps, faults)
 
 
 def peak_memory_mib(device: torch.device, fn) -> float | None:
@@ -545,6 +628,7 @@ def parse_args(argv=None):
                    help="evict the inputs from the last-level cache before each timed call "
                         "(default: on for a GPU's L2; off on a CPU, where the shapes that fit "
                         "stay in cache as they would between a model's layers)")
+    add_allocator_arg(p)
     p.add_argument("--autotune-min-batch", type=int, default=256, metavar="B",
                    help="GPU: run compile-max-autotune (tens of seconds of autotuning per graph) "
                         "only for shapes with B >= this (default 256)")
@@ -562,6 +646,7 @@ def main(argv=None) -> int:
     on_gpu = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = setup_allocator(args.keep_freed_memory, device)
     if on_gpu:
         torch.cuda.set_device(device)
         # Every implementation computes in true float32, as the fused kernels do.
@@ -645,6 +730,8 @@ def main(argv=None) -> int:
               f"input checks: {check_us:.1f} us per call, run by the eager PEG and FusedPEG alike",
               "parity: every implementation vs the float64 reference before timing (SPEC 5 "
               "tolerances; fused backends must pass)"]
+    if allocator:
+        notes.append(allocator)
     if on_gpu:
         notes.append("TF32 disabled: every implementation computes float32 in float32")
     load = cpu_load_warning(device)
@@ -740,7 +827,9 @@ def main(argv=None) -> int:
                             "p80_ms": f"{stats.p80_ms:.6g}", "reps": stats.reps,
                             "bytes": nbytes, "gbps": f"{gbps:.6g}",
                             "frac_copy": f"{gbps / copy_gbps:.5g}",
-                            "peak_mem_mib": _fmt(peak, ".2f"), "speedup_vs_eager": "",
+                            "peak_mem_mib": _fmt(peak, ".2f"),
+                            "faults_per_call": _fmt(stats.faults_per_call, ".4g"),
+                            "speedup_vs_eager": "",
                             "speedup_vs_compile": ""})
                 group_rows.append(row)
                 eta = (time.perf_counter() - t_start) / done * (total - done)
@@ -763,6 +852,12 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     csv_file.close()
     torch._dynamo.reset()
+    faults = faults_note(rows, lambda r: f"{r['impl']} {r['pass']} {r['dtype']} "
+                                         f"{r['B']}x{r['C']}x{r['H']}"
+                                         + (f"x{r['W']}" if r["W"] != r["H"] else "")
+                                         + f" P{r['P']} k{r['k']}")
+    if faults:
+        notes.append(faults)
 
     md = markdown(rows, meta, notes)
     (out_dir / "peg.md").write_text(md)

@@ -4,6 +4,8 @@ They run the programs' ``main`` with tiny shapes: the point is that every path w
 rows and that a wrong backend is reported, not the timings.
 """
 import csv
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,12 +58,15 @@ def test_bench_peg_tiny_run_writes_every_row(tmp_path, capsys):
         if r["impl"] == "eager":
             assert float(r["speedup_vs_eager"]) == 1.0
         assert float(r["max_rel_err"]) <= bench_peg.TOLERANCE[bench_peg.DTYPE_NAMES[r["dtype"]]]
+        assert float(r["faults_per_call"]) >= 0
     assert {r["impl"] for r in rows} == {"eager", "cpu"}
     assert {(r["B"], r["C"], r["H"], r["W"]) for r in rows} == {("2", "8", "5", "5"),
                                                                   ("3", "5", "4", "6")}
     md = (tmp_path / "peg.md").read_text()
     assert md.count("\n| fwdbwd |") == 2 * 2 * 2 * 2
-    assert "copy bandwidth" in md and "## Summary" in md
+    assert "copy bandwidth" in md and "## Summary" in md and "page faults" in md
+    if platform.libc_ver()[0] == "glibc":
+        assert "allocator: glibc malloc keeps freed memory" in md
     out = capsys.readouterr().out
     assert "[48/48]" in out and "| impl | pass | dtype |" in out
 
@@ -131,6 +136,41 @@ def test_bench_peg_helpers():
         assert stats.p20_ms <= stats.median_ms <= stats.p80_ms
 
 
+_ALLOC_LOOP = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import bench_peg
+if sys.argv[2] == "keep":
+    assert bench_peg.keep_freed_memory() is None
+n = 6 * 2**20 // 4
+torch.empty(n).fill_(1.0)  # glibc raises its mmap threshold to this size when it is freed
+for _ in range(3):  # warm up
+    a, b = torch.empty(n).fill_(1.0), torch.empty(n).fill_(2.0)
+    del a, b
+f0 = bench_peg.minor_faults()
+for _ in range(20):
+    a, b = torch.empty(n).fill_(1.0), torch.empty(n).fill_(2.0)
+    del a, b  # two blocks free at the top of the heap: above the default trim threshold
+print((bench_peg.minor_faults() - f0) / 20)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="--keep-freed-memory sets glibc malloc options")
+def test_keep_freed_memory_stops_page_faults():
+    """Two 6 MiB tensors allocated, written and freed in a loop: with the benchmarks' allocator
+    setting the loop reuses the memory (no page faults); glibc's defaults fault on each pass."""
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _ALLOC_LOOP, str(BENCH), mode],
+                             capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+    kept = faults("keep")
+    assert kept < 1, kept
+    default = faults("default")
+    # 12 MiB of pages per pass when glibc trims the heap; shows that the loop tests something.
+    assert default > 1000, default
+
+
 def test_bench_model_tiny_run(tmp_path):
     require_backend("cpu")
     import bench_model
@@ -143,6 +183,7 @@ def test_bench_model_tiny_run(tmp_path):
     for r in rows:
         assert r["status"] == "ok" and float(r["images_per_s"]) > 0 and r["commit"]
         assert r["backend"] == ("cpu" if r["impl"] == "fused" else "eager")
+        assert float(r["faults_per_call"]) >= 0
     assert all(float(r["max_rel_err"]) < 1e-3 for r in rows
                if r["mode"] == "infer" and r["impl"] == "fused")
     assert "images/s" in (tmp_path / "model.md").read_text()
