@@ -119,6 +119,14 @@ class RowRing {
   // so an Inf or NaN tap meets 0 * Inf = NaN at the border exactly as in a padded convolution.
   const A* zeros() const { return buf_ + slots_ * width_; }
 
+  // Whether padded row hh of image b is in the ring.
+  bool has(int64_t b, int64_t hh) const { return tag_[hh % slots_] == b * g_.H + hh; }
+
+  // Row hh of image b in the source tensor.
+  const T* source(int64_t b, int64_t hh) const {
+    return base_ + b * g_.sb + (g_.P + hh * g_.W) * g_.st;
+  }
+
   // Padded row hh of image b (0 <= hh < H); converts it on a miss.
   const A* get(int64_t b, int64_t hh) {
     const int64_t slot = hh % slots_;
@@ -146,6 +154,57 @@ class RowRing {
   std::unique_ptr<A[]> storage_;
   A* buf_;
   std::vector<int64_t> tag_;
+};
+
+// Software prefetch of the source rows the next pass will convert, spread over the channel
+// blocks of the current pass (step() once per block), into L2 (into L1 they would evict the ring
+// rows the pass is reading). Without it the row copy waits on the misses of every line, and a
+// burst of prefetches for a whole row fills the miss queue and stalls just the same. Up to two
+// address ranges (the backward's grad_out and x rows). Measured on a 2-core Zen 4, B=32, C=192,
+// k=3: backward 16-27% faster at 24x24 (inputs from DRAM), 3-7% at 14x14 (from L3).
+class RowPrefetch {
+ public:
+  void clear() { n_ = 0; }
+
+  // Queues the rows of image b from hh_lo to hh_hi that ring does not hold (nothing when the
+  // tokens are not contiguous, as the range would then hold more than the rows).
+  template <typename T>
+  void add(const RowRing<T>& ring, const Geometry& g, int64_t b, int64_t hh_lo, int64_t hh_hi) {
+    hh_lo = std::max<int64_t>(hh_lo, 0);
+    hh_hi = std::min<int64_t>(hh_hi, g.H - 1);
+    while (hh_lo <= hh_hi && ring.has(b, hh_lo)) ++hh_lo;
+    while (hh_hi >= hh_lo && ring.has(b, hh_hi)) --hh_hi;
+    if (hh_lo > hh_hi || g.st != g.C || n_ == kRanges) return;
+    const auto lo = reinterpret_cast<uintptr_t>(ring.source(b, hh_lo));
+    const auto hi = reinterpret_cast<uintptr_t>(ring.source(b, hh_hi) + g.W * g.C);
+    p_[n_] = lo / kAlign * kAlign;
+    end_[n_] = hi;
+    ++n_;
+  }
+
+  // Spreads the queued lines over `steps` calls of step().
+  void spread(int64_t steps) {
+    steps = std::max<int64_t>(steps, 1);
+    for (int i = 0; i < n_; ++i) {
+      const uintptr_t lines = (end_[i] - p_[i] + kAlign - 1) / kAlign;
+      per_[i] = (lines + steps - 1) / steps * kAlign;
+    }
+  }
+
+  CPVT_ALWAYS_INLINE void step() {
+    for (int i = 0; i < n_; ++i) {
+      const uintptr_t e = std::min(p_[i] + per_[i], end_[i]);
+      for (uintptr_t q = p_[i]; q < e; q += kAlign) {
+        __builtin_prefetch(reinterpret_cast<const void*>(q), 0, 2);  // read, into L2 (T1)
+      }
+      p_[i] = e;
+    }
+  }
+
+ private:
+  static constexpr int kRanges = 2;
+  int n_ = 0;
+  uintptr_t p_[kRanges] = {}, end_[kRanges] = {}, per_[kRanges] = {};
 };
 
 // Loads of n <= size() taps (FULL: n == size(), no mask).
@@ -374,10 +433,12 @@ void conv_cols_rt(const A* const* r, int64_t kh, int64_t kw, const A* wt, const 
 // stream, full vectors are stored with a non-temporal hint (out and C must keep them aligned).
 template <int K, int RB, typename T, typename A>
 void conv_row(const A* const* rows, int64_t block_stride, int64_t kh, int64_t kw, const A* wt,
-              const A* bias, int64_t W, int64_t C, bool stream, int64_t row_stride, T* out) {
+              const A* bias, int64_t W, int64_t C, bool stream, int64_t row_stride, T* out,
+              RowPrefetch& pf) {
   constexpr int64_t V = Vec<A>::size();
   const A* r[K > 0 ? K + RB - 1 : kMaxKernelSize];
   for (int64_t c0 = 0, blk = 0; c0 < C; c0 += V, ++blk) {
+    pf.step();
     for (int64_t i = 0; i < (K > 0 ? K + RB - 1 : kh); ++i) r[i] = rows[i] + blk * block_stride;
     const int64_t n = std::min<int64_t>(V, C - c0);
     const A* w = wt + c0;
@@ -415,12 +476,12 @@ inline int64_t row_grain(const Geometry& g) {
 template <int RB, typename T, typename A>
 void conv_rows_unrolled(const A* const* rows, int64_t block_stride, int64_t k, const A* wt,
                         const A* bias, int64_t W, int64_t C, bool stream, int64_t row_stride,
-                        T* out) {
+                        T* out, RowPrefetch& pf) {
   switch (k) {
-    case 1: return conv_row<1, RB>(rows, block_stride, k, k, wt, bias, W, C, stream, row_stride, out);
-    case 3: return conv_row<3, RB>(rows, block_stride, k, k, wt, bias, W, C, stream, row_stride, out);
-    case 5: return conv_row<5, RB>(rows, block_stride, k, k, wt, bias, W, C, stream, row_stride, out);
-    default: return conv_row<7, RB>(rows, block_stride, k, k, wt, bias, W, C, stream, row_stride, out);
+    case 1: return conv_row<1, RB>(rows, block_stride, k, k, wt, bias, W, C, stream, row_stride, out, pf);
+    case 3: return conv_row<3, RB>(rows, block_stride, k, k, wt, bias, W, C, stream, row_stride, out, pf);
+    case 5: return conv_row<5, RB>(rows, block_stride, k, k, wt, bias, W, C, stream, row_stride, out, pf);
+    default: return conv_row<7, RB>(rows, block_stride, k, k, wt, bias, W, C, stream, row_stride, out, pf);
   }
 }
 
@@ -428,15 +489,16 @@ void conv_rows_unrolled(const A* const* rows, int64_t block_stride, int64_t k, c
 template <typename T, typename A>
 void conv_row_dispatch(const A* const* rows, int64_t block_stride, int64_t kh, int64_t kw,
                        const A* wt, const A* bias, int64_t W, int64_t C, bool stream,
-                       T* out, int64_t nrows = 1, int64_t row_stride = 0) {
+                       T* out, int64_t nrows, int64_t row_stride, RowPrefetch& pf) {
   if (!pairs_rows(kh, kw)) {
     TORCH_INTERNAL_ASSERT(nrows == 1);
-    return conv_row<0, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out);
+    return conv_row<0, 1>(rows, block_stride, kh, kw, wt, bias, W, C, stream, 0, out, pf);
   }
   if (nrows == 2) {
-    return conv_rows_unrolled<2>(rows, block_stride, kw, wt, bias, W, C, stream, row_stride, out);
+    return conv_rows_unrolled<2>(rows, block_stride, kw, wt, bias, W, C, stream, row_stride, out,
+                                 pf);
   }
-  return conv_rows_unrolled<1>(rows, block_stride, kw, wt, bias, W, C, stream, 0, out);
+  return conv_rows_unrolled<1>(rows, block_stride, kw, wt, bias, W, C, stream, 0, out, pf);
 }
 
 // Output size from which the grid rows are written with non-temporal stores:
@@ -593,10 +655,11 @@ void weight_grad_rows_rt(const A* const* x, const A* g, int64_t kh, int64_t kw, 
 // part (kh*kw, C) and part_b (C,) (either may be null) += the gradients of one grid row.
 template <typename A>
 void weight_grad_row(const A* const* x_rows, const A* g_row, int64_t block_stride, int64_t kh,
-                     int64_t kw, int64_t W, int64_t C, A* part, A* part_b) {
+                     int64_t kw, int64_t W, int64_t C, A* part, A* part_b, RowPrefetch& pf) {
   constexpr int64_t V = Vec<A>::size();
   const A* x[kMaxKernelSize];
   for (int64_t c0 = 0, blk = 0; c0 < C; c0 += V, ++blk) {
+    pf.step();
     const int64_t off = blk * block_stride;
     if (part != nullptr) {
       for (int64_t i = 0; i < kh; ++i) x[i] = x_rows[i] + off;
@@ -973,6 +1036,8 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
     RowRing<T> ring(g, src, g.kh + 1);
     std::vector<const A*> in_rows(g.kh + 1);
     const bool pairs = pairs_rows(g.kh, g.kw);
+    const int64_t nblk = (g.C + RowRing<T>::V - 1) / RowRing<T>::V;
+    RowPrefetch pf;
     for (int64_t r = begin; r < end;) {
       const int64_t b = r / g.H, h = r % g.H;
       const int64_t nr = pass_rows(pairs, r, end, g.H);
@@ -980,9 +1045,15 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
         const int64_t hh = h + i - g.ph;
         in_rows[i] = (hh >= 0 && hh < g.H) ? ring.get(b, hh) : ring.zeros();
       }
+      pf.clear();
+      if (r + nr < end) {
+        const int64_t r2 = r + nr, b2 = r2 / g.H, h2 = r2 % g.H;
+        pf.add(ring, g, b2, h2 - g.ph, h2 + pass_rows(pairs, r2, end, g.H) - 1 + g.ph);
+        pf.spread(nblk);
+      }
       T* out_row = dst + (b * g.N + g.P + h * g.W) * g.C;
       conv_row_dispatch(in_rows.data(), ring.block_stride(), g.kh, g.kw, wt, bias, g.W, g.C,
-                        stream, out_row, nr, g.W * g.C);
+                        stream, out_row, nr, g.W * g.C, pf);
       r += nr;
     }
     if (stream) store_fence();
@@ -1095,6 +1166,9 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
     std::vector<const A*> x_rows(gx.kh + 1), g_rows(gx.kh + 1);
     const bool pairs = pairs_rows(gx.kh, gx.kw);
     const A* zero_bias = wt_flip + kk * C;  // a row of zeros after the taps
+    const int64_t nblk = (C + RowRing<T>::V - 1) / RowRing<T>::V;
+    RowPrefetch pf;
+    const int64_t thread_end = std::min(rows, cend * per);
     for (int64_t k = cbeg; k < cend; ++k) {
       A* pw = want_w ? part_w.get() + k * kk * C : nullptr;
       A* pb = want_b ? part_b.get() + k * C : nullptr;
@@ -1112,15 +1186,24 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
           x_rows[i] = !want_w ? nullptr : valid ? xring.get(b, hh) : xring.zeros();
           g_rows[i] = !(want_x || centre) ? nullptr : valid ? gring.get(b, hh) : gring.zeros();
         }
+        pf.clear();
+        if (r + nr < thread_end) {  // the next pass, in this chunk or the next
+          const int64_t r2 = r + nr, b2 = r2 / gx.H, h2 = r2 % gx.H;
+          const int64_t nr2 = pass_rows(pairs, r2, std::min(rows, (r2 / per + 1) * per), gx.H);
+          if (want_x) pf.add(gring, gg, b2, h2 - gx.ph, h2 + nr2 - 1 + gx.ph);
+          else pf.add(gring, gg, b2, h2, h2 + nr2 - 1);
+          if (want_w) pf.add(xring, gx, b2, h2 - gx.ph, h2 + nr2 - 1 + gx.ph);
+          pf.spread(nblk * ((want_x ? 1 : 0) + (want_w || want_b ? nr : 0)));
+        }
         if (want_x) {
           T* out_row = grad_x + (b * gx.N + gx.P + h * W) * C;
           conv_row_dispatch(g_rows.data(), gring.block_stride(), gx.kh, gx.kw, wt_flip,
-                            zero_bias, W, C, stream, out_row, nr, W * C);
+                            zero_bias, W, C, stream, out_row, nr, W * C, pf);
         }
         if (want_w || want_b) {
           for (int64_t p = 0; p < nr; ++p) {
             weight_grad_row<A>(x_rows.data() + p, g_rows[gx.ph + p], gring.block_stride(),
-                               gx.kh, gx.kw, W, C, pw, pb);
+                               gx.kh, gx.kw, W, C, pw, pb, pf);
           }
         }
         r += nr;
