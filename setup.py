@@ -92,7 +92,8 @@ def _extensions():
     cxx = opt + ["-fvisibility=hidden", "-fopenmp"]
     if arch == "native":
         cxx.append("-march=native")
-    sources = ["csrc/module.cpp", "csrc/peg.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = (["csrc/module.cpp", "csrc/peg.cpp", "csrc/autograd.cpp"]
+               + sorted(glob.glob("csrc/cpu/*.cpp")))
     print("cpvt_kernels build configuration:")
     print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
     print(f"  CUDA kernels: {'yes' if cuda else 'no'} ({why})")

@@ -1,4 +1,6 @@
-"""The autograd formula of a fused PEG forward op, shared by the C++ and Triton registrations.
+"""The autograd formula of a fused PEG forward op, registered from Python: for the Triton op,
+and for the C++ op of an extension built without its C++ autograd (csrc/autograd.cpp, the same
+formula without the Python wrapper's cost per call).
 
 The backward is another registered op (``peg_backward`` or ``peg_backward_triton``) called with
 an output mask, so each gradient is computed only when required and compiled graphs contain no

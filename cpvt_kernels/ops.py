@@ -166,7 +166,10 @@ if _EXT_ERROR is None:
         _checks.check_backward_inputs(grad_out, x, weight, H, W, num_prefix_tokens)
         return _empty_grads_like(x, weight, output_mask)
 
-    _autograd.register("cpvt::peg_forward", torch.ops.cpvt.peg_backward)
+    # The extension registers the autograd of peg_forward in C++ (csrc/autograd.cpp); an older
+    # build without it gets the same formula from Python.
+    if not _has_kernel("cpvt::peg_forward", "Autograd"):
+        _autograd.register("cpvt::peg_forward", torch.ops.cpvt.peg_backward)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,19 @@ def test_opcheck_forward(sample, dtype):
     torch.library.opcheck(torch.ops.cpvt.peg_forward.default, (x, w, b, H, W, P))
 
 
+def test_autograd_is_registered_in_cpp():
+    """The extension's peg_forward differentiates through its C++ autograd (csrc/autograd.cpp),
+    not through the slower Python registration that stands in for builds without it."""
+    _needs_cpp()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("cpvt::peg_forward", "Autograd")
+    x = torch.randn(2, 1 + 3 * 4, 5, requires_grad=True)
+    w, b = torch.randn(5, 1, 3, 3), torch.randn(5)
+    out = torch.ops.cpvt.peg_forward(x, w, b, 3, 4, 1)
+    assert "PegFunction" in out.grad_fn.name()
+    with torch.no_grad():
+        assert torch.ops.cpvt.peg_forward(x, w, b, 3, 4, 1).grad_fn is None
+
+
 @pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True),
                                   (False, False, True)])
 @pytest.mark.parametrize("sample", SAMPLES[:3], ids=lambda s: "-".join(map(str, s)))
