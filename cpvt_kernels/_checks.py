@@ -35,8 +35,12 @@ def parse_size(size, num_tokens: int | None = None, num_prefix_tokens: int = 0) 
     return H, W
 
 
-def check_inputs(x, weight, bias, H, W, num_prefix_tokens) -> None:
-    """Raise ValueError/TypeError/RuntimeError naming the bad argument; return None if valid."""
+def check_inputs(x, weight, bias, H, W, num_prefix_tokens, same_dtype: bool = True) -> None:
+    """Raise ValueError/TypeError/RuntimeError naming the bad argument; return None if valid.
+
+    ``same_dtype=False`` lets weight and bias differ from x in dtype (the eager PEG under
+    autocast, whose convolution casts them).
+    """
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fused_peg: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -70,7 +74,7 @@ def check_inputs(x, weight, bias, H, W, num_prefix_tokens) -> None:
             and 1 <= kw <= MAX_KERNEL_SIZE):
         raise ValueError(f"fused_peg: weight kernel size (kh, kw) must be odd and in "
                          f"[1, {MAX_KERNEL_SIZE}], got ({kh}, {kw})")
-    if weight.dtype != x.dtype:
+    if same_dtype and weight.dtype != x.dtype:
         raise TypeError(f"fused_peg: weight dtype must match x ({x.dtype}), got {weight.dtype}")
     if weight.device != x.device:
         raise RuntimeError(f"fused_peg: weight must be on the device of x ({x.device}), "
@@ -79,7 +83,7 @@ def check_inputs(x, weight, bias, H, W, num_prefix_tokens) -> None:
         if bias.dim() != 1 or bias.shape[0] != C:
             raise ValueError(f"fused_peg: bias must have shape (C,) with C = {C}, "
                              f"got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
+        if same_dtype and bias.dtype != x.dtype:
             raise TypeError(f"fused_peg: bias dtype must match x ({x.dtype}), got {bias.dtype}")
         if bias.device != x.device:
             raise RuntimeError(f"fused_peg: bias must be on the device of x ({x.device}), "

@@ -52,7 +52,10 @@ class PEG(nn.Module):
 
     def forward(self, x: torch.Tensor, H, W=None) -> torch.Tensor:
         H, W = _hw(x, H, W)
-        _checks.check_inputs(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens)
+        # Under autocast the convolution casts the parameters, so they may differ from x in dtype
+        # (bfloat16 tokens with float32 parameters), as with a plain nn.Conv2d.
+        _checks.check_inputs(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens,
+                             same_dtype=not torch.is_autocast_enabled(x.device.type))
         return peg_reference(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens)
 
     def extra_repr(self) -> str:
