@@ -628,6 +628,110 @@ CPVT_ALWAYS_INLINE void weight_grad_rows_k(const A* const* x, const A* g, int64_
   }
 }
 
+// The weight and bias gradients of two consecutive grid rows at once, for K <= 3 (all kernel
+// rows per pass over w): x[0 .. K] are the blocks of the K + 1 padded input rows the two rows
+// read, g[0], g[1] the blocks of their grad_out rows. The K - 1 input rows the two share are
+// loaded once for both, and the partial sums are read and written once per pair of rows.
+template <int K, bool FULL, typename A>
+CPVT_ALWAYS_INLINE void weight_grad_pair_k(const A* const* x, const A* const* g, int64_t W,
+                                           int64_t C, int64_t n, A* part, A* part_b) {
+  static_assert(K <= 3, "K * K accumulators and two rows of grad_out stay in registers");
+  constexpr int64_t V = Vec<A>::size();
+  constexpr int WB = 4;
+  constexpr int P = K / 2;
+  const A* gc[2] = {g[0] + P * V, g[1] + P * V};  // column 0 of each grad_out row
+  Vec<A> acc[K][K];
+  Vec<A> accb(A(0));
+#pragma GCC unroll 8
+  for (int i = 0; i < K; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < K; ++j) acc[i][j] = Vec<A>(A(0));
+  }
+  int64_t w0 = 0;
+  for (; w0 + WB <= W; w0 += WB) {
+    Vec<A> gv[2][WB];
+#pragma GCC unroll 2
+    for (int p = 0; p < 2; ++p) {
+#pragma GCC unroll 8
+      for (int q = 0; q < WB; ++q) gv[p][q] = Vec<A>::loadu(gc[p] + (w0 + q) * V);
+    }
+    if (part_b != nullptr) {
+#pragma GCC unroll 8
+      for (int q = 0; q < WB; ++q) accb = accb + (gv[0][q] + gv[1][q]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < K + 1; ++r) {  // input row r is kernel row r of the first output row,
+      const A* xr = x[r] + w0 * V;     // r - 1 of the second
+#pragma GCC unroll 16
+      for (int t = 0; t < WB + K - 1; ++t) {
+        const Vec<A> v = in_register<A>(Vec<A>::loadu(xr + t * V));
+#pragma GCC unroll 2
+        for (int p = 0; p < 2; ++p) {
+          const int i = r - p;
+          if (i < 0 || i >= K) continue;
+#pragma GCC unroll 8
+          for (int j = 0; j < K; ++j) {
+            const int q = t - j;
+            if (q >= 0 && q < WB) acc[i][j] = at::vec::fmadd(gv[p][q], v, acc[i][j]);
+          }
+        }
+      }
+    }
+  }
+  for (; w0 < W; ++w0) {
+#pragma GCC unroll 2
+    for (int p = 0; p < 2; ++p) {
+      const Vec<A> gv = Vec<A>::loadu(gc[p] + w0 * V);
+      if (part_b != nullptr) accb = accb + gv;
+#pragma GCC unroll 8
+      for (int i = 0; i < K; ++i) {
+        const A* xi = x[i + p] + w0 * V;
+#pragma GCC unroll 8
+        for (int j = 0; j < K; ++j) acc[i][j] = at::vec::fmadd(gv, Vec<A>::loadu(xi + j * V), acc[i][j]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < K; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < K; ++j) {
+      A* p = part + (i * K + j) * C;
+      (ld<FULL>(p, n) + acc[i][j]).store(p, n);
+    }
+  }
+  if (part_b != nullptr) (ld<FULL>(part_b, n) + accb).store(part_b, n);
+}
+
+// Whether weight_grad_pair covers this kernel.
+inline bool weight_grad_pairs(int64_t kh, int64_t kw) {
+  return kh == kw && (kw == 1 || kw == 3);
+}
+
+// part (kh*kw, C) (not null) and part_b (C,) (may be null) += the gradients of the two grid
+// rows whose grad_out rows are g_rows[0], g_rows[1]; x_rows[0 .. kh] as for weight_grad_row.
+template <typename A>
+void weight_grad_pair(const A* const* x_rows, const A* const* g_rows, int64_t block_stride,
+                      int64_t k, int64_t W, int64_t C, A* part, A* part_b, RowPrefetch& pf) {
+  constexpr int64_t V = Vec<A>::size();
+  const A* x[4];
+  for (int64_t c0 = 0, blk = 0; c0 < C; c0 += V, ++blk) {
+    pf.step();
+    const int64_t off = blk * block_stride;
+    for (int64_t i = 0; i <= k; ++i) x[i] = x_rows[i] + off;
+    const A* g[2] = {g_rows[0] + off, g_rows[1] + off};
+    A* p = part + c0;
+    A* pb = part_b == nullptr ? nullptr : part_b + c0;
+    const int64_t n = std::min<int64_t>(V, C - c0);
+    if (k == 3) {
+      if (n == V) weight_grad_pair_k<3, true>(x, g, W, C, n, p, pb);
+      else weight_grad_pair_k<3, false>(x, g, W, C, n, p, pb);
+    } else {
+      if (n == V) weight_grad_pair_k<1, true>(x, g, W, C, n, p, pb);
+      else weight_grad_pair_k<1, false>(x, g, W, C, n, p, pb);
+    }
+  }
+}
+
 // Any kernel size: one tap at a time.
 template <typename A>
 void weight_grad_rows_rt(const A* const* x, const A* g, int64_t kh, int64_t kw, int64_t W,
@@ -1167,6 +1271,7 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
     const bool pairs = pairs_rows(gx.kh, gx.kw);
     const A* zero_bias = wt_flip + kk * C;  // a row of zeros after the taps
     const int64_t nblk = (C + RowRing<T>::V - 1) / RowRing<T>::V;
+    const bool pair_w = weight_grad_pairs(gx.kh, gx.kw);
     RowPrefetch pf;
     const int64_t thread_end = std::min(rows, cend * per);
     for (int64_t k = cbeg; k < cend; ++k) {
@@ -1193,14 +1298,18 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
           if (want_x) pf.add(gring, gg, b2, h2 - gx.ph, h2 + nr2 - 1 + gx.ph);
           else pf.add(gring, gg, b2, h2, h2 + nr2 - 1);
           if (want_w) pf.add(xring, gx, b2, h2 - gx.ph, h2 + nr2 - 1 + gx.ph);
-          pf.spread(nblk * ((want_x ? 1 : 0) + (want_w || want_b ? nr : 0)));
+          const int64_t wg_passes = !(want_w || want_b) ? 0 : (want_w && nr == 2 && pair_w) ? 1 : nr;
+          pf.spread(nblk * ((want_x ? 1 : 0) + wg_passes));
         }
         if (want_x) {
           T* out_row = grad_x + (b * gx.N + gx.P + h * W) * C;
           conv_row_dispatch(g_rows.data(), gring.block_stride(), gx.kh, gx.kw, wt_flip,
                             zero_bias, W, C, stream, out_row, nr, W * C, pf);
         }
-        if (want_w || want_b) {
+        if (want_w && nr == 2 && pair_w) {
+          weight_grad_pair<A>(x_rows.data(), g_rows.data() + gx.ph, gring.block_stride(), gx.kw,
+                              W, C, pw, pb, pf);
+        } else if (want_w || want_b) {
           for (int64_t p = 0; p < nr; ++p) {
             weight_grad_row<A>(x_rows.data() + p, g_rows[gx.ph + p], gring.block_stride(),
                                gx.kh, gx.kw, W, C, pw, pb, pf);
