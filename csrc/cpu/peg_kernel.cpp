@@ -553,6 +553,33 @@ bool stream_output(const T* grid, const Geometry& g) {
 // g is the block of the (padded) grad_out row, x[i] the blocks of the padded input rows
 // h + i - ph. RB kernel rows are done per pass over w (all of them for K <= 3, so grad_out is
 // read once): RB*K accumulators and WB grad_out vectors stay in registers while x slides past.
+// acc[i][j] += g * x[i][w + j] for the one column w of grad_out whose value is g, i < R.
+template <int K, int R, typename A>
+CPVT_ALWAYS_INLINE void weight_grad_column(const Vec<A>& g, const A* const* x, int64_t w,
+                                           Vec<A> (&acc)[R][K]) {
+  constexpr int64_t V = Vec<A>::size();
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    const A* xi = x[i] + w * V;
+#pragma GCC unroll 8
+    for (int j = 0; j < K; ++j) acc[i][j] = at::vec::fmadd(g, Vec<A>::loadu(xi + j * V), acc[i][j]);
+  }
+}
+
+// part[(i*K + j)*C ..] += acc[i][j], i < R (n lanes).
+template <int K, int R, bool FULL, typename A>
+CPVT_ALWAYS_INLINE void add_to_partials(const Vec<A> (&acc)[R][K], A* part, int64_t C,
+                                        int64_t n) {
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < K; ++j) {
+      A* p = part + (i * K + j) * C;
+      (ld<FULL>(p, n) + acc[i][j]).store(p, n);
+    }
+  }
+}
+
 template <int K, int RB, bool FULL, typename A>
 CPVT_ALWAYS_INLINE void weight_grad_rows_k(const A* const* x, const A* g, int64_t W, int64_t C,
                                            int64_t n, A* part, A* part_b) {
@@ -609,21 +636,9 @@ CPVT_ALWAYS_INLINE void weight_grad_rows_k(const A* const* x, const A* g, int64_
     for (; w0 < W; ++w0) {
       const Vec<A> gv = Vec<A>::loadu(gc + w0 * V);
       if (with_bias) accb = accb + gv;
-#pragma GCC unroll 8
-      for (int i = 0; i < RB; ++i) {
-        const A* xi = x[i0 + i] + w0 * V;
-#pragma GCC unroll 8
-        for (int j = 0; j < K; ++j) acc[i][j] = at::vec::fmadd(gv, Vec<A>::loadu(xi + j * V), acc[i][j]);
-      }
+      weight_grad_column<K, RB>(gv, x + i0, w0, acc);
     }
-#pragma GCC unroll 8
-    for (int i = 0; i < RB; ++i) {
-#pragma GCC unroll 8
-      for (int j = 0; j < K; ++j) {
-        A* p = part + ((i0 + i) * K + j) * C;
-        (ld<FULL>(p, n) + acc[i][j]).store(p, n);
-      }
-    }
+    add_to_partials<K, RB, FULL>(acc, part + i0 * K * C, C, n);
     if (with_bias) (ld<FULL>(part_b, n) + accb).store(part_b, n);
   }
 }
@@ -683,22 +698,10 @@ CPVT_ALWAYS_INLINE void weight_grad_pair_k(const A* const* x, const A* const* g,
     for (int p = 0; p < 2; ++p) {
       const Vec<A> gv = Vec<A>::loadu(gc[p] + w0 * V);
       if (part_b != nullptr) accb = accb + gv;
-#pragma GCC unroll 8
-      for (int i = 0; i < K; ++i) {
-        const A* xi = x[i + p] + w0 * V;
-#pragma GCC unroll 8
-        for (int j = 0; j < K; ++j) acc[i][j] = at::vec::fmadd(gv, Vec<A>::loadu(xi + j * V), acc[i][j]);
-      }
+      weight_grad_column<K, K>(gv, x + p, w0, acc);
     }
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < K; ++i) {
-#pragma GCC unroll 8
-    for (int j = 0; j < K; ++j) {
-      A* p = part + (i * K + j) * C;
-      (ld<FULL>(p, n) + acc[i][j]).store(p, n);
-    }
-  }
+  add_to_partials<K, K, FULL>(acc, part, C, n);
   if (part_b != nullptr) (ld<FULL>(part_b, n) + accb).store(part_b, n);
 }
 
