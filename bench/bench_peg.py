@@ -284,7 +284,8 @@ def add_allocator_arg(p: argparse.ArgumentParser) -> None:
     """The ``--keep-freed-memory`` switch shared by the benchmarks."""
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="CPU: glibc malloc keeps freed memory for reuse (no heap trimming, "
-                        "blocks up to 32 MiB from the heap), so no call pays page faults for "
+                        f"blocks up to {KEEP_MMAP_THRESHOLD >> 20} MiB from the heap), so no call "
+                        "pays page faults for "
                         "memory an earlier call freed, as with a GPU's caching allocator "
                         "(default: on for a CPU; --no-keep-freed-memory keeps glibc's defaults)")
 

@@ -1294,6 +1294,8 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
           x_rows[i] = !want_w ? nullptr : valid ? xring.get(b, hh) : xring.zeros();
           g_rows[i] = !(want_x || centre) ? nullptr : valid ? gring.get(b, hh) : gring.zeros();
         }
+        // The weight gradients of a pair of rows in one sweep where the kernel allows.
+        const bool pair = want_w && nr == 2 && pair_w;
         pf.clear();
         if (r + nr < thread_end) {  // the next pass, in this chunk or the next
           const int64_t r2 = r + nr, b2 = r2 / gx.H, h2 = r2 % gx.H;
@@ -1301,15 +1303,15 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
           if (want_x) pf.add(gring, gg, b2, h2 - gx.ph, h2 + nr2 - 1 + gx.ph);
           else pf.add(gring, gg, b2, h2, h2 + nr2 - 1);
           if (want_w) pf.add(xring, gx, b2, h2 - gx.ph, h2 + nr2 - 1 + gx.ph);
-          const int64_t wg_passes = !(want_w || want_b) ? 0 : (want_w && nr == 2 && pair_w) ? 1 : nr;
-          pf.spread(nblk * ((want_x ? 1 : 0) + wg_passes));
+          const int64_t wg_sweeps = !(want_w || want_b) ? 0 : pair ? 1 : nr;
+          pf.spread(nblk * ((want_x ? 1 : 0) + wg_sweeps));
         }
         if (want_x) {
           T* out_row = grad_x + (b * gx.N + gx.P + h * W) * C;
           conv_row_dispatch(g_rows.data(), gring.block_stride(), gx.kh, gx.kw, wt_flip,
                             zero_bias, W, C, stream, out_row, nr, W * C, pf);
         }
-        if (want_w && nr == 2 && pair_w) {
+        if (pair) {
           weight_grad_pair<A>(x_rows.data(), g_rows.data() + gx.ph, gring.block_stride(), gx.kw,
                               W, C, pw, pb, pf);
         } else if (want_w || want_b) {
