@@ -150,11 +150,13 @@ n = 6 * 2**20 // 4
 for _ in range(3):  # warm up
     a, b = torch.empty(n).fill_(1.0), torch.empty(n).fill_(2.0)
     del a, b
-f0 = bench_peg.minor_faults()
+per_pass = []
 for _ in range(20):
+    f0 = bench_peg.minor_faults()
     a, b = torch.empty(n).fill_(1.0), torch.empty(n).fill_(2.0)
     del a, b
-print((bench_peg.minor_faults() - f0) / 20)
+    per_pass.append(bench_peg.minor_faults() - f0)
+print(" ".join(map(str, per_pass)))
 """
 
 
@@ -163,16 +165,22 @@ print((bench_peg.minor_faults() - f0) / 20)
 def test_keep_freed_memory_stops_page_faults():
     """Two 6 MiB tensors allocated, written and freed in a loop: with the benchmarks' allocator
     setting the loop reuses the memory (no page faults); where glibc gives freed memory back to
-    the system, as its defaults do depending on the heap's state, every pass faults."""
+    the system, as its defaults do depending on the heap's state, every pass faults.
+
+    With the setting a pass or two may still fault once (1536 or 3072 faults, one or both
+    tensors' pages, in about one process of ten on a 2-core EPYC): a small block that another part
+    of the runtime allocates while the loop's memory is free can split it, and the heap grows once
+    (the tensors' addresses move past the old ones). That is growth, not memory going back to the
+    system; what must hold is that the loop does not keep faulting."""
     def faults(mode):
         out = subprocess.run([sys.executable, "-c", _ALLOC_LOOP, str(BENCH), mode],
                              capture_output=True, text=True, check=True)
-        return float(out.stdout.strip().splitlines()[-1])
+        return [int(f) for f in out.stdout.strip().splitlines()[-1].split()]
     kept = faults("keep")
-    assert kept < 1, kept
+    assert len(kept) == 20 and sum(f > 0 for f in kept) <= 2, kept
     returned = faults("return")
     # 12 MiB of pages per pass; shows that the loop can see the faults it is meant to count.
-    assert returned > 1000, returned
+    assert min(returned) > 1000, returned
 
 
 def test_bench_model_tiny_run(tmp_path):
