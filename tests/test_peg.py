@@ -45,6 +45,8 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
         y = torch.full((B, N, 2 * C), float("nan"), dtype=x.dtype)[:, :, ::2]
     elif layout == "offset_slice":  # channel-contiguous, storage offset breaks vector alignment
         y = torch.full((B, N, C + 3), float("nan"), dtype=x.dtype)[:, :, 1:C + 1]
+    elif layout == "shifted":  # contiguous, storage offset by 3 elements (vectors unaligned)
+        y = torch.full((B * N * C + 3,), float("nan"), dtype=x.dtype)[3:].view(B, N, C)
     elif layout == "transposed":  # (N, B, C) storage viewed as (B, N, C)
         y = torch.full((N, B, C), float("nan"), dtype=x.dtype).transpose(0, 1)
     else:
@@ -257,6 +259,58 @@ def test_cpu_bfloat16_forward_paths_agree(monkeypatch, case):
     assert ((dot.double() - flt.double()).abs() <= step).all()
     assert rel_err(dot, ref) < TOLERANCE[torch.bfloat16]
     assert torch.equal(dot[:, :P], x[:, :P])
+
+
+# float32 and float64 forwards of k = 1 and 3 with whole vectors of channels and contiguous tokens
+# read their input rows in place (see csrc/cpu/peg_kernel.cpp, reads_in_place);
+# CPVT_CPU_IN_PLACE=0 sends them through the row ring. Both do the same operations in the same
+# order, so they agree bit for bit, NaN and Inf included.
+IN_PLACE_CASES = [  # (B, P, H, W, C, k, layout)
+    (2, 1, 14, 14, 192, 3, "contiguous"),
+    (3, 0, 7, 9, 32, 3, "shifted"),
+    (2, 2, 5, 1, 16, 3, "contiguous"),  # one column: a block that starts and ends the row
+    (2, 1, 1, 2, 48, 3, "contiguous"),
+    (2, 1, 3, 13, 16, 3, "contiguous"),  # column blocks of 8, 4 and 1
+    # W * C large enough that every thread takes single rows (single-row passes).
+    (1, 1, 9, 16, 2048, 3, "contiguous"),
+    (2, 1, 6, 17, 64, 1, "shifted"),
+    (2, 1, 4, 5, 24, 3, "contiguous"),  # float32: not whole vectors (the ring); float64: in place
+    (2, 1, 4, 5, 32, 3, "offset_slice"),  # tokens not contiguous: the ring
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", IN_PLACE_CASES,
+                         ids=lambda c: "B{}-P{}-{}x{}-C{}-k{}-{}".format(*c))
+def test_cpu_forward_in_place_matches_ring(monkeypatch, dtype, case):
+    require_backend("cpu")
+    B, P, H, W, C, k, layout = case
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, k, k, True, dtype)
+    x = _layout(x, layout)
+
+    def both():
+        outs = []
+        for setting in ("1", "0"):
+            monkeypatch.setenv("CPVT_CPU_IN_PLACE", setting)
+            _poison_allocator(x.shape, dtype=dtype)
+            outs.append(ck.fused_peg(x, w, b, (H, W), P, backend="cpu"))
+        monkeypatch.delenv("CPVT_CPU_IN_PLACE")
+        return outs
+
+    in_place, ring = both()
+    assert not in_place.isnan().any()
+    assert rel_err(in_place, ck.fused_peg(x64, w64, b64, (H, W), P, backend="reference")) < (
+        TOLERANCE[dtype])
+    assert torch.equal(in_place, ring)
+    # Inf and NaN at the grid's corners and in a tap: where they meet the zero padding, both give
+    # NaN (0 * Inf) as the reference does.
+    x[:, P, 0] = float("inf")
+    x[:, -1, C - 1] = float("nan")
+    w[C // 2, 0, 0, 0] = float("-inf")
+    in_place, ring = both()
+    torch.testing.assert_close(in_place, ring, rtol=0, atol=0, equal_nan=True)
+    ref = ck.fused_peg(x.double(), w.double(), b.double(), (H, W), P, backend="reference")
+    assert torch.equal(in_place.isnan(), ref.isnan())
 
 
 @pytest.mark.parametrize("k", [1, 3, 5, 7])
