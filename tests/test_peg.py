@@ -262,9 +262,9 @@ def test_cpu_bfloat16_forward_paths_agree(monkeypatch, case):
 
 
 # float32 and float64 forwards of k = 1 and 3 with whole vectors of channels and contiguous tokens
-# read their input rows in place (see csrc/cpu/peg_kernel.cpp, reads_in_place);
-# CPVT_CPU_IN_PLACE=0 sends them through the row ring. Both do the same operations in the same
-# order, so they agree bit for bit, NaN and Inf included.
+# read their input rows in place, and their backwards grad_out's rows (see
+# csrc/cpu/peg_kernel.cpp, reads_in_place); CPVT_CPU_IN_PLACE=0 sends them through the row rings.
+# Both do the same operations in the same order, so they agree bit for bit, NaN and Inf included.
 IN_PLACE_CASES = [  # (B, P, H, W, C, k, layout)
     (2, 1, 14, 14, 192, 3, "contiguous"),
     (3, 0, 7, 9, 32, 3, "shifted"),
@@ -282,11 +282,12 @@ IN_PLACE_CASES = [  # (B, P, H, W, C, k, layout)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", IN_PLACE_CASES,
                          ids=lambda c: "B{}-P{}-{}x{}-C{}-k{}-{}".format(*c))
-def test_cpu_forward_in_place_matches_ring(monkeypatch, dtype, case):
+def test_cpu_in_place_matches_ring(monkeypatch, dtype, case):
     require_backend("cpu")
     B, P, H, W, C, k, layout = case
     (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, k, k, True, dtype)
     x = _layout(x, layout)
+    grad = _layout(torch.randn(x.shape, dtype=dtype), layout)
 
     def both():
         outs = []
@@ -302,6 +303,19 @@ def test_cpu_forward_in_place_matches_ring(monkeypatch, dtype, case):
     assert rel_err(in_place, ck.fused_peg(x64, w64, b64, (H, W), P, backend="reference")) < (
         TOLERANCE[dtype])
     assert torch.equal(in_place, ring)
+    # The backward, for every output mask.
+    for mask in ([True, True, True], [True, False, False], [False, True, True],
+                 [False, False, True]):
+        grads = []
+        for setting in ("1", "0"):
+            monkeypatch.setenv("CPVT_CPU_IN_PLACE", setting)
+            _poison_allocator(x.shape, dtype=dtype)
+            grads.append(torch.ops.cpvt.peg_backward(grad, x, w, H, W, P, mask))
+        monkeypatch.delenv("CPVT_CPU_IN_PLACE")
+        for want, got_in_place, got_ring in zip(mask, *grads):
+            if want:
+                assert not got_in_place.isnan().any()
+                assert torch.equal(got_in_place, got_ring)
     # Inf and NaN at the grid's corners and in a tap: where they meet the zero padding, both give
     # NaN (0 * Inf) as the reference does.
     x[:, P, 0] = float("inf")
