@@ -179,6 +179,18 @@ class RowPrefetch {
     add_span(ring.source(b, hh_lo), ring.source(b, hh_hi) + g.W * g.C);
   }
 
+  // Queues the rows lo..hi of image b of the tokens at base that the pass just run, which read
+  // the rows of image b_now up to read_hi, did not read (nothing unless tokens are contiguous).
+  template <typename T>
+  void add_unread(const T* base, const Geometry& g, int64_t b_now, int64_t read_hi, int64_t b,
+                  int64_t lo, int64_t hi) {
+    const int64_t first = std::max<int64_t>({b == b_now ? read_hi + 1 : 0, lo, 0});
+    const int64_t last = std::min<int64_t>(hi, g.H - 1);
+    if (first > last || g.st != g.C) return;
+    const T* row = base + b * g.sb + g.P * g.st;
+    add_span(row + first * g.W * g.st, row + (last + 1) * g.W * g.st);
+  }
+
   // Queues the bytes [lo, hi).
   void add_span(const void* lo, const void* hi) {
     if (n_ == kRanges) return;
@@ -245,10 +257,8 @@ class PassRows {
   // image b_now up to read_hi, did not read (ring: that the ring does not hold).
   void prefetch(RowPrefetch& pf, int64_t b_now, int64_t read_hi, int64_t b, int64_t lo,
                 int64_t hi) const {
-    if (!in_place_) return pf.add(*ring_, g_, b, lo, hi);
-    const int64_t first = std::max<int64_t>({b == b_now ? read_hi + 1 : 0, lo, 0});
-    const int64_t last = std::min<int64_t>(hi, g_.H - 1);
-    if (first <= last) pf.add_span(source(b, first), source(b, last) + g_.W * g_.C);
+    if (in_place_) pf.add_unread(base_, g_, b_now, read_hi, b, lo, hi);
+    else pf.add(*ring_, g_, b, lo, hi);
   }
 
  private:
@@ -1186,12 +1196,23 @@ bool forward(const at::BFloat16* src, const Geometry& g, const uint16_t* weight,
     const uint16_t* pr[NP];
     const uint16_t* r[NP];
     uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+    RowPrefetch pf;
     for (int64_t row = begin; row < end;) {
       const int64_t b = row / g.H, h = row % g.H;
       const int64_t nr = pass_rows(true, row, end, g.H);
       for (int m = 0; m < NP; ++m) pr[m] = ring.get(b, h - K / 2 + 2 * m);
+      // The source rows of the next pass's pairs that this pass did not read, into L2 while
+      // this pass runs: 4-5% faster at 14x14 and 24x24 (B=8, C=192, one thread, 6 alternating
+      // runs on a 2-core Zen 4).
+      pf.clear();
+      if (row + nr < end) {
+        const int64_t r2 = row + nr, b2 = r2 / g.H, h2 = r2 % g.H;
+        pf.add_unread(src, g, b, h - K / 2 + 2 * NP - 1, b2, h2 - K / 2, h2 - K / 2 + 2 * NP - 1);
+        pf.spread(nblk);
+      }
       uint16_t* o = out + (b * g.N + g.P + h * g.W) * g.C;
       for (int64_t blk = 0; blk < nblk; ++blk) {
+        pf.step();
         for (int m = 0; m < NP; ++m) r[m] = pr[m] + blk * ring.block_stride();
         const int64_t c0 = blk * kV, n = std::min<int64_t>(kV, g.C - c0);
         const __mmask16 mask = n == kV ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
