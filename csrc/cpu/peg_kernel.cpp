@@ -5,7 +5,10 @@
 // of the accumulation type (float for float/half/bfloat16, double for double) that stays in
 // cache while the kh output rows that use it are computed (RowRing): the zero padding of the
 // convolution is then plain memory, the inner loops carry no bounds checks, and every vector
-// they read is aligned and at a compile-time distance from its neighbours.
+// they read is aligned and at a compile-time distance from its neighbours. Where there is
+// nothing to convert (float and double, k = 1 and 3, contiguous tokens, whole vectors of
+// channels) the convolutions read the rows where they lie instead (reads_in_place, PassRows),
+// which saves the copy.
 // ATen's vector types pick their width from CPU_CAPABILITY_* macros, which ATen's own build
 // sets per dispatch target. This file is compiled for the build machine's ISA (CPVT_CPU_ARCH),
 // so select the matching width from the compiler's target macros.
