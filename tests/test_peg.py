@@ -219,9 +219,10 @@ def test_cpu_streaming_stores(monkeypatch, dtype, C, layout):
         assert rel_err(got, want) < tol
 
 
-# bfloat16 forwards of the square kernels PEG uses run, on CPUs with AVX512-BF16, as bfloat16
-# dot products over pairs of rows (see csrc/cpu/peg_kernel.cpp, namespace dot);
-# CPVT_CPU_BF16_DOT=0 turns that off. Grids with an odd H end an image with a single-row pass.
+# bfloat16 forwards of the square kernels PEG uses can run, on CPUs with AVX512-BF16, as bfloat16
+# dot products over pairs of rows (see csrc/cpu/peg_kernel.cpp, namespace dot): by default on AMD
+# CPUs; CPVT_CPU_BF16_DOT=1 or 0 turns it on or off anywhere. Grids with an odd H end an image
+# with a single-row pass.
 DOT_CASES = [  # (B, P, H, W, C, k, layout)
     (2, 1, 14, 14, 192, 3, "contiguous"),
     (3, 0, 7, 9, 20, 3, "offset_slice"),
@@ -245,6 +246,7 @@ def test_cpu_bfloat16_forward_paths_agree(monkeypatch, case):
     (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, k, k, True, torch.bfloat16)
     x = _layout(x, layout)
     ref = ck.fused_peg(x64, w64, b64, (H, W), P, backend="reference")
+    monkeypatch.setenv("CPVT_CPU_BF16_DOT", "1")
     _poison_allocator(x.shape, dtype=torch.bfloat16)
     dot = ck.fused_peg(x, w, b, (H, W), P, backend="cpu")
     monkeypatch.setenv("CPVT_CPU_BF16_DOT", "0")
@@ -261,10 +263,11 @@ def test_cpu_bfloat16_forward_paths_agree(monkeypatch, case):
     assert torch.equal(dot[:, :P], x[:, :P])
 
 
-# float32 and float64 forwards of k = 1 and 3 with whole vectors of channels and contiguous tokens
-# read their input rows in place, and their backwards grad_out's rows (see
-# csrc/cpu/peg_kernel.cpp, reads_in_place); CPVT_CPU_IN_PLACE=0 sends them through the row rings.
-# Both do the same operations in the same order, so they agree bit for bit, NaN and Inf included.
+# Forwards of k = 1 and 3 with whole vectors of channels and contiguous tokens read their input
+# rows in place (half types converted as they load), and the float32 and float64 backwards
+# grad_out's rows (see csrc/cpu/peg_kernel.cpp, reads_in_place); CPVT_CPU_IN_PLACE=0 sends them
+# through the row rings. Both do the same operations in the same order, so they agree bit for
+# bit, NaN and Inf included. (bfloat16 with the dot-product forward turned off.)
 IN_PLACE_CASES = [  # (B, P, H, W, C, k, layout)
     (2, 1, 14, 14, 192, 3, "contiguous"),
     (3, 0, 7, 9, 32, 3, "shifted"),
@@ -279,11 +282,13 @@ IN_PLACE_CASES = [  # (B, P, H, W, C, k, layout)
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
 @pytest.mark.parametrize("case", IN_PLACE_CASES,
                          ids=lambda c: "B{}-P{}-{}x{}-C{}-k{}-{}".format(*c))
 def test_cpu_in_place_matches_ring(monkeypatch, dtype, case):
     require_backend("cpu")
+    monkeypatch.setenv("CPVT_CPU_BF16_DOT", "0")
     B, P, H, W, C, k, layout = case
     (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, k, k, True, dtype)
     x = _layout(x, layout)
