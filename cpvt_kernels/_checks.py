@@ -35,12 +35,8 @@ def parse_size(size, num_tokens: int | None = None, num_prefix_tokens: int = 0) 
     return H, W
 
 
-def check_inputs(x, weight, bias, H, W, num_prefix_tokens, same_dtype: bool = True) -> None:
-    """Raise ValueError/TypeError/RuntimeError naming the bad argument; return None if valid.
-
-    ``same_dtype=False`` lets weight and bias differ from x in dtype (the eager PEG under
-    autocast, whose convolution casts them).
-    """
+def check_argument_types(x, weight, bias, num_prefix_tokens) -> None:
+    """The Python types of the arguments (what the C++ ops' own checks cannot see)."""
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fused_peg: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -49,6 +45,15 @@ def check_inputs(x, weight, bias, H, W, num_prefix_tokens, same_dtype: bool = Tr
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
         raise TypeError("fused_peg: num_prefix_tokens must be an int, "
                         f"got {type(num_prefix_tokens).__name__}")
+
+
+def check_inputs(x, weight, bias, H, W, num_prefix_tokens, same_dtype: bool = True) -> None:
+    """Raise ValueError/TypeError/RuntimeError naming the bad argument; return None if valid.
+
+    ``same_dtype=False`` lets weight and bias differ from x in dtype (the eager PEG under
+    autocast, whose convolution casts them).
+    """
+    check_argument_types(x, weight, bias, num_prefix_tokens)
     if H < 1:
         raise ValueError(f"fused_peg: size H must be >= 1, got {H}")
     if W < 1:
