@@ -1630,10 +1630,11 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
   at::parallel_for(0, nchunks, 1, [&](int64_t cbeg, int64_t cend) {
     RowRing<T> xring(gx, x_ptr, gx.kh + 1);
     PassRows<T> grows(gg, g_ptr, g_in_place);
+    // Source rows for the direct passes (grad_out's from grows where it reads them in place).
     std::optional<SourceRows<T>> xsrc, gsrc;
     if (direct_pairs) {
       xsrc.emplace(gx, x_ptr);
-      gsrc.emplace(gg, g_ptr);
+      if (!g_in_place) gsrc.emplace(gg, g_ptr);
     }
     const GradOutRows gl{grows.block_stride(), grows.col0(), grows.col_stride()};
     std::vector<const A*> x_rows(gx.kh + 1), g_rows(gx.kh + 1);
@@ -1662,7 +1663,9 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
           const bool centre = i >= gx.ph && i < gx.ph + nr;
           if (direct) {
             x_src[i] = want_w ? xsrc->get(b, hh) : nullptr;
-            g_src[i] = (want_x || centre) ? gsrc->get(b, hh) : nullptr;
+            g_src[i] = !(want_x || centre) ? nullptr
+                       : g_in_place          ? grows.source(b, hh)
+                                             : gsrc->get(b, hh);
           } else {
             const bool valid = hh >= 0 && hh < gx.H;
             x_rows[i] = !want_w ? nullptr : valid ? xring.get(b, hh) : xring.zeros();
