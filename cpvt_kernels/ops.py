@@ -201,7 +201,7 @@ _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 def _run_backend(name, x, weight, bias, H, W, P):
     if name in ("cpu", "cuda"):
-        return torch.ops.cpvt.peg_forward(x, weight, bias, H, W, P)
+        return torch.ops.cpvt.peg_forward.default(x, weight, bias, H, W, P)
     if name == "triton":
         return _triton_peg.peg_triton(x, weight, bias, H, W, P)
     if x.dtype in (torch.float16, torch.bfloat16):
@@ -245,6 +245,12 @@ def fused_peg(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         raise TypeError(f"fused_peg: x must be a torch.Tensor, got {type(x).__name__}")
     H, W = _checks.parse_size(size, x.shape[1] if x.dim() == 3 else None, num_prefix_tokens
                               if isinstance(num_prefix_tokens, int) else 0)
+    return fused_peg_hw(x, weight, bias, H, W, num_prefix_tokens, backend)
+
+
+def fused_peg_hw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, H: int,
+                 W: int, num_prefix_tokens: int = 1, backend: str = "auto") -> torch.Tensor:
+    """``fused_peg`` with the grid size as ints ``H``, ``W`` (``FusedPEG.forward`` calls it)."""
     device_type = x.device.type
     # Under autocast the eager PEG runs its convolution in the autocast dtype and adds the
     # residual in x's dtype, so its output has the promotion of the two (float32 for float32
@@ -260,8 +266,9 @@ def fused_peg(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         # The C++ op checks the tensors itself (csrc/peg.cpp: the same checks, messages and
         # error types as _checks.check_inputs), so only the arguments it cannot take are checked
         # here: on a 2-core Xeon the Python checks cost 15-30 us per call after a kernel that
-        # has evicted the interpreter's data from cache, 5-10% of the CPVT-Ti forward.
+        # has evicted the interpreter's data from cache, 5-10% of the CPVT-Ti forward. The
+        # overload itself (.default), not the packet, which would resolve it on every call.
         _checks.check_argument_types(x, weight, bias, num_prefix_tokens)
-        return torch.ops.cpvt.peg_forward(x, weight, bias, H, W, num_prefix_tokens)
+        return torch.ops.cpvt.peg_forward.default(x, weight, bias, H, W, num_prefix_tokens)
     _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
     return _run_backend(name, x, weight, bias, H, W, num_prefix_tokens)

@@ -87,12 +87,12 @@ def test_bench_peg_quick_mode_with_compile(tmp_path):
 
 def test_bench_peg_reports_a_wrong_backend(tmp_path, monkeypatch, capsys):
     require_backend("cpu")
-    real = cpvt_kernels.modules.fused_peg
+    real = cpvt_kernels.modules.fused_peg_hw
 
-    def wrong(x, weight, bias=None, size=None, num_prefix_tokens=1, backend="auto"):
-        return real(x, weight, bias, size, num_prefix_tokens, backend) * 1.01
+    def wrong(x, weight, bias, H, W, num_prefix_tokens=1, backend="auto"):
+        return real(x, weight, bias, H, W, num_prefix_tokens, backend) * 1.01
 
-    monkeypatch.setattr(cpvt_kernels.modules, "fused_peg", wrong)
+    monkeypatch.setattr(cpvt_kernels.modules, "fused_peg_hw", wrong)
     rc = bench_peg.main(["--shapes", "2x8x5", "--dtypes", "float32", "--passes", "fwd",
                          "--impls", "eager", "cpu", "--min-time", "0.005", "--no-plot",
                          "--device", "cpu", "--out", str(tmp_path)])

@@ -332,6 +332,32 @@ def test_cpu_in_place_matches_ring(monkeypatch, dtype, case):
     assert torch.equal(in_place.isnan(), ref.isnan())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k", [3, 7])
+def test_cpu_prefetch_settings_agree(monkeypatch, dtype, k):
+    """CPVT_CPU_PREFETCH (none / ring rows only / also rows read in place) only moves cache
+    lines: forward and every gradient are bitwise the same, and correct, under each setting.
+    k = 3 reads its rows in place, k = 7 through the rings; several passes per thread."""
+    require_backend("cpu")
+    B, P, H, W, C = 3, 1, 9, 10, 48
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, k, k, True, dtype)
+    grad = torch.randn(x.shape, dtype=dtype)
+    ref = ck.fused_peg(x64, w64, b64, (H, W), P, backend="reference")
+    results = []
+    for setting in ("", "0", "1"):
+        monkeypatch.setenv("CPVT_CPU_PREFETCH", setting)
+        _poison_allocator(x.shape, dtype=dtype)
+        out = ck.fused_peg(x, w, b, (H, W), P, backend="cpu")
+        grads = torch.ops.cpvt.peg_backward(grad, x, w, H, W, P, [True, True, True])
+        results.append((out, *grads))
+    monkeypatch.delenv("CPVT_CPU_PREFETCH")
+    assert not results[0][0].isnan().any()
+    assert rel_err(results[0][0], ref) < TOLERANCE[dtype]
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert not a.isnan().any() and torch.equal(a, c)
+
+
 @pytest.mark.parametrize("k", [1, 3, 5, 7])
 @pytest.mark.parametrize("H,W", [(6, 5), (5, 3)])
 def test_cpu_bfloat16_forward_nonfinite_rows(k, H, W):
