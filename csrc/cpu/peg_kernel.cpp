@@ -1482,7 +1482,8 @@ void copy_prefix_rows(const T* src, const Geometry& g, T* dst, int64_t begin, in
 // rows, which come from the row ring or, where forward_reads_in_place, from the source tensor
 // itself (rows outside the grid from a row of zeros), and the prefix tokens copied in the same
 // parallel loop. While a pass runs, the rows of the next pass that this one did not read are
-// prefetched into L2.
+// prefetched into L2 where they go through the ring (RowPrefetch: rows read in place are left to
+// the hardware prefetchers unless CPVT_CPU_PREFETCH=1).
 template <typename T>
 void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
                        const acc_t<T>* bias, T* dst) {
