@@ -42,6 +42,8 @@ def _has_kernel(op: str, key: str) -> bool:
 
 
 HAS_CPU_KERNELS = _EXT_ERROR is None and _has_kernel("cpvt::peg_forward", "CPU")
+# The forward op's overload, looked up once: fused_peg calls it directly.
+_PEG_FORWARD = torch.ops.cpvt.peg_forward.default if _EXT_ERROR is None else None
 HAS_CUDA_KERNELS = _EXT_ERROR is None and _has_kernel("cpvt::peg_forward", "CUDA")
 
 _TRITON_ERROR: str | None = None
@@ -250,8 +252,15 @@ def fused_peg(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 def fused_peg_hw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, H: int,
                  W: int, num_prefix_tokens: int = 1, backend: str = "auto") -> torch.Tensor:
-    """``fused_peg`` with the grid size as ints ``H``, ``W`` (``FusedPEG.forward`` calls it)."""
-    device_type = x.device.type
+    """``fused_peg`` with the grid size as ints ``H``, ``W`` (``FusedPEG.forward`` calls it).
+
+    Every Python operation here runs on each call, after a kernel that has evicted the
+    interpreter's data from the caches: on a 2-core Xeon a call of the C++ op on a tiny tensor
+    takes 5 us with warm caches and 40 us with cold ones, and each layer of Python around it
+    adds several more. So the common case (a resolved cpu or cuda backend, tensor arguments) does
+    the fewest operations.
+    """
+    device_type = "cpu" if x.is_cpu else x.device.type
     # Under autocast the eager PEG runs its convolution in the autocast dtype and adds the
     # residual in x's dtype, so its output has the promotion of the two (float32 for float32
     # tokens under bfloat16 autocast). The fused op returns that dtype too, computing in it: a
@@ -261,14 +270,16 @@ def fused_peg_hw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         dtype = torch.promote_types(x.dtype, torch.get_autocast_dtype(device_type))
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
-    name = resolve_backend(backend, device_type)
-    if name in ("cpu", "cuda"):
+    name = _RESOLVED.get((backend, device_type, ENV_BACKEND)) if type(backend) is str else None
+    if name is None:
+        name = resolve_backend(backend, device_type)
+    if name == "cpu" or name == "cuda":
         # The C++ op checks the tensors itself (csrc/peg.cpp: the same checks, messages and
         # error types as _checks.check_inputs), so only the arguments it cannot take are checked
-        # here: on a 2-core Xeon the Python checks cost 15-30 us per call after a kernel that
-        # has evicted the interpreter's data from cache, 5-10% of the CPVT-Ti forward. The
-        # overload itself (.default), not the packet, which would resolve it on every call.
-        _checks.check_argument_types(x, weight, bias, num_prefix_tokens)
-        return torch.ops.cpvt.peg_forward.default(x, weight, bias, H, W, num_prefix_tokens)
+        # here.
+        if not (isinstance(weight, torch.Tensor) and type(num_prefix_tokens) is int
+                and (bias is None or isinstance(bias, torch.Tensor))):
+            _checks.check_argument_types(x, weight, bias, num_prefix_tokens)
+        return _PEG_FORWARD(x, weight, bias, H, W, num_prefix_tokens)
     _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
     return _run_backend(name, x, weight, bias, H, W, num_prefix_tokens)
