@@ -40,6 +40,21 @@ def test_autograd_is_registered_in_cpp():
     assert "PegFunction" in out.grad_fn.name()
     with torch.no_grad():
         assert torch.ops.cpvt.peg_forward(x, w, b, 3, 4, 1).grad_fn is None
+    # Without any input that requires a gradient the op runs without a graph node; with only the
+    # bias or only the weight requiring one, the node is there and gives that gradient.
+    assert torch.ops.cpvt.peg_forward(x.detach(), w, b, 3, 4, 1).grad_fn is None
+    for i in (1, 2):
+        args = [x.detach(), w.clone(), b.clone()]
+        args[i].requires_grad_()
+        out = torch.ops.cpvt.peg_forward(*args, 3, 4, 1)
+        assert "PegFunction" in out.grad_fn.name()
+        g = torch.randn_like(out)
+        (got,) = torch.autograd.grad(out, args[i], g)
+        ref_args = [a.detach().double() for a in args]
+        ref_args[i].requires_grad_()
+        (want,) = torch.autograd.grad(ck.peg_reference(*ref_args, 3, 4, 1), ref_args[i],
+                                      g.double())
+        assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True),
