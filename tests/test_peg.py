@@ -279,6 +279,11 @@ IN_PLACE_CASES = [  # (B, P, H, W, C, k, layout)
     (2, 1, 6, 17, 64, 1, "shifted"),
     (2, 1, 4, 5, 24, 3, "contiguous"),  # float32: not whole vectors (the ring); float64: in place
     (2, 1, 4, 5, 32, 3, "offset_slice"),  # tokens not contiguous: the ring
+    # bfloat16 in blocks of 32 channels (the even/odd loop): one column, odd widths, and passes
+    # of 4, 3, 2 and 1 rows.
+    (2, 1, 5, 1, 32, 3, "contiguous"),
+    (2, 1, 7, 3, 64, 3, "shifted"),
+    (3, 0, 6, 5, 96, 3, "contiguous"),
 ]
 
 

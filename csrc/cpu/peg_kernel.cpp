@@ -774,6 +774,157 @@ void conv_rows_direct_forward(const S* const* rows, int64_t k, const A* wt, cons
   else rows_of(std::integral_constant<int, 3>{});
 }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// The bfloat16 3x3 forward over rows read in place, 32 channels at a time: one 64-byte load of
+// 32 bfloat16 values gives the float vectors of the even and of the odd channels with one
+// instruction each (shift left by 16; clear the low 16 bits), where the float path converts 16
+// channels with two (zero-extend, shift); the taps and the bias are laid out the same way
+// (eo_layout), and two accumulators are rounded and re-interleaved into one 64-byte store
+// (vcvtne2ps2bf16, vpermw) instead of two conversions. Per output channel it does the float
+// path's operations in the same order (bias, the taps row by row, the residual after the
+// centre tap), so the results are bitwise the same. Blocks of 2 columns x up to 4 rows x 32
+// channels (16 accumulators; the taps are read from L1). On a 2-core Xeon (B=32, C=192, 2
+// threads, a copy of the loop outside torch, bitwise the same outputs): 0.125 / 0.38-0.40 / 0.67
+// ms at 14x14 / 24x24 / 32x32 against 0.14 / 0.40-0.41 / 0.72 for the float path's 4 x 4 blocks.
+namespace eo {
+
+constexpr int64_t kChannels = 32;
+constexpr int kCols = 2;
+
+// taps (kk, C) and bias (C,) in the even/odd order of each block of 32 channels: the 16 even
+// channels, then the 16 odd ones.
+inline std::vector<float> layout(const float* src, int64_t rows, int64_t C) {
+  std::vector<float> out(static_cast<size_t>(rows * C));
+  for (int64_t t = 0; t < rows; ++t) {
+    for (int64_t c0 = 0; c0 < C; c0 += kChannels) {
+      for (int64_t i = 0; i < 16; ++i) {
+        out[t * C + c0 + i] = src[t * C + c0 + 2 * i];
+        out[t * C + c0 + 16 + i] = src[t * C + c0 + 2 * i + 1];
+      }
+    }
+  }
+  return out;
+}
+
+CPVT_ALWAYS_INLINE __m512 in_reg(__m512 v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
+// NB columns from w0 x RB output rows of one block of 32 channels. r[i]: input row i (RB + 2 of
+// them) at the block's first channel, columns cs apart; L, R: the block starts / ends the row.
+template <int NB, int RB, bool L, bool R>
+CPVT_ALWAYS_INLINE void block(const uint16_t* const* r, const float* wt, const float* bias,
+                              int64_t w0, int64_t C, int64_t cs, uint16_t* out,
+                              int64_t row_stride, __m512i interleave) {
+  __m512 acc[RB][2][NB];
+  const __m512 be = _mm512_loadu_ps(bias), bo = _mm512_loadu_ps(bias + 16);
+#pragma GCC unroll 4
+  for (int p = 0; p < RB; ++p) {
+#pragma GCC unroll 4
+    for (int q = 0; q < NB; ++q) {
+      acc[p][0][q] = be;
+      acc[p][1][q] = bo;
+    }
+  }
+  const __m512 zero = in_reg(_mm512_setzero_ps());
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+#pragma GCC unroll 8
+  for (int i = 0; i < RB + 2; ++i) {
+    const uint16_t* ri = r[i] + (w0 - 1) * cs;
+#pragma GCC unroll 8
+    for (int t = 0; t < NB + 2; ++t) {
+      __m512 ve = zero, vo = zero;
+      if (!((L && t < 1) || (R && t >= NB + 1))) {
+        const __m512i raw = _mm512_loadu_si512(ri + t * cs);
+        ve = in_reg(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)));
+        vo = in_reg(_mm512_castsi512_ps(_mm512_and_si512(raw, high)));
+      }
+#pragma GCC unroll 4
+      for (int p = 0; p < RB; ++p) {
+        const int ki = i - p;  // the kernel row input row i is for output row p
+        if (ki < 0 || ki >= 3) continue;
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; ++j) {
+          const int q = t - j;
+          if (q >= 0 && q < NB) {
+            const float* w = wt + (ki * 3 + j) * C;
+            acc[p][0][q] = _mm512_fmadd_ps(_mm512_loadu_ps(w), ve, acc[p][0][q]);
+            acc[p][1][q] = _mm512_fmadd_ps(_mm512_loadu_ps(w + 16), vo, acc[p][1][q]);
+          }
+        }
+        if (ki == 1) {
+          const int q = t - 1;
+          if (q >= 0 && q < NB) {
+            acc[p][0][q] = _mm512_add_ps(acc[p][0][q], ve);
+            acc[p][1][q] = _mm512_add_ps(acc[p][1][q], vo);
+          }
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int p = 0; p < RB; ++p) {
+#pragma GCC unroll 4
+    for (int q = 0; q < NB; ++q) {
+      // [even channels | odd channels] as bfloat16, then back to channel order.
+      const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(acc[p][1][q], acc[p][0][q]));
+      _mm512_storeu_si512(out + p * row_stride + (w0 + q) * C,
+                          _mm512_permutexvar_epi16(interleave, h));
+    }
+  }
+}
+
+// RB consecutive output rows (rows[0 .. RB + 1] the input rows), columns outermost.
+template <int RB>
+void conv_rows(const uint16_t* const* rows, const float* wt, const float* bias, int64_t W,
+               int64_t C, int64_t row_stride, uint16_t* out, RowPrefetch& pf, int64_t cs) {
+  alignas(64) uint16_t order[32];
+  for (int i = 0; i < 16; ++i) {
+    order[2 * i] = static_cast<uint16_t>(i);
+    order[2 * i + 1] = static_cast<uint16_t>(16 + i);
+  }
+  const __m512i interleave = _mm512_load_si512(order);
+  column_blocks<kCols>(W, [&](auto nb, int64_t w0) {
+    constexpr int NB = decltype(nb)::value;
+    pf.step();
+    auto channels = [&](auto lc, auto rc) {
+      for (int64_t c0 = 0; c0 < C; c0 += kChannels) {
+        const uint16_t* r[RB + 2];
+#pragma GCC unroll 8
+        for (int i = 0; i < RB + 2; ++i) r[i] = rows[i] + c0;
+        block<NB, RB, decltype(lc)::value, decltype(rc)::value>(
+            r, wt + c0, bias + c0, w0, C, cs, out + c0, row_stride, interleave);
+      }
+    };
+    using t_ = std::true_type;
+    using f_ = std::false_type;
+    const bool left = w0 == 0, right = w0 + NB == W;
+    if (left && right) channels(t_{}, t_{});
+    else if (left) channels(t_{}, f_{});
+    else if (right) channels(f_{}, t_{});
+    else channels(f_{}, f_{});
+  });
+}
+
+inline void conv_rows_forward(const at::BFloat16* const* rows, const float* wt, const float* bias,
+                              int64_t W, int64_t C, at::BFloat16* out, int64_t nrows,
+                              int64_t row_stride, RowPrefetch& pf, int64_t cs) {
+  TORCH_INTERNAL_ASSERT(nrows >= 1 && nrows <= kDirectRows && C % kChannels == 0);
+  const auto* r = reinterpret_cast<const uint16_t* const*>(rows);
+  auto* o = reinterpret_cast<uint16_t*>(out);
+  switch (nrows) {
+    case 1: return conv_rows<1>(r, wt, bias, W, C, row_stride, o, pf, cs);
+    case 2: return conv_rows<2>(r, wt, bias, W, C, row_stride, o, pf, cs);
+    case 3: return conv_rows<3>(r, wt, bias, W, C, row_stride, o, pf, cs);
+    default: return conv_rows<4>(r, wt, bias, W, C, row_stride, o, pf, cs);
+  }
+}
+
+}  // namespace eo
+#define CPVT_BF16_EVEN_ODD 1
+#endif
+
 // Output size from which the grid rows are written with non-temporal stores:
 // CPVT_CPU_STREAM_BYTES if set (0: always, a huge value: never), else a quarter of the
 // last-level cache (8 MiB where its size is unknown). Below it the output stays in cache for
@@ -1547,8 +1698,21 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
   const bool in_place = forward_reads_in_place<T>(g);
   const bool pairs = pairs_rows(g.kh, g.kw);
   // The prefetch steps a pass takes: one per column block in place, per channel block from rings.
-  const int64_t steps =
-      in_place ? column_block_count<direct_block_cols<T>()>(g.W) : (g.C + V - 1) / V;
+  // bfloat16, k = 3, whole blocks of 32 channels read in place: the even/odd loop (eo).
+  bool even_odd = false;
+  std::vector<float> wt_eo, bias_eo;
+#if defined(CPVT_BF16_EVEN_ODD)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    even_odd = in_place && g.kh == 3 && g.C % eo::kChannels == 0;
+    if (even_odd) {
+      wt_eo = eo::layout(wt, g.kh * g.kw, g.C);
+      bias_eo = eo::layout(bias, 1, g.C);
+    }
+  }
+#endif
+  const int64_t steps = even_odd   ? column_block_count<eo::kCols>(g.W)
+                        : in_place ? column_block_count<direct_block_cols<T>()>(g.W)
+                                   : (g.C + V - 1) / V;
   // Output rows of the pass that starts at grid row r of a thread's range [.., end).
   auto nrows = [&](int64_t r, int64_t end) {
     return in_place ? direct_pass_rows(r, end, g.H) : pass_rows(pairs, r, end, g.H);
@@ -1574,7 +1738,14 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
         pf.spread(steps);
       }
       T* out_row = dst + (b * g.N + g.P + h * g.W) * g.C;
-      if (in_place) {
+      if (even_odd) {
+#if defined(CPVT_BF16_EVEN_ODD)
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          eo::conv_rows_forward(src_rows.data(), wt_eo.data(), bias_eo.data(), g.W, g.C, out_row,
+                                nr, g.W * g.C, pf, g.st);
+        }
+#endif
+      } else if (in_place) {
         conv_rows_direct_forward(src_rows.data(), g.kh, wt, bias, g.W, g.C, stream, out_row, nr,
                                  g.W * g.C, pf, g.st);
       } else {
