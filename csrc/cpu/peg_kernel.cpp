@@ -717,18 +717,26 @@ void conv_row_dispatch(const A* const* rows, int64_t block_stride, int64_t kh, i
   return conv_rows_unrolled<1>(rows, block_stride, kw, wt, bias, W, C, stream, 0, out, pf);
 }
 
+// The width of the column blocks of the convolutions over rows read in place (see
+// conv_rows_direct_forward).
+template <typename T>
+constexpr int direct_block_cols() {
+  return sizeof(T) >= 4 ? 2 : 4;
+}
+
 // The same from source rows read in place (reads_in_place: k = 1 or 3), column stride cs.
 template <typename T, typename A, typename S>
 void conv_row_dispatch_direct(const S* const* rows, int64_t k, const A* wt, const A* bias,
                               int64_t W, int64_t C, bool stream, T* out, int64_t nrows,
                               int64_t row_stride, RowPrefetch& pf, int64_t cs) {
   TORCH_INTERNAL_ASSERT(k == 1 || k == 3);
+  constexpr int WB = direct_block_cols<T>();
   if (k == 1) {
-    if (nrows == 2) return conv_row_direct<1, 2, 8>(rows, wt, bias, W, C, stream, row_stride, out, pf, cs);
-    return conv_row_direct<1, 1, 8>(rows, wt, bias, W, C, stream, 0, out, pf, cs);
+    if (nrows == 2) return conv_row_direct<1, 2, WB>(rows, wt, bias, W, C, stream, row_stride, out, pf, cs);
+    return conv_row_direct<1, 1, WB>(rows, wt, bias, W, C, stream, 0, out, pf, cs);
   }
-  if (nrows == 2) return conv_row_direct<3, 2, 8>(rows, wt, bias, W, C, stream, row_stride, out, pf, cs);
-  return conv_row_direct<3, 1, 8>(rows, wt, bias, W, C, stream, 0, out, pf, cs);
+  if (nrows == 2) return conv_row_direct<3, 2, WB>(rows, wt, bias, W, C, stream, row_stride, out, pf, cs);
+  return conv_row_direct<3, 1, WB>(rows, wt, bias, W, C, stream, 0, out, pf, cs);
 }
 
 // The forward's passes over rows read in place: up to kDirectRows output rows at a time (fewer
@@ -742,11 +750,6 @@ void conv_row_dispatch_direct(const S* const* rows, int64_t k, const A* wt, cons
 // the loop bound by the vector units, and the wider block shares each converted vector among
 // more outputs). 5 or more rows spill registers.
 constexpr int64_t kDirectRows = 4;
-
-template <typename T>
-constexpr int direct_block_cols() {
-  return sizeof(T) >= 4 ? 2 : 4;
-}
 
 inline int64_t direct_pass_rows(int64_t r, int64_t end, int64_t H) {
   return std::min<int64_t>({kDirectRows, end - r, H - r % H});
@@ -1890,7 +1893,7 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
     const int64_t nblk = (C + V - 1) / V;
     const bool pair_w = weight_grad_pairs(gx.kh, gx.kw);
     // The prefetch steps of the grad_x convolution: per column block in place, else per block.
-    const int64_t col_blocks = column_block_count(W);
+    const int64_t col_blocks = column_block_count<direct_block_cols<T>()>(W);
     RowPrefetch pf;
     const int64_t thread_end = std::min(rows, cend * per);
     for (int64_t k = cbeg; k < cend; ++k) {
