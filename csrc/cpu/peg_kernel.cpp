@@ -777,6 +777,9 @@ void conv_rows_direct_forward(const S* const* rows, int64_t k, const A* wt, cons
   else rows_of(std::integral_constant<int, 3>{});
 }
 
+// The width of the column blocks of the even/odd loop below.
+constexpr int kEvenOddCols = 2;
+
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 // The bfloat16 3x3 forward over rows read in place, 32 channels at a time: one 64-byte load of
 // 32 bfloat16 values gives the float vectors of the even and of the odd channels with one
@@ -792,7 +795,7 @@ void conv_rows_direct_forward(const S* const* rows, int64_t k, const A* wt, cons
 namespace eo {
 
 constexpr int64_t kChannels = 32;
-constexpr int kCols = 2;
+constexpr int kCols = kEvenOddCols;
 
 // taps (kk, C) and bias (C,) in the even/odd order of each block of 32 channels: the 16 even
 // channels, then the 16 odd ones.
@@ -1700,7 +1703,6 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
   const bool stream = stream_output(dst + g.P * g.C, g);
   const bool in_place = forward_reads_in_place<T>(g);
   const bool pairs = pairs_rows(g.kh, g.kw);
-  // The prefetch steps a pass takes: one per column block in place, per channel block from rings.
   // bfloat16, k = 3, whole blocks of 32 channels read in place: the even/odd loop (eo).
   bool even_odd = false;
   std::vector<float> wt_eo, bias_eo;
@@ -1713,7 +1715,8 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
     }
   }
 #endif
-  const int64_t steps = even_odd   ? column_block_count<eo::kCols>(g.W)
+  // The prefetch steps a pass takes: one per column block in place, per channel block from rings.
+  const int64_t steps = even_odd   ? column_block_count<kEvenOddCols>(g.W)
                         : in_place ? column_block_count<direct_block_cols<T>()>(g.W)
                                    : (g.C + V - 1) / V;
   // Output rows of the pass that starts at grid row r of a thread's range [.., end).
