@@ -15,23 +15,31 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The forward op below the Autograd key (looked up once).
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                          const std::optional<at::Tensor>&, c10::SymInt,
+                                          c10::SymInt, int64_t)>&
+forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cpvt::peg_forward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&, c10::SymInt,
+                                               c10::SymInt, int64_t)>();
+  return op;
+}
+
 class PegFunction : public torch::autograd::Function<PegFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, c10::SymInt H, c10::SymInt W,
                             int64_t num_prefix_tokens) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("cpvt::peg_forward", "")
-                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                                 const std::optional<at::Tensor>&, c10::SymInt,
-                                                 c10::SymInt, int64_t)>();
     ctx->save_for_backward({x, weight});
     ctx->saved_data["H"] = H;
     ctx->saved_data["W"] = W;
     ctx->saved_data["P"] = num_prefix_tokens;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(x, weight, bias, std::move(H), std::move(W), num_prefix_tokens);
+    return forward_op().call(x, weight, bias, std::move(H), std::move(W), num_prefix_tokens);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -68,13 +76,8 @@ at::Tensor peg_forward_autograd(const at::Tensor& x, const at::Tensor& weight,
                       (x.requires_grad() || weight.requires_grad() ||
                        (bias.has_value() && bias->defined() && bias->requires_grad()));
   if (!record) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("cpvt::peg_forward", "")
-                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                                 const std::optional<at::Tensor>&, c10::SymInt,
-                                                 c10::SymInt, int64_t)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(x, weight, bias, std::move(H), std::move(W), num_prefix_tokens);
+    return forward_op().call(x, weight, bias, std::move(H), std::move(W), num_prefix_tokens);
   }
   return PegFunction::apply(x, weight, bias, std::move(H), std::move(W), num_prefix_tokens);
 }

@@ -431,6 +431,15 @@ CPVT_ALWAYS_INLINE Vec<A> in_register(Vec<A> v) {
   return v;
 }
 
+#if defined(__GNUC__) && defined(__AVX512F__)
+// The same for a raw AVX-512 vector (__m512, __m512i), for the loops written in intrinsics.
+template <typename R>
+CPVT_ALWAYS_INLINE R in_register_raw(R v) {
+  asm("" : "+v"(v));
+  return v;
+}
+#endif
+
 // Calls block(std::integral_constant<int, n>{}, w0) over the columns [0, W): blocks of WB (8, 4,
 // 2 or 1), then at most one each of the widths 4, 2 and 1 below WB, so that every block width is
 // a compile-time constant.
@@ -785,7 +794,7 @@ constexpr int kEvenOddCols = 2;
 // 32 bfloat16 values gives the float vectors of the even and of the odd channels with one
 // instruction each (shift left by 16; clear the low 16 bits), where the float path converts 16
 // channels with two (zero-extend, shift); the taps and the bias are laid out the same way
-// (eo_layout), and two accumulators are rounded and re-interleaved into one 64-byte store
+// (eo::layout), and two accumulators are rounded and re-interleaved into one 64-byte store
 // (vcvtne2ps2bf16, vpermw) instead of two conversions. Per output channel it does the float
 // path's operations in the same order (bias, the taps row by row, the residual after the
 // centre tap), so the results are bitwise the same. Blocks of 2 columns x up to 4 rows x 32
@@ -795,7 +804,6 @@ constexpr int kEvenOddCols = 2;
 namespace eo {
 
 constexpr int64_t kChannels = 32;
-constexpr int kCols = kEvenOddCols;
 
 // taps (kk, C) and bias (C,) in the even/odd order of each block of 32 channels: the 16 even
 // channels, then the 16 odd ones.
@@ -810,11 +818,6 @@ inline std::vector<float> layout(const float* src, int64_t rows, int64_t C) {
     }
   }
   return out;
-}
-
-CPVT_ALWAYS_INLINE __m512 in_reg(__m512 v) {
-  asm("" : "+v"(v));
-  return v;
 }
 
 // NB columns from w0 x RB output rows of one block of 32 channels. r[i]: input row i (RB + 2 of
@@ -833,7 +836,7 @@ CPVT_ALWAYS_INLINE void block(const uint16_t* const* r, const float* wt, const f
       acc[p][1][q] = bo;
     }
   }
-  const __m512 zero = in_reg(_mm512_setzero_ps());
+  const __m512 zero = in_register_raw(_mm512_setzero_ps());
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
 #pragma GCC unroll 8
   for (int i = 0; i < RB + 2; ++i) {
@@ -843,8 +846,8 @@ CPVT_ALWAYS_INLINE void block(const uint16_t* const* r, const float* wt, const f
       __m512 ve = zero, vo = zero;
       if (!((L && t < 1) || (R && t >= NB + 1))) {
         const __m512i raw = _mm512_loadu_si512(ri + t * cs);
-        ve = in_reg(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)));
-        vo = in_reg(_mm512_castsi512_ps(_mm512_and_si512(raw, high)));
+        ve = in_register_raw(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)));
+        vo = in_register_raw(_mm512_castsi512_ps(_mm512_and_si512(raw, high)));
       }
 #pragma GCC unroll 4
       for (int p = 0; p < RB; ++p) {
@@ -891,7 +894,7 @@ void conv_rows(const uint16_t* const* rows, const float* wt, const float* bias, 
     order[2 * i + 1] = static_cast<uint16_t>(16 + i);
   }
   const __m512i interleave = _mm512_load_si512(order);
-  column_blocks<kCols>(W, [&](auto nb, int64_t w0) {
+  column_blocks<kEvenOddCols>(W, [&](auto nb, int64_t w0) {
     constexpr int NB = decltype(nb)::value;
     pf.step();
     auto channels = [&](auto lc, auto rc) {
@@ -1352,11 +1355,6 @@ namespace dot {
 
 constexpr int64_t kV = 16;  // channels per block: one float accumulator vector
 
-CPVT_ALWAYS_INLINE __m512i in_register_i(__m512i v) {
-  asm("" : "+v"(v));
-  return v;
-}
-
 // Pair rows (a, a + 1) of the grid, interleaved: element (column w, channel c, half e) of a
 // padded pair row is at [((c / 16) * Wp + w + pw) * 16 + c % 16] * 2 + e, Wp = W + 2 * pw; rows
 // outside the grid are zeros. A ring of them per thread, tagged by (image, a).
@@ -1469,7 +1467,7 @@ CPVT_ALWAYS_INLINE void conv_block(const uint16_t* const* pr, const __m512i* wre
     const uint16_t* rm = pr[m] + w0 * 2 * kV;
 #pragma GCC unroll 16
     for (int t = 0; t < WB + K - 1; ++t) {
-      const __m512i v = in_register_i(_mm512_load_si512(rm + t * 2 * kV));
+      const __m512i v = in_register_raw(_mm512_load_si512(rm + t * 2 * kV));
 #pragma GCC unroll 2
       for (int p = 0; p < RB; ++p) {
 #pragma GCC unroll 8
