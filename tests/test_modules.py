@@ -44,6 +44,40 @@ def test_module_gradients_match():
     assert rel_err(fused.proj.bias.grad, eager.proj.bias.grad) < 1e-12
 
 
+@pytest.mark.parametrize("change", ["weight_norm", "parametrization", "replaced", "no_bias"])
+def test_fused_module_follows_changed_parameters(change):
+    """FusedPEG reads proj's weight and bias as they are now: after a parametrization, a
+    replaced Parameter, or a bias removed, it matches PEG with the same change, forward and
+    backward."""
+    torch.manual_seed(2)
+    eager, fused = ck.PEG(12).double(), ck.FusedPEG(12).double()
+    fused.load_state_dict(eager.state_dict())
+    for peg in (eager, fused):
+        if change == "weight_norm":
+            torch.nn.utils.parametrizations.weight_norm(peg.proj)
+        elif change == "parametrization":
+            torch.nn.utils.parametrize.register_parametrization(peg.proj, "weight", _Scale())
+        elif change == "replaced":
+            peg.proj.weight = torch.nn.Parameter(torch.ones_like(peg.proj.weight) * 0.25)
+        else:
+            peg.proj.bias = None
+    x = torch.randn(2, 1 + 20, 12, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_e, y_f = eager(x1, 4, 5), fused(x2, 4, 5)
+    assert rel_err(y_f, y_e) < 1e-12
+    y_e.pow(2).sum().backward()
+    y_f.pow(2).sum().backward()
+    assert rel_err(x2.grad, x1.grad) < 1e-12
+    for (name, p_e), (_, p_f) in zip(eager.named_parameters(), fused.named_parameters()):
+        assert p_f.grad is not None, name
+        assert rel_err(p_f.grad, p_e.grad) < 1e-12, name
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, w):
+        return 2.0 * w
+
+
 def test_forward_call_form_errors():
     peg = ck.FusedPEG(4)
     with pytest.raises(TypeError, match="forward"):

@@ -284,6 +284,7 @@ IN_PLACE_CASES = [  # (B, P, H, W, C, k, layout)
     (2, 1, 5, 1, 32, 3, "contiguous"),
     (2, 1, 7, 3, 64, 3, "shifted"),
     (3, 0, 6, 5, 96, 3, "contiguous"),
+    (2, 1, 5, 7, 32, 3, "contiguous"),
 ]
 
 
