@@ -29,7 +29,7 @@ if importlib.util.find_spec(f"{__package__}._C") is None:
     _EXT_ERROR = "no compiled cpvt_kernels._C next to the package"
 else:
     try:
-        from . import _C  # noqa: F401  (loading the library registers torch.ops.cpvt)
+        from . import _C  # loading the library registers torch.ops.cpvt
     except ImportError as e:  # importing the package never fails because a part is missing
         _EXT_ERROR = f"{type(e).__name__}: {e}"
 
@@ -42,8 +42,12 @@ def _has_kernel(op: str, key: str) -> bool:
 
 
 HAS_CPU_KERNELS = _EXT_ERROR is None and _has_kernel("cpvt::peg_forward", "CPU")
-# The forward op's overload, looked up once: fused_peg calls it directly.
+# The forward op's overload, looked up once: fused_peg calls it directly, or, where no
+# __torch_function__ handling is due and nothing traces the call, through _C.peg_forward (the
+# same op through the dispatcher without torch.ops' generic binding; csrc/module.cpp).
 _PEG_FORWARD = torch.ops.cpvt.peg_forward.default if _EXT_ERROR is None else None
+_PEG_FORWARD_EAGER = getattr(_C, "peg_forward", None) if _EXT_ERROR is None else None
+_has_torch_function = torch._C._has_torch_function
 HAS_CUDA_KERNELS = _EXT_ERROR is None and _has_kernel("cpvt::peg_forward", "CUDA")
 
 _TRITON_ERROR: str | None = None
@@ -279,6 +283,10 @@ def fused_peg_hw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if not (isinstance(weight, torch.Tensor) and type(num_prefix_tokens) is int
                 and (bias is None or isinstance(bias, torch.Tensor))):
             _checks.check_argument_types(x, weight, bias, num_prefix_tokens)
+        if (_PEG_FORWARD_EAGER is not None and type(H) is int and type(W) is int
+                and type(num_prefix_tokens) is int and not torch.compiler.is_compiling()
+                and not _has_torch_function((x, weight, bias))):
+            return _PEG_FORWARD_EAGER(x, weight, bias, H, W, num_prefix_tokens)
         return _PEG_FORWARD(x, weight, bias, H, W, num_prefix_tokens)
     _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
     return _run_backend(name, x, weight, bias, H, W, num_prefix_tokens)

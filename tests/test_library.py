@@ -158,3 +158,75 @@ def test_autocast_cpu_bfloat16(backend, x_dtype):
     if backend == "cpu" and x_dtype == torch.float32:
         assert rel_err(y, ref) < 1e-5
     assert rel_err(y, y_eager) < 1.6e-2
+
+
+class _RecordFunctions(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_binding_is_the_same_op(monkeypatch):
+    """fused_peg calls plain tensors' op through _C.peg_forward: the same dispatcher op, so the
+    same output and gradients (bitwise) as torch.ops.cpvt.peg_forward, and dispatch modes see it;
+    a torch function mode or a tensor subclass takes torch.ops, and so sees the op."""
+    _needs_cpp()
+    from cpvt_kernels import ops
+    calls = []
+    eager = ops._PEG_FORWARD_EAGER
+    assert eager is not None
+    monkeypatch.setattr(ops, "_PEG_FORWARD_EAGER", lambda *a: calls.append(1) or eager(*a))
+    torch.manual_seed(3)
+    x = torch.randn(2, 1 + 4 * 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 1 + 4 * 5, 6, dtype=torch.float64)
+
+    def run(fn):
+        out = fn(x, w, b, 4, 5, 1)
+        return (out, *torch.autograd.grad(out, (x, w, b), g))
+
+    fused = run(lambda *a: ck.fused_peg(*a[:3], (a[3], a[4]), a[5], backend="cpu"))
+    assert calls == [1]
+    direct = run(torch.ops.cpvt.peg_forward.default)
+    for got, want in zip(fused, direct):
+        assert torch.equal(got, want)
+    assert "PegFunction" in fused[0].grad_fn.name()
+
+    with _RecordOps() as mode:
+        ck.fused_peg(x, w, b, (4, 5), 1, backend="cpu")
+    assert len(calls) == 2 and torch.ops.cpvt.peg_forward.default in mode.ops
+
+    with _RecordFunctions() as mode:
+        ck.fused_peg(x, w, b, (4, 5), 1, backend="cpu")
+    assert len(calls) == 2 and torch.ops.cpvt.peg_forward.default in mode.funcs
+
+
+def test_eager_binding_checks_its_arguments():
+    _needs_cpp()
+    from cpvt_kernels import _C
+    x, w = torch.randn(1, 1 + 4, 2), torch.randn(2, 1, 3, 3)
+    with pytest.raises(TypeError, match="takes 6 arguments"):
+        _C.peg_forward(x, w, None, 2, 2)
+    with pytest.raises(TypeError, match="must be tensors"):
+        _C.peg_forward(x, w.tolist(), None, 2, 2, 1)
+    with pytest.raises(TypeError, match="must be ints, got float"):
+        _C.peg_forward(x, w, None, 2.0, 2, 1)
+    with pytest.raises(ValueError, match="H"):  # the op's own checks, as Python exceptions
+        _C.peg_forward(x, w, None, 3, 2, 1)
+    assert torch.equal(_C.peg_forward(x, w, None, 2, 2, 1),
+                       torch.ops.cpvt.peg_forward(x, w, None, 2, 2, 1))
