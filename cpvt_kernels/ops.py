@@ -284,7 +284,7 @@ def fused_peg_hw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                 and (bias is None or isinstance(bias, torch.Tensor))):
             _checks.check_argument_types(x, weight, bias, num_prefix_tokens)
         if (_PEG_FORWARD_EAGER is not None and type(H) is int and type(W) is int
-                and type(num_prefix_tokens) is int and not torch.compiler.is_compiling()
+                and not torch.compiler.is_compiling()
                 and not _has_torch_function((x, weight, bias))):
             return _PEG_FORWARD_EAGER(x, weight, bias, H, W, num_prefix_tokens)
         return _PEG_FORWARD(x, weight, bias, H, W, num_prefix_tokens)

@@ -7,6 +7,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "forward_op.h"
+
 #include <array>
 
 namespace cpvt {
@@ -14,19 +16,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// The forward op below the Autograd key (looked up once).
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                          const std::optional<at::Tensor>&, c10::SymInt,
-                                          c10::SymInt, int64_t)>&
-forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cpvt::peg_forward", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, c10::SymInt,
-                                               c10::SymInt, int64_t)>();
-  return op;
-}
 
 class PegFunction : public torch::autograd::Function<PegFunction> {
  public:

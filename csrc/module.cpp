@@ -8,24 +8,14 @@
 // there is none to do (plain tensors, no torch function mode) and not under torch.compile.
 #include <Python.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <optional>
 
+#include "forward_op.h"
+
 namespace {
-
-using ForwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&,
-                                    const std::optional<at::Tensor>&, c10::SymInt, c10::SymInt,
-                                    int64_t);
-
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cpvt::peg_forward", "")
-                             .typed<ForwardSignature>();
-  return op;
-}
 
 // peg_forward(x, weight, bias, H, W, num_prefix_tokens): tensors (bias a tensor or None) and
 // ints; the op checks their values.
@@ -62,7 +52,7 @@ PyObject* peg_forward(PyObject* /*self*/, PyObject* const* args, Py_ssize_t narg
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;  // as torch.ops does around an op
-    out = forward_op().call(x, weight, bias, c10::SymInt(ints[0]), c10::SymInt(ints[1]), ints[2]);
+    out = cpvt::forward_op().call(x, weight, bias, c10::SymInt(ints[0]), c10::SymInt(ints[1]), ints[2]);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
