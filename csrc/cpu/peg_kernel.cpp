@@ -200,16 +200,22 @@ class RowRing {
 // k=3: backward 16-27% faster at 24x24 (inputs from DRAM), 3-7% at 14x14 (from L3).
 class RowPrefetch {
  public:
-  // CPVT_CPU_PREFETCH: unset, prefetch only the rows copied into a ring; 1, also the rows read
-  // in place; 0, none. Rows read in place are read in address order, which the hardware
-  // prefetchers follow: on a 2-core Xeon the software prefetch of them made the k = 3 forward
-  // 4-8% slower (B=32, C=192, 14x14 and 24x24, float32 and bfloat16, FusedPEG, 3 alternating
-  // rounds) and the forward+backward no faster, while for k = 7 (rings) it keeps the float32
-  // forward+backward 5-15% faster. (On Zen 4, where the in-place paths were first measured,
-  // it was on for them; unmeasured there since.)
-  RowPrefetch() {
+  // CPVT_CPU_PREFETCH: unset, the pass's default (in_place_rows: also the rows read in place, else
+  // only the rows copied into a ring); 1, also the rows read in place; 0, none. The forward reads
+  // its rows in place in address order, which the hardware prefetchers follow: on a 2-core Xeon
+  // the software prefetch of them made the k = 3 forward 4-8% slower (B=32, C=192, 14x14 and
+  // 24x24, float32 and bfloat16, FusedPEG, 3 alternating rounds), on a 2-core Zen 5 2-14% slower
+  // (op alone, 15 alternating rounds), while for k = 7 (rings) it keeps the float32
+  // forward+backward 5-15% faster. The backward reads two tensors in place, a pass's rows of x
+  // and of grad_out at once, which the prefetchers of a 2-core Zen 5 do not keep up with:
+  // prefetching them made its backward 1.3-2.3x faster at 24x24 (B=32, C=192, float32 and
+  // bfloat16, 10 alternating rounds; inputs partly from DRAM) and no slower at 14x14, and on the
+  // Xeon the forward+backward no slower.
+  explicit RowPrefetch(bool in_place_rows = false) {
     const char* env = std::getenv("CPVT_CPU_PREFETCH");
-    mode_ = env == nullptr || *env == '\0' ? 1 : std::strcmp(env, "0") == 0 ? 0 : 2;
+    mode_ = env == nullptr || *env == '\0' ? (in_place_rows ? 2 : 1)
+            : std::strcmp(env, "0") == 0   ? 0
+                                           : 2;
   }
 
   void clear() { n_ = 0; }
@@ -1613,7 +1619,10 @@ bool forward(const at::BFloat16* src, const Geometry& g, const uint16_t* weight,
 
 // Whether the dot-product forward runs: CPVT_CPU_BF16_DOT=1 or 0 turns it on or off; by default
 // it runs on AMD CPUs, where vdpbf16ps issues at the rate of an FMA (Zen 4: 3x3 forward 1.3x
-// faster than the float path), and not on others: a 2-core Xeon (Intel, AVX512-BF16) issues it
+// faster than the float path as it then was; Zen 5, 12 independent chains: 6.5 against 7.0 G
+// instructions/s per core, and for k = 3 within noise of the even/odd loop, B=32, C=192, 14x14
+// and 24x24, 2 threads, three series of 15 alternating rounds; for k = 7 1.65x faster than the
+// float path), and not on others: a 2-core Xeon (Intel, AVX512-BF16) issues it
 // at a quarter of its FMA rate (1.6 against 6.3 G instructions/s per core, 16 independent
 // chains), so there its two products per lane are half as fast as two FMAs, and the float path
 // reading the bfloat16 rows in place is 1.3-1.4x faster (B=32, C=192, 14x14 and 24x24, 1 and 2
@@ -1895,7 +1904,7 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
     const bool pair_w = weight_grad_pairs(gx.kh, gx.kw);
     // The prefetch steps of the grad_x convolution: per column block in place, else per block.
     const int64_t col_blocks = column_block_count<direct_block_cols<T>()>(W);
-    RowPrefetch pf;
+    RowPrefetch pf(/*in_place_rows=*/true);
     const int64_t thread_end = std::min(rows, cend * per);
     for (int64_t k = cbeg; k < cend; ++k) {
       A* pw = want_w ? part_w.get() + k * kk * C : nullptr;
