@@ -208,9 +208,9 @@ class RowPrefetch {
   // (op alone, 15 alternating rounds), while for k = 7 (rings) it keeps the float32
   // forward+backward 5-15% faster. The backward reads two tensors in place, a pass's rows of x
   // and of grad_out at once, which the prefetchers of a 2-core Zen 5 do not keep up with:
-  // prefetching them made its backward 1.3-2.3x faster at 24x24 (B=32, C=192, float32 and
-  // bfloat16, 10 alternating rounds; inputs partly from DRAM) and no slower at 14x14, and on the
-  // Xeon the forward+backward no slower.
+  // prefetching them made its backward 1.3-2.7x faster at 24x24 (B=32, C=192, float32 and
+  // bfloat16, two series of 10 alternating rounds; inputs partly from DRAM) and 1.0-1.8x at
+  // 14x14, and on the Xeon the forward+backward no slower.
   explicit RowPrefetch(bool in_place_rows = false) {
     const char* env = std::getenv("CPVT_CPU_PREFETCH");
     mode_ = env == nullptr || *env == '\0' ? (in_place_rows ? 2 : 1)
