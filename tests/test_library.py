@@ -160,24 +160,24 @@ def test_autocast_cpu_bfloat16(backend, x_dtype):
     assert rel_err(y, y_eager) < 1.6e-2
 
 
-class _RecordFunctions(torch.overrides.TorchFunctionMode):
+class _Record:
+    """A torch function or dispatch mode that records every function it sees in ``seen``."""
+
     def __init__(self):
         super().__init__()
-        self.funcs = []
+        self.seen = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.funcs.append(func)
+    def _record(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
         return func(*args, **(kwargs or {}))
 
 
-class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
+class _RecordFunctions(_Record, torch.overrides.TorchFunctionMode):
+    __torch_function__ = _Record._record
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
-        return func(*args, **(kwargs or {}))
+
+class _RecordOps(_Record, torch.utils._python_dispatch.TorchDispatchMode):
+    __torch_dispatch__ = _Record._record
 
 
 def test_eager_binding_is_the_same_op(monkeypatch):
@@ -209,11 +209,11 @@ def test_eager_binding_is_the_same_op(monkeypatch):
 
     with _RecordOps() as mode:
         ck.fused_peg(x, w, b, (4, 5), 1, backend="cpu")
-    assert len(calls) == 2 and torch.ops.cpvt.peg_forward.default in mode.ops
+    assert len(calls) == 2 and torch.ops.cpvt.peg_forward.default in mode.seen
 
     with _RecordFunctions() as mode:
         ck.fused_peg(x, w, b, (4, 5), 1, backend="cpu")
-    assert len(calls) == 2 and torch.ops.cpvt.peg_forward.default in mode.funcs
+    assert len(calls) == 2 and torch.ops.cpvt.peg_forward.default in mode.seen
 
 
 def test_eager_binding_checks_its_arguments():
