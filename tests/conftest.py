@@ -3,6 +3,7 @@
 Without a GPU, Triton runs on CPU tensors through its interpreter; TRITON_INTERPRET must be set
 before triton is first imported, so it is set here, before cpvt_kernels is imported.
 """
+import math
 import os
 import sys
 
@@ -44,8 +45,8 @@ def make_inputs(B, P, H, W, C, kh, kw, bias=True, dtype=torch.float32, device="c
                 seed=None):
     """Fresh random float64 master inputs and their copies in ``dtype`` on ``device``.
 
-    Memory layouts (strides, storage offsets) are the tests' own: see ``_layout`` in
-    test_peg.py and ``_materialize`` in test_fuzz.py.
+    Memory layouts (strides, storage offsets) are the tests' own: see ``layout_as`` below and
+    ``_materialize`` in test_fuzz.py.
     """
     g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
     N = P + H * W
@@ -68,6 +69,64 @@ def reference_with_grads(x64, w64, b64, H, W, P, grad_out64):
     out = peg_reference(x, w, b, H, W, P)
     out.backward(grad_out64)
     return out.detach(), x.grad, w.grad, (None if b is None else b.grad)
+
+
+# The needs of test_only_required_grads: the gradients required, joined by "+".
+GRAD_NEEDS = ["x", "weight", "bias", "weight+bias", "x+bias"]
+
+
+def layout_as(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``x`` in another memory layout on its device (NaN in the gaps)."""
+    B, N, C = x.shape
+    nan = dict(fill_value=float("nan"), dtype=x.dtype, device=x.device)
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "strided_channels":  # channel stride 2
+        y = torch.full((B, N, 2 * C), **nan)[:, :, ::2]
+    elif layout == "offset_slice":  # channel-contiguous, storage offset breaks vector alignment
+        y = torch.full((B, N, C + 3), **nan)[:, :, 1:C + 1]
+    elif layout == "shifted":  # contiguous, storage offset by 3 elements (vectors unaligned)
+        y = torch.full((B * N * C + 3,), **nan)[3:].view(B, N, C)
+    elif layout == "padded_tokens":  # token and batch strides larger than C, aligned
+        y = torch.full((B, N + 1, C + 8), **nan)[:, 1:, 8:]
+    elif layout == "transposed":  # (N, B, C) storage viewed as (B, N, C)
+        y = torch.full((N, B, C), **nan).transpose(0, 1)
+    elif layout == "channels_first":  # (B, C, N) storage: channel stride N
+        y = torch.full((B, C, N), **nan).transpose(1, 2)
+    else:
+        raise ValueError(layout)
+    y.copy_(x)
+    return y
+
+
+def poison_allocator(*shapes, dtype, device="cpu"):
+    """Free NaN-filled blocks of the output sizes, so that new outputs likely reuse NaN memory:
+    an element a kernel forgets to write then fails the test instead of passing."""
+    blocks = [torch.full(s, float("nan"), dtype=dtype, device=device)
+              for s in shapes if math.prod(s) > 0]
+    del blocks
+
+
+def leaf(t):
+    """A detached copy of ``t`` that requires grad (None stays None)."""
+    return None if t is None else t.detach().requires_grad_()
+
+
+def check_only_required_grads(backend: str, device, needs: str, H=5, W=6, C=11):
+    """Each gradient is computed only when required (the others stay None), and is right."""
+    B, P = 2, 1
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float64, device)
+    parts = needs.split("+")
+    for name, t in (("x", x), ("weight", w), ("bias", b)):
+        t.requires_grad_(name in parts)
+    grad64 = torch.randn(x64.shape, dtype=torch.float64)
+    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
+    ck.fused_peg(x, w, b, (H, W), P, backend=backend).backward(grad64.to(device))
+    for name, t, ref in (("x", x, gx_ref), ("weight", w, gw_ref), ("bias", b, gb_ref)):
+        if name in parts:
+            assert rel_err(t.grad, ref) < 1e-12, name
+        else:
+            assert t.grad is None, name
 
 
 def backend_device(backend: str) -> str:

@@ -6,7 +6,6 @@ rule as setup.py: CPVT_BUILD_CUDA, else a CUDA build of torch plus a CUDA toolki
 registered them. Everything else needs a CUDA device.
 """
 import glob
-import math
 import os
 import shutil
 
@@ -14,8 +13,9 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import (DTYPES, HAS_GPU, TOLERANCE, check_nonfinite_backward,
-                      check_nonfinite_forward, make_inputs, reference_with_grads, rel_err,
+from conftest import (DTYPES, GRAD_NEEDS, HAS_GPU, TOLERANCE, check_nonfinite_backward,
+                      check_nonfinite_forward, check_only_required_grads, layout_as, leaf,
+                      make_inputs, poison_allocator, reference_with_grads, rel_err,
                       require_backend)
 
 gpu = pytest.mark.skipif(not HAS_GPU, reason="GPU-only: no CUDA device")
@@ -58,46 +58,12 @@ def device():
     return require_backend("cuda")
 
 
-def _poison_allocator(*shapes, dtype):
-    """Free NaN-filled CUDA blocks of the output sizes, so that new outputs likely reuse NaN
-    memory: an element a kernel forgets to write then fails the test instead of passing."""
-    blocks = [torch.full(s, float("nan"), dtype=dtype, device="cuda")
-              for s in shapes if math.prod(s) > 0]
-    del blocks
-
-
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as ``x`` in another memory layout (NaN in the gaps)."""
-    B, N, C = x.shape
-    nan = dict(fill_value=float("nan"), dtype=x.dtype, device=x.device)
-    if layout == "contiguous":
-        return x.contiguous()
-    if layout == "strided_channels":  # channel stride 2: the kernel gets a contiguous copy
-        y = torch.full((B, N, 2 * C), **nan)[:, :, ::2]
-    elif layout == "offset_slice":  # storage offset breaks 16-byte alignment: scalar path
-        y = torch.full((B, N, C + 3), **nan)[:, :, 1:C + 1]
-    elif layout == "padded_tokens":  # token and batch strides larger than C, aligned
-        y = torch.full((B, N + 1, C + 8), **nan)[:, 1:, 8:]
-    elif layout == "transposed":  # (N, B, C) storage viewed as (B, N, C)
-        y = torch.full((N, B, C), **nan).transpose(0, 1)
-    elif layout == "channels_first":  # (B, C, N) storage: channel stride N
-        y = torch.full((B, C, N), **nan).transpose(1, 2)
-    else:
-        raise ValueError(layout)
-    y.copy_(x)
-    return y
-
-
-def _leaf(t):
-    return None if t is None else t.detach().requires_grad_()
-
-
 def _run(x, w, b, H, W, P, grad, backend="cuda"):
     """Output and gradients of fused_peg, with NaN-poisoned new buffers."""
-    x, w, b = _leaf(x), _leaf(w), _leaf(b)
-    _poison_allocator(x.shape, dtype=x.dtype)
+    x, w, b = leaf(x), leaf(w), leaf(b)
+    poison_allocator(x.shape, dtype=x.dtype, device="cuda")
     out = ck.fused_peg(x, w, b, size=(H, W), num_prefix_tokens=P, backend=backend)
-    _poison_allocator(x.shape, w.shape, (x.shape[2],), dtype=x.dtype)
+    poison_allocator(x.shape, w.shape, (x.shape[2],), dtype=x.dtype, device="cuda")
     out.backward(grad)
     return out.detach(), x.grad, w.grad, (None if b is None else b.grad)
 
@@ -108,10 +74,10 @@ def _check_parity(device, dtype, B, P, H, W, C, kh, kw, bias=True, layout="conti
     # Shifted away from zero mean so that the sums behind grad_weight/grad_bias of a single
     # channel are not cancelled down to rounding noise (the metric divides by max |ref|).
     x64 = x64 + 0.5
-    x = _layout(x64.to(device=device, dtype=dtype), layout)
+    x = layout_as(x64.to(device=device, dtype=dtype), layout)
     grad64 = (torch.randn(x64.shape, dtype=torch.float64) + 0.5).to(dtype).double()
     ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
-    grad = _layout(grad64.to(device=device, dtype=dtype), grad_layout)
+    grad = layout_as(grad64.to(device=device, dtype=dtype), grad_layout)
 
     out, gx, gw, gb = _run(x, w, b, H, W, P, grad)
     tol = TOLERANCE[dtype]
@@ -172,7 +138,9 @@ def test_parity_tiled_grids(device, dtype, kernel, HW):
                                     "transposed", "channels_first"])
 @pytest.mark.parametrize("kernel", [(3, 3), (7, 5)], ids=lambda k: f"k{k[0]}x{k[1]}")
 def test_parity_layouts(device, dtype, layout, kernel):
-    """Non-contiguous x and grad_out, including storage offsets that break alignment."""
+    """Non-contiguous x and grad_out (conftest.layout_as): a channel stride of 2 (the kernel
+    gets a contiguous copy), a storage offset that breaks 16-byte alignment (the scalar path),
+    token and batch strides larger than C (aligned), and transposed storage."""
     _check_parity(device, dtype, 3, 1, 7, 9, 64, *kernel, layout=layout, grad_layout=layout)
 
 
@@ -198,22 +166,9 @@ def test_expanded_grad_out(device):
 
 
 @gpu
-@pytest.mark.parametrize("needs", ["x", "weight", "bias", "weight+bias", "x+bias"])
+@pytest.mark.parametrize("needs", GRAD_NEEDS)
 def test_only_required_grads(device, needs):
-    """Each gradient is computed only when required, and the others are still right."""
-    B, P, H, W, C = 2, 1, 5, 6, 12
-    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float64, device)
-    parts = needs.split("+")
-    for name, t in (("x", x), ("weight", w), ("bias", b)):
-        t.requires_grad_(name in parts)
-    grad64 = torch.randn(x64.shape, dtype=torch.float64)
-    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
-    ck.fused_peg(x, w, b, (H, W), P, backend="cuda").backward(grad64.to(device))
-    for name, t, ref in (("x", x, gx_ref), ("weight", w, gw_ref), ("bias", b, gb_ref)):
-        if name in parts:
-            assert rel_err(t.grad, ref) < 1e-12, name
-        else:
-            assert t.grad is None, name
+    check_only_required_grads("cuda", device, needs, C=12)
 
 
 @gpu

@@ -3,14 +3,15 @@
 Runs on the backends that work on this machine's default tensors: ``cpu`` and ``reference``
 here; ``cuda`` and ``triton`` have their own files (test_cuda.py, test_triton.py).
 """
-import math
 
 import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import (DTYPES, TOLERANCE, check_nonfinite_backward, check_nonfinite_forward,
-                      make_inputs, reference_with_grads, rel_err, require_backend)
+from conftest import (DTYPES, GRAD_NEEDS, TOLERANCE, check_nonfinite_backward,
+                      check_nonfinite_forward, check_only_required_grads, layout_as,
+                      make_inputs, poison_allocator, reference_with_grads, rel_err,
+                      require_backend)
 
 BACKENDS = ["cpu", "reference"]
 
@@ -36,31 +37,6 @@ def _case_id(c):
     return f"B{B}-P{P}-{H}x{W}-C{C}-k{kh}x{kw}-{'bias' if bias else 'nobias'}-{layout}"
 
 
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as ``x`` in another memory layout."""
-    B, N, C = x.shape
-    if layout == "contiguous":
-        return x.contiguous()
-    if layout == "strided_channels":  # channel stride 2
-        y = torch.full((B, N, 2 * C), float("nan"), dtype=x.dtype)[:, :, ::2]
-    elif layout == "offset_slice":  # channel-contiguous, storage offset breaks vector alignment
-        y = torch.full((B, N, C + 3), float("nan"), dtype=x.dtype)[:, :, 1:C + 1]
-    elif layout == "shifted":  # contiguous, storage offset by 3 elements (vectors unaligned)
-        y = torch.full((B * N * C + 3,), float("nan"), dtype=x.dtype)[3:].view(B, N, C)
-    elif layout == "transposed":  # (N, B, C) storage viewed as (B, N, C)
-        y = torch.full((N, B, C), float("nan"), dtype=x.dtype).transpose(0, 1)
-    else:
-        raise ValueError(layout)
-    y.copy_(x)
-    return y
-
-
-def _poison_allocator(*shapes, dtype):
-    """Free NaN-filled blocks of the output sizes so new outputs likely reuse NaN memory."""
-    blocks = [torch.full(s, float("nan"), dtype=dtype) for s in shapes if math.prod(s) > 0]
-    del blocks
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -68,7 +44,7 @@ def test_parity_output_and_grads(backend, dtype, case):
     device = require_backend(backend)
     B, P, H, W, C, kh, kw, bias, layout = case
     (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, kh, kw, bias, dtype, device)
-    x = _layout(x, layout)
+    x = layout_as(x, layout)
     x.requires_grad_()
     w.requires_grad_()
     if b is not None:
@@ -77,7 +53,7 @@ def test_parity_output_and_grads(backend, dtype, case):
     ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
 
     before = [t.detach().clone() for t in (x, w, b) if t is not None]
-    _poison_allocator(x.shape, w.shape, dtype=dtype)
+    poison_allocator(x.shape, w.shape, dtype=dtype)
     out = ck.fused_peg(x, w, b, size=(H, W), num_prefix_tokens=P, backend=backend)
     assert all(torch.equal(t.detach(), c) for t, c in zip([x, w, b], before)), "input modified"
     assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
@@ -98,23 +74,9 @@ def test_parity_output_and_grads(backend, dtype, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("needs", ["x", "weight", "bias", "weight+bias"])
+@pytest.mark.parametrize("needs", GRAD_NEEDS)
 def test_only_required_grads(backend, needs):
-    """Each gradient is computed only when required, and the others are still right."""
-    device = require_backend(backend)
-    B, P, H, W, C = 2, 1, 5, 6, 11
-    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float64, device)
-    parts = needs.split("+")
-    for name, t in (("x", x), ("weight", w), ("bias", b)):
-        t.requires_grad_(name in parts)
-    grad64 = torch.randn(x64.shape, dtype=torch.float64)
-    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
-    ck.fused_peg(x, w, b, (H, W), P, backend=backend).backward(grad64)
-    for name, t, ref in (("x", x, gx_ref), ("weight", w, gw_ref), ("bias", b, gb_ref)):
-        if name in parts:
-            assert rel_err(t.grad, ref) < 1e-12
-        else:
-            assert t.grad is None
+    check_only_required_grads(backend, require_backend(backend), needs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -203,12 +165,12 @@ def test_cpu_streaming_stores(monkeypatch, dtype, C, layout):
     monkeypatch.setenv("CPVT_CPU_STREAM_BYTES", "0")
     B, P, H, W, k = 2, 1, 5, 7, 3
     (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, k, k, True, dtype)
-    x = _layout(x, layout).requires_grad_()
+    x = layout_as(x, layout).requires_grad_()
     w.requires_grad_()
     b.requires_grad_()
     grad64 = torch.randn(x64.shape, dtype=torch.float64)
     ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
-    _poison_allocator(x.shape, dtype=dtype)
+    poison_allocator(x.shape, dtype=dtype)
     out = ck.fused_peg(x, w, b, size=(H, W), num_prefix_tokens=P, backend="cpu")
     tol = TOLERANCE[dtype]
     assert not out.isnan().any()
@@ -244,13 +206,13 @@ def test_cpu_bfloat16_forward_paths_agree(monkeypatch, case):
     require_backend("cpu")
     B, P, H, W, C, k, layout = case
     (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, k, k, True, torch.bfloat16)
-    x = _layout(x, layout)
+    x = layout_as(x, layout)
     ref = ck.fused_peg(x64, w64, b64, (H, W), P, backend="reference")
     monkeypatch.setenv("CPVT_CPU_BF16_DOT", "1")
-    _poison_allocator(x.shape, dtype=torch.bfloat16)
+    poison_allocator(x.shape, dtype=torch.bfloat16)
     dot = ck.fused_peg(x, w, b, (H, W), P, backend="cpu")
     monkeypatch.setenv("CPVT_CPU_BF16_DOT", "0")
-    _poison_allocator(x.shape, dtype=torch.bfloat16)
+    poison_allocator(x.shape, dtype=torch.bfloat16)
     flt = ck.fused_peg(x, w, b, (H, W), P, backend="cpu")
     # One bfloat16 step of the value, plus a few float roundings of the terms summed into it
     # (sum |w| |x| + |x| + |b|): where the terms nearly cancel, the two summation orders differ
@@ -297,14 +259,14 @@ def test_cpu_in_place_matches_ring(monkeypatch, dtype, case):
     monkeypatch.setenv("CPVT_CPU_BF16_DOT", "0")
     B, P, H, W, C, k, layout = case
     (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, k, k, True, dtype)
-    x = _layout(x, layout)
-    grad = _layout(torch.randn(x.shape, dtype=dtype), layout)
+    x = layout_as(x, layout)
+    grad = layout_as(torch.randn(x.shape, dtype=dtype), layout)
 
     def both():
         outs = []
         for setting in ("1", "0"):
             monkeypatch.setenv("CPVT_CPU_IN_PLACE", setting)
-            _poison_allocator(x.shape, dtype=dtype)
+            poison_allocator(x.shape, dtype=dtype)
             outs.append(ck.fused_peg(x, w, b, (H, W), P, backend="cpu"))
         monkeypatch.delenv("CPVT_CPU_IN_PLACE")
         return outs
@@ -320,7 +282,7 @@ def test_cpu_in_place_matches_ring(monkeypatch, dtype, case):
         grads = []
         for setting in ("1", "0"):
             monkeypatch.setenv("CPVT_CPU_IN_PLACE", setting)
-            _poison_allocator(x.shape, dtype=dtype)
+            poison_allocator(x.shape, dtype=dtype)
             grads.append(torch.ops.cpvt.peg_backward(grad, x, w, H, W, P, mask))
         monkeypatch.delenv("CPVT_CPU_IN_PLACE")
         for want, got_in_place, got_ring in zip(mask, *grads):
@@ -352,7 +314,7 @@ def test_cpu_prefetch_settings_agree(monkeypatch, dtype, k):
     results = []
     for setting in ("", "0", "1"):
         monkeypatch.setenv("CPVT_CPU_PREFETCH", setting)
-        _poison_allocator(x.shape, dtype=dtype)
+        poison_allocator(x.shape, dtype=dtype)
         out = ck.fused_peg(x, w, b, (H, W), P, backend="cpu")
         grads = torch.ops.cpvt.peg_backward(grad, x, w, H, W, P, [True, True, True])
         results.append((out, *grads))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import (DTYPES, HAS_GPU, TOLERANCE, check_nonfinite_backward,
-                      check_nonfinite_forward, make_inputs, reference_with_grads, rel_err,
-                      require_backend)
+from conftest import (DTYPES, GRAD_NEEDS, HAS_GPU, TOLERANCE, check_nonfinite_backward,
+                      check_nonfinite_forward, check_only_required_grads, layout_as, leaf,
+                      make_inputs, reference_with_grads, rel_err, require_backend)
 
 gpu = pytest.mark.skipif(not HAS_GPU, reason="GPU-only: no CUDA device")
 
@@ -72,32 +72,8 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
 
 
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as ``x`` in another memory layout (NaN in the gaps)."""
-    B, N, C = x.shape
-    nan = dict(fill_value=float("nan"), dtype=x.dtype, device=x.device)
-    if layout == "contiguous":
-        return x.contiguous()
-    if layout == "strided_channels":  # channel stride 2
-        y = torch.full((B, N, 2 * C), **nan)[:, :, ::2]
-    elif layout == "offset_slice":  # storage offset breaks vector alignment
-        y = torch.full((B, N, C + 3), **nan)[:, :, 1:C + 1]
-    elif layout == "transposed":  # (N, B, C) storage viewed as (B, N, C)
-        y = torch.full((N, B, C), **nan).transpose(0, 1)
-    elif layout == "channels_first":  # (B, C, N) storage: channel stride N
-        y = torch.full((B, C, N), **nan).transpose(1, 2)
-    else:
-        raise ValueError(layout)
-    y.copy_(x)
-    return y
-
-
-def _leaf(t):
-    return None if t is None else t.detach().requires_grad_()
-
-
 def _run(x, w, b, H, W, P, grad, backend="triton"):
-    x, w, b = _leaf(x), _leaf(w), _leaf(b)
+    x, w, b = leaf(x), leaf(w), leaf(b)
     out = ck.fused_peg(x, w, b, size=(H, W), num_prefix_tokens=P, backend=backend)
     out.backward(grad)
     return out.detach(), x.grad, w.grad, (None if b is None else b.grad)
@@ -111,7 +87,7 @@ def _run(x, w, b, H, W, P, grad, backend="triton"):
 def test_parity_output_and_grads(device, dtype, case, poison_empty):
     B, P, H, W, C, kh, kw, bias, layout = case
     (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, kh, kw, bias, dtype, device)
-    x = _layout(x, layout)
+    x = layout_as(x, layout)
     grad64 = torch.randn(x64.shape, dtype=torch.float64).to(dtype).double()
     ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
 
@@ -134,22 +110,9 @@ def test_parity_output_and_grads(device, dtype, case, poison_empty):
         assert torch.count_nonzero(gw) == 0 and (gb is None or torch.count_nonzero(gb) == 0)
 
 
-@pytest.mark.parametrize("needs", ["x", "weight", "bias", "weight+bias", "x+bias"])
+@pytest.mark.parametrize("needs", GRAD_NEEDS)
 def test_only_required_grads(device, needs, poison_empty):
-    """Each gradient is computed only when required, and the others are still right."""
-    B, P, H, W, C = 2, 1, 4, 5, 7
-    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float64, device)
-    parts = needs.split("+")
-    for name, t in (("x", x), ("weight", w), ("bias", b)):
-        t.requires_grad_(name in parts)
-    grad64 = torch.randn(x64.shape, dtype=torch.float64)
-    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
-    ck.fused_peg(x, w, b, (H, W), P, backend="triton").backward(grad64.to(device))
-    for name, t, ref in (("x", x, gx_ref), ("weight", w, gw_ref), ("bias", b, gb_ref)):
-        if name in parts:
-            assert rel_err(t.grad, ref) < 1e-12, name
-        else:
-            assert t.grad is None, name
+    check_only_required_grads("triton", device, needs, H=4, W=5, C=7)
 
 
 @pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, False),
@@ -192,7 +155,7 @@ def test_gradcheck(device, P, kh, kw, bias, layout, fast):
     fast = fast and not HAS_GPU
     B, H, W, C = (2, 3, 4, 3) if fast or HAS_GPU else (1, 2, 3, 2)
     _, (x, w, b) = make_inputs(B, P, H, W, C, kh, kw, bias, torch.float64, device)
-    inputs = [_layout(x, layout).requires_grad_(), w.requires_grad_()]
+    inputs = [layout_as(x, layout).requires_grad_(), w.requires_grad_()]
     if bias:
         inputs.append(b.requires_grad_())
 
@@ -301,7 +264,7 @@ def test_auto_picks_triton_on_cuda_without_cuda_kernels():
 def test_opcheck(case, dtype):
     B, P, H, W, C, kh, kw, bias, layout = case
     _, (x, w, b) = make_inputs(B, P, H, W, C, kh, kw, bias, dtype, "cuda")
-    x = _layout(x, layout)
+    x = layout_as(x, layout)
     for t in (x, w, b):
         if t is not None:
             t.requires_grad_()
@@ -355,7 +318,7 @@ def test_one_launch_forward_two_backward():
     from torch.profiler import ProfilerActivity, profile
 
     _, (x, w, b) = make_inputs(2, 1, 14, 14, 64, 3, 3, True, torch.float32, "cuda")
-    x, w, b = _leaf(x), _leaf(w), _leaf(b)
+    x, w, b = leaf(x), leaf(w), leaf(b)
     g = torch.randn_like(x)
     torch.autograd.grad(ck.fused_peg(x, w, b, (14, 14), 1, backend="triton"), [x, w, b], g)
 
