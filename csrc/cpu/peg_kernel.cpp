@@ -210,7 +210,8 @@ class RowPrefetch {
   // and of grad_out at once, which the prefetchers of a 2-core Zen 5 do not keep up with:
   // prefetching them made its backward 1.3-2.7x faster at 24x24 (B=32, C=192, float32 and
   // bfloat16, two series of 10 alternating rounds; inputs partly from DRAM) and 1.0-1.8x at
-  // 14x14, and on the Xeon the forward+backward no slower.
+  // 14x14; on the Xeon it changed the backward alone by -5% to +5% (op alone, 10 alternating
+  // rounds: faster at 14x14, slower in float32 at 24x24).
   explicit RowPrefetch(bool in_place_rows = false) {
     const char* env = std::getenv("CPVT_CPU_PREFETCH");
     mode_ = env == nullptr || *env == '\0' ? (in_place_rows ? 2 : 1)
@@ -807,6 +808,13 @@ constexpr int kEvenOddCols = 2;
 // channels (16 accumulators; the taps are read from L1). On a 2-core Xeon (B=32, C=192, 2
 // threads, a copy of the loop outside torch, bitwise the same outputs): 0.125 / 0.38-0.40 / 0.67
 // ms at 14x14 / 24x24 / 32x32 against 0.14 / 0.40-0.41 / 0.72 for the float path's 4 x 4 blocks.
+// In the op on that Xeon (one thread, rows in L2) a block of 32 outputs takes 6.5-7.0 ns, about
+// 21 cycles, where its two vector ports need about 15 (18 FMAs, 2 adds, 6 conversions, and the
+// rounding, which issues once per 2 cycles, with its permutation). Neither of two variants was
+// faster in the op (B=32, C=192, alternating processes; bench/results/2026-12-02_cpu-intel-xeon/
+// 42164a1/ab): each half's nine taps held in registers (two passes over 4 x 4 blocks, the even
+// sums parked in the output's 64 bytes) 5-13% slower with 2 threads, and GCC's scheduling before
+// register allocation within 5% either way.
 namespace eo {
 
 constexpr int64_t kChannels = 32;
