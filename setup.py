@@ -5,6 +5,9 @@ Build switches (environment variables, printed when the build starts):
                     unset: build them when torch is a CUDA build and a CUDA toolkit is found.
   CUDA_HOME         the CUDA toolkit root; found from nvcc when unset.
   TORCH_CUDA_ARCH_LIST  GPU architectures for nvcc (default here: "8.0;9.0").
+  CPVT_BUILD_CPU    1 (default): build the CPU kernels; 0: leave them out (a quicker build for
+                    a GPU machine that only checks the CUDA and Triton backends: the cpu backend
+                    is then unavailable).
   CPVT_CPU_ARCH     native (default): compile the CPU kernels for this machine's vector units;
                     generic: a portable build.
   CPVT_DEBUG        1: build with -O0 -g.
@@ -81,11 +84,14 @@ def _build_config():
     arch = os.environ.get("CPVT_CPU_ARCH", "native").strip().lower()
     if arch not in ("native", "generic"):
         sys.exit(f"cpvt_kernels build: CPVT_CPU_ARCH must be 'native' or 'generic', got {arch!r}")
-    return cuda, why, arch
+    cpu = _env_flag("CPVT_BUILD_CPU") is not False
+    if not cpu and not cuda:
+        sys.exit("cpvt_kernels build: CPVT_BUILD_CPU=0 needs the CUDA kernels (CPVT_BUILD_CUDA=1)")
+    return cuda, why, arch, cpu
 
 
 def _extensions():
-    cuda, why, arch = _build_config()
+    cuda, why, arch, cpu = _build_config()
     debug = _env_flag("CPVT_DEBUG") is True
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # at::parallel_for is OpenMP in torch's builds; without -fopenmp it silently runs serially.
@@ -93,13 +99,14 @@ def _extensions():
     if arch == "native":
         cxx.append("-march=native")
     sources = (["csrc/module.cpp", "csrc/peg.cpp", "csrc/autograd.cpp"]
-               + sorted(glob.glob("csrc/cpu/*.cpp")))
+               + (sorted(glob.glob("csrc/cpu/*.cpp")) if cpu else []))
     print("cpvt_kernels build configuration:")
     print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
     print(f"  CUDA kernels: {'yes' if cuda else 'no'} ({why})")
     if cuda:
         print(f"  CUDA_HOME={_cuda_home}  TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
-    print(f"  CPU arch: {arch}   debug: {debug}   MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
+    print(f"  CPU kernels: {'yes (' + arch + ')' if cpu else 'no (CPVT_BUILD_CPU=0)'}   "
+          f"debug: {debug}   MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
     if cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
