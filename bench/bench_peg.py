@@ -86,7 +86,7 @@ CSV_FIELDS = ["date", "device", "device_type", "threads", "torch", "triton", "py
               "cpvt_kernels", "commit", "mode", "pass", "dtype", "B", "C", "H", "W", "P", "k",
               "impl", "median_ms", "p20_ms", "p80_ms", "reps", "bytes", "gbps", "copy_gbps",
               "frac_copy", "speedup_vs_eager", "speedup_vs_compile", "peak_mem_mib",
-              "faults_per_call", "max_rel_err", "status"]
+              "faults_per_call", "max_rel_err", "status", "host_ms"]
 
 
 @dataclass(frozen=True)
@@ -213,12 +213,15 @@ def default_out_dir(device: torch.device) -> Path:
 
 def pick_device(name: str | None) -> torch.device:
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: no CUDA device is available here")
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device must be cpu or cuda, got {name!r}")
+    if device.type == "cuda" and device.index is None:
+        # An explicit index: torch.cuda.set_device rejects a bare "cuda" in some releases (2.11).
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -241,6 +244,7 @@ class Stats:
     p80_ms: float
     reps: int
     faults_per_call: float | None = None  # CPU: minor page faults of the process per sample
+    host_ms: float | None = None  # GPU: median host time of one call (launch overhead)
 
 
 def minor_faults() -> int:
@@ -333,9 +337,13 @@ def last_level_cache_bytes() -> int | None:
 class Timer:
     """Times a callable: warmup, then one sample per call; median and the p20-p80 spread.
 
-    CPU: ``time.perf_counter`` around each call. GPU: CUDA events around each call. With
-    ``flush_cache``, a buffer larger than the last-level cache is written (GPU: 256 MiB) or read
-    (CPU: twice the cache) before each call, so the inputs come from DRAM.
+    CPU: ``time.perf_counter`` around each call. GPU: CUDA events around each call, with the GPU
+    held busy by a spin kernel (``torch.cuda._sleep``, longer than the call's host time) before
+    the first event, so the call's kernels are all queued when the timing starts: the samples are
+    device time, without the host's launch overhead, which is reported apart (``host_ms``, the
+    median host time of a call). With ``flush_cache``, a buffer larger than the last-level cache
+    is written (GPU: 256 MiB) or read (CPU: twice the cache) before each call, so the inputs come
+    from DRAM.
     The number of samples is ``min_time / (time per call)``, clamped to ``[min_reps, max_reps]``.
     CPU: the minor page faults of the process over the samples are counted too.
     """
@@ -349,6 +357,20 @@ class Timer:
             nbytes = COPY_MIB * 2**20 if self.cuda else \
                 min(max(2 * (last_level_cache_bytes() or 0), 64 * 2**20), 1024 * 2**20)
             self.flush = torch.ones(nbytes // 4, dtype=torch.int32, device=device)
+        self._spin_cycles_per_ms = None
+
+    def _spin_cycles(self, ms: float) -> int:
+        """Cycles of ``torch.cuda._sleep`` that keep the GPU busy for about ``ms``."""
+        if self._spin_cycles_per_ms is None:
+            cycles = 1_000_000
+            torch.cuda._sleep(cycles)  # warm up
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            end.synchronize()
+            self._spin_cycles_per_ms = cycles / max(begin.elapsed_time(end), 1e-3)
+        return max(1, int(ms * self._spin_cycles_per_ms))
 
     def _flush(self):
         if self.flush is not None:
@@ -375,13 +397,21 @@ class Timer:
             if elapsed >= 0.2 * self.min_time or n >= 50:
                 break
         reps = int(min(max(self.min_time / max(elapsed / n, 1e-7), self.min_reps), self.max_reps))
+        host = None
         if self.cuda:
+            # The spin outlasts the host time of a call (bounded by its synchronous time above),
+            # so the call is queued before its first event fires.
+            spin = self._spin_cycles(min(max(1.5 * elapsed / n * 1e3, 0.05), 2.0))
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(reps)]
+            host = []
             for begin, end in events:
                 self._flush()
+                torch.cuda._sleep(spin)
                 begin.record()
+                t0 = time.perf_counter()
                 fn()
+                host.append((time.perf_counter() - t0) * 1e3)
                 end.record()
             torch.cuda.synchronize()
             times = [begin.elapsed_time(end) for begin, end in events]
@@ -397,7 +427,7 @@ class Timer:
             faults = (minor_faults() - faults0) / reps
         times.sort()
         return Stats(statistics.median(times), percentile(times, 0.2), percentile(times, 0.8),
-                     reps, faults)
+                     reps, faults, statistics.median(host) if host else None)
 
 
 def peak_memory_mib(device: torch.device, fn) -> float | None:
@@ -540,8 +570,8 @@ def _fmt(v, spec: str, blank: str = "") -> str:
 
 
 MD_HEADER = ("| pass | dtype | shape (B x C x H=W, P, k) | impl | median ms | p20-p80 ms | GB/s "
-             "| % copy | x eager | x compile | peak MiB | status |")
-MD_RULE = "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|"
+             "| % copy | x eager | x compile | peak MiB | host ms | status |")
+MD_RULE = "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"
 
 
 def md_row(r: dict) -> str:
@@ -552,7 +582,8 @@ def md_row(r: dict) -> str:
     return (f"| {r['pass']} | {r['dtype']} | {case.short()} | {r['impl']} | "
             f"{_fmt(r['median_ms'], '.3f')} | {spread} | {_fmt(r['gbps'], '.1f')} | {frac} | "
             f"{_fmt(r['speedup_vs_eager'], '.2f')} | {_fmt(r['speedup_vs_compile'], '.2f')} | "
-            f"{_fmt(r['peak_mem_mib'], '.1f', '-')} | {r['status']} |")
+            f"{_fmt(r['peak_mem_mib'], '.1f', '-')} | {_fmt(r.get('host_ms'), '.3f', '-')} | "
+            f"{r['status']} |")
 
 
 def summary_rows(rows: list[dict]) -> list[str]:
@@ -723,7 +754,11 @@ def main(argv=None) -> int:
               "fwd runs under torch.no_grad(); bwd is the backward of a retained graph (grads of "
               "x, weight, bias); fwdbwd is both",
               "times: median of per-call samples, spread p20-p80; "
-              + ("CUDA events" if on_gpu else "time.perf_counter")
+              + ("CUDA events around each call, the GPU held busy (torch.cuda._sleep) until "
+                 "the call is queued, so they are device time without the host's launch "
+                 "overhead; host ms is the host time of one call (above the device time, a call "
+                 "in eager use is bound by its launch overhead)"
+                 if on_gpu else "time.perf_counter")
               + (f", caches flushed before each call ({timer.flush.nbytes >> 20} MiB buffer)"
                  if timer.flush is not None else ", inputs may stay in cache between calls"),
               "peak MiB: " + ("torch.cuda.max_memory_allocated during one call, beyond what was "
@@ -832,6 +867,7 @@ def main(argv=None) -> int:
                             "frac_copy": f"{gbps / copy_gbps:.5g}",
                             "peak_mem_mib": _fmt(peak, ".2f"),
                             "faults_per_call": _fmt(stats.faults_per_call, ".4g"),
+                            "host_ms": _fmt(stats.host_ms, ".6g"),
                             "speedup_vs_eager": "",
                             "speedup_vs_compile": ""})
                 group_rows.append(row)

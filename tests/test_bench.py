@@ -136,6 +136,34 @@ def test_bench_peg_helpers():
         assert stats.p20_ms <= stats.median_ms <= stats.p80_ms
 
 
+def test_pick_device_gives_cuda_an_index(monkeypatch):
+    """torch.cuda.set_device rejects a bare "cuda" device in some releases (2.11): the bench
+    programs resolve it to the current device's index."""
+    assert bench_peg.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert bench_peg.pick_device("cuda") == torch.device("cuda", 3)
+    assert bench_peg.pick_device(None) == torch.device("cuda", 3)
+    assert bench_peg.pick_device("cuda:1") == torch.device("cuda", 1)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="GPU-only: no CUDA device")
+def test_gpu_timer_measures_device_time_apart_from_host_time():
+    """A call that only spends host time measures as almost no device time (its kernels are
+    queued behind the spin), and its host time is reported apart."""
+    import time
+    timer = bench_peg.Timer(torch.device("cuda"), min_time=0.02, min_reps=5, flush_cache=True)
+    x = torch.randn(1024, device="cuda")
+
+    def host_bound():
+        time.sleep(0.001)
+        x.add_(1.0)
+
+    stats = timer(host_bound)
+    assert stats.host_ms >= 1.0
+    assert stats.median_ms < 0.5
+
+
 _ALLOC_LOOP = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
