@@ -6,8 +6,11 @@
 #
 # Steps:
 #   build      compile the extension in place with the CUDA kernels, for this GPU's architecture
+#              (without the CPU kernels unless CPVT_BUILD_CPU=1: they take minutes to compile and
+#              CI tests them; the cpu backend's tests then skip)
 #   selfcheck  python -m cpvt_kernels.selfcheck (gradcheck, opcheck, parity per backend)
-#   test       pytest -q tests on this machine (the CUDA and Triton tests run on CUDA tensors)
+#   test       pytest -q tests on this machine (the CUDA and Triton tests run on CUDA tensors), in
+#              PYTEST_WORKERS processes (pytest-xdist, default 8) when pytest-xdist is installed
 #   sanitize   compute-sanitizer memcheck, racecheck and initcheck over bench/sanitize_small.py
 #   bench      bench/bench_peg.py --device cuda (the full grid; BENCH_ARGS=--quick for a short one)
 #   model      bench/bench_model.py --device cuda
@@ -17,8 +20,14 @@
 # exit status is non-zero if any failed.
 #
 # Environment: PYTHON (default: python, else python3), CPVT_RESULTS_DIR, BENCH_ARGS, MODEL_ARGS, PYTEST_ARGS,
-# MAX_JOBS (default 16), TORCH_CUDA_ARCH_LIST (default: the detected GPU's), SANITIZE_TOOLS
-# (default "memcheck racecheck initcheck"), SANITIZE_TIMEOUT (seconds per tool, default 1200).
+# MAX_JOBS (default 16), TORCH_CUDA_ARCH_LIST (default: the detected GPU's), CPVT_BUILD_CPU
+# (default 0), PYTEST_WORKERS (default 8), SANITIZE_TOOLS (default "memcheck racecheck
+# initcheck"), SANITIZE_BACKENDS (default "cuda,triton"), SANITIZE_TIMEOUT (seconds per tool,
+# default 1200).
+#
+# On a lent GPU with little device time, build and test first and keep the benchmark short, e.g.
+#   CPVT_RESULTS_DIR=$OUT/r BENCH_ARGS="--shapes 128x384x14 128x768x14 --dtypes bfloat16" \
+#       bash bench/gpu_suite.sh build selfcheck bench test sanitize
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -26,6 +35,8 @@ ROOT=$(pwd)
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-16}
+# Exported, so that the test step knows the cpu backend was left out of the build.
+export CPVT_BUILD_CPU=${CPVT_BUILD_CPU:-0}
 
 STEPS=("$@")
 if [ ${#STEPS[@]} -eq 0 ]; then
@@ -115,7 +126,8 @@ find_sanitizer() {
 
 step_build() {
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$GPU_ARCH}
-    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CPVT_BUILD_CUDA=1"
+    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CPVT_BUILD_CUDA=1" \
+         "CPVT_BUILD_CPU=$CPVT_BUILD_CPU"
     CPVT_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace || return 1
     "$PY" - <<'EOF'
 import cpvt_kernels as ck
@@ -141,7 +153,8 @@ step_sanitize() {
         # its end is out of bounds for memcheck instead of landing in a cached neighbour.
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-1200}" \
             "$cs" --tool "$tool" --error-exitcode 99 --print-limit 50 \
-            "$PY" bench/sanitize_small.py 2>&1 | tee "$OUT/sanitize_$tool.log"
+            "$PY" bench/sanitize_small.py --backends "${SANITIZE_BACKENDS:-cuda,triton}" 2>&1 \
+            | tee "$OUT/sanitize_$tool.log"
         local r=${PIPESTATUS[0]}
         if [ "$r" -ne 0 ]; then
             echo "--- $tool FAILED (exit $r)"
@@ -157,8 +170,12 @@ for s in "${STEPS[@]}"; do
     case "$s" in
         build) run_step build step_build ;;
         selfcheck) run_step selfcheck "$PY" -m cpvt_kernels.selfcheck --device cuda ;;
-        test) run_step test "$PY" -m pytest -q -ra tests --junitxml="$OUT/pytest.xml" \
-                  "${PYTEST_EXTRA[@]}" ;;
+        test) XDIST=()
+              if "$PY" -c "import xdist" 2>/dev/null && [ "${PYTEST_WORKERS:-8}" -gt 1 ]; then
+                  XDIST=(-n "${PYTEST_WORKERS:-8}")
+              fi
+              run_step test "$PY" -m pytest -q -ra tests --junitxml="$OUT/pytest.xml" \
+                  "${XDIST[@]}" "${PYTEST_EXTRA[@]}" ;;
         sanitize) run_step sanitize step_sanitize ;;
         bench) run_step bench "$PY" bench/bench_peg.py --device cuda --out "$OUT" \
                    "${BENCH_EXTRA[@]}" ;;

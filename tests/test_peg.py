@@ -8,12 +8,21 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import (DTYPES, GRAD_NEEDS, TOLERANCE, check_nonfinite_backward,
+from conftest import (CPU_LEFT_OUT, DTYPES, GRAD_NEEDS, TOLERANCE, check_nonfinite_backward,
                       check_nonfinite_forward, check_only_required_grads, layout_as,
                       make_inputs, poison_allocator, reference_with_grads, rel_err,
                       require_backend)
 
 BACKENDS = ["cpu", "reference"]
+
+
+@pytest.mark.skipif(CPU_LEFT_OUT, reason="built without CPU kernels (CPVT_BUILD_CPU=0)")
+def test_cpu_kernels_compiled_and_registered():
+    """Every build but a deliberate CPVT_BUILD_CPU=0 one has the CPU kernels, so the cpu
+    backend's tests run instead of skipping."""
+    assert ck.ops._EXT_ERROR is None, f"cpvt_kernels._C failed to load: {ck.ops._EXT_ERROR}"
+    assert ck.ops.HAS_CPU_KERNELS
+    assert "cpu" in ck.available_backends("cpu")
 
 # (B, P, H, W, C, kh, kw, bias, layout): together these cover every value of P {0,1,2},
 # kernels {(1,1),(3,3),(5,5),(7,7),(3,5)}, grids {(1,1),(7,9),(14,14)}, C {1,3,64,192},

@@ -1,0 +1,234 @@
+// Launches of the CUDA kernels for one dtype: kernel-size and alignment dispatch, launch plans,
+// shared-memory opt-in and the weight-gradient reduction. Included by the per-dtype translation
+// units (peg_<dtype>.cu) only; each instantiates forward_typed and backward_typed for its dtype
+// with CPVT_PEG_CUDA_INSTANTIATE.
+#pragma once
+
+#include "peg_kernel.cuh"
+#include "peg_typed.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <type_traits>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace cpvt {
+namespace peg_cuda {
+namespace launch_detail {
+
+template <typename T>
+Params<T> params_of(const at::Tensor& weight, const at::Tensor* bias) {
+  Params<T> p{};
+  p.weight = weight.const_data_ptr<T>();
+  p.w_sc = weight.stride(0);
+  p.w_si = weight.stride(2);
+  p.w_sj = weight.stride(3);
+  p.bias = bias != nullptr ? bias->const_data_ptr<T>() : nullptr;
+  p.b_s = bias != nullptr ? bias->stride(0) : 0;
+  return p;
+}
+
+inline int64_t checked_grid(const LaunchPlan& plan) {
+  const int64_t grid = plan.conv_blocks + plan.prefix_blocks;
+  TORCH_CHECK(grid >= 1 && grid <= std::numeric_limits<int32_t>::max(),
+              "fused_peg (cuda): the input needs ", grid,
+              " thread blocks, more than one launch allows");
+  return grid;
+}
+
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// Calls f(Int<K>) with K = kh for the unrolled kernels (square 1, 3, 5 and 7 on the vector
+// path) and K = 0, the general kernel with a runtime size up to 31, otherwise.
+template <int VEC, typename F>
+void with_kernel_size(int kh, int kw, F&& f) {
+  if constexpr (VEC > 1) {
+    if (kh == kw) {
+      switch (kh) {
+        case 1: return f(Int<1>{});
+        case 3: return f(Int<3>{});
+        case 5: return f(Int<5>{});
+        case 7: return f(Int<7>{});
+        default: break;
+      }
+    }
+  }
+  f(Int<0>{});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward, and grad_x alone (flipped taps over grad_out, no bias).
+
+template <typename T, int VEC, int KH, int KW, int RW>
+void launch_forward(const at::Tensor& src, const Params<T>& p, bool flip, at::Tensor& out,
+                    int64_t H, int64_t W, int64_t P, int kh, int kw, const DeviceInfo& dev,
+                    cudaStream_t stream) {
+  LaunchPlan plan;
+  TORCH_CHECK(plan_forward(plan, src.size(0), src.size(1), src.size(2), H, W, P, kh, kw, VEC,
+                           sizeof(T), sizeof(acc_t<T>), RW, dev.sms),
+              "fused_peg (cuda): no tiling fits in shared memory for kernel size (", kh, ", ", kw,
+              ")");
+  ForwardArgs<T> a{};
+  a.src = src.const_data_ptr<T>();
+  a.sb = src.stride(0);
+  a.st = src.stride(1);
+  a.p = p;
+  a.flip = flip;
+  a.out = out.mutable_data_ptr<T>();
+  a.g = plan.g;
+  a.conv_blocks = plan.conv_blocks;
+  a.ws_bytes = plan.ws_bytes;
+  const int64_t grid = checked_grid(plan);
+  peg_forward_kernel<T, VEC, KH, KW, RW>
+      <<<static_cast<unsigned>(grid), plan.threads, plan.smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void run_forward(const at::Tensor& src, const Params<T>& p, bool flip, at::Tensor& out,
+                 int64_t H, int64_t W, int64_t P, int kh, int kw, bool vec,
+                 const DeviceInfo& dev, cudaStream_t stream) {
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  auto launch = [&](auto vec_c, auto k_c) {
+    constexpr int VEC = decltype(vec_c)::value, K = decltype(k_c)::value;
+    constexpr int RW = K == 1 ? 1 : K == 3 ? 2 : 4;  // output pixels per thread
+    launch_forward<T, VEC, K, K, RW>(src, p, flip, out, H, W, P, kh, kw, dev, stream);
+  };
+  if (vec) {
+    with_kernel_size<V>(kh, kw, [&](auto k) { launch(Int<V>{}, k); });
+  } else {
+    with_kernel_size<1>(kh, kw, [&](auto k) { launch(Int<1>{}, k); });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward with the weight and bias gradients (grad_x fused in when wanted).
+
+template <typename T, int VEC, int KH, int KW, int RW>
+void launch_backward(const at::Tensor& grad, const at::Tensor& x, const Params<T>& p,
+                     T* grad_x, T* grad_w, T* grad_b, int64_t H, int64_t W, int64_t P, int kh,
+                     int kw, int device, const DeviceInfo& dev, cudaStream_t stream) {
+  using A = acc_t<T>;
+  // Tap columns per weight-gradient lane: the sums and the x window take 2 * JW * VEC registers.
+  constexpr int JW = KW > 0 ? (KW * VEC <= 28 ? KW : 3) : 4;
+  auto kernel = peg_backward_kernel<T, VEC, KH, KW, RW, JW>;
+  const int64_t C = x.size(2);
+  const int64_t budget = std::min<int64_t>(kBackwardSmemBudget, dev.smem_optin - 64);
+  LaunchPlan plan;
+  TORCH_CHECK(plan_backward(plan, x.size(0), x.size(1), C, H, W, P, kh, kw, VEC, sizeof(T),
+                            sizeof(A), JW, budget),
+              "fused_peg (cuda): no tiling fits in shared memory for kernel size (", kh, ", ", kw,
+              ")");
+  // Once per device: allow any plan's shared memory (plans never exceed `budget`). Then the
+  // resident blocks per multiprocessor for this plan's shared memory, cached by size.
+  int per_sm = 0;
+  {
+    static std::mutex mu;
+    static std::unordered_set<int> opted_in;           // devices
+    static std::unordered_map<int64_t, int> resident;  // (device, smem) -> blocks per SM
+    const std::lock_guard<std::mutex> lock(mu);
+    if (budget > 48 * 1024 && opted_in.count(device) == 0) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(budget)));
+      opted_in.insert(device);
+    }
+    const int64_t key = (int64_t(device) << 32) | plan.smem;
+    const auto it = resident.find(key);
+    if (it != resident.end()) {
+      per_sm = it->second;
+    } else {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, kernel, plan.threads, static_cast<size_t>(plan.smem)));
+      resident.emplace(key, per_sm);
+    }
+  }
+  finish_backward(plan, per_sm, dev.sms, grad_x != nullptr);
+  const int kk = kh * kw;
+  const at::Tensor partials = at::empty({plan.slots, kk + 1, C},
+                                        x.options().dtype(c10::CppTypeToScalarType<A>::value));
+  BackwardArgs<T> a{};
+  a.grad = grad.const_data_ptr<T>();
+  a.g_sb = grad.stride(0);
+  a.g_st = grad.stride(1);
+  a.x = x.const_data_ptr<T>();
+  a.x_sb = x.stride(0);
+  a.x_st = x.stride(1);
+  a.p = p;  // no bias: grad_x has none
+  a.grad_x = grad_x;
+  a.partials = partials.mutable_data_ptr<A>();
+  a.g = plan.g;
+  a.conv_blocks = plan.conv_blocks;
+  a.slots = plan.slots;
+  a.tiles_total = plan.tiles_total;
+  a.ws_bytes = plan.ws_bytes;
+  a.tile_bytes = plan.tile_bytes;
+  a.lanes = plan.lanes;
+  a.groups = plan.groups;
+  a.seg_w = plan.seg_w;
+  const int64_t grid = checked_grid(plan);
+  kernel<<<static_cast<unsigned>(grid), plan.threads, plan.smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const int64_t cblocks = (C + 31) / 32;
+  const int64_t rgrid = (kk + 1) * cblocks;
+  TORCH_CHECK(rgrid <= std::numeric_limits<int32_t>::max(),
+              "fused_peg (cuda): too many channels for the weight-gradient reduction: ", C);
+  reduce_partials_kernel<T><<<static_cast<unsigned>(rgrid), 256, 0, stream>>>(
+      partials.const_data_ptr<A>(), plan.slots, kk, C, cblocks, grad_w, grad_b);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace launch_detail
+
+template <typename T>
+void forward_typed(const at::Tensor& src, const at::Tensor& weight, const at::Tensor* bias,
+                   bool flip, at::Tensor& out, int64_t H, int64_t W, int64_t P, bool vec,
+                   const DeviceInfo& dev, cudaStream_t stream) {
+  const int kh = static_cast<int>(weight.size(2)), kw = static_cast<int>(weight.size(3));
+  const Params<T> p = launch_detail::params_of<T>(weight, bias);
+  launch_detail::run_forward<T>(src, p, flip, out, H, W, P, kh, kw, vec, dev, stream);
+}
+
+template <typename T>
+void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                    at::Tensor* grad_x, at::Tensor* grad_w, at::Tensor* grad_b, int64_t H,
+                    int64_t W, int64_t P, bool vec, int device, const DeviceInfo& dev,
+                    cudaStream_t stream) {
+  using launch_detail::Int;
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  const int kh = static_cast<int>(weight.size(2)), kw = static_cast<int>(weight.size(3));
+  const Params<T> p = launch_detail::params_of<T>(weight, nullptr);
+  T* gx = grad_x != nullptr ? grad_x->mutable_data_ptr<T>() : nullptr;
+  T* gw = grad_w != nullptr ? grad_w->mutable_data_ptr<T>() : nullptr;
+  T* gb = grad_b != nullptr ? grad_b->mutable_data_ptr<T>() : nullptr;
+  auto launch = [&](auto vec_c, auto k_c) {
+    constexpr int VEC = decltype(vec_c)::value, K = decltype(k_c)::value;
+    constexpr int RW = K == 1 ? 1 : 2;  // fewer registers: the weight sums stay live
+    launch_detail::launch_backward<T, VEC, K, K, RW>(grad, x, p, gx, gw, gb, H, W, P, kh, kw,
+                                                     device, dev, stream);
+  };
+  if (vec) {
+    launch_detail::with_kernel_size<V>(kh, kw, [&](auto k) { launch(Int<V>{}, k); });
+  } else {
+    launch_detail::with_kernel_size<1>(kh, kw, [&](auto k) { launch(Int<1>{}, k); });
+  }
+}
+
+#define CPVT_PEG_CUDA_INSTANTIATE(T)                                                           \
+  template void forward_typed<T>(const at::Tensor&, const at::Tensor&, const at::Tensor*, bool, \
+                                 at::Tensor&, int64_t, int64_t, int64_t, bool,                 \
+                                 const DeviceInfo&, cudaStream_t);                             \
+  template void backward_typed<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&,      \
+                                  at::Tensor*, at::Tensor*, at::Tensor*, int64_t, int64_t,     \
+                                  int64_t, bool, int, const DeviceInfo&, cudaStream_t);
+
+}  // namespace peg_cuda
+}  // namespace cpvt
