@@ -300,16 +300,13 @@ def _weight_strides(weight):
     return s[0], s[2], s[3]
 
 
-@torch.library.triton_op("cpvt::peg_forward_triton", mutates_args=())
-def peg_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       H: int, W: int, num_prefix_tokens: int) -> torch.Tensor:
-    """Forward of the fused PEG; returns a new contiguous tensor."""
-    # Repeated here for callers that reach the op through torch.ops.cpvt: guards memory.
-    _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
+def launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], H: int,
+                   W: int, num_prefix_tokens: int, cfg: dict) -> torch.Tensor:
+    """The forward kernel with block sizes ``cfg`` (``BLOCK_T``, ``BLOCK_C``, ``num_warps``, as
+    :func:`forward_config` gives them); inputs already checked. Returns a new tensor."""
     B, N, C = x.shape
     out = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
     kh, kw = int(weight.shape[2]), int(weight.shape[3])  # compile-time constants
-    cfg = forward_config(N, C)
     tiles = triton.cdiv(N, cfg["BLOCK_T"])
     grid = (B * tiles, triton.cdiv(C, cfg["BLOCK_C"]))
     if B * C == 0:
@@ -326,6 +323,16 @@ def peg_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return out
 
 
+@torch.library.triton_op("cpvt::peg_forward_triton", mutates_args=())
+def peg_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       H: int, W: int, num_prefix_tokens: int) -> torch.Tensor:
+    """Forward of the fused PEG; returns a new contiguous tensor."""
+    # Repeated here for callers that reach the op through torch.ops.cpvt: guards memory.
+    _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
+    return launch_forward(x, weight, bias, H, W, num_prefix_tokens,
+                          forward_config(x.shape[1], x.shape[2]))
+
+
 @torch.library.triton_op("cpvt::peg_backward_triton", mutates_args=())
 def peg_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                         H: int, W: int, num_prefix_tokens: int,
@@ -337,6 +344,15 @@ def peg_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     if len(output_mask) != 3:
         raise ValueError(f"fused_peg: output_mask must have 3 entries (x, weight, bias), "
                          f"got {len(output_mask)}")
+    return launch_backward(grad_out, x, weight, H, W, num_prefix_tokens, output_mask,
+                           backward_config(x.shape[1], x.shape[2]))
+
+
+def launch_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, H: int, W: int,
+                    num_prefix_tokens: int, output_mask: Sequence[bool],
+                    cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernels with block sizes ``cfg`` (as :func:`backward_config` gives them);
+    inputs already checked. Returns ``(grad_x, grad_weight, grad_bias)`` as the op does."""
     need_x, need_w, need_b = (bool(m) for m in output_mask)
     B, N, C = x.shape
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
@@ -348,7 +364,6 @@ def peg_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     gb = torch.empty((C,), dtype=x.dtype, device=x.device) if need_b else x.new_empty(0)
     if not (need_x or need_w or need_b):
         return gx, gw, gb
-    cfg = backward_config(N, C)
     tiles = triton.cdiv(N, cfg["BLOCK_T"])
     num_tiles = B * tiles
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

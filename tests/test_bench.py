@@ -284,3 +284,27 @@ def test_selfcheck_passes_on_gpu(capsys):
     if not HAS_GPU:
         pytest.skip("GPU-only: no CUDA device")
     assert selfcheck.main(["--device", "cuda"]) == 0, capsys.readouterr().out
+
+
+def test_tune_triton_tiny_sweep(tmp_path):
+    """The Triton block-size sweep times the default and each given configuration, checks each
+    against the float64 reference and writes a row per configuration (under the interpreter on
+    a CPU; the times mean nothing there)."""
+    require_backend("triton")
+    import tune_triton
+    rc = tune_triton.main(["--shapes", "2x12x3x4", "--fwd-configs", "8x8x1", "8x16x1",
+                           "--bwd-configs", "16x8x1", "--min-time", "0.001",
+                           "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(tmp_path / "tune.csv")
+    fwd = [r for r in rows if r["pass"] == "fwd"]
+    bwd = [r for r in rows if r["pass"] == "bwd"]
+    assert len(fwd) == 3 and len(bwd) == 2  # the default first, then the candidates
+    assert [r["default"] for r in fwd + bwd] == ["True", "False", "False", "True", "False"]
+    assert {(r["BLOCK_T"], r["BLOCK_C"], r["num_warps"]) for r in fwd[1:]} == {
+        ("8", "8", "1"), ("8", "16", "1")}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["max_rel_err"]) <= 1.6e-2 and float(r["median_ms"]) > 0
+    with pytest.raises(SystemExit):
+        tune_triton.parse_args(["--fwd-configs", "16x48x4"])  # not a power of two

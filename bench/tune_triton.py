@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""Block-size sweep of the Triton PEG kernels: device time of each (BLOCK_T, BLOCK_C, num_warps).
+
+The ``triton`` backend picks its block sizes with ``forward_config`` / ``backward_config`` in
+``cpvt_kernels/triton_peg.py``. This program times the kernels themselves (no op, autograd or
+module around them) for every candidate configuration on the given shapes, checks each result
+against the default configuration's, and prints the best configurations per shape and pass, so
+that the heuristic can be set from measurements on a GPU::
+
+    python bench/tune_triton.py --shapes 128x384x14 128x768x14 --dtypes bfloat16
+    python bench/tune_triton.py --shapes 32x192x14 --passes fwd --quick
+
+Times are those of ``bench_peg.Timer``: CUDA events, the L2 flushed and the GPU held busy until
+the launch is queued, so they are device time. GB/s counts the least a PEG moves (fwd 2S, bwd 3S,
+``S = B * (P + H*W) * C * itemsize``), "% copy" divides it by the copy bandwidth measured at the
+start. The backward is timed with every gradient wanted (its two launches: the fused kernel and
+the reduction of the partial sums). Writes ``tune.csv`` to ``--out`` (default
+``bench/results/<date>_<device>/tune-triton``).
+
+On a CPU it runs through Triton's interpreter (``TRITON_INTERPRET=1``, set here before Triton is
+imported): only to try the program out, the times mean nothing there.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_peg  # noqa: E402  (puts the source tree on sys.path when it is built in place)
+
+from cpvt_kernels import triton_peg  # noqa: E402
+from cpvt_kernels.reference import peg_reference  # noqa: E402
+
+PASSES = ("fwd", "bwd")
+# Candidates: (BLOCK_T, BLOCK_C, num_warps). The full grid, and a smaller one for --quick.
+FWD_GRID = [(t, c, w) for t, c, w in itertools.product((8, 16, 32, 64), (32, 64, 128), (2, 4, 8))
+            if 256 <= t * c <= 4096 and 2 <= t * c // (32 * w) <= 16]
+BWD_GRID = [(t, c, w) for t, c, w in itertools.product((32, 64, 128, 256), (16, 32, 64),
+                                                       (4, 8, 16))
+            if 1024 <= t * c <= 8192 and 2 <= t * c // (32 * w) <= 16]
+QUICK_FWD = [(16, 64, 4), (16, 64, 8), (32, 64, 8), (8, 128, 4), (16, 128, 8)]
+QUICK_BWD = [(128, 16, 8), (128, 16, 16), (64, 32, 8), (128, 32, 8), (256, 16, 16)]
+CSV_FIELDS = ["date", "device", "torch", "triton", "commit", "pass", "dtype", "B", "C", "H", "W",
+              "P", "k", "BLOCK_T", "BLOCK_C", "num_warps", "default", "median_ms", "p20_ms",
+              "p80_ms", "gbps", "frac_copy", "max_rel_err", "status"]
+
+
+def parse_config(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected BLOCK_TxBLOCK_CxWARPS, e.g. 16x64x4, "
+                                         f"got {text!r}")
+    t, c, w = map(int, parts)
+    for name, v in (("BLOCK_T", t), ("BLOCK_C", c), ("num_warps", w)):
+        if v & (v - 1):
+            raise argparse.ArgumentTypeError(f"{name} must be a power of two, got {v}")
+    return t, c, w
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["128x384x14", "128x768x14"],
+                   metavar="BxCxH[xW]", help="shapes (default: CPVT-S and CPVT-B, 224 px, B=128)")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], metavar="DTYPE")
+    p.add_argument("--prefix-tokens", type=int, default=1, metavar="P")
+    p.add_argument("--kernel-size", type=int, default=3, metavar="K")
+    p.add_argument("--passes", default="fwd,bwd", metavar="fwd,bwd")
+    p.add_argument("--quick", action="store_true", help="5 candidates per pass instead of all")
+    p.add_argument("--fwd-configs", nargs="+", type=parse_config, default=None,
+                   metavar="TxCxW", help="forward candidates instead of the built-in grid")
+    p.add_argument("--bwd-configs", nargs="+", type=parse_config, default=None,
+                   metavar="TxCxW", help="backward candidates instead of the built-in grid")
+    p.add_argument("--min-time", type=float, default=0.05, metavar="SECONDS",
+                   help="seconds of samples per configuration (default 0.05)")
+    p.add_argument("--top", type=int, default=5, help="configurations printed per case")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR")
+    return p.parse_args(argv)
+
+
+def as_cfg(t: int, c: int, w: int) -> dict:
+    return {"BLOCK_T": t, "BLOCK_C": c, "num_warps": w}
+
+
+def key(cfg: dict) -> tuple[int, int, int]:
+    return cfg["BLOCK_T"], cfg["BLOCK_C"], cfg["num_warps"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = bench_peg.pick_device(None)
+    on_gpu = device.type == "cuda"
+    passes = [s for s in args.passes.split(",") if s]
+    for s in passes:
+        if s not in PASSES:
+            raise SystemExit(f"--passes: expected a subset of {PASSES}, got {s!r}")
+    try:
+        dtypes = [bench_peg.DTYPE_NAMES[d.lower()] for d in args.dtypes]
+        cases = [c for s in args.shapes
+                 for c in bench_peg.parse_shape(s, [args.prefix_tokens], [args.kernel_size])]
+    except (KeyError, argparse.ArgumentTypeError) as e:
+        raise SystemExit(f"tune_triton: {e}")
+    grids = {"fwd": args.fwd_configs or (QUICK_FWD if args.quick else FWD_GRID),
+             "bwd": args.bwd_configs or (QUICK_BWD if args.quick else BWD_GRID)}
+    timer = bench_peg.Timer(device, args.min_time, 3, flush_cache=on_gpu)
+    copy_gbps, _ = bench_peg.copy_bandwidth(device, timer)
+    meta = bench_peg.run_metadata(device)
+    out_dir = args.out or bench_peg.default_out_dir(device) / "tune-triton"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"device: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
+          f"commit {meta['commit']}")
+    print(f"copy bandwidth: {copy_gbps:.1f} GB/s"
+          + ("" if on_gpu else "  (Triton's interpreter on a CPU: the times mean nothing)"))
+    rows, failed = [], 0
+    t_start = time.perf_counter()
+    for case, dtype in itertools.product(cases, dtypes):
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{case}{dtype}".encode()))
+        x = torch.randn(case.B, case.N, case.C, generator=gen).to(device, dtype)
+        w = (torch.randn(case.C, 1, case.k, case.k, generator=gen) / case.k).to(device, dtype)
+        b = torch.randn(case.C, generator=gen).to(device, dtype)
+        g = torch.randn(case.B, case.N, case.C, generator=gen).to(device, dtype)
+        S = case.B * case.N * case.C * x.element_size()
+        tol = bench_peg.TOLERANCE[dtype]
+        for pass_name in passes:
+            if pass_name == "fwd":
+                default = triton_peg.forward_config(case.N, case.C)
+
+                def run(cfg):
+                    return (triton_peg.launch_forward(x, w, b, case.H, case.W, case.P, cfg),)
+                ref = (peg_reference(x.double(), w.double(), b.double(), case.H, case.W, case.P),)
+            else:
+                default = triton_peg.backward_config(case.N, case.C)
+
+                def run(cfg):
+                    return triton_peg.launch_backward(g, x, w, case.H, case.W, case.P,
+                                                      (True, True, True), cfg)
+                leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+                out64 = peg_reference(*leaves, case.H, case.W, case.P)
+                ref = torch.autograd.grad(out64, leaves, g.double())
+            configs = [default] + [as_cfg(*c) for c in grids[pass_name] if c != key(default)]
+            case_rows = []
+            for cfg in configs:
+                row = dict(meta, **{"pass": pass_name, "dtype": bench_peg.SHORT[dtype],
+                                    "B": case.B, "C": case.C, "H": case.H, "W": case.W,
+                                    "P": case.P, "k": case.k, "default": cfg is default},
+                           **cfg)
+                try:
+                    err = max(bench_peg.rel_err(a, r) for a, r in zip(run(cfg), ref))
+                    row["max_rel_err"] = f"{err:.3g}"
+                    if not err <= tol:
+                        raise RuntimeError(f"parity failure ({err:.2g} > {tol:g})")
+                    stats = timer(lambda: run(cfg))
+                except Exception as e:  # a configuration that fails must not stop the sweep
+                    row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    failed += 1
+                    print(f"{pass_name} {bench_peg.SHORT[dtype]} {case.label()} "
+                          f"{key(cfg)}: {row['status']}", flush=True)
+                    case_rows.append(row)
+                    continue
+                gbps = (2 if pass_name == "fwd" else 3) * S / (stats.median_ms * 1e-3) / 1e9
+                row.update({"median_ms": f"{stats.median_ms:.6g}", "p20_ms": f"{stats.p20_ms:.6g}",
+                            "p80_ms": f"{stats.p80_ms:.6g}", "gbps": f"{gbps:.6g}",
+                            "frac_copy": f"{gbps / copy_gbps:.5g}", "status": "ok"})
+                case_rows.append(row)
+            rows += case_rows
+            ok = sorted((r for r in case_rows if r["status"] == "ok"),
+                        key=lambda r: float(r["median_ms"]))
+            base = next((r for r in case_rows if r["default"] and r["status"] == "ok"), None)
+            print(f"\n{pass_name} {bench_peg.SHORT[dtype]} {case.label()}: {len(ok)} of "
+                  f"{len(case_rows)} configurations ran; default {key(default)}"
+                  + (f" {float(base['median_ms']):.4f} ms" if base else " failed"))
+            print("  BLOCK_T BLOCK_C warps   median ms   GB/s  % copy  x default")
+            for r in ok[:args.top]:
+                speed = (f"{float(base['median_ms']) / float(r['median_ms']):.2f}"
+                         if base else "-")
+                print(f"  {r['BLOCK_T']:>7} {r['BLOCK_C']:>7} {r['num_warps']:>5} "
+                      f"{float(r['median_ms']):>11.4f} {float(r['gbps']):>6.0f} "
+                      f"{float(r['frac_copy']):>7.0%} {speed:>10}"
+                      + ("  (default)" if r["default"] else ""), flush=True)
+    with open(out_dir / "tune.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nwrote {out_dir / 'tune.csv'}  ({time.perf_counter() - t_start:.0f} s)")
+    if failed:
+        print(f"{failed} configuration(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
