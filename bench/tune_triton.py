@@ -4,8 +4,8 @@
 The ``triton`` backend picks its block sizes with ``forward_config`` / ``backward_config`` in
 ``cpvt_kernels/triton_peg.py``. This program times the kernels themselves (no op, autograd or
 module around them) for every candidate configuration on the given shapes, checks each result
-against the default configuration's, and prints the best configurations per shape and pass, so
-that the heuristic can be set from measurements on a GPU::
+against the float64 reference, and prints the best configurations per shape and pass, so that
+the heuristic can be set from measurements on a GPU::
 
     python bench/tune_triton.py --shapes 128x384x14 128x768x14 --dtypes bfloat16
     python bench/tune_triton.py --shapes 32x192x14 --passes fwd --quick
@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_peg  # noqa: E402  (puts the source tree on sys.path when it is built in place)
 
 from cpvt_kernels import triton_peg  # noqa: E402
-from cpvt_kernels.reference import peg_reference  # noqa: E402
 
 PASSES = ("fwd", "bwd")
 # Candidates: (BLOCK_T, BLOCK_C, num_warps). The full grid, and a smaller one for --quick.
@@ -138,16 +137,14 @@ def main(argv=None) -> int:
 
                 def run(cfg):
                     return (triton_peg.launch_forward(x, w, b, case.H, case.W, case.P, cfg),)
-                ref = (peg_reference(x.double(), w.double(), b.double(), case.H, case.W, case.P),)
+                ref = bench_peg.reference_outputs(case, x, [x, w, b], g, False)[:1]
             else:
                 default = triton_peg.backward_config(case.N, case.C)
 
                 def run(cfg):
                     return triton_peg.launch_backward(g, x, w, case.H, case.W, case.P,
                                                       (True, True, True), cfg)
-                leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
-                out64 = peg_reference(*leaves, case.H, case.W, case.P)
-                ref = torch.autograd.grad(out64, leaves, g.double())
+                ref = bench_peg.reference_outputs(case, x, [x, w, b], g, True)[1]
             configs = [default] + [as_cfg(*c) for c in grids[pass_name] if c != key(default)]
             case_rows = []
             for cfg in configs:
