@@ -191,7 +191,7 @@ def test_cpu_streaming_stores(monkeypatch, dtype, C, layout):
 
 
 # bfloat16 forwards of the square kernels PEG uses can run, on CPUs with AVX512-BF16, as bfloat16
-# dot products over pairs of rows (see csrc/cpu/peg_kernel.cpp, namespace dot): by default on AMD
+# dot products over pairs of rows (see csrc/cpu/peg_cpu_impl.h, namespace dot): by default on AMD
 # CPUs; CPVT_CPU_BF16_DOT=1 or 0 turns it on or off anywhere. Grids with an odd H end an image
 # with a single-row pass.
 DOT_CASES = [  # (B, P, H, W, C, k, layout)
@@ -236,7 +236,7 @@ def test_cpu_bfloat16_forward_paths_agree(monkeypatch, case):
 
 # Forwards of k = 1 and 3 with whole vectors of channels and contiguous tokens read their input
 # rows in place (half types converted as they load), and the float32 and float64 backwards
-# grad_out's rows (see csrc/cpu/peg_kernel.cpp, reads_in_place); CPVT_CPU_IN_PLACE=0 sends them
+# grad_out's rows (see csrc/cpu/peg_cpu_impl.h, reads_in_place); CPVT_CPU_IN_PLACE=0 sends them
 # through the row rings. Both do the same operations in the same order, so they agree bit for
 # bit, NaN and Inf included. (bfloat16 with the dot-product forward turned off.)
 IN_PLACE_CASES = [  # (B, P, H, W, C, k, layout)

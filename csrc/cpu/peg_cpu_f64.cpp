@@ -1,0 +1,4 @@
+// The float64 CPU kernels (see peg_cpu_impl.h).
+#include "peg_cpu_impl.h"
+
+CPVT_CPU_INSTANTIATE(double)
