@@ -309,6 +309,42 @@ def test_cpu_in_place_matches_ring(monkeypatch, dtype, case):
     assert torch.equal(in_place.isnan(), ref.isnan())
 
 
+# AVX2 builds run the float32 and float64 forwards over rows read in place in narrow column
+# blocks (4 rows x 1 column) where the input is larger than the last-level cache, and in 4 x 2
+# blocks below it; CPVT_CPU_NARROW_BLOCKS=1 / 0 forces either (no effect where the two shapes
+# are the same, as with AVX-512). The same operations in the same order: bitwise the same.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", [c for c in IN_PLACE_CASES if c[6] != "offset_slice"],
+                         ids=lambda c: "B{}-P{}-{}x{}-C{}-k{}-{}".format(*c))
+def test_cpu_narrow_blocks_match_wide(monkeypatch, dtype, case):
+    require_backend("cpu")
+    B, P, H, W, C, k, layout = case
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, k, k, True, dtype)
+    x = layout_as(x, layout)
+    ref = ck.fused_peg(x64, w64, b64, (H, W), P, backend="reference")
+
+    def both():
+        outs = []
+        for setting in ("1", "0"):
+            monkeypatch.setenv("CPVT_CPU_NARROW_BLOCKS", setting)
+            poison_allocator(x.shape, dtype=dtype)
+            outs.append(ck.fused_peg(x, w, b, (H, W), P, backend="cpu"))
+        monkeypatch.delenv("CPVT_CPU_NARROW_BLOCKS")
+        return outs
+
+    narrow, wide = both()
+    assert not narrow.isnan().any()
+    assert rel_err(narrow, ref) < TOLERANCE[dtype]
+    assert torch.equal(narrow, wide)
+    x[:, P, 0] = float("inf")
+    x[:, -1, C - 1] = float("nan")
+    w[C // 2, 0, 0, 0] = float("-inf")
+    narrow, wide = both()
+    torch.testing.assert_close(narrow, wide, rtol=0, atol=0, equal_nan=True)
+    ref = ck.fused_peg(x.double(), w.double(), b.double(), (H, W), P, backend="reference")
+    assert torch.equal(narrow.isnan(), ref.isnan())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("k", [3, 7])
 def test_cpu_prefetch_settings_agree(monkeypatch, dtype, k):

@@ -755,6 +755,34 @@ void conv_row_dispatch(const A* const* rows, int64_t block_stride, int64_t kh, i
   return conv_rows_unrolled<1>(rows, block_stride, kw, wt, bias, W, C, stream, 0, out, pf);
 }
 
+// The size of the last-level cache in bytes, 0 where it is unknown: the kernel's description
+// of it (glibc's sysconf figure for it can be a multiple of the real size on virtual machines).
+inline int64_t llc_bytes() {
+  static const int64_t bytes = [] {
+    int64_t llc = 0;
+    int best_level = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+      int level = 0;
+      long long kib = 0;
+      if (std::FILE* f = std::fopen((dir + "/level").c_str(), "r")) {
+        if (std::fscanf(f, "%d", &level) != 1) level = 0;
+        std::fclose(f);
+      }
+      if (std::FILE* f = std::fopen((dir + "/size").c_str(), "r")) {
+        if (std::fscanf(f, "%lldK", &kib) != 1) kib = 0;
+        std::fclose(f);
+      }
+      if (level > best_level && kib > 0) {
+        best_level = level;
+        llc = kib * 1024;
+      }
+    }
+    return llc;
+  }();
+  return bytes;
+}
+
 // The width of the column blocks of the backward's grad_x convolution over rows read in place.
 template <typename T>
 constexpr int direct_block_cols() {
@@ -778,7 +806,7 @@ void conv_row_dispatch_direct(const S* const* rows, int64_t k, const A* wt, cons
 
 // The forward's passes over rows read in place: up to forward_block_rows<T>() output rows at a
 // time (fewer where an image or a thread's range ends), in column blocks of
-// forward_block_cols<T>(). Taller blocks than the backward's grad_x (2 rows x
+// forward_block_cols<T>(narrow). Taller blocks than the backward's grad_x (2 rows x
 // direct_block_cols<T>()): each input row is read by fewer passes.
 // The block's accumulators, its nine taps (k = 3), the zero vector of the padding and the input
 // vector must fit the vector registers: 32 with AVX-512, 16 with AVX2.
@@ -788,22 +816,37 @@ void conv_row_dispatch_direct(const S* const* rows, int64_t k, const A* wt, cons
 // within 5% of 4 x 2); bfloat16 with 4 x 4 0.13-0.14 / 0.40-0.41 / 0.72 ms against 0.14-0.15 /
 // 0.41-0.44 / 0.77-0.79 (where the conversions make the loop bound by the vector units, and the
 // wider block shares each converted vector among more outputs). 5 or more rows spill registers.
-// AVX2 (a 2-core Zen 1 EPYC, builds of the op alternating in separate processes, fastest of 4
-// rounds, one thread, B=32, C=192, 14x14 / 24x24): float32 4 x 1 1.28-1.40 / 3.64-3.67 ms against
-// 1.41-1.79 / 4.49-6.09 for the AVX-512 shape 4 x 2 (which spills: 8 accumulators + 9 taps),
-// 1.27-1.59 / 4.19-4.57 for 3 x 2, 1.47-1.68 / 4.58-4.87 for 2 x 2; bfloat16 3 x 2 1.59-1.82 /
-// 4.82-5.23 ms against 1.78-2.68 / 5.41-8.13 for 4 x 4, 1.89-1.96 / 5.33-7.44 for 4 x 1 and
-// 1.75-2.19 / 5.10-6.56 for 2 x 2. The taller float32 block reads each input row from memory in
-// fewer passes, which is what the 24x24 grid (larger than the 8 MB L3) pays for.
+// AVX2 (a 2-core Zen 1 EPYC with 8 MB of L3, builds of the op alternating in separate
+// processes, fastest sample, C=192; bench/results/2026-12-04_cpu-amd-epyc-zen1): bfloat16 3 x 2,
+// one thread, B=32, 14x14 / 24x24: 1.59-1.82 / 4.82-5.23 ms against 1.78-2.68 / 5.41-8.13 for
+// 4 x 4, 1.89-1.96 / 5.33-7.44 for 4 x 1 and 1.75-2.19 / 5.10-6.56 for 2 x 2. float32 keeps 4 x 2
+// (which spills a little: 8 accumulators + 9 taps) while the input fits in the last-level
+// cache and takes 4 x 1 (narrow) beyond it, 2 threads: B=8, 24x24 (3.5 MB) 0.35-0.37 ms with
+// 4 x 2 against 0.40-0.41 with 4 x 1, and B=32, 14x14 (4.8 MB) 0.50-0.53 against 0.58-0.60; but
+// B=96, 14x14 (14.5 MB) 2.66-2.83 against 2.15-2.21, B=32, 24x24 (14 MB) 2.49-2.67 against
+// 1.85-1.88, B=32, 32x32 (25 MB) 4.44-4.65 against 3.22-3.24 (streaming stores on or off alike).
+// 3 x 2 and 2 x 2 were no better in cache and slower beyond it.
 template <typename T>
-constexpr int forward_block_cols() {
+constexpr int forward_block_cols(bool narrow) {
   if constexpr (sizeof(Vec<float>) >= 64) return sizeof(T) >= 4 ? 2 : 4;
-  return sizeof(T) >= 4 ? 1 : 2;
+  return sizeof(T) >= 4 ? (narrow ? 1 : 2) : 2;
 }
 template <typename T>
 constexpr int64_t forward_block_rows() {
   if constexpr (sizeof(Vec<float>) >= 64) return 4;
   return sizeof(T) >= 4 ? 4 : 3;
+}
+// Whether the forward of g takes the narrow column blocks: the input is larger than the
+// last-level cache (see above), or CPVT_CPU_NARROW_BLOCKS=1 (0: never). Only where the two
+// shapes differ (AVX2, float and double).
+template <typename T>
+bool forward_narrow_blocks(const Geometry& g) {
+  if constexpr (forward_block_cols<T>(true) == forward_block_cols<T>(false)) return false;
+  if (const char* env = std::getenv("CPVT_CPU_NARROW_BLOCKS"); env != nullptr && *env != '\0') {
+    return std::strcmp(env, "0") != 0;
+  }
+  const int64_t llc = llc_bytes();
+  return llc > 0 && g.B * g.N * g.C * static_cast<int64_t>(sizeof(T)) > llc;
 }
 // The most rows of any forward pass over rows read in place.
 constexpr int64_t kDirectRows = 4;
@@ -816,13 +859,19 @@ int64_t direct_pass_rows(int64_t r, int64_t end, int64_t H) {
 template <typename T, typename A, typename S>
 void conv_rows_direct_forward(const S* const* rows, int64_t k, const A* wt, const A* bias,
                               int64_t W, int64_t C, bool stream, T* out, int64_t nrows,
-                              int64_t row_stride, RowPrefetch& pf, int64_t cs) {
+                              int64_t row_stride, RowPrefetch& pf, int64_t cs, bool narrow) {
   constexpr int64_t RB = forward_block_rows<T>();
   TORCH_INTERNAL_ASSERT((k == 1 || k == 3) && nrows >= 1 && nrows <= RB);
-  constexpr int WB = forward_block_cols<T>();
+  constexpr int kWide = forward_block_cols<T>(false), kNarrow = forward_block_cols<T>(true);
   auto go = [&](auto kc, auto rc) {
-    conv_row_direct<decltype(kc)::value, decltype(rc)::value, WB>(rows, wt, bias, W, C, stream,
-                                                                  row_stride, out, pf, cs);
+    if constexpr (kNarrow != kWide) {
+      if (narrow) {
+        return conv_row_direct<decltype(kc)::value, decltype(rc)::value, kNarrow>(
+            rows, wt, bias, W, C, stream, row_stride, out, pf, cs);
+      }
+    }
+    conv_row_direct<decltype(kc)::value, decltype(rc)::value, kWide>(rows, wt, bias, W, C, stream,
+                                                                     row_stride, out, pf, cs);
   };
   // The pass heights up to RB, each a compile-time constant.
   auto rows_of = [&](auto kc) {
@@ -1005,31 +1054,8 @@ inline int64_t stream_threshold() {
   if (const char* env = std::getenv("CPVT_CPU_STREAM_BYTES"); env != nullptr && *env != '\0') {
     return std::atoll(env);
   }
-  static const int64_t from_cache = [] {
-    // The kernel's description of the last-level cache (glibc's sysconf figure for it can be a
-    // multiple of the real size on virtual machines).
-    int64_t llc = 0;
-    int best_level = 0;
-    for (int index = 0; index < 8; ++index) {
-      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
-      int level = 0;
-      long long kib = 0;
-      if (std::FILE* f = std::fopen((dir + "/level").c_str(), "r")) {
-        if (std::fscanf(f, "%d", &level) != 1) level = 0;
-        std::fclose(f);
-      }
-      if (std::FILE* f = std::fopen((dir + "/size").c_str(), "r")) {
-        if (std::fscanf(f, "%lldK", &kib) != 1) kib = 0;
-        std::fclose(f);
-      }
-      if (level > best_level && kib > 0) {
-        best_level = level;
-        llc = kib * 1024;
-      }
-    }
-    return llc > 0 ? llc / 4 : int64_t(8) << 20;
-  }();
-  return from_cache;
+  const int64_t llc = llc_bytes();
+  return llc > 0 ? llc / 4 : int64_t(8) << 20;
 }
 
 // Whether the grid rows of a freshly allocated (B, N, C) output are streamed: every full vector
@@ -1749,6 +1775,7 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
   constexpr int64_t V = Vec<A>::size();
   const bool stream = stream_output(dst + g.P * g.C, g);
   const bool in_place = forward_reads_in_place<T>(g);
+  const bool narrow = in_place && forward_narrow_blocks<T>(g);
   const bool pairs = pairs_rows(g.kh, g.kw);
   // bfloat16, k = 3, whole blocks of 32 channels read in place: the even/odd loop (eo).
   bool even_odd = false;
@@ -1764,7 +1791,8 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
 #endif
   // The prefetch steps a pass takes: one per column block in place, per channel block from rings.
   const int64_t steps = even_odd   ? column_block_count<kEvenOddCols>(g.W)
-                        : in_place ? column_block_count<forward_block_cols<T>()>(g.W)
+                        : in_place ? (narrow ? column_block_count<forward_block_cols<T>(true)>(g.W)
+                                             : column_block_count<forward_block_cols<T>(false)>(g.W))
                                    : (g.C + V - 1) / V;
   // Output rows of the pass that starts at grid row r of a thread's range [.., end).
   auto nrows = [&](int64_t r, int64_t end) {
@@ -1800,7 +1828,7 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
 #endif
       } else if (in_place) {
         conv_rows_direct_forward(src_rows.data(), g.kh, wt, bias, g.W, g.C, stream, out_row, nr,
-                                 g.W * g.C, pf, g.st);
+                                 g.W * g.C, pf, g.st, narrow);
       } else {
         conv_row_dispatch(ring_rows.data(), rows.block_stride(), g.kh, g.kw, wt, bias, g.W, g.C,
                           stream, out_row, nr, g.W * g.C, pf);
