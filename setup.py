@@ -93,12 +93,12 @@ def _build_config():
 def _extensions():
     cuda, why, arch, cpu = _build_config()
     debug = _env_flag("CPVT_DEBUG") is True
+    opt = ["-O0", "-g"] if debug else ["-O3"]
     # Python's own CFLAGS carry -g, which doubles the compile time of the CPU kernels (338 s
     # against 698 s for the single file they were on a 2-core Zen 1) and the size of the
-    # extension: -g0 drops it outside debug builds.
-    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    # at::parallel_for is OpenMP in torch's builds; without -fopenmp it silently runs serially.
-    cxx = opt + ["-fvisibility=hidden", "-fopenmp"]
+    # extension: -g0 drops it outside debug builds. at::parallel_for is OpenMP in torch's
+    # builds; without -fopenmp it silently runs serially.
+    cxx = opt + ([] if debug else ["-g0"]) + ["-fvisibility=hidden", "-fopenmp"]
     if arch == "native":
         cxx.append("-march=native")
     sources = (["csrc/module.cpp", "csrc/peg.cpp", "csrc/autograd.cpp"]
@@ -112,7 +112,7 @@ def _extensions():
           f"debug: {debug}   MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
     if cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = [o for o in opt if o != "-g0"] + ["--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         return [CUDAExtension("cpvt_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                               extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                               extra_link_args=["-fopenmp"], py_limited_api=False)]

@@ -259,6 +259,18 @@ IN_PLACE_CASES = [  # (B, P, H, W, C, k, layout)
 ]
 
 
+def under_settings(monkeypatch, var, settings, run, shape, dtype):
+    """run() once under each value of the environment variable var (read by the C++ op at each
+    call), on a poisoned allocator, then var unset again: the list of results."""
+    results = []
+    for setting in settings:
+        monkeypatch.setenv(var, setting)
+        poison_allocator(shape, dtype=dtype)
+        results.append(run())
+    monkeypatch.delenv(var)
+    return results
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
                          ids=str)
 @pytest.mark.parametrize("case", IN_PLACE_CASES,
@@ -272,13 +284,9 @@ def test_cpu_in_place_matches_ring(monkeypatch, dtype, case):
     grad = layout_as(torch.randn(x.shape, dtype=dtype), layout)
 
     def both():
-        outs = []
-        for setting in ("1", "0"):
-            monkeypatch.setenv("CPVT_CPU_IN_PLACE", setting)
-            poison_allocator(x.shape, dtype=dtype)
-            outs.append(ck.fused_peg(x, w, b, (H, W), P, backend="cpu"))
-        monkeypatch.delenv("CPVT_CPU_IN_PLACE")
-        return outs
+        return under_settings(monkeypatch, "CPVT_CPU_IN_PLACE", ("1", "0"),
+                              lambda: ck.fused_peg(x, w, b, (H, W), P, backend="cpu"),
+                              x.shape, dtype)
 
     in_place, ring = both()
     assert not in_place.isnan().any()
@@ -288,12 +296,9 @@ def test_cpu_in_place_matches_ring(monkeypatch, dtype, case):
     # The backward, for every output mask.
     for mask in ([True, True, True], [True, False, False], [False, True, True],
                  [False, False, True]):
-        grads = []
-        for setting in ("1", "0"):
-            monkeypatch.setenv("CPVT_CPU_IN_PLACE", setting)
-            poison_allocator(x.shape, dtype=dtype)
-            grads.append(torch.ops.cpvt.peg_backward(grad, x, w, H, W, P, mask))
-        monkeypatch.delenv("CPVT_CPU_IN_PLACE")
+        grads = under_settings(monkeypatch, "CPVT_CPU_IN_PLACE", ("1", "0"),
+                               lambda: torch.ops.cpvt.peg_backward(grad, x, w, H, W, P, mask),
+                               x.shape, dtype)
         for want, got_in_place, got_ring in zip(mask, *grads):
             if want:
                 assert not got_in_place.isnan().any()
@@ -324,13 +329,9 @@ def test_cpu_narrow_blocks_match_wide(monkeypatch, dtype, case):
     ref = ck.fused_peg(x64, w64, b64, (H, W), P, backend="reference")
 
     def both():
-        outs = []
-        for setting in ("1", "0"):
-            monkeypatch.setenv("CPVT_CPU_NARROW_BLOCKS", setting)
-            poison_allocator(x.shape, dtype=dtype)
-            outs.append(ck.fused_peg(x, w, b, (H, W), P, backend="cpu"))
-        monkeypatch.delenv("CPVT_CPU_NARROW_BLOCKS")
-        return outs
+        return under_settings(monkeypatch, "CPVT_CPU_NARROW_BLOCKS", ("1", "0"),
+                              lambda: ck.fused_peg(x, w, b, (H, W), P, backend="cpu"),
+                              x.shape, dtype)
 
     narrow, wide = both()
     assert not narrow.isnan().any()
@@ -356,14 +357,11 @@ def test_cpu_prefetch_settings_agree(monkeypatch, dtype, k):
     (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, k, k, True, dtype)
     grad = torch.randn(x.shape, dtype=dtype)
     ref = ck.fused_peg(x64, w64, b64, (H, W), P, backend="reference")
-    results = []
-    for setting in ("", "0", "1"):
-        monkeypatch.setenv("CPVT_CPU_PREFETCH", setting)
-        poison_allocator(x.shape, dtype=dtype)
-        out = ck.fused_peg(x, w, b, (H, W), P, backend="cpu")
-        grads = torch.ops.cpvt.peg_backward(grad, x, w, H, W, P, [True, True, True])
-        results.append((out, *grads))
-    monkeypatch.delenv("CPVT_CPU_PREFETCH")
+    results = under_settings(
+        monkeypatch, "CPVT_CPU_PREFETCH", ("", "0", "1"),
+        lambda: (ck.fused_peg(x, w, b, (H, W), P, backend="cpu"),
+                 *torch.ops.cpvt.peg_backward(grad, x, w, H, W, P, [True, True, True])),
+        x.shape, dtype)
     assert not results[0][0].isnan().any()
     assert rel_err(results[0][0], ref) < TOLERANCE[dtype]
     for other in results[1:]:

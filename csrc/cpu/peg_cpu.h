@@ -12,7 +12,7 @@
 namespace cpvt {
 namespace cpu {
 
-// The sizes of a PEG call; the strides of the token tensor in elements (its channel stride is 1).
+// The sizes of a PEG call and the strides of its token tensor.
 struct Geometry {
   int64_t B, N, C, H, W, P, kh, kw, ph, pw;
   int64_t sb, st;  // strides of the token tensor in elements (channel stride is 1)
