@@ -7,6 +7,7 @@ For every shape, dtype and pass it times, side by side in one process:
     compile               torch.compile(PEG), default mode
     compile-max-autotune  torch.compile(PEG, mode="max-autotune-no-cudagraphs") (GPU only)
     <backend>             cpvt_kernels.FusedPEG(backend=...) for each fused backend of the device
+    cuda-stream           the cuda backend with CPVT_CUDA_KERNELS=stream (its streaming kernels)
 
 Passes: ``fwd`` (forward under ``torch.no_grad()``), ``bwd`` (backward of a retained graph:
 grad of x, weight and bias) and ``fwdbwd`` (forward and that backward).
@@ -32,6 +33,7 @@ Writes ``peg.csv`` (one row per measurement, each with device, versions, commit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import csv
 import datetime
@@ -492,15 +494,36 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
+# Variants of a fused backend, timed beside it: (backend, environment while it runs).
+VARIANTS = {"cuda-stream": ("cuda", {"CPVT_CUDA_KERNELS": "stream"})}
+
+
+@contextlib.contextmanager
+def impl_env(name: str):
+    """The environment settings of implementation ``name`` (VARIANTS), restored afterwards."""
+    settings = VARIANTS.get(name, (None, {}))[1]
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def fused_backends(device: torch.device) -> list[str]:
-    """The fused backends to time: every available one but reference (that is the eager PEG).
+    """The fused backends to time: every available one but reference (that is the eager PEG),
+    and their VARIANTS.
 
     Triton on CPU tensors runs only through its interpreter, which is not a fast path.
     """
     names = [n for n in ck.available_backends(device.type) if n != "reference"]
     if device.type == "cpu":
         names = [n for n in names if n != "triton"]
-    return names
+    return names + [v for v, (base, _) in VARIANTS.items() if base in names]
 
 
 def build_impls(names: list[str], peg: torch.nn.Module) -> dict:
@@ -513,7 +536,8 @@ def build_impls(names: list[str], peg: torch.nn.Module) -> dict:
             impls[name] = torch.compile(peg, mode=COMPILE_MODES[name])
         else:
             fused = ck.FusedPEG(peg.proj.in_channels, peg.proj.kernel_size,
-                                peg.num_prefix_tokens, peg.proj.bias is not None, backend=name)
+                                peg.num_prefix_tokens, peg.proj.bias is not None,
+                                backend=VARIANTS.get(name, (name,))[0])
             fused.proj = peg.proj
             impls[name] = fused
     return impls
@@ -816,7 +840,9 @@ def main(argv=None) -> int:
         ref, ref_grads = reference_outputs(case, x, params, g, any(p != "fwd" for p in passes))
         for name in group_names:
             try:
-                errors[name] = parity_error(impls[name], case, x, xg, params, g, ref, ref_grads)
+                with impl_env(name):
+                    errors[name] = parity_error(impls[name], case, x, xg, params, g, ref,
+                                                ref_grads)
             except Exception as e:  # a failing implementation must not stop the others
                 broken[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         del ref, ref_grads
@@ -847,10 +873,11 @@ def main(argv=None) -> int:
                     group_rows.append(row)
                     continue
                 try:
-                    fn = make_pass(pass_name, impls[name], x, xg, params, g, case.H, case.W)
-                    stats = timer(fn)
-                    peak = peak_memory_mib(device, fn)
-                    del fn
+                    with impl_env(name):
+                        fn = make_pass(pass_name, impls[name], x, xg, params, g, case.H, case.W)
+                        stats = timer(fn)
+                        peak = peak_memory_mib(device, fn)
+                        del fn
                 except Exception as e:
                     status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     failures.append(f"{prefix} {status}")

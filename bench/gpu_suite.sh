@@ -9,9 +9,14 @@
 #              (without the CPU kernels unless CPVT_BUILD_CPU=1: they take minutes to compile and
 #              CI tests them; the cpu backend's tests then skip)
 #   selfcheck  python -m cpvt_kernels.selfcheck (gradcheck, opcheck, parity per backend)
+#   micro      bench/cuda_micro: the tiled and streaming CUDA kernels alone, several variants,
+#              checked and timed without torch (build with this machine's nvcc, then run)
 #   test       pytest -q tests on this machine (the CUDA and Triton tests run on CUDA tensors), in
 #              PYTEST_WORKERS processes (pytest-xdist, default 8) when pytest-xdist is installed
-#   sanitize   compute-sanitizer memcheck, racecheck and initcheck over bench/sanitize_small.py
+#   test-stream  tests/test_cuda.py again with CPVT_CUDA_KERNELS=stream (the streaming kernels
+#              wherever they apply), in the same processes
+#   sanitize   compute-sanitizer memcheck, racecheck and initcheck over bench/sanitize_small.py,
+#              once per CUDA kernel family (SANITIZE_CUDA_KERNELS, default "tile stream")
 #   bench      bench/bench_peg.py --device cuda (the full grid; BENCH_ARGS=--quick for a short one)
 #   model      bench/bench_model.py --device cuda
 #
@@ -44,8 +49,9 @@ if [ ${#STEPS[@]} -eq 0 ]; then
 fi
 for s in "${STEPS[@]}"; do
     case "$s" in
-        build|selfcheck|test|sanitize|bench|model) ;;
-        *) echo "gpu_suite: unknown step '$s'; expected build selfcheck test sanitize bench model" >&2
+        build|selfcheck|micro|test|test-stream|sanitize|bench|model) ;;
+        *) echo "gpu_suite: unknown step '$s'; expected build selfcheck micro test test-stream" \
+                "sanitize bench model" >&2
            exit 2 ;;
     esac
 done
@@ -147,35 +153,55 @@ step_sanitize() {
         return 1
     fi
     "$cs" --version | head -n 3
-    for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
-        echo "--- compute-sanitizer --tool $tool"
-        # Without the caching allocator every tensor is its own allocation, so an access past
-        # its end is out of bounds for memcheck instead of landing in a cached neighbour.
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-1200}" \
-            "$cs" --tool "$tool" --error-exitcode 99 --print-limit 50 \
-            "$PY" bench/sanitize_small.py --backends "${SANITIZE_BACKENDS:-cuda,triton}" 2>&1 \
-            | tee "$OUT/sanitize_$tool.log"
-        local r=${PIPESTATUS[0]}
-        if [ "$r" -ne 0 ]; then
-            echo "--- $tool FAILED (exit $r)"
-            rc=1
-        else
-            echo "--- $tool: no errors"
-        fi
+    local kernels backends=${SANITIZE_BACKENDS:-cuda,triton}
+    for kernels in ${SANITIZE_CUDA_KERNELS:-tile stream}; do
+        for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
+            echo "--- compute-sanitizer --tool $tool, CPVT_CUDA_KERNELS=$kernels, $backends"
+            # Without the caching allocator every tensor is its own allocation, so an access
+            # past its end is out of bounds for memcheck instead of landing in a cached neighbour.
+            CPVT_CUDA_KERNELS=$kernels PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+                timeout "${SANITIZE_TIMEOUT:-1200}" \
+                "$cs" --tool "$tool" --error-exitcode 99 --print-limit 50 \
+                "$PY" bench/sanitize_small.py --backends "$backends" 2>&1 \
+                | tee "$OUT/sanitize_${tool}_$kernels.log"
+            local r=${PIPESTATUS[0]}
+            if [ "$r" -ne 0 ]; then
+                echo "--- $tool, $kernels: FAILED (exit $r)"
+                rc=1
+            else
+                echo "--- $tool, $kernels: no errors"
+            fi
+        done
+        backends=cuda  # the other backends once, with the first family
     done
     return $rc
+}
+
+step_micro() {
+    local nvcc
+    nvcc=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    NVCC=$nvcc ARCH=${GPU_ARCH/./} PYTHON=$PY bash bench/cuda_micro/build.sh || return 1
+    bench/cuda_micro/peg_micro "${MICRO_REPS:-20}"
+}
+
+pytest_xdist() {
+    if "$PY" -c "import xdist" 2>/dev/null && [ "${PYTEST_WORKERS:-8}" -gt 1 ]; then
+        echo "-n ${PYTEST_WORKERS:-8}"
+    fi
 }
 
 for s in "${STEPS[@]}"; do
     case "$s" in
         build) run_step build step_build ;;
+        micro) run_step micro step_micro ;;
         selfcheck) run_step selfcheck "$PY" -m cpvt_kernels.selfcheck --device cuda ;;
-        test) XDIST=()
-              if "$PY" -c "import xdist" 2>/dev/null && [ "${PYTEST_WORKERS:-8}" -gt 1 ]; then
-                  XDIST=(-n "${PYTEST_WORKERS:-8}")
-              fi
+        test) read -r -a XDIST <<< "$(pytest_xdist)"
               run_step test "$PY" -m pytest -q -ra tests --junitxml="$OUT/pytest.xml" \
                   "${XDIST[@]}" "${PYTEST_EXTRA[@]}" ;;
+        test-stream) read -r -a XDIST <<< "$(pytest_xdist)"
+              run_step test-stream env CPVT_CUDA_KERNELS=stream "$PY" -m pytest -q -ra \
+                  tests/test_cuda.py --junitxml="$OUT/pytest_stream.xml" "${XDIST[@]}" \
+                  "${PYTEST_EXTRA[@]}" ;;
         sanitize) run_step sanitize step_sanitize ;;
         bench) run_step bench "$PY" bench/bench_peg.py --device cuda --out "$OUT" \
                    "${BENCH_EXTRA[@]}" ;;

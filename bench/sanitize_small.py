@@ -5,9 +5,10 @@
 
 Forward and backward (all gradients, and masked subsets) on a few small shapes that reach the
 kernels' edge cases: a 1x1 grid, one channel, odd channel counts, a strided ``x`` with a
-misaligned start, no prefix tokens, several prefix tokens, kernels up to 31x31 and an empty
-batch. Every result is also compared with the float64 reference, so a kernel that reads the
-wrong memory without faulting still fails. Exits non-zero on any mismatch.
+misaligned start, no prefix tokens, several prefix tokens, kernels up to 31x31, an empty batch
+and the row strips of the streaming CUDA kernels (with CPVT_CUDA_KERNELS=stream). Every result
+is also compared with the float64 reference, so a kernel that reads the wrong memory without
+faulting still fails. Exits non-zero on any mismatch.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ SHAPES = [
     (1, 1, 3, 4, 5, 31, 31, True, False),
     (0, 1, 2, 2, 4, 3, 3, True, False),
     (2, 1, 14, 14, 67, 7, 7, True, True),
+    (2, 1, 17, 5, 64, 3, 3, True, False),   # the streaming kernels' strips (6, 6, 5 rows)
+    (2, 2, 9, 40, 24, 1, 1, False, False),
 ]
 MASKS = [(True, True, True), (True, False, False), (False, True, True)]
 

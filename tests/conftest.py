@@ -182,12 +182,12 @@ def pytest_terminal_summary(terminalreporter):
                                                                    "error") if c.get(k)))
 
 
-def nonfinite_case(where: str, device="cpu"):
-    """Inputs of a small float64 PEG with NaN and Inf planted in `where` (x, weight or grad_out),
-    next to the grid's borders so that they meet the zero padding. Returns the inputs, the
-    output gradient and the reference output and gradients."""
+def nonfinite_case(where: str, device="cpu", C=9):
+    """Inputs of a small float64 PEG (C >= 8 channels) with NaN and Inf planted in `where` (x,
+    weight or grad_out), next to the grid's borders so that they meet the zero padding. Returns
+    the inputs, the output gradient and the reference output and gradients."""
     H, W, P = 6, 7, 1
-    (x64, w64, b64), _ = make_inputs(2, P, H, W, 9, 3, 3, True, torch.float64)
+    (x64, w64, b64), _ = make_inputs(2, P, H, W, C, 3, 3, True, torch.float64)
     grad64 = torch.randn(x64.shape, dtype=torch.float64)
     if where == "x":
         x64[0, P + 2 * W + 3, 4] = float("nan")
@@ -218,17 +218,17 @@ def assert_same_nonfinite(got: torch.Tensor, ref: torch.Tensor):
         assert rel_err(got[finite], ref[finite]) < 1e-12
 
 
-def check_nonfinite_forward(backend: str, device, where: str):
+def check_nonfinite_forward(backend: str, device, where: str, C=9):
     """fused_peg on `backend` keeps the reference's NaN and Inf (nonfinite_case)."""
-    (H, W, P), (x64, w64, b64, _), ref = nonfinite_case(where)
+    (H, W, P), (x64, w64, b64, _), ref = nonfinite_case(where, C=C)
     out = ck.fused_peg(x64.to(device), w64.to(device), b64.to(device), (H, W), P,
                        backend=backend)
     assert_same_nonfinite(out, ref[0])
 
 
-def check_nonfinite_backward(backend: str, device, where: str):
+def check_nonfinite_backward(backend: str, device, where: str, C=9):
     """fused_peg on `backend` and its gradients keep the reference's NaN and Inf (nonfinite_case)."""
-    (H, W, P), (x64, w64, b64, grad64), ref = nonfinite_case(where)
+    (H, W, P), (x64, w64, b64, grad64), ref = nonfinite_case(where, C=C)
     x, w, b = (t.to(device).requires_grad_() for t in (x64, w64, b64))
     out = ck.fused_peg(x, w, b, (H, W), P, backend=backend)
     out.backward(grad64.to(device))

@@ -4,6 +4,7 @@ They run the programs' ``main`` with tiny shapes: the point is that every path w
 rows and that a wrong backend is reported, not the timings.
 """
 import csv
+import os
 import platform
 import subprocess
 import sys
@@ -136,6 +137,21 @@ def test_bench_peg_helpers():
         assert stats.p20_ms <= stats.median_ms <= stats.p80_ms
 
 
+def test_bench_peg_variants_set_their_environment(monkeypatch):
+    """cuda-stream is the cuda backend timed with CPVT_CUDA_KERNELS=stream, restored after."""
+    assert "cuda-stream" not in bench_peg.fused_backends(torch.device("cpu"))
+    monkeypatch.setenv("CPVT_CUDA_KERNELS", "tile")
+    with bench_peg.impl_env("cuda-stream"):
+        assert os.environ["CPVT_CUDA_KERNELS"] == "stream"
+    assert os.environ["CPVT_CUDA_KERNELS"] == "tile"
+    monkeypatch.delenv("CPVT_CUDA_KERNELS")
+    with bench_peg.impl_env("cuda-stream"):
+        pass
+    assert "CPVT_CUDA_KERNELS" not in os.environ
+    with bench_peg.impl_env("cpu"):  # not a variant: nothing set
+        assert "CPVT_CUDA_KERNELS" not in os.environ
+
+
 def test_pick_device_gives_cuda_an_index(monkeypatch):
     """torch.cuda.set_device rejects a bare "cuda" device in some releases (2.11): the bench
     programs resolve it to the current device's index."""
@@ -265,7 +281,8 @@ def test_bench_peg_tiny_run_on_gpu(tmp_path):
     """The CUDA timing path: events, L2 flush, peak memory, every GPU backend and compile."""
     if not HAS_GPU:
         pytest.skip("GPU-only: no CUDA device")
-    backends = [b for b in ck.available_backends("cuda") if b != "reference"]
+    backends = bench_peg.fused_backends(torch.device("cuda"))  # with cuda-stream
+    assert "cuda-stream" in backends or "cuda" not in backends
     rc = bench_peg.main(TINY + ["--device", "cuda", "--dtypes", "float32", "float16",
                                 "--passes", "fwd,bwd,fwdbwd", "--impls", "eager", "compile",
                                 *backends, "--out", str(tmp_path)])

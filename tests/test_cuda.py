@@ -58,6 +58,14 @@ def device():
     return require_backend("cuda")
 
 
+@pytest.fixture(params=["tile", "stream"])
+def kernels(request, monkeypatch):
+    """The CUDA kernels the op runs (CPVT_CUDA_KERNELS): the tiled ones, or the streaming ones
+    where they apply (kernel size 1 or 3, 16-byte-aligned channels)."""
+    monkeypatch.setenv("CPVT_CUDA_KERNELS", request.param)
+    return request.param
+
+
 def _run(x, w, b, H, W, P, grad, backend="cuda"):
     """Output and gradients of fused_peg, with NaN-poisoned new buffers."""
     x, w, b = leaf(x), leaf(w), leaf(b)
@@ -144,6 +152,29 @@ def test_parity_layouts(device, dtype, layout, kernel):
     _check_parity(device, dtype, 3, 1, 7, 9, 64, *kernel, layout=layout, grad_layout=layout)
 
 
+# (B, P, H, W, C, k, layout): strips of the streaming kernels (14 rows: 2 x 7; 17: 6, 6, 5;
+# 24: 3 x 8), several channel chunks, pixel blocks across a wide row, a 1x1 grid, strided
+# tokens; C=33 is not vector-aligned and falls back to the tiled kernels.
+STREAM_CASES = [
+    (4, 1, 14, 14, 192, 3, "contiguous"),
+    (2, 0, 17, 5, 320, 3, "padded_tokens"),
+    (3, 2, 24, 24, 64, 3, "contiguous"),
+    (2, 1, 32, 32, 96, 1, "contiguous"),
+    (1, 1, 1, 1, 16, 3, "contiguous"),
+    (2, 1, 3, 300, 8, 3, "contiguous"),
+    (2, 1, 9, 9, 33, 3, "contiguous"),
+]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", STREAM_CASES,
+                         ids=lambda c: "B{}-P{}-{}x{}-C{}-k{}-{}".format(*c))
+def test_parity_streaming_kernels(device, dtype, case, kernels):
+    B, P, H, W, C, k, layout = case
+    _check_parity(device, dtype, B, P, H, W, C, k, k, layout=layout, grad_layout=layout)
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_misaligned_grad_out_only(device, dtype):
@@ -167,7 +198,7 @@ def test_expanded_grad_out(device):
 
 @gpu
 @pytest.mark.parametrize("needs", GRAD_NEEDS)
-def test_only_required_grads(device, needs):
+def test_only_required_grads(device, needs, kernels):
     check_only_required_grads("cuda", device, needs, C=12)
 
 
@@ -175,10 +206,11 @@ def test_only_required_grads(device, needs):
 @pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, False),
                                   (False, False, True), (False, True, True), (True, True, False),
                                   (True, False, True), (False, False, False)], ids=str)
-def test_backward_op_output_mask(device, mask):
+@pytest.mark.parametrize("kw", [5, 3])
+def test_backward_op_output_mask(device, mask, kw, kernels):
     """The backward op returns empty (0,) tensors for masked-out outputs."""
     B, P, H, W, C = 2, 2, 3, 5, 6
-    (x64, w64, _), (x, w, _) = make_inputs(B, P, H, W, C, 3, 5, False, torch.float64, device)
+    (x64, w64, _), (x, w, _) = make_inputs(B, P, H, W, C, 3, kw, False, torch.float64, device)
     grad64 = torch.randn(x64.shape, dtype=torch.float64)
     ref = reference_with_grads(x64, w64, torch.randn(C, dtype=torch.float64), H, W, P, grad64)
     got = torch.ops.cpvt.peg_backward(grad64.to(device), x, w, H, W, P, list(mask))
@@ -191,16 +223,18 @@ def test_backward_op_output_mask(device, mask):
 
 @gpu
 @pytest.mark.parametrize("where", ["x", "weight"])
-def test_nan_and_inf_propagate_like_reference(device, where):
-    check_nonfinite_forward("cuda", device, where)
+@pytest.mark.parametrize("C", [9, 10])  # 10: 16-byte vectors of float64
+def test_nan_and_inf_propagate_like_reference(device, where, C, kernels):
+    check_nonfinite_forward("cuda", device, where, C=C)
 
 
 @gpu
 @pytest.mark.parametrize("where", ["x", "weight", "grad_out"])
-def test_nan_and_inf_propagate_through_backward(device, where):
+@pytest.mark.parametrize("C", [9, 10])
+def test_nan_and_inf_propagate_through_backward(device, where, C, kernels):
     """Output and every gradient have NaN and Inf where the reference has them, also where they
     meet the zero padding (see test_peg.py)."""
-    check_nonfinite_backward("cuda", device, where)
+    check_nonfinite_backward("cuda", device, where, C=C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +248,7 @@ def test_nan_and_inf_propagate_through_backward(device, where):
     (2, 1, 5, 4, 2, 5, 5, True),
     (1, 1, 3, 4, 3, 9, 9, True),
 ])
-def test_gradcheck(device, B, P, H, W, C, kh, kw, bias):
+def test_gradcheck(device, B, P, H, W, C, kh, kw, bias, kernels):
     _, (x, w, b) = make_inputs(B, P, H, W, C, kh, kw, bias, torch.float64, device)
     inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]
 
@@ -229,7 +263,7 @@ def test_gradcheck(device, B, P, H, W, C, kh, kw, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("C,kernel", [(384, (3, 3)), (100, (7, 7)), (64, (5, 3))],
                          ids=lambda v: str(v))
-def test_weight_grads_are_deterministic(device, dtype, C, kernel):
+def test_weight_grads_are_deterministic(device, dtype, C, kernel, kernels):
     """The same inputs give bitwise the same grad_weight and grad_bias on every run."""
     _, (x, w, b) = make_inputs(64, 1, 14, 14, C, *kernel, True, dtype, device)
     grad = torch.randn(x.shape, dtype=dtype, device=device)

@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <unordered_map>
 
@@ -48,6 +50,16 @@ bool vector_ok(const at::Tensor& t, int vec) {
          (t.size(0) <= 1 || t.stride(0) % vec == 0) && (t.size(1) <= 1 || t.stride(1) % vec == 0);
 }
 
+// CPVT_CUDA_KERNELS=stream: the streaming kernels where they apply (kernel size 1 or 3 on the
+// 16-byte vector path); "tile" or unset: the tiled kernels. Read at each call.
+Kernels kernels_from_env() {
+  const char* env = std::getenv("CPVT_CUDA_KERNELS");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "tile") == 0) return Kernels::kTile;
+  TORCH_CHECK(std::strcmp(env, "stream") == 0,
+              "fused_peg (cuda): CPVT_CUDA_KERNELS must be 'tile' or 'stream', got '", env, "'");
+  return Kernels::kStream;
+}
+
 void check_grid(int64_t H, int64_t W) {
   constexpr int64_t kMax = int64_t(1) << 30;
   TORCH_CHECK(H < kMax && W < kMax, "fused_peg (cuda): size (H, W) must be below 2^30 each, got (",
@@ -69,12 +81,13 @@ at::Tensor peg_forward_cuda(const at::Tensor& x_in, const at::Tensor& weight,
   check_grid(H, W);
   const bool has_bias = bias.has_value() && bias->defined();
   const DeviceInfo dev = device_info(x.get_device());
+  const Kernels kernels = kernels_from_env();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peg_forward_cuda", [&] {
     constexpr int V = static_cast<int>(16 / sizeof(scalar_t));
     const bool vec = vector_ok(x, V) && vector_ok(out, V);
     forward_typed<scalar_t>(x, weight, has_bias ? &*bias : nullptr, /*flip=*/false, out, H, W, P,
-                            vec, dev, stream);
+                            vec, kernels, dev, stream);
   });
   return out;
 }
@@ -104,18 +117,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> peg_backward_cuda(
   check_grid(H, W);
   const int device = x.get_device();
   const DeviceInfo dev = device_info(device);
+  const Kernels kernels = kernels_from_env();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peg_backward_cuda", [&] {
     constexpr int V = static_cast<int>(16 / sizeof(scalar_t));
     const bool g_vec = vector_ok(grad_out, V) && (!want_x || vector_ok(grad_x, V));
     if (!want_w && !want_b) {  // grad_x alone: the forward kernel with flipped taps
       forward_typed<scalar_t>(grad_out, weight, nullptr, /*flip=*/true, grad_x, H, W, P, g_vec,
-                              dev, stream);
+                              kernels, dev, stream);
       return;
     }
     backward_typed<scalar_t>(grad_out, x, weight, want_x ? &grad_x : nullptr,
                              want_w ? &grad_w : nullptr, want_b ? &grad_b : nullptr, H, W, P,
-                             g_vec && vector_ok(x, V), device, dev, stream);
+                             g_vec && vector_ok(x, V), kernels, device, dev, stream);
   });
   return {grad_x, grad_w, grad_b};
 }

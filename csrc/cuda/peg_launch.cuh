@@ -1,10 +1,12 @@
-// Launches of the CUDA kernels for one dtype: kernel-size and alignment dispatch, launch plans,
-// shared-memory opt-in and the weight-gradient reduction. Included by the per-dtype translation
+// Launches of the CUDA kernels for one dtype: the choice between the tiled and the streaming
+// kernels, kernel-size and alignment dispatch, launch plans, shared-memory opt-in and the
+// weight-gradient reduction. Included by the per-dtype translation
 // units (peg_<dtype>.cu) only; each instantiates forward_typed and backward_typed for its dtype
 // with CPVT_PEG_CUDA_INSTANTIATE.
 #pragma once
 
 #include "peg_kernel.cuh"
+#include "peg_stream.cuh"
 #include "peg_typed.h"
 
 #include <ATen/core/Tensor.h>
@@ -186,22 +188,124 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& x, const Params<T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The streaming kernels (peg_stream.cuh): square kernels of size 1 and 3 on the vector path.
+
+inline bool stream_fits(int kh, int kw, bool vec) { return vec && kh == kw && (kh == 1 || kh == 3); }
+
+// The streaming geometry, or false when its rows or grid would not fit its index types.
+inline bool plan_stream_launch(StreamGeometry& g, int64_t B, int64_t N, int64_t C, int64_t H,
+                               int64_t W, int64_t P, int vec) {
+  g = plan_stream(B, N, C, H, W, P, vec, kStreamMaxRows);
+  const int64_t strips = ceil_div(H, g.rh);
+  return B * strips < (int64_t(1) << 30) && g.conv_blocks + stream_prefix_blocks(g) <
+                                                   std::numeric_limits<int32_t>::max();
+}
+
+template <typename T, int K, bool FWD>
+bool launch_stream_forward(const at::Tensor& src, const Params<T>& p, at::Tensor& out, int64_t H,
+                           int64_t W, int64_t P, cudaStream_t stream) {
+  constexpr int VEC = StreamVec<T>::kForward;
+  StreamGeometry g;
+  if (!plan_stream_launch(g, src.size(0), src.size(1), src.size(2), H, W, P, VEC)) return false;
+  StreamForwardArgs<T> a{};
+  a.src = src.const_data_ptr<T>();
+  a.sb = src.stride(0);
+  a.st = src.stride(1);
+  a.p = p;
+  a.out = out.mutable_data_ptr<T>();
+  a.g = g;
+  const int64_t grid = g.conv_blocks + stream_prefix_blocks(g);
+  peg_stream_forward_kernel<T, VEC, K, kStreamMaxRows, FWD>
+      <<<static_cast<unsigned>(grid), dim3(g.cv, g.wb), stream_forward_smem<T>(g, VEC, K),
+         stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+template <typename T, int K>
+bool launch_stream_backward(const at::Tensor& grad, const at::Tensor& x, const Params<T>& p,
+                            T* grad_x, T* grad_w, T* grad_b, int64_t H, int64_t W, int64_t P,
+                            int device, const DeviceInfo& dev, cudaStream_t stream) {
+  using A = acc_t<T>;
+  constexpr int VEC = StreamVec<T>::kBackward, KK = K * K;
+  auto kernel = peg_stream_backward_kernel<T, VEC, K, kStreamMaxRows>;
+  const int64_t C = x.size(2);
+  StreamGeometry g;
+  if (!plan_stream_launch(g, x.size(0), x.size(1), C, H, W, P, VEC)) return false;
+  const int64_t smem = stream_backward_smem<T>(g, VEC, K);  // at most 20 KiB
+  // One wave of resident blocks, each looping over its share of the rows: as few partial sums
+  // as keep every multiprocessor busy.
+  int per_sm = 0;
+  {
+    static std::mutex mu;
+    static std::unordered_map<int64_t, int> resident;  // (device, threads, smem) -> blocks per SM
+    const std::lock_guard<std::mutex> lock(mu);
+    const int threads = g.cv * g.wb;
+    const int64_t key = (int64_t(device) << 40) | (int64_t(threads) << 24) | smem;
+    const auto it = resident.find(key);
+    if (it != resident.end()) {
+      per_sm = it->second;
+    } else {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads,
+                                                                   static_cast<size_t>(smem)));
+      resident.emplace(key, per_sm);
+    }
+  }
+  set_row_slots(g, std::max<int64_t>(1, int64_t(per_sm) * dev.sms) /
+                       (int64_t(g.chunks) * g.wblocks));
+  const int64_t slots = int64_t(g.wblocks) * g.row_slots;
+  const at::Tensor partials = at::empty({slots, KK + 1, C},
+                                        x.options().dtype(c10::CppTypeToScalarType<A>::value));
+  StreamBackwardArgs<T> a{};
+  a.grad = grad.const_data_ptr<T>();
+  a.g_sb = grad.stride(0);
+  a.g_st = grad.stride(1);
+  a.x = x.const_data_ptr<T>();
+  a.x_sb = x.stride(0);
+  a.x_st = x.stride(1);
+  a.p = p;
+  a.grad_x = grad_x;
+  a.partials = partials.mutable_data_ptr<A>();
+  a.g = g;
+  const int64_t grid = g.conv_blocks + (grad_x != nullptr ? stream_prefix_blocks(g) : 0);
+  kernel<<<static_cast<unsigned>(grid), dim3(g.cv, g.wb), smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t cblocks = (C + 31) / 32;
+  TORCH_CHECK((KK + 1) * cblocks <= std::numeric_limits<int32_t>::max(),
+              "fused_peg (cuda): too many channels for the weight-gradient reduction: ", C);
+  reduce_partials_kernel<T><<<static_cast<unsigned>((KK + 1) * cblocks), 256, 0, stream>>>(
+      partials.const_data_ptr<A>(), slots, KK, C, cblocks, grad_w, grad_b);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 }  // namespace launch_detail
 
 template <typename T>
 void forward_typed(const at::Tensor& src, const at::Tensor& weight, const at::Tensor* bias,
                    bool flip, at::Tensor& out, int64_t H, int64_t W, int64_t P, bool vec,
-                   const DeviceInfo& dev, cudaStream_t stream) {
+                   Kernels kernels, const DeviceInfo& dev, cudaStream_t stream) {
+  using namespace launch_detail;
   const int kh = static_cast<int>(weight.size(2)), kw = static_cast<int>(weight.size(3));
-  const Params<T> p = launch_detail::params_of<T>(weight, bias);
-  launch_detail::run_forward<T>(src, p, flip, out, H, W, P, kh, kw, vec, dev, stream);
+  const Params<T> p = params_of<T>(weight, flip ? nullptr : bias);
+  if (kernels == Kernels::kStream && stream_fits(kh, kw, vec)) {
+    const bool done =
+        kh == 1 ? (flip ? launch_stream_forward<T, 1, false>(src, p, out, H, W, P, stream)
+                        : launch_stream_forward<T, 1, true>(src, p, out, H, W, P, stream))
+                : (flip ? launch_stream_forward<T, 3, false>(src, p, out, H, W, P, stream)
+                        : launch_stream_forward<T, 3, true>(src, p, out, H, W, P, stream));
+    if (done) return;
+  }
+  run_forward<T>(src, p, flip, out, H, W, P, kh, kw, vec, dev, stream);
 }
 
 template <typename T>
 void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                     at::Tensor* grad_x, at::Tensor* grad_w, at::Tensor* grad_b, int64_t H,
-                    int64_t W, int64_t P, bool vec, int device, const DeviceInfo& dev,
-                    cudaStream_t stream) {
+                    int64_t W, int64_t P, bool vec, Kernels kernels, int device,
+                    const DeviceInfo& dev, cudaStream_t stream) {
   using launch_detail::Int;
   constexpr int V = static_cast<int>(16 / sizeof(T));
   const int kh = static_cast<int>(weight.size(2)), kw = static_cast<int>(weight.size(3));
@@ -209,6 +313,14 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
   T* gx = grad_x != nullptr ? grad_x->mutable_data_ptr<T>() : nullptr;
   T* gw = grad_w != nullptr ? grad_w->mutable_data_ptr<T>() : nullptr;
   T* gb = grad_b != nullptr ? grad_b->mutable_data_ptr<T>() : nullptr;
+  if (kernels == Kernels::kStream && launch_detail::stream_fits(kh, kw, vec)) {
+    const bool done =
+        kh == 1 ? launch_detail::launch_stream_backward<T, 1>(grad, x, p, gx, gw, gb, H, W, P,
+                                                              device, dev, stream)
+                : launch_detail::launch_stream_backward<T, 3>(grad, x, p, gx, gw, gb, H, W, P,
+                                                              device, dev, stream);
+    if (done) return;
+  }
   auto launch = [&](auto vec_c, auto k_c) {
     constexpr int VEC = decltype(vec_c)::value, K = decltype(k_c)::value;
     constexpr int RW = K == 1 ? 1 : 2;  // fewer registers: the weight sums stay live
@@ -224,11 +336,11 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
 
 #define CPVT_PEG_CUDA_INSTANTIATE(T)                                                           \
   template void forward_typed<T>(const at::Tensor&, const at::Tensor&, const at::Tensor*, bool, \
-                                 at::Tensor&, int64_t, int64_t, int64_t, bool,                 \
+                                 at::Tensor&, int64_t, int64_t, int64_t, bool, Kernels,        \
                                  const DeviceInfo&, cudaStream_t);                             \
   template void backward_typed<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&,      \
                                   at::Tensor*, at::Tensor*, at::Tensor*, int64_t, int64_t,     \
-                                  int64_t, bool, int, const DeviceInfo&, cudaStream_t);
+                                  int64_t, bool, Kernels, int, const DeviceInfo&, cudaStream_t);
 
 }  // namespace peg_cuda
 }  // namespace cpvt

@@ -16,12 +16,16 @@ struct DeviceInfo {
   int64_t smem_optin;  // largest dynamic shared memory a block may opt in to
 };
 
+// Which kernels run where both could: the tiled kernels of peg_kernel.cuh, or the streaming
+// kernels of peg_stream.cuh (square kernels of size 1 and 3 on the vector path only).
+enum class Kernels { kTile, kStream };
+
 // out = the fused PEG of src (bias may be nullptr); with `flip`, the input gradient of grad_out
 // src (flipped taps, no bias). `vec`: src and out allow 16-byte vectors.
 template <typename T>
 void forward_typed(const at::Tensor& src, const at::Tensor& weight, const at::Tensor* bias,
                    bool flip, at::Tensor& out, int64_t H, int64_t W, int64_t P, bool vec,
-                   const DeviceInfo& dev, cudaStream_t stream);
+                   Kernels kernels, const DeviceInfo& dev, cudaStream_t stream);
 
 // The fused backward with the weight and/or bias gradients; grad_x, grad_w and grad_b are
 // nullptr when not wanted (grad_w or grad_b is wanted). `vec`: grad, x and grad_x allow 16-byte
@@ -29,8 +33,8 @@ void forward_typed(const at::Tensor& src, const at::Tensor& weight, const at::Te
 template <typename T>
 void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                     at::Tensor* grad_x, at::Tensor* grad_w, at::Tensor* grad_b, int64_t H,
-                    int64_t W, int64_t P, bool vec, int device, const DeviceInfo& dev,
-                    cudaStream_t stream);
+                    int64_t W, int64_t P, bool vec, Kernels kernels, int device,
+                    const DeviceInfo& dev, cudaStream_t stream);
 
 }  // namespace peg_cuda
 }  // namespace cpvt
