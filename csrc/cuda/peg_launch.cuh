@@ -16,10 +16,12 @@
 
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <mutex>
+#include <set>
+#include <tuple>
 #include <type_traits>
-#include <unordered_map>
-#include <unordered_set>
+#include <utility>
 
 namespace cpvt {
 namespace peg_cuda {
@@ -112,6 +114,62 @@ void run_forward(const at::Tensor& src, const Params<T>& p, bool flip, at::Tenso
 }
 
 // ---------------------------------------------------------------------------------------------
+// Shared by both backward launches.
+
+// Resident blocks per multiprocessor of `kernel` at `threads` and `smem`, cached per
+// (kernel, device, threads, smem); after opting the kernel in, once per device, to `optin`
+// bytes of dynamic shared memory when that is over the default 48 KiB.
+template <typename K>
+int resident_blocks(K* kernel, int device, int threads, int64_t smem, int64_t optin) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> opted_in;                 // (kernel, device)
+  static std::map<std::tuple<const void*, int, int, int64_t>, int> resident;
+  const void* id = reinterpret_cast<const void*>(kernel);
+  const std::lock_guard<std::mutex> lock(mu);
+  if (optin > 48 * 1024 && opted_in.count({id, device}) == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(optin)));
+    opted_in.insert({id, device});
+  }
+  const auto key = std::make_tuple(id, device, threads, smem);
+  const auto it = resident.find(key);
+  if (it != resident.end()) return it->second;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads,
+                                                               static_cast<size_t>(smem)));
+  resident.emplace(key, per_sm);
+  return per_sm;
+}
+
+// The fields both backward kernels' arguments share.
+template <typename T, typename Args>
+void set_backward_io(Args& a, const at::Tensor& grad, const at::Tensor& x, const Params<T>& p,
+                     T* grad_x, acc_t<T>* partials) {
+  a.grad = grad.const_data_ptr<T>();
+  a.g_sb = grad.stride(0);
+  a.g_st = grad.stride(1);
+  a.x = x.const_data_ptr<T>();
+  a.x_sb = x.stride(0);
+  a.x_st = x.stride(1);
+  a.p = p;  // no bias: grad_x has none
+  a.grad_x = grad_x;
+  a.partials = partials;
+}
+
+// grad_weight and grad_bias (each may be nullptr) from `slots` rows of partials.
+template <typename T>
+void reduce_partials(const at::Tensor& partials, int64_t slots, int kk, int64_t C, T* grad_w,
+                     T* grad_b, cudaStream_t stream) {
+  const int64_t cblocks = (C + 31) / 32;
+  const int64_t rgrid = (kk + 1) * cblocks;
+  TORCH_CHECK(rgrid <= std::numeric_limits<int32_t>::max(),
+              "fused_peg (cuda): too many channels for the weight-gradient reduction: ", C);
+  reduce_partials_kernel<T><<<static_cast<unsigned>(rgrid), 256, 0, stream>>>(
+      partials.const_data_ptr<acc_t<T>>(), slots, kk, C, cblocks, grad_w, grad_b);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backward with the weight and bias gradients (grad_x fused in when wanted).
 
 template <typename T, int VEC, int KH, int KW, int RW>
@@ -129,43 +187,14 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& x, const Params<T
                             sizeof(A), JW, budget),
               "fused_peg (cuda): no tiling fits in shared memory for kernel size (", kh, ", ", kw,
               ")");
-  // Once per device: allow any plan's shared memory (plans never exceed `budget`). Then the
-  // resident blocks per multiprocessor for this plan's shared memory, cached by size.
-  int per_sm = 0;
-  {
-    static std::mutex mu;
-    static std::unordered_set<int> opted_in;           // devices
-    static std::unordered_map<int64_t, int> resident;  // (device, smem) -> blocks per SM
-    const std::lock_guard<std::mutex> lock(mu);
-    if (budget > 48 * 1024 && opted_in.count(device) == 0) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(budget)));
-      opted_in.insert(device);
-    }
-    const int64_t key = (int64_t(device) << 32) | plan.smem;
-    const auto it = resident.find(key);
-    if (it != resident.end()) {
-      per_sm = it->second;
-    } else {
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &per_sm, kernel, plan.threads, static_cast<size_t>(plan.smem)));
-      resident.emplace(key, per_sm);
-    }
-  }
+  // Any plan's shared memory allowed (plans never exceed `budget`).
+  const int per_sm = resident_blocks(kernel, device, plan.threads, plan.smem, budget);
   finish_backward(plan, per_sm, dev.sms, grad_x != nullptr);
   const int kk = kh * kw;
   const at::Tensor partials = at::empty({plan.slots, kk + 1, C},
                                         x.options().dtype(c10::CppTypeToScalarType<A>::value));
   BackwardArgs<T> a{};
-  a.grad = grad.const_data_ptr<T>();
-  a.g_sb = grad.stride(0);
-  a.g_st = grad.stride(1);
-  a.x = x.const_data_ptr<T>();
-  a.x_sb = x.stride(0);
-  a.x_st = x.stride(1);
-  a.p = p;  // no bias: grad_x has none
-  a.grad_x = grad_x;
-  a.partials = partials.mutable_data_ptr<A>();
+  set_backward_io<T>(a, grad, x, p, grad_x, partials.mutable_data_ptr<A>());
   a.g = plan.g;
   a.conv_blocks = plan.conv_blocks;
   a.slots = plan.slots;
@@ -178,14 +207,7 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& x, const Params<T
   const int64_t grid = checked_grid(plan);
   kernel<<<static_cast<unsigned>(grid), plan.threads, plan.smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  const int64_t cblocks = (C + 31) / 32;
-  const int64_t rgrid = (kk + 1) * cblocks;
-  TORCH_CHECK(rgrid <= std::numeric_limits<int32_t>::max(),
-              "fused_peg (cuda): too many channels for the weight-gradient reduction: ", C);
-  reduce_partials_kernel<T><<<static_cast<unsigned>(rgrid), 256, 0, stream>>>(
-      partials.const_data_ptr<A>(), plan.slots, kk, C, cblocks, grad_w, grad_b);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  reduce_partials<T>(partials, plan.slots, kk, C, grad_w, grad_b, stream);
 }
 
 
@@ -237,47 +259,19 @@ bool launch_stream_backward(const at::Tensor& grad, const at::Tensor& x, const P
   const int64_t smem = stream_backward_smem<T>(g, VEC, K);  // at most 20 KiB
   // One wave of resident blocks, each looping over its share of the rows: as few partial sums
   // as keep every multiprocessor busy.
-  int per_sm = 0;
-  {
-    static std::mutex mu;
-    static std::unordered_map<int64_t, int> resident;  // (device, threads, smem) -> blocks per SM
-    const std::lock_guard<std::mutex> lock(mu);
-    const int threads = g.cv * g.wb;
-    const int64_t key = (int64_t(device) << 40) | (int64_t(threads) << 24) | smem;
-    const auto it = resident.find(key);
-    if (it != resident.end()) {
-      per_sm = it->second;
-    } else {
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads,
-                                                                   static_cast<size_t>(smem)));
-      resident.emplace(key, per_sm);
-    }
-  }
+  const int per_sm = resident_blocks(kernel, device, g.cv * g.wb, smem, 0);
   set_row_slots(g, std::max<int64_t>(1, int64_t(per_sm) * dev.sms) /
                        (int64_t(g.chunks) * g.wblocks));
   const int64_t slots = int64_t(g.wblocks) * g.row_slots;
   const at::Tensor partials = at::empty({slots, KK + 1, C},
                                         x.options().dtype(c10::CppTypeToScalarType<A>::value));
   StreamBackwardArgs<T> a{};
-  a.grad = grad.const_data_ptr<T>();
-  a.g_sb = grad.stride(0);
-  a.g_st = grad.stride(1);
-  a.x = x.const_data_ptr<T>();
-  a.x_sb = x.stride(0);
-  a.x_st = x.stride(1);
-  a.p = p;
-  a.grad_x = grad_x;
-  a.partials = partials.mutable_data_ptr<A>();
+  set_backward_io<T>(a, grad, x, p, grad_x, partials.mutable_data_ptr<A>());
   a.g = g;
   const int64_t grid = g.conv_blocks + (grad_x != nullptr ? stream_prefix_blocks(g) : 0);
   kernel<<<static_cast<unsigned>(grid), dim3(g.cv, g.wb), smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t cblocks = (C + 31) / 32;
-  TORCH_CHECK((KK + 1) * cblocks <= std::numeric_limits<int32_t>::max(),
-              "fused_peg (cuda): too many channels for the weight-gradient reduction: ", C);
-  reduce_partials_kernel<T><<<static_cast<unsigned>((KK + 1) * cblocks), 256, 0, stream>>>(
-      partials.const_data_ptr<A>(), slots, KK, C, cblocks, grad_w, grad_b);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  reduce_partials<T>(partials, slots, KK, C, grad_w, grad_b, stream);
   return true;
 }
 
