@@ -218,6 +218,22 @@ def assert_same_nonfinite(got: torch.Tensor, ref: torch.Tensor):
         assert rel_err(got[finite], ref[finite]) < 1e-12
 
 
+def check_nonfinite_grad_x_only(backend: str, device, k: int, C: int):
+    """grad_x alone from the backward op on `backend` (the input-gradient kernel, without the
+    weight sums): an Inf or NaN tap gives NaN and Inf where the reference's gradient has them,
+    and none from the zero padding."""
+    H, W, P = 6, 7, 1
+    (x64, w64, b64), _ = make_inputs(2, P, H, W, C, k, k, True, torch.float64)
+    w64[2, 0, 0, 0] = float("inf")
+    w64[4, 0, k - 1, k // 2] = float("nan")
+    w64[5, 0, k // 2, k - 1] = float("-inf")
+    grad64 = torch.randn(x64.shape, dtype=torch.float64)
+    _, gx_ref, _, _ = reference_with_grads(x64, w64, b64, H, W, P, grad64)
+    op = torch.ops.cpvt.peg_backward_triton if backend == "triton" else torch.ops.cpvt.peg_backward
+    gx, _, _ = op(grad64.to(device), x64.to(device), w64.to(device), H, W, P, [True, False, False])
+    assert_same_nonfinite(gx, gx_ref)
+
+
 def check_nonfinite_forward(backend: str, device, where: str, C=9):
     """fused_peg on `backend` keeps the reference's NaN and Inf (nonfinite_case)."""
     (H, W, P), (x64, w64, b64, _), ref = nonfinite_case(where, C=C)

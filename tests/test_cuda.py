@@ -14,9 +14,9 @@ import torch
 
 import cpvt_kernels as ck
 from conftest import (DTYPES, GRAD_NEEDS, HAS_GPU, TOLERANCE, check_nonfinite_backward,
-                      check_nonfinite_forward, check_only_required_grads, layout_as, leaf,
-                      make_inputs, poison_allocator, reference_with_grads, rel_err,
-                      require_backend)
+                      check_nonfinite_forward, check_nonfinite_grad_x_only,
+                      check_only_required_grads, layout_as, leaf, make_inputs, poison_allocator,
+                      reference_with_grads, rel_err, require_backend)
 
 gpu = pytest.mark.skipif(not HAS_GPU, reason="GPU-only: no CUDA device")
 KERNELS = [(1, 1), (3, 3), (5, 5), (7, 7), (3, 5), (9, 9), (31, 31)]
@@ -235,6 +235,13 @@ def test_nan_and_inf_propagate_through_backward(device, where, C, kernels):
     """Output and every gradient have NaN and Inf where the reference has them, also where they
     meet the zero padding (see test_peg.py)."""
     check_nonfinite_backward("cuda", device, where, C=C)
+
+
+@gpu
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("C", [9, 10])
+def test_nonfinite_weight_grad_x_only(device, k, C, kernels):
+    check_nonfinite_grad_x_only("cuda", device, k, C)
 
 
 # ---------------------------------------------------------------------------------------------

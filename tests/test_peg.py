@@ -9,9 +9,9 @@ import torch
 
 import cpvt_kernels as ck
 from conftest import (CPU_LEFT_OUT, DTYPES, GRAD_NEEDS, TOLERANCE, check_nonfinite_backward,
-                      check_nonfinite_forward, check_only_required_grads, layout_as,
-                      make_inputs, poison_allocator, reference_with_grads, rel_err,
-                      require_backend)
+                      check_nonfinite_forward, check_nonfinite_grad_x_only,
+                      check_only_required_grads, layout_as, make_inputs, poison_allocator,
+                      reference_with_grads, rel_err, require_backend)
 
 BACKENDS = ["cpu", "reference"]
 
@@ -145,6 +145,11 @@ def test_nan_and_inf_propagate_through_backward(backend, where):
     """Output and every gradient: NaN and Inf where the reference has them, including where they
     meet the zero padding (Inf * 0 is NaN, in the reference as in a fused kernel)."""
     check_nonfinite_backward(backend, require_backend(backend), where)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_nonfinite_weight_grad_x_only_cpu(k):
+    check_nonfinite_grad_x_only("cpu", require_backend("cpu"), k, C=10)
 
 
 def test_backends_agree_with_each_other():

@@ -13,8 +13,9 @@ import torch
 
 import cpvt_kernels as ck
 from conftest import (DTYPES, GRAD_NEEDS, HAS_GPU, TOLERANCE, check_nonfinite_backward,
-                      check_nonfinite_forward, check_only_required_grads, layout_as, leaf,
-                      make_inputs, reference_with_grads, rel_err, require_backend)
+                      check_nonfinite_forward, check_nonfinite_grad_x_only,
+                      check_only_required_grads, layout_as, leaf, make_inputs,
+                      reference_with_grads, rel_err, require_backend)
 
 gpu = pytest.mark.skipif(not HAS_GPU, reason="GPU-only: no CUDA device")
 
@@ -190,6 +191,11 @@ def test_nan_and_inf_propagate_through_backward(device, where):
     """Output and every gradient have NaN and Inf where the reference has them, also where they
     meet the zero padding (see test_peg.py)."""
     check_nonfinite_backward("triton", device, where)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
+def test_nonfinite_weight_grad_x_only(device):
+    check_nonfinite_grad_x_only("triton", device, 3, C=10)
 
 
 def test_matches_cpu_backend(device):

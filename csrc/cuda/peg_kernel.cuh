@@ -434,7 +434,14 @@ __global__ void __launch_bounds__(kMaxThreads) peg_forward_kernel(const ForwardA
   stage_taps<T, VEC>(ws, a.p, kh, kw, c_first, g.cch_shift, nu, a.flip);
   wait_smem_copies();
   __syncthreads();
-  conv_tile<T, VEC, KH, KW, RW, WREG, true>(s, ws, t, g, nu, a.out + b * g.N * g.C + c_first);
+  // The input gradient (flip) skips the taps on padding, as the fused backward does: an Inf or
+  // NaN tap times a padding zero must not give NaN there.
+  T* out = a.out + b * g.N * g.C + c_first;
+  if (a.flip) {
+    conv_tile<T, VEC, KH, KW, RW, WREG, false>(s, ws, t, g, nu, out);
+  } else {
+    conv_tile<T, VEC, KH, KW, RW, WREG, true>(s, ws, t, g, nu, out);
+  }
 }
 
 // Sums of grad_out(h, w) * x(h + i - ph, w + j - pw) over the tile for the thread's lane:
