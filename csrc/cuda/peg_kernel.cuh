@@ -261,13 +261,15 @@ __device__ __forceinline__ void load_col(acc_t<T> (&dst)[VEC], const Pack<T, VEC
 
 // out[h, w] = bias + in[h, w] + sum_{i,j} tap[i][j] * in[h + i - ph, w + j - pw] over a
 // staged tile; out points at (image b, channel c_first). WREG keeps the thread's taps in
-// registers (small kernels). BIAS (the forward) starts from the staged bias and multiplies the
+// registers (small kernels). `fwd` (the forward) starts from the staged bias and multiplies the
 // zero padding like any input; without it (grad_x, the same sum over grad_out with flipped
 // taps) taps that fall outside the grid are skipped, as the reference's gradient does: they
-// stand for outputs that do not exist, and an Inf or NaN tap must not turn them into NaN.
-template <typename T, int VEC, int KH, int KW, int RW, bool WREG, bool BIAS>
+// stand for outputs that do not exist, and an Inf or NaN tap must not turn them into NaN. A
+// run-time flag (constant where the caller's is): one copy of the loop per kernel.
+template <typename T, int VEC, int KH, int KW, int RW, bool WREG>
 __device__ __forceinline__ void conv_tile(const Pack<T, VEC>* s, const acc_t<T>* ws,
-                                          const Tile& t, const Geometry& g, int nu, T* out) {
+                                          const Tile& t, const Geometry& g, int nu, T* out,
+                                          bool fwd) {
   using A = acc_t<T>;
   using V = Pack<T, VEC>;
   const int kh = KH > 0 ? KH : g.kh, kw = KW > 0 ? KW : g.kw;
@@ -294,7 +296,7 @@ __device__ __forceinline__ void conv_tile(const Pack<T, VEC>* s, const acc_t<T>*
     A acc[RW][VEC];
     {
       A bv[VEC];
-      if constexpr (BIAS) {
+      if (fwd) {
         load_taps<A, VEC>(bv, ws, kh * kw, u, sh);
       } else {
 #pragma unroll
@@ -331,7 +333,7 @@ __device__ __forceinline__ void conv_tile(const Pack<T, VEC>* s, const acc_t<T>*
         for (int k = 0; k < RW; ++k) {
           // grad_x skips taps on padding columns (see the rows above); the forward multiplies
           // their zeros.
-          if (BIAS || static_cast<unsigned>(wb - pw + k + j) < static_cast<unsigned>(g.W)) {
+          if (fwd || static_cast<unsigned>(wb - pw + k + j) < static_cast<unsigned>(g.W)) {
 #pragma unroll
             for (int e = 0; e < VEC; ++e) acc[k][e] += wv[e] * win[k][e];
           }
@@ -353,7 +355,7 @@ __device__ __forceinline__ void conv_tile(const Pack<T, VEC>* s, const acc_t<T>*
         }
       }
     }
-    if constexpr (BIAS) {
+    if (fwd) {
       // Forward, rows next to the grid's top or bottom: the padding rows' zeros count like any
       // other input, so an Inf or NaN tap there gives NaN as in the reference (tap * 0); finite
       // taps add exactly 0. Kept out of the loop above, whose registers it would otherwise cost.
@@ -437,11 +439,7 @@ __global__ void __launch_bounds__(kMaxThreads) peg_forward_kernel(const ForwardA
   // The input gradient (flip) skips the taps on padding, as the fused backward does: an Inf or
   // NaN tap times a padding zero must not give NaN there.
   T* out = a.out + b * g.N * g.C + c_first;
-  if (a.flip) {
-    conv_tile<T, VEC, KH, KW, RW, WREG, false>(s, ws, t, g, nu, out);
-  } else {
-    conv_tile<T, VEC, KH, KW, RW, WREG, true>(s, ws, t, g, nu, out);
-  }
+  conv_tile<T, VEC, KH, KW, RW, WREG>(s, ws, t, g, nu, out, /*fwd=*/!a.flip);
 }
 
 // Sums of grad_out(h, w) * x(h + i - ph, w + j - pw) over the tile for the thread's lane:
@@ -561,8 +559,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) peg_backward_kernel(const Back
     wait_smem_copies();
     __syncthreads();
     if (a.grad_x != nullptr) {
-      conv_tile<T, VEC, KH, KW, RW, false, false>(sg, ws, t, g, nu,
-                                                  a.grad_x + b * g.N * g.C + c_first);
+      conv_tile<T, VEC, KH, KW, RW, false>(sg, ws, t, g, nu, a.grad_x + b * g.N * g.C + c_first,
+                                           /*fwd=*/false);
     }
     if (lane_on) {
       wgrad_tile<T, VEC, KH, KW, JW>(sg, sx, t, g, lu, li, ljg, rg, a.groups, a.seg_w, acc, bacc);
