@@ -2,16 +2,11 @@
 # the cpu op (torch.ops.cpvt.peg_forward), x.clone(), out.copy_(x) and torch.neg(x, out=out)
 # (a copy with vector stores into a preallocated tensor). B=32, C=192, P=1, k=3, 2 threads,
 # median of per-call times in each round, then the median and minimum over rounds.
-import os, statistics, sys, time
+import statistics, sys
 import torch
-import cpvt_kernels  # noqa: F401  (registers torch.ops.cpvt)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../../.."))
-from bench_peg import keep_freed_memory  # noqa: E402
-from cpvt_kernels import PEG  # noqa: E402
+from cpvt_kernels import PEG
+from rounds import round_ms
 
-keep_freed_memory()
-torch.set_num_threads(2)
-torch.manual_seed(0)
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
 for dt in (torch.float32, torch.bfloat16):
     for H in (14, 24):
@@ -30,14 +25,7 @@ for dt in (torch.float32, torch.bfloat16):
         with torch.no_grad():
             for _ in range(rounds):
                 for k, f in cases.items():
-                    for _ in range(5):
-                        f()
-                    s = []
-                    for _ in range(40):
-                        t = time.perf_counter()
-                        f()
-                        s.append(time.perf_counter() - t)
-                    res[k].append(statistics.median(s) * 1e3)
+                    res[k].append(round_ms(f, 5, 40))
         med = {k: statistics.median(v) for k, v in res.items()}
         print(f"{str(dt)[6:]} {H}x{H}: " + "  ".join(
             f"{k} {med[k]:.4f} (min {min(res[k]):.4f})" for k in cases))

@@ -2,15 +2,10 @@
 # alternating in one process through CPVT_CPU_STREAM_BYTES (0: stream at every size; 1e12:
 # never): the op alone, and the op followed by out.sum() (a consumer that reads the output, as
 # the next layer of a model does). C=192, P=1, k=3, 14x14, 2 threads, glibc keeps freed memory.
-import os, statistics, sys, time
+import os, statistics
 import torch
-import cpvt_kernels  # noqa: F401
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../../.."))
-from bench_peg import keep_freed_memory  # noqa: E402
+from rounds import round_ms
 
-keep_freed_memory()
-torch.set_num_threads(2)
-torch.manual_seed(0)
 H = 14
 for consume in (False, True):
     for B in (8, 16, 32, 64, 128):
@@ -22,14 +17,7 @@ for consume in (False, True):
         for _ in range(8):
             for name, val in (("cached", "1000000000000"), ("stream", "0")):
                 os.environ["CPVT_CPU_STREAM_BYTES"] = val
-                for _ in range(3):
-                    f()
-                s = []
-                for _ in range(max(10, 400 // B)):
-                    t = time.perf_counter()
-                    f()
-                    s.append(time.perf_counter() - t)
-                res[name].append(statistics.median(s) * 1e3)
+                res[name].append(round_ms(f, 3, max(10, 400 // B)))
         a, s_ = statistics.median(res["cached"]), statistics.median(res["stream"])
         print(f"B={B:3d} out {x.nbytes / 2**20:5.1f} MiB {'op + sum' if consume else 'op alone'}: "
               f"cached {a:.4f} ms  stream {s_:.4f} ms  cached/stream {a / s_:.2f}")
