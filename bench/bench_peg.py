@@ -7,6 +7,7 @@ For every shape, dtype and pass it times, side by side in one process:
     compile               torch.compile(PEG), default mode
     compile-max-autotune  torch.compile(PEG, mode="max-autotune-no-cudagraphs") (GPU only)
     <backend>             cpvt_kernels.FusedPEG(backend=...) for each fused backend of the device
+    cuda-tile             the cuda backend with CPVT_CUDA_KERNELS=tile (its tiled kernels)
     cuda-stream           the cuda backend with CPVT_CUDA_KERNELS=stream (its streaming kernels)
 
 Passes: ``fwd`` (forward under ``torch.no_grad()``), ``bwd`` (backward of a retained graph:
@@ -495,7 +496,9 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # Variants of a fused backend, timed beside it: (backend, environment while it runs).
-VARIANTS = {"cuda-stream": ("cuda", {"CPVT_CUDA_KERNELS": "stream"})}
+# ``cuda`` itself runs CPVT_CUDA_KERNELS=auto unless the environment says otherwise.
+VARIANTS = {"cuda-tile": ("cuda", {"CPVT_CUDA_KERNELS": "tile"}),
+            "cuda-stream": ("cuda", {"CPVT_CUDA_KERNELS": "stream"})}
 
 
 @contextlib.contextmanager

@@ -138,8 +138,14 @@ def test_bench_peg_helpers():
 
 
 def test_bench_peg_variants_set_their_environment(monkeypatch):
-    """cuda-stream is the cuda backend timed with CPVT_CUDA_KERNELS=stream, restored after."""
+    """cuda-stream and cuda-tile are the cuda backend timed with CPVT_CUDA_KERNELS=stream and
+    tile, restored after."""
     assert "cuda-stream" not in bench_peg.fused_backends(torch.device("cpu"))
+    assert "cuda-tile" not in bench_peg.fused_backends(torch.device("cpu"))
+    monkeypatch.delenv("CPVT_CUDA_KERNELS", raising=False)
+    with bench_peg.impl_env("cuda-tile"):
+        assert "CPVT_CUDA_KERNELS" in os.environ and os.environ["CPVT_CUDA_KERNELS"] == "tile"
+    assert "CPVT_CUDA_KERNELS" not in os.environ
     monkeypatch.setenv("CPVT_CUDA_KERNELS", "tile")
     with bench_peg.impl_env("cuda-stream"):
         assert os.environ["CPVT_CUDA_KERNELS"] == "stream"
@@ -281,8 +287,8 @@ def test_bench_peg_tiny_run_on_gpu(tmp_path):
     """The CUDA timing path: events, L2 flush, peak memory, every GPU backend and compile."""
     if not HAS_GPU:
         pytest.skip("GPU-only: no CUDA device")
-    backends = bench_peg.fused_backends(torch.device("cuda"))  # with cuda-stream
-    assert "cuda-stream" in backends or "cuda" not in backends
+    backends = bench_peg.fused_backends(torch.device("cuda"))  # with cuda-tile and cuda-stream
+    assert ("cuda-stream" in backends and "cuda-tile" in backends) or "cuda" not in backends
     rc = bench_peg.main(TINY + ["--device", "cuda", "--dtypes", "float32", "float16",
                                 "--passes", "fwd,bwd,fwdbwd", "--impls", "eager", "compile",
                                 *backends, "--out", str(tmp_path)])

@@ -72,7 +72,7 @@ def test_parity_output_and_grads(backend, dtype, case):
     if P > 0:  # prefix tokens pass through exactly
         assert torch.equal(out[:, :P], x[:, :P].detach())
 
-    out.backward(grad64.to(dtype))
+    out.backward(grad64.to(device=device, dtype=dtype))
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
     assert rel_err(x.grad, gx_ref) < tol
     assert rel_err(w.grad, gw_ref) < tol
@@ -123,7 +123,7 @@ def test_weight_grads_are_deterministic(backend):
     """The same inputs give bitwise the same grad_weight and grad_bias on every run."""
     device = require_backend(backend)
     _, (x, w, b) = make_inputs(8, 1, 14, 14, 40, 3, 3, True, torch.float32, device)
-    grad = torch.randn(x.shape, dtype=torch.float32)
+    grad = torch.randn(x.shape, dtype=torch.float32, device=device)
     results = []
     for _ in range(5):
         ws, bs = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()

@@ -36,7 +36,7 @@ DeviceInfo device_info(int index) {
   int sms = 0, optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, index));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
-  return cache.emplace(index, DeviceInfo{sms, optin}).first->second;
+  return cache.emplace(index, DeviceInfo{index, sms, optin}).first->second;
 }
 
 // Kernels read channels contiguously; any batch and token strides are fine.
@@ -50,13 +50,16 @@ bool vector_ok(const at::Tensor& t, int vec) {
          (t.size(0) <= 1 || t.stride(0) % vec == 0) && (t.size(1) <= 1 || t.stride(1) % vec == 0);
 }
 
-// CPVT_CUDA_KERNELS=stream: the streaming kernels where they apply (kernel size 1 or 3 on the
-// 16-byte vector path); "tile" or unset: the tiled kernels. Read at each call.
+// CPVT_CUDA_KERNELS: "tile" or "stream" forces one kernel family (the streaming kernels only
+// where they apply: kernel size 1 or 3 on the 16-byte vector path); "auto" or unset takes the
+// faster one (Kernels::kAuto). Read at each call.
 Kernels kernels_from_env() {
   const char* env = std::getenv("CPVT_CUDA_KERNELS");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "tile") == 0) return Kernels::kTile;
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return Kernels::kAuto;
+  if (std::strcmp(env, "tile") == 0) return Kernels::kTile;
   TORCH_CHECK(std::strcmp(env, "stream") == 0,
-              "fused_peg (cuda): CPVT_CUDA_KERNELS must be 'tile' or 'stream', got '", env, "'");
+              "fused_peg (cuda): CPVT_CUDA_KERNELS must be 'auto', 'tile' or 'stream', got '", env,
+              "'");
   return Kernels::kStream;
 }
 
@@ -103,9 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> peg_backward_cuda(
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
   const int kh = static_cast<int>(weight.size(2)), kw = static_cast<int>(weight.size(3));
   const bool want_x = output_mask[0], want_w = output_mask[1], want_b = output_mask[2];
-  const at::Tensor empty = at::empty({0}, x.options());
-  at::Tensor grad_x = want_x ? at::empty({B, N, C}, x.options()) : empty;
-  at::Tensor grad_w = empty, grad_b = empty;
+  // Masked-out outputs are distinct empty tensors (outputs must not alias one another).
+  at::Tensor grad_x = want_x ? at::empty({B, N, C}, x.options()) : at::empty({0}, x.options());
+  at::Tensor grad_w = at::empty({0}, x.options()), grad_b = at::empty({0}, x.options());
   if (B == 0 || C == 0) {  // nothing to launch; the sums over no pixels are zero
     if (want_w) grad_w = at::zeros({C, 1, kh, kw}, weight.options());
     if (want_b) grad_b = at::zeros({C}, x.options());

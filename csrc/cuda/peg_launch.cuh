@@ -114,7 +114,7 @@ void run_forward(const at::Tensor& src, const Params<T>& p, bool flip, at::Tenso
 }
 
 // ---------------------------------------------------------------------------------------------
-// Shared by both backward launches.
+// Shared by the backward launches and the persistent streaming forward.
 
 // Resident blocks per multiprocessor of `kernel` at `threads` and `smem`, cached per
 // (kernel, device, threads, smem); after opting the kernel in, once per device, to `optin`
@@ -227,10 +227,17 @@ inline bool plan_stream_launch(StreamGeometry& g, int64_t B, int64_t N, int64_t 
 
 template <typename T, int K, bool FWD>
 bool launch_stream_forward(const at::Tensor& src, const Params<T>& p, at::Tensor& out, int64_t H,
-                           int64_t W, int64_t P, cudaStream_t stream) {
+                           int64_t W, int64_t P, const DeviceInfo& dev, cudaStream_t stream) {
   constexpr int VEC = StreamVec<T>::kForward;
+  auto kernel = peg_stream_forward_kernel<T, VEC, K, kStreamMaxRows, FWD>;
   StreamGeometry g;
   if (!plan_stream_launch(g, src.size(0), src.size(1), src.size(2), H, W, P, VEC)) return false;
+  const int64_t smem = stream_forward_smem<T>(g, VEC, K);
+  // Persistent: one wave of resident blocks, each looping over its share of the rows. On an H100
+  // this ran 1.3-1.5x faster than a block per row (bench/results/2026-12-05_nvidia-h100).
+  const int per_sm = resident_blocks(kernel, dev.index, g.cv * g.wb, smem, 0);
+  set_row_slots(g, std::max<int64_t>(1, int64_t(per_sm) * dev.sms) /
+                       (int64_t(g.chunks) * g.wblocks));
   StreamForwardArgs<T> a{};
   a.src = src.const_data_ptr<T>();
   a.sb = src.stride(0);
@@ -239,9 +246,7 @@ bool launch_stream_forward(const at::Tensor& src, const Params<T>& p, at::Tensor
   a.out = out.mutable_data_ptr<T>();
   a.g = g;
   const int64_t grid = g.conv_blocks + stream_prefix_blocks(g);
-  peg_stream_forward_kernel<T, VEC, K, kStreamMaxRows, FWD>
-      <<<static_cast<unsigned>(grid), dim3(g.cv, g.wb), stream_forward_smem<T>(g, VEC, K),
-         stream>>>(a);
+  kernel<<<static_cast<unsigned>(grid), dim3(g.cv, g.wb), smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -284,12 +289,12 @@ void forward_typed(const at::Tensor& src, const at::Tensor& weight, const at::Te
   using namespace launch_detail;
   const int kh = static_cast<int>(weight.size(2)), kw = static_cast<int>(weight.size(3));
   const Params<T> p = params_of<T>(weight, flip ? nullptr : bias);
-  if (kernels == Kernels::kStream && stream_fits(kh, kw, vec)) {
+  if (kernels != Kernels::kTile && stream_fits(kh, kw, vec)) {
     const bool done =
-        kh == 1 ? (flip ? launch_stream_forward<T, 1, false>(src, p, out, H, W, P, stream)
-                        : launch_stream_forward<T, 1, true>(src, p, out, H, W, P, stream))
-                : (flip ? launch_stream_forward<T, 3, false>(src, p, out, H, W, P, stream)
-                        : launch_stream_forward<T, 3, true>(src, p, out, H, W, P, stream));
+        kh == 1 ? (flip ? launch_stream_forward<T, 1, false>(src, p, out, H, W, P, dev, stream)
+                        : launch_stream_forward<T, 1, true>(src, p, out, H, W, P, dev, stream))
+                : (flip ? launch_stream_forward<T, 3, false>(src, p, out, H, W, P, dev, stream)
+                        : launch_stream_forward<T, 3, true>(src, p, out, H, W, P, dev, stream));
     if (done) return;
   }
   run_forward<T>(src, p, flip, out, H, W, P, kh, kw, vec, dev, stream);
@@ -307,7 +312,11 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
   T* gx = grad_x != nullptr ? grad_x->mutable_data_ptr<T>() : nullptr;
   T* gw = grad_w != nullptr ? grad_w->mutable_data_ptr<T>() : nullptr;
   T* gb = grad_b != nullptr ? grad_b->mutable_data_ptr<T>() : nullptr;
-  if (kernels == Kernels::kStream && launch_detail::stream_fits(kh, kw, vec)) {
+  // kAuto: the streaming backward was 1.0-1.2x faster than the tiled one on 16-bit types and
+  // slower on float32 (H100, bench/results/2026-12-05_nvidia-h100).
+  const bool stream_family =
+      kernels == Kernels::kStream || (kernels == Kernels::kAuto && sizeof(T) == 2);
+  if (stream_family && launch_detail::stream_fits(kh, kw, vec)) {
     const bool done =
         kh == 1 ? launch_detail::launch_stream_backward<T, 1>(grad, x, p, gx, gw, gb, H, W, P,
                                                               device, dev, stream)

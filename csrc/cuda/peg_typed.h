@@ -12,13 +12,17 @@ namespace cpvt {
 namespace peg_cuda {
 
 struct DeviceInfo {
+  int index;  // the CUDA device
   int sms;
   int64_t smem_optin;  // largest dynamic shared memory a block may opt in to
 };
 
 // Which kernels run where both could: the tiled kernels of peg_kernel.cuh, or the streaming
-// kernels of peg_stream.cuh (square kernels of size 1 and 3 on the vector path only).
-enum class Kernels { kTile, kStream };
+// kernels of peg_stream.cuh (square kernels of size 1 and 3 on the vector path only). kAuto, the
+// default, takes the faster family as measured on an H100 (bench/results/2026-12-05_nvidia-h100):
+// streaming for the forward and the input gradient alone; for the fused backward, streaming for
+// the 16-bit types and tiled for float32 and float64.
+enum class Kernels { kAuto, kTile, kStream };
 
 // out = the fused PEG of src (bias may be nullptr); with `flip`, the input gradient of grad_out
 // src (flipped taps, no bias). `vec`: src and out allow 16-byte vectors.
