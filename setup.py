@@ -110,14 +110,19 @@ def _extensions():
         print(f"  CUDA_HOME={_cuda_home}  TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     print(f"  CPU kernels: {'yes (' + arch + ')' if cpu else 'no (CPVT_BUILD_CPU=0)'}   "
           f"debug: {debug}   MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
+    # A toolchain that links libstdc++ statically (seen with the GCC of a GPU machine's image)
+    # leaves the extension's copy of it half bound to the copy torch loaded: formatting an
+    # integer into an error message then printed nothing, or crashed. Hiding the symbols of
+    # static libraries keeps such a copy whole; with a shared libstdc++ it changes nothing.
+    link = ["-fopenmp"] + (["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else [])
     if cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         return [CUDAExtension("cpvt_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                               extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                              extra_link_args=["-fopenmp"], py_limited_api=False)]
+                              extra_link_args=link, py_limited_api=False)]
     return [CppExtension("cpvt_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+                         extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
 
 setup(

@@ -89,7 +89,7 @@ def test_bad_input_public_api(name, backend):
 def test_bad_input_cpp_op(name):
     """The C++ op checks its inputs itself (callers may skip the Python layer)."""
     if "cpu" not in ck.available_backends("cpu"):
-        pytest.skip("C++ extension not built")
+        pytest.skip(f"no cpu backend: {ck.ops._unavailable_reason('cpu', 'cpu')}")
     args, err, words = BAD[name]
     with pytest.raises(err) as info:
         torch.ops.cpvt.peg_forward(args["x"], args["weight"], args["bias"], args["H"],
@@ -101,7 +101,7 @@ def test_bad_input_cpp_op(name):
 
 def test_bad_backward_inputs_cpp_op():
     if "cpu" not in ck.available_backends("cpu"):
-        pytest.skip("C++ extension not built")
+        pytest.skip(f"no cpu backend: {ck.ops._unavailable_reason('cpu', 'cpu')}")
     a = _good()
     with pytest.raises(ValueError, match="grad_out"):
         torch.ops.cpvt.peg_backward(a["x"][:, :-1], a["x"], a["weight"], H, W, P,
