@@ -199,12 +199,12 @@ struct Bufs {
   size_t partial_elems;
 };
 
-template <typename T, int VEC, int K, int RH, bool FWD>
+template <typename T, int VEC, int K, int RH, bool FWD, int PF = 1>
 void launch_stream_fwd(const Bufs<T>& d, const Shape& s, int64_t slots_per_sm) {
   const int H = s.H, W = s.H, N = s.P + H * W;
   StreamGeometry g = plan_stream(s.B, N, s.C, H, W, s.P, VEC, RH);
   if (slots_per_sm > 0) {  // persistent: slots_per_sm waves of resident blocks
-    auto kern = peg_stream_forward_kernel<T, VEC, K, RH, FWD>;
+    auto kern = peg_stream_forward_kernel<T, VEC, K, RH, FWD, PF>;
     int per_sm = 0;
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, g.cv * g.wb,
                                                      stream_forward_smem<T>(g, VEC, K)));
@@ -221,7 +221,7 @@ void launch_stream_fwd(const Bufs<T>& d, const Shape& s, int64_t slots_per_sm) {
   a.out = FWD ? d.out : d.gx;
   a.g = g;
   const int64_t grid = g.conv_blocks + stream_prefix_blocks(g);
-  peg_stream_forward_kernel<T, VEC, K, RH, FWD>
+  peg_stream_forward_kernel<T, VEC, K, RH, FWD, PF>
       <<<grid, dim3(g.cv, g.wb), stream_forward_smem<T>(g, VEC, K)>>>(a);
 }
 
@@ -412,6 +412,17 @@ void run_shape(const Shape& s) {
   SFWD(4, 8, 1)
   SFWD(4, 8, 2)
   SFWD(4, 4, 0)
+  SFWD(2, 8, 1)
+  SFWD(4, 14, 1)
+  // Loads PF rows ahead of the arithmetic (the package runs PF = 1), persistent.
+#define SFWDPF(VEC, RH, PF)                                                                 \
+  check_fwd("stream v" #VEC " rh" #RH " sl1 pf" #PF,                                        \
+            regs_of(peg_stream_forward_kernel<T, VEC, K, RH, true, PF>),                     \
+            [&] { launch_stream_fwd<T, VEC, K, RH, true, PF>(d, s, 1); });
+  SFWDPF(4, 8, 2)
+  SFWDPF(4, 8, 3)
+  SFWDPF(2, 8, 2)
+  SFWDPF(2, 8, 4)
   check_gx("stream v4 rh8", regs_of(peg_stream_forward_kernel<T, 4, K, 8, false>),
            [&] { launch_stream_fwd<T, 4, K, 8, false>(d, s, 0); });
   check_bwd("tile", regs_of(peg_backward_kernel<T, V16, K, K, 2, (K * V16 <= 28 ? K : 3)>),

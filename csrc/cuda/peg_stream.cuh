@@ -6,8 +6,8 @@
 // vectors (columns w - K/2 .. w + K/2) and converted to the accumulation type; the K output rows
 // it feeds are accumulated in registers (the loops are unrolled, so only K accumulators are live
 // at a time), and an output row is stored as soon as its last input row has been added. The
-// next input row is loaded before the current one is used, so its loads are in flight during
-// the arithmetic. No shared memory and no barriers in the forward: the horizontal halo (columns
+// loads run PF input rows ahead of the arithmetic (PF = 1 in the package's launches;
+// bench/cuda_micro times deeper ones), so they are in flight during it. No shared memory and no barriers in the forward: the horizontal halo (columns
 // w +- K/2) is loaded by the neighbouring threads of the same block, so it comes from L1; the
 // vertical halo of a strip (K - 1 rows) is the only re-read, from L2.
 //
@@ -261,8 +261,9 @@ CPVT_HD inline void stream_copy_prefix(const T* src, int64_t sb, int64_t st, T* 
 }
 
 // One strip of one image for one thread: output rows h0 .. h0 + rh of column w (rh <= RH; the
-// forward when FWD, else the input gradient). src and out point at (image b, channel c0).
-template <typename T, int VEC, int K, int RH, bool FWD>
+// forward when FWD, else the input gradient). src and out point at (image b, channel c0). The
+// loads run PF input rows ahead of the arithmetic (PF + 1 row buffers in registers).
+template <typename T, int VEC, int K, int RH, bool FWD, int PF = 1>
 CPVT_HD inline void stream_strip(const T* src, int64_t st, T* out, const StreamGeometry& g,
                                  int h0, int rh, int w, const acc_t<T> (&wt)[K * K][VEC],
                                  const acc_t<T> (&bias)[VEC]) {
@@ -277,30 +278,33 @@ CPVT_HD inline void stream_strip(const T* src, int64_t st, T* out, const StreamG
   // Token of input row h0 - PAD (image row; may be outside), column w.
   const T* base = src + (g.P + int64_t(h0 - PAD) * g.W + w) * st;
   const int64_t row_step = int64_t(g.W) * st;
+  static_assert(PF >= 1, "the loads run at least one row ahead");
+  constexpr int NB = PF + 1;  // row buffers
   A acc[RH][VEC];
-  uint32_t raw[2][K][NW];
+  uint32_t raw[NB][K][NW];
+  // Input row q of the strip into its buffer, q % NB (every index is a constant once unrolled).
+  auto load_row = [&](int q) {
+    const int r = h0 - PAD + q;
+    const T* rp = base + q * row_step;
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      load_words<NW>(raw[q % NB][j], rp + (j - PAD) * st, r >= 0 && r < r_end && col_ok[j]);
+    }
+  };
 #pragma unroll
   for (int q = 0; q < NQ; ++q) {
     if (q == 0) {
-      const int r = h0 - PAD;
 #pragma unroll
-      for (int j = 0; j < K; ++j) {
-        load_words<NW>(raw[0][j], base + (j - PAD) * st, r >= 0 && r < r_end && col_ok[j]);
+      for (int f = 0; f < PF; ++f) {
+        if (f < NQ) load_row(f);
       }
     }
-    if (q + 1 < NQ) {  // the next row, in flight during this one's arithmetic
-      const int r = h0 - PAD + q + 1;
-      const T* rp = base + (q + 1) * row_step;
-#pragma unroll
-      for (int j = 0; j < K; ++j) {
-        load_words<NW>(raw[(q + 1) & 1][j], rp + (j - PAD) * st, r >= 0 && r < r_end && col_ok[j]);
-      }
-    }
+    if (q + PF < NQ) load_row(q + PF);  // in flight during the arithmetic of the rows before
     const int r = h0 - PAD + q;
     const bool rv = r >= 0 && r < g.H;
     A xin[K][VEC];
 #pragma unroll
-    for (int j = 0; j < K; ++j) words_to_acc<T, VEC, NW>(xin[j], raw[q & 1][j]);
+    for (int j = 0; j < K; ++j) words_to_acc<T, VEC, NW>(xin[j], raw[q % NB][j]);
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       const int o = q - i;  // the strip's output row that tap row i of this input row feeds
@@ -332,7 +336,7 @@ CPVT_HD inline void stream_strip(const T* src, int64_t st, T* out, const StreamG
 
 // Thread (tx, ty) of conv block `blk` of the forward (FWD) or of the input gradient alone, the
 // block's taps staged in ws.
-template <typename T, int VEC, int K, int RH, bool FWD>
+template <typename T, int VEC, int K, int RH, bool FWD, int PF = 1>
 CPVT_HD inline void stream_forward_thread(const StreamForwardArgs<T>& a, const acc_t<T>* ws,
                                           int64_t blk, int tx, int ty) {
   using A = acc_t<T>;
@@ -350,9 +354,9 @@ CPVT_HD inline void stream_forward_thread(const StreamForwardArgs<T>& a, const a
   for (int row = static_cast<int>(sb.slot); row < g.rows; row += static_cast<int>(g.row_slots)) {
     const int b = row / g.strips;
     const int h0 = (row - b * g.strips) * g.rh;
-    stream_strip<T, VEC, K, RH, FWD>(a.src + b * a.sb + c0, a.st,
-                                     a.out + int64_t(b) * g.N * g.C + c0, g, h0, g.rh, w, wt,
-                                     bias);
+    stream_strip<T, VEC, K, RH, FWD, PF>(a.src + b * a.sb + c0, a.st,
+                                         a.out + int64_t(b) * g.N * g.C + c0, g, h0, g.rh, w,
+                                         wt, bias);
   }
 }
 
@@ -522,7 +526,7 @@ CPVT_HD inline void stream_reduce_round(const StreamBackwardArgs<T>& a, const ac
 
 // Dynamic shared memory: the staged taps (stream_taps_bytes), then in the backward the
 // reduction's (wb, cv, VEC) values.
-template <typename T, int VEC, int K, int RH, bool FWD>
+template <typename T, int VEC, int K, int RH, bool FWD, int PF = 1>
 __global__ void __launch_bounds__(kStreamThreads) peg_stream_forward_kernel(
     const StreamForwardArgs<T> a) {
   using A = acc_t<T>;
@@ -538,7 +542,7 @@ __global__ void __launch_bounds__(kStreamThreads) peg_stream_forward_kernel(
   if (!FWD) p.bias = nullptr;
   stream_stage_taps<T, VEC, K>(ws, p, a.g, blk, /*flip=*/!FWD, tid, nthreads);
   __syncthreads();
-  stream_forward_thread<T, VEC, K, RH, FWD>(a, ws, blk, threadIdx.x, threadIdx.y);
+  stream_forward_thread<T, VEC, K, RH, FWD, PF>(a, ws, blk, threadIdx.x, threadIdx.y);
 }
 
 template <typename T, int VEC, int K, int RH>

@@ -74,8 +74,9 @@ StreamGeometry geometry(const at::Tensor& x, int64_t H, int64_t W, int64_t P, in
   return g;
 }
 
-// The forward (fwd) or the input gradient alone, as one launch of peg_stream_forward_kernel.
-template <typename T, int VEC, int K, int RH>
+// The forward (fwd) or the input gradient alone, as one launch of peg_stream_forward_kernel
+// with its loads PF rows ahead.
+template <typename T, int VEC, int K, int RH, int PF = 1>
 at::Tensor emulate_forward(const at::Tensor& src, const at::Tensor& w, const at::Tensor* bias,
                            bool fwd, int64_t H, int64_t W, int64_t P, int64_t slots) {
   using A = acc_t<T>;
@@ -98,9 +99,9 @@ at::Tensor emulate_forward(const at::Tensor& src, const at::Tensor& w, const at:
     for (int ty = 0; ty < g.wb; ++ty) {
       for (int tx = 0; tx < g.cv; ++tx) {
         if (fwd) {
-          stream_forward_thread<T, VEC, K, RH, true>(a, ws.data(), blk, tx, ty);
+          stream_forward_thread<T, VEC, K, RH, true, PF>(a, ws.data(), blk, tx, ty);
         } else {
-          stream_forward_thread<T, VEC, K, RH, false>(a, ws.data(), blk, tx, ty);
+          stream_forward_thread<T, VEC, K, RH, false, PF>(a, ws.data(), blk, tx, ty);
         }
       }
     }
@@ -257,6 +258,11 @@ void run_case(const Case& c) {
   check(emulate_forward<T, VF, K, RH>(x, w, &b, true, c.H, c.W, c.P, c.slots), ref[0], "forward");
   check(emulate_forward<T, VF, K, RH>(g, w, nullptr, false, c.H, c.W, c.P, c.slots), ref[1],
         "grad_x alone");
+  // The deeper prefetch that bench/cuda_micro times: the same rows through a ring of buffers.
+  check(emulate_forward<T, VF, K, RH, 3>(x, w, &b, true, c.H, c.W, c.P, c.slots), ref[0],
+        "forward, loads 3 rows ahead");
+  check(emulate_forward<T, VF, K, RH, 2>(g, w, nullptr, false, c.H, c.W, c.P, c.slots), ref[1],
+        "grad_x alone, loads 2 rows ahead");
   for (bool want_x : {true, false}) {
     const auto r = emulate_backward<T, VB, K, RH>(g, x, w, want_x, c.H, c.W, c.P, c.slots);
     if (want_x) check(r[0], ref[1], "backward grad_x");
