@@ -234,7 +234,7 @@ bool launch_stream_forward(const at::Tensor& src, const Params<T>& p, at::Tensor
   if (!plan_stream_launch(g, src.size(0), src.size(1), src.size(2), H, W, P, VEC)) return false;
   const int64_t smem = stream_forward_smem<T>(g, VEC, K);
   // Persistent: one wave of resident blocks, each looping over its share of the rows. On an H100
-  // this ran 1.3-1.5x faster than a block per row (bench/results/2026-12-05_nvidia-h100).
+  // this ran 1.16-1.5x faster than a block per row (bench/results/2026-12-05_nvidia-h100).
   const int per_sm = resident_blocks(kernel, dev.index, g.cv * g.wb, smem, 0);
   set_row_slots(g, std::max<int64_t>(1, int64_t(per_sm) * dev.sms) /
                        (int64_t(g.chunks) * g.wblocks));
@@ -312,8 +312,8 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
   T* gx = grad_x != nullptr ? grad_x->mutable_data_ptr<T>() : nullptr;
   T* gw = grad_w != nullptr ? grad_w->mutable_data_ptr<T>() : nullptr;
   T* gb = grad_b != nullptr ? grad_b->mutable_data_ptr<T>() : nullptr;
-  // kAuto: the streaming backward was 1.0-1.2x faster than the tiled one on 16-bit types and
-  // slower on float32 (H100, bench/results/2026-12-05_nvidia-h100).
+  // kAuto: the streaming backward ran at 0.99-1.17x the tiled one's speed on bfloat16 and 0.77x
+  // on float32 (H100, bench/results/2026-12-05_nvidia-h100).
   const bool stream_family =
       kernels == Kernels::kStream || (kernels == Kernels::kAuto && sizeof(T) == 2);
   if (stream_family && launch_detail::stream_fits(kh, kw, vec)) {
