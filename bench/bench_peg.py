@@ -9,6 +9,7 @@ For every shape, dtype and pass it times, side by side in one process:
     <backend>             cpvt_kernels.FusedPEG(backend=...) for each fused backend of the device
     cuda-tile             the cuda backend with CPVT_CUDA_KERNELS=tile (its tiled kernels)
     cuda-stream           the cuda backend with CPVT_CUDA_KERNELS=stream (its streaming kernels)
+    triton-stream         the triton backend with CPVT_TRITON_KERNELS=stream (3x3 streaming kernels)
 
 Passes: ``fwd`` (forward under ``torch.no_grad()``), ``bwd`` (backward of a retained graph:
 grad of x, weight and bias) and ``fwdbwd`` (forward and that backward).
@@ -498,7 +499,8 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 # Variants of a fused backend, timed beside it: (backend, environment while it runs).
 # ``cuda`` itself runs CPVT_CUDA_KERNELS=auto unless the environment says otherwise.
 VARIANTS = {"cuda-tile": ("cuda", {"CPVT_CUDA_KERNELS": "tile"}),
-            "cuda-stream": ("cuda", {"CPVT_CUDA_KERNELS": "stream"})}
+            "cuda-stream": ("cuda", {"CPVT_CUDA_KERNELS": "stream"}),
+            "triton-stream": ("triton", {"CPVT_TRITON_KERNELS": "stream"})}
 
 
 @contextlib.contextmanager

@@ -16,7 +16,10 @@
 #   test-stream  tests/test_cuda.py again with CPVT_CUDA_KERNELS=stream (the streaming kernels
 #              wherever they apply), in the same processes
 #   sanitize   compute-sanitizer memcheck, racecheck and initcheck over bench/sanitize_small.py,
-#              once per CUDA kernel family (SANITIZE_CUDA_KERNELS, default "tile stream")
+#              once per kernel family (SANITIZE_CUDA_KERNELS, default "tile stream"; set as
+#              CPVT_CUDA_KERNELS and CPVT_TRITON_KERNELS)
+#   tune       bench/tune_triton.py for the tiled and the streaming Triton kernels (TUNE_ARGS,
+#              default --quick: five candidates a pass)
 #   bench      bench/bench_peg.py --device cuda (the full grid; BENCH_ARGS=--quick for a short one)
 #   model      bench/bench_model.py --device cuda
 #
@@ -24,7 +27,8 @@
 # with summary.txt listing each step's status and time. All steps run even when one fails; the
 # exit status is non-zero if any failed.
 #
-# Environment: PYTHON (default: python, else python3), CPVT_RESULTS_DIR, BENCH_ARGS, MODEL_ARGS, PYTEST_ARGS,
+# Environment: PYTHON (default: python, else python3), CPVT_RESULTS_DIR, BENCH_ARGS, MODEL_ARGS,
+# TUNE_ARGS, PYTEST_ARGS,
 # MAX_JOBS (default 16), TORCH_CUDA_ARCH_LIST (default: the detected GPU's), CPVT_BUILD_CPU
 # (default 0), PYTEST_WORKERS (default 8), SANITIZE_TOOLS (default "memcheck racecheck
 # initcheck"), SANITIZE_BACKENDS (default "cuda,triton"), SANITIZE_TIMEOUT (seconds per tool,
@@ -49,9 +53,9 @@ if [ ${#STEPS[@]} -eq 0 ]; then
 fi
 for s in "${STEPS[@]}"; do
     case "$s" in
-        build|selfcheck|micro|test|test-stream|sanitize|bench|model) ;;
+        build|selfcheck|micro|test|test-stream|sanitize|tune|bench|model) ;;
         *) echo "gpu_suite: unknown step '$s'; expected build selfcheck micro test test-stream" \
-                "sanitize bench model" >&2
+                "sanitize tune bench model" >&2
            exit 2 ;;
     esac
 done
@@ -97,6 +101,7 @@ FAILED=()
 read -r -a PYTEST_EXTRA <<< "${PYTEST_ARGS:-}"
 read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
 read -r -a MODEL_EXTRA <<< "${MODEL_ARGS:-}"
+read -r -a TUNE_EXTRA <<< "${TUNE_ARGS:---quick}"
 
 # run_step NAME COMMAND...: runs COMMAND with its output in $OUT/NAME.log and on the terminal.
 run_step() {
@@ -156,10 +161,10 @@ step_sanitize() {
     local kernels backends=${SANITIZE_BACKENDS:-cuda,triton}
     for kernels in ${SANITIZE_CUDA_KERNELS:-tile stream}; do
         for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
-            echo "--- compute-sanitizer --tool $tool, CPVT_CUDA_KERNELS=$kernels, $backends"
+            echo "--- compute-sanitizer --tool $tool, kernels $kernels, $backends"
             # Without the caching allocator every tensor is its own allocation, so an access
             # past its end is out of bounds for memcheck instead of landing in a cached neighbour.
-            CPVT_CUDA_KERNELS=$kernels PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            CPVT_CUDA_KERNELS=$kernels CPVT_TRITON_KERNELS=$kernels PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
                 timeout "${SANITIZE_TIMEOUT:-1200}" \
                 "$cs" --tool "$tool" --error-exitcode 99 --print-limit 50 \
                 "$PY" bench/sanitize_small.py --backends "$backends" 2>&1 \
@@ -172,7 +177,6 @@ step_sanitize() {
                 echo "--- $tool, $kernels: no errors"
             fi
         done
-        backends=cuda  # the other backends once, with the first family
     done
     return $rc
 }
@@ -203,6 +207,10 @@ for s in "${STEPS[@]}"; do
                   tests/test_cuda.py --junitxml="$OUT/pytest_stream.xml" "${XDIST[@]}" \
                   "${PYTEST_EXTRA[@]}" ;;
         sanitize) run_step sanitize step_sanitize ;;
+        tune) run_step tune-tile "$PY" bench/tune_triton.py --out "$OUT/tune-tile" \
+                  "${TUNE_EXTRA[@]}"
+              run_step tune-stream "$PY" bench/tune_triton.py --kernels stream \
+                  --out "$OUT/tune-stream" "${TUNE_EXTRA[@]}" ;;
         bench) run_step bench "$PY" bench/bench_peg.py --device cuda --out "$OUT" \
                    "${BENCH_EXTRA[@]}" ;;
         model) run_step model "$PY" bench/bench_model.py --device cuda --out "$OUT" \

@@ -6,7 +6,8 @@
 Forward and backward (all gradients, and masked subsets) on a few small shapes that reach the
 kernels' edge cases: a 1x1 grid, one channel, odd channel counts, a strided ``x`` with a
 misaligned start, no prefix tokens, several prefix tokens, kernels up to 31x31, an empty batch
-and the row strips of the streaming CUDA kernels (with CPVT_CUDA_KERNELS=stream). Every result
+and the row strips of the streaming kernels (with CPVT_CUDA_KERNELS=stream and
+CPVT_TRITON_KERNELS=stream). Every result
 is also compared with the float64 reference, so a kernel that reads the wrong memory without
 faulting still fails. Exits non-zero on any mismatch.
 """

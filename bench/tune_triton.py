@@ -9,6 +9,11 @@ the heuristic can be set from measurements on a GPU::
 
     python bench/tune_triton.py --shapes 128x384x14 128x768x14 --dtypes bfloat16
     python bench/tune_triton.py --shapes 32x192x14 --passes fwd --quick
+    python bench/tune_triton.py --kernels stream    # the streaming 3x3 kernels' blocks
+
+With ``--kernels stream`` the candidates are ``BLOCK_WxBLOCK_CxWARPS`` of the streaming kernels
+(``stream_forward_config`` / ``stream_backward_config``; pixels of a row by channels), with the
+default strip height.
 
 Times are those of ``bench_peg.Timer``: CUDA events, the L2 flushed and the GPU held busy until
 the launch is queued, so they are device time. GB/s counts the least a PEG moves (fwd 2S, bwd 3S,
@@ -50,9 +55,14 @@ BWD_GRID = [(t, c, w) for t, c, w in itertools.product((32, 64, 128, 256), (16, 
             if 1024 <= t * c <= 8192 and 2 <= t * c // (32 * w) <= 16]
 QUICK_FWD = [(16, 64, 4), (16, 64, 8), (32, 64, 8), (8, 128, 4), (16, 128, 8)]
 QUICK_BWD = [(128, 16, 8), (128, 16, 16), (64, 32, 8), (128, 32, 8), (256, 16, 16)]
-CSV_FIELDS = ["date", "device", "torch", "triton", "commit", "pass", "dtype", "B", "C", "H", "W",
-              "P", "k", "BLOCK_T", "BLOCK_C", "num_warps", "default", "median_ms", "p20_ms",
-              "p80_ms", "gbps", "frac_copy", "max_rel_err", "status"]
+# The streaming kernels: (BLOCK_W, BLOCK_C, num_warps), 2 to 16 elements of a tile a thread.
+STREAM_GRID = [(t, c, w) for t, c, w in itertools.product((8, 16, 32), (16, 32, 64, 128),
+                                                          (1, 2, 4, 8))
+               if 2 <= t * c // (32 * w) <= 16]
+QUICK_STREAM = [(16, 64, 4), (16, 32, 4), (16, 64, 8), (16, 32, 2), (16, 128, 8)]
+CSV_FIELDS = ["date", "device", "torch", "triton", "commit", "kernels", "pass", "dtype", "B", "C",
+              "H", "W", "P", "k", "BLOCK_T", "BLOCK_W", "BLOCK_C", "num_warps", "RH", "default",
+              "median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy", "max_rel_err", "status"]
 
 
 def parse_config(text: str) -> tuple[int, int, int]:
@@ -76,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--prefix-tokens", type=int, default=1, metavar="P")
     p.add_argument("--kernel-size", type=int, default=3, metavar="K")
     p.add_argument("--passes", default="fwd,bwd", metavar="fwd,bwd")
+    p.add_argument("--kernels", choices=("tile", "stream"), default="tile",
+                   help="the tiled kernels (default) or the streaming 3x3 ones; their "
+                        "candidates are BLOCK_WxBLOCK_CxWARPS")
     p.add_argument("--quick", action="store_true", help="5 candidates per pass instead of all")
     p.add_argument("--fwd-configs", nargs="+", type=parse_config, default=None,
                    metavar="TxCxW", help="forward candidates instead of the built-in grid")
@@ -88,12 +101,35 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def as_cfg(t: int, c: int, w: int) -> dict:
+def as_cfg(t: int, c: int, w: int, default: dict) -> dict:
+    """Candidate (t, c, w) in the form of ``default``: BLOCK_T, or for the streaming kernels
+    BLOCK_W with the default's strip height RH."""
+    if "BLOCK_W" in default:
+        return {"BLOCK_W": t, "BLOCK_C": c, "num_warps": w, "RH": default["RH"]}
     return {"BLOCK_T": t, "BLOCK_C": c, "num_warps": w}
 
 
 def key(cfg: dict) -> tuple[int, int, int]:
-    return cfg["BLOCK_T"], cfg["BLOCK_C"], cfg["num_warps"]
+    return cfg.get("BLOCK_T", cfg.get("BLOCK_W")), cfg["BLOCK_C"], cfg["num_warps"]
+
+
+def runner(kernels: str, pass_name: str, case, x, w, b, g):
+    """(default configuration, run(cfg) -> outputs) of one kernel family and pass."""
+    tp = triton_peg
+    if kernels == "stream":
+        if pass_name == "fwd":
+            return (tp.stream_forward_config(case.H, case.W, case.C),
+                    lambda cfg: (tp.launch_stream_forward(x, w, b, case.H, case.W, case.P, False,
+                                                          cfg),))
+        return (tp.stream_backward_config(case.H, case.W, case.C),
+                lambda cfg: tp.launch_stream_backward(g, x, w, case.H, case.W, case.P,
+                                                      (True, True, True), cfg))
+    if pass_name == "fwd":
+        return (tp.forward_config(case.N, case.C),
+                lambda cfg: (tp.launch_forward(x, w, b, case.H, case.W, case.P, cfg),))
+    return (tp.backward_config(case.N, case.C),
+            lambda cfg: tp.launch_backward(g, x, w, case.H, case.W, case.P, (True, True, True),
+                                           cfg))
 
 
 def main(argv=None) -> int:
@@ -110,8 +146,14 @@ def main(argv=None) -> int:
                  for c in bench_peg.parse_shape(s, [args.prefix_tokens], [args.kernel_size])]
     except (KeyError, argparse.ArgumentTypeError) as e:
         raise SystemExit(f"tune_triton: {e}")
-    grids = {"fwd": args.fwd_configs or (QUICK_FWD if args.quick else FWD_GRID),
-             "bwd": args.bwd_configs or (QUICK_BWD if args.quick else BWD_GRID)}
+    if args.kernels == "stream":
+        if args.kernel_size != 3:
+            raise SystemExit("tune_triton: the streaming kernels are 3x3 (--kernel-size 3)")
+        grids = {"fwd": args.fwd_configs or (QUICK_STREAM if args.quick else STREAM_GRID),
+                 "bwd": args.bwd_configs or (QUICK_STREAM if args.quick else STREAM_GRID)}
+    else:
+        grids = {"fwd": args.fwd_configs or (QUICK_FWD if args.quick else FWD_GRID),
+                 "bwd": args.bwd_configs or (QUICK_BWD if args.quick else BWD_GRID)}
     timer = bench_peg.Timer(device, args.min_time, 3, flush_cache=on_gpu)
     copy_gbps, _ = bench_peg.copy_bandwidth(device, timer)
     meta = bench_peg.run_metadata(device)
@@ -132,23 +174,17 @@ def main(argv=None) -> int:
         S = case.B * case.N * case.C * x.element_size()
         tol = bench_peg.TOLERANCE[dtype]
         for pass_name in passes:
+            default, run = runner(args.kernels, pass_name, case, x, w, b, g)
             if pass_name == "fwd":
-                default = triton_peg.forward_config(case.N, case.C)
-
-                def run(cfg):
-                    return (triton_peg.launch_forward(x, w, b, case.H, case.W, case.P, cfg),)
                 ref = bench_peg.reference_outputs(case, x, [x, w, b], g, False)[:1]
             else:
-                default = triton_peg.backward_config(case.N, case.C)
-
-                def run(cfg):
-                    return triton_peg.launch_backward(g, x, w, case.H, case.W, case.P,
-                                                      (True, True, True), cfg)
                 ref = bench_peg.reference_outputs(case, x, [x, w, b], g, True)[1]
-            configs = [default] + [as_cfg(*c) for c in grids[pass_name] if c != key(default)]
+            configs = [default] + [as_cfg(*c, default) for c in grids[pass_name]
+                                   if c != key(default)]
             case_rows = []
             for cfg in configs:
-                row = dict(meta, **{"pass": pass_name, "dtype": bench_peg.SHORT[dtype],
+                row = dict(meta, **{"kernels": args.kernels, "pass": pass_name,
+                                    "dtype": bench_peg.SHORT[dtype],
                                     "B": case.B, "C": case.C, "H": case.H, "W": case.W,
                                     "P": case.P, "k": case.k, "default": cfg is default},
                            **cfg)
@@ -177,11 +213,13 @@ def main(argv=None) -> int:
             print(f"\n{pass_name} {bench_peg.SHORT[dtype]} {case.label()}: {len(ok)} of "
                   f"{len(case_rows)} configurations ran; default {key(default)}"
                   + (f" {float(base['median_ms']):.4f} ms" if base else " failed"))
-            print("  BLOCK_T BLOCK_C warps   median ms   GB/s  % copy  x default")
+            print(f"  {'BLOCK_W' if args.kernels == 'stream' else 'BLOCK_T'} BLOCK_C warps"
+                  f"   median ms   GB/s  % copy  x default")
             for r in ok[:args.top]:
                 speed = (f"{float(base['median_ms']) / float(r['median_ms']):.2f}"
                          if base else "-")
-                print(f"  {r['BLOCK_T']:>7} {r['BLOCK_C']:>7} {r['num_warps']:>5} "
+                print(f"  {r.get('BLOCK_T', r.get('BLOCK_W')):>7} {r['BLOCK_C']:>7} "
+                      f"{r['num_warps']:>5} "
                       f"{float(r['median_ms']):>11.4f} {float(r['gbps']):>6.0f} "
                       f"{float(r['frac_copy']):>7.0%} {speed:>10}"
                       + ("  (default)" if r["default"] else ""), flush=True)

@@ -16,12 +16,18 @@ Each program writes its tile's partial sums of ``grad_weight`` and ``grad_bias``
 ``(tiles, kh*kw + 1, C)`` buffer; a second kernel sums them over tiles in a fixed order, so the
 gradients are bitwise reproducible (no atomics).
 
+With ``CPVT_TRITON_KERNELS=stream`` (read at each call; default ``tile``), 3x3 kernels run on
+streaming kernels instead: a program walks a strip of rows of BLOCK_W pixels by BLOCK_C
+channels, loads each input row once per strip and keeps the output rows it feeds in registers
+(see the section "Streaming kernels" below). They are not yet timed on a GPU.
+
 The ops are registered with ``torch.library.triton_op`` as ``cpvt::peg_forward_triton`` and
 ``cpvt::peg_backward_triton``, so ``torch.compile(fullgraph=True)`` traces into the kernels.
 Importing this module raises ImportError when Triton cannot be used.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -256,6 +262,258 @@ def _reduce_partials_kernel(part_ptr, gw_ptr, gb_ptr, num_tiles, C,
 
 
 # ---------------------------------------------------------------------------------------------
+# Streaming kernels for 3x3 (CPVT_TRITON_KERNELS=stream)
+#
+# A program owns BLOCK_W pixels of a row by BLOCK_C channels and walks down a strip of rows of
+# one image. Each input row is loaded once per strip as three tiles (columns w - 1, w, w + 1;
+# the two shifted ones overlap the centre one, so they mostly hit L1) and feeds the three output
+# rows it belongs to, held in registers: 3 loads per row instead of 9 taps' loads per output.
+# An output row is stored as soon as its last input row has been added. The backward walks
+# grad_out the same way for grad_x and sums the weight and bias gradients of its strip in
+# registers, reducing over the pixels once at the end (one slot of partials per program).
+
+@triton.jit
+def _stream_taps(w_ptr, c, c_ok, sw0, sw2, sw3, FLIP: tl.constexpr, ACC: tl.constexpr):
+    """The nine taps of channels c as (1, BLOCK_C) rows, flipped for the input gradient."""
+    base = w_ptr + c * sw0
+    if FLIP:
+        base = base + 2 * sw2 + 2 * sw3
+        s2 = -sw2
+        s3 = -sw3
+    else:
+        s2 = sw2
+        s3 = sw3
+    t00 = tl.load(base, mask=c_ok, other=0.0).to(ACC)[None, :]
+    t01 = tl.load(base + s3, mask=c_ok, other=0.0).to(ACC)[None, :]
+    t02 = tl.load(base + 2 * s3, mask=c_ok, other=0.0).to(ACC)[None, :]
+    t10 = tl.load(base + s2, mask=c_ok, other=0.0).to(ACC)[None, :]
+    t11 = tl.load(base + s2 + s3, mask=c_ok, other=0.0).to(ACC)[None, :]
+    t12 = tl.load(base + s2 + 2 * s3, mask=c_ok, other=0.0).to(ACC)[None, :]
+    t20 = tl.load(base + 2 * s2, mask=c_ok, other=0.0).to(ACC)[None, :]
+    t21 = tl.load(base + 2 * s2 + s3, mask=c_ok, other=0.0).to(ACC)[None, :]
+    t22 = tl.load(base + 2 * s2 + 2 * s3, mask=c_ok, other=0.0).to(ACC)[None, :]
+    return t00, t01, t02, t10, t11, t12, t20, t21, t22
+
+
+@triton.jit
+def _stream_row(row_ptr, off, r, H, m_l, m_c, m_r, sn, ACC: tl.constexpr):
+    """Row r of an image at columns w - 1, w, w + 1 (zero outside the image) and its masks."""
+    rv = (r >= 0) & (r < H)
+    ml = m_l & rv
+    mc = m_c & rv
+    mr = m_r & rv
+    vl = tl.load(row_ptr + off - sn, mask=ml, other=0.0).to(ACC)
+    vc = tl.load(row_ptr + off, mask=mc, other=0.0).to(ACC)
+    vr = tl.load(row_ptr + off + sn, mask=mr, other=0.0).to(ACC)
+    return vl, vc, vr, ml, mc, mr
+
+
+@triton.jit
+def _stream_add(acc, t0, t1, t2, vl, vc, vr, ml, mc, mr, SKIP_PAD: tl.constexpr):
+    """acc + t0 * vl + t1 * vc + t2 * vr, the taps on padding skipped when SKIP_PAD (an Inf or
+    NaN tap must not meet the zero of a pixel that does not exist) and multiplied otherwise."""
+    if SKIP_PAD:
+        acc += tl.where(ml, t0 * vl, 0.0)
+        acc += tl.where(mc, t1 * vc, 0.0)
+        acc += tl.where(mr, t2 * vr, 0.0)
+    else:
+        acc += t0 * vl
+        acc += t1 * vc
+        acc += t2 * vr
+    return acc
+
+
+@triton.jit
+def _stream_block(pid, wblocks, strips, rh, H, W, c_ok, BLOCK_W: tl.constexpr):
+    """Conv program pid's image b, rows h0 .. h1 - 1, pixels wc and the load masks of columns
+    w - 1, w and w + 1."""
+    wblk = pid % wblocks
+    t = pid // wblocks
+    b = t // strips
+    h0 = (t % strips) * rh
+    h1 = tl.minimum(h0 + rh, H)
+    wc = wblk * BLOCK_W + tl.arange(0, BLOCK_W)
+    w_ok = wc < W
+    cm = c_ok[None, :]
+    m_l = (w_ok & (wc >= 1))[:, None] & cm
+    m_c = w_ok[:, None] & cm
+    m_r = ((wc + 1) < W)[:, None] & cm
+    return b, h0, h1, wc, m_l, m_c, m_r
+
+
+@triton.jit
+def _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02, t10, t11, t12, t20, t21, t22,
+                    vl, vc, vr, ml, mc, mr, out, out_off, r, h0, h1, W, C, m_c,
+                    SKIP_PAD: tl.constexpr):
+    """Input row r into output rows r + 1 (tap row 0), r (tap row 1 and the centre input) and
+    r - 1 (tap row 2); stores row r - 1, now complete, if it is one of the strip's. Returns the
+    accumulators of rows r, r + 1 and r + 2."""
+    acc_n = _stream_add(acc_n, t00, t01, t02, vl, vc, vr, ml, mc, mr, SKIP_PAD)
+    acc_c = _stream_add(acc_c, t10, t11, t12, vl, vc, vr, ml, mc, mr, SKIP_PAD)
+    acc_c += vc
+    acc_p = _stream_add(acc_p, t20, t21, t22, vl, vc, vr, ml, mc, mr, SKIP_PAD)
+    ro = r - 1
+    tl.store(out + ro.to(tl.int64) * W * C + out_off, acc_p.to(out.dtype.element_ty),
+             mask=(ro >= h0) & (ro < h1) & m_c)
+    return acc_c, acc_n, init
+
+
+@triton.jit
+def _stream_prefix(src_ptr, out_ptr, b, N, C, P, ssb, ssn, ssc, c, c_ok,
+                   BLOCK_P: tl.constexpr):
+    """out[b, :P] = src[b, :P] for channels c."""
+    p = tl.arange(0, BLOCK_P)
+    m = (p < P)[:, None] & c_ok[None, :]
+    v = tl.load(src_ptr + b.to(tl.int64) * ssb + p.to(tl.int64)[:, None] * ssn
+                + (c.to(tl.int64) * ssc)[None, :], mask=m, other=0.0)
+    tl.store(out_ptr + (b.to(tl.int64) * N + p.to(tl.int64))[:, None] * C + c[None, :], v,
+             mask=m)
+
+
+@triton.jit
+def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
+                            N, C, H, W, P, strips, rh, wblocks, conv_programs,
+                            ssb, ssn, ssc, sw0, sw2, sw3, sb,
+                            HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, IS_F64: tl.constexpr,
+                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_P: tl.constexpr):
+    """The forward (FLIP false: taps as they are, bias, padding multiplied like the other
+    kernels) or the input gradient alone (FLIP: flipped taps over grad_out, no bias, taps on
+    padding skipped); both add the centre input (the residual / grad_out itself)."""
+    ACC: tl.constexpr = tl.float64 if IS_F64 else tl.float32
+    pid = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    if pid < conv_programs:
+        b, h0, h1, wc, m_l, m_c, m_r = _stream_block(pid, wblocks, strips, rh, H, W, c_ok,
+                                                      BLOCK_W)
+        off = wc.to(tl.int64)[:, None] * ssn + (c.to(tl.int64) * ssc)[None, :]
+        src = src_ptr + b.to(tl.int64) * ssb + P * ssn
+        out = out_ptr + (b.to(tl.int64) * N + P) * C
+        out_off = wc.to(tl.int64)[:, None] * C + c[None, :]
+        t00, t01, t02, t10, t11, t12, t20, t21, t22 = _stream_taps(w_ptr, c, c_ok, sw0, sw2,
+                                                                   sw3, FLIP, ACC)
+        init = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+        if HAS_BIAS:
+            init += tl.load(b_ptr + c * sb, mask=c_ok, other=0.0).to(ACC)[None, :]
+        # Output rows r - 1, r and r + 1 while input row r is added.
+        acc_p = init
+        acc_c = init
+        acc_n = init
+        # A while loop: triton 3.6's interpreter cannot take a run-time bound in range().
+        r = h0 - 1
+        while r <= h1:
+            vl, vc, vr, ml, mc, mr = _stream_row(src + r.to(tl.int64) * W * ssn, off, r, H,
+                                                 m_l, m_c, m_r, ssn, ACC)
+            acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02, t10,
+                                                  t11, t12, t20, t21, t22, vl, vc, vr, ml, mc,
+                                                  mr, out, out_off, r, h0, h1, W, C, m_c, FLIP)
+            r += 1
+    else:
+        _stream_prefix(src_ptr, out_ptr, pid - conv_programs, N, C, P, ssb, ssn, ssc, c, c_ok,
+                       BLOCK_P)
+
+
+@triton.jit
+def _stream_dw(d0, d1, d2, g, gv, xl, xc, xr):
+    """d_j += g * x_j where the pair exists (gv: the grad_out row is one of the strip's)."""
+    d0 += tl.where(gv, g * xl, 0.0)
+    d1 += tl.where(gv, g * xc, 0.0)
+    d2 += tl.where(gv, g * xr, 0.0)
+    return d0, d1, d2
+
+
+@triton.jit
+def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
+                            N, C, H, W, P, strips, rh, wblocks, conv_programs,
+                            sgb, sgn, sgc, sxb, sxn, sxc, sw0, sw2, sw3,
+                            NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                            IS_F64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_P: tl.constexpr):
+    """grad_x of the strip (NEED_X) and the strip's partial sums of grad_weight and grad_bias
+    (program pid's slot of part: (conv_programs, 10, C)).
+
+    Iteration r loads grad_out row r (three columns, for grad_x) and x row r - 1 (three
+    columns): x row r - 1 meets grad_out rows r (tap row 0), r - 1 (1) and r - 2 (2), the last
+    two kept from earlier iterations."""
+    ACC: tl.constexpr = tl.float64 if IS_F64 else tl.float32
+    pid = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    if pid < conv_programs:
+        b, h0, h1, wc, m_l, m_c, m_r = _stream_block(pid, wblocks, strips, rh, H, W, c_ok,
+                                                      BLOCK_W)
+        c64 = c.to(tl.int64)
+        g_off = wc.to(tl.int64)[:, None] * sgn + (c64 * sgc)[None, :]
+        x_off = wc.to(tl.int64)[:, None] * sxn + (c64 * sxc)[None, :]
+        gsrc = g_ptr + b.to(tl.int64) * sgb + P * sgn
+        xsrc = x_ptr + b.to(tl.int64) * sxb + P * sxn
+        gx = gx_ptr + (b.to(tl.int64) * N + P) * C
+        gx_off = wc.to(tl.int64)[:, None] * C + c[None, :]
+        zero = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+        if NEED_X:
+            t00, t01, t02, t10, t11, t12, t20, t21, t22 = _stream_taps(w_ptr, c, c_ok, sw0,
+                                                                       sw2, sw3, True, ACC)
+        acc_p = zero
+        acc_c = zero
+        acc_n = zero
+        g1 = zero  # grad_out row r - 1 of the strip (zero outside it), at column w
+        g2 = zero  # row r - 2
+        d00 = zero
+        d01 = zero
+        d02 = zero
+        d10 = zero
+        d11 = zero
+        d12 = zero
+        d20 = zero
+        d21 = zero
+        d22 = zero
+        db = zero
+        r = h0 - 1
+        while r <= h1 + 1:
+            gl, gc, gr, ml, mc, mr = _stream_row(gsrc + r.to(tl.int64) * W * sgn, g_off, r, H,
+                                                 m_l, m_c, m_r, sgn, ACC)
+            if NEED_X:
+                acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, zero, t00, t01, t02,
+                                                      t10, t11, t12, t20, t21, t22, gl, gc, gr,
+                                                      ml, mc, mr, gx, gx_off, r, h0, h1, W, C,
+                                                      m_c, True)
+            in_strip = (r >= h0) & (r < h1)
+            g0 = tl.where(in_strip, gc, 0.0)
+            if NEED_B:
+                db += g0
+            if NEED_W:
+                xr_ = r - 1
+                xl, xc, xr, _ml, _mc, _mr = _stream_row(xsrc + xr_.to(tl.int64) * W * sxn,
+                                                        x_off, xr_, H, m_l, m_c, m_r, sxn, ACC)
+                d00, d01, d02 = _stream_dw(d00, d01, d02, g0, in_strip, xl, xc, xr)
+                v1 = (r - 1 >= h0) & (r - 1 < h1)
+                d10, d11, d12 = _stream_dw(d10, d11, d12, g1, v1, xl, xc, xr)
+                v2 = (r - 2 >= h0) & (r - 2 < h1)
+                d20, d21, d22 = _stream_dw(d20, d21, d22, g2, v2, xl, xc, xr)
+            g2 = g1
+            g1 = g0
+            r += 1
+        slot = part_ptr + pid.to(tl.int64) * (10 * C) + c
+        if NEED_W:
+            tl.store(slot, tl.sum(d00, axis=0), mask=c_ok)
+            tl.store(slot + C, tl.sum(d01, axis=0), mask=c_ok)
+            tl.store(slot + 2 * C, tl.sum(d02, axis=0), mask=c_ok)
+            tl.store(slot + 3 * C, tl.sum(d10, axis=0), mask=c_ok)
+            tl.store(slot + 4 * C, tl.sum(d11, axis=0), mask=c_ok)
+            tl.store(slot + 5 * C, tl.sum(d12, axis=0), mask=c_ok)
+            tl.store(slot + 6 * C, tl.sum(d20, axis=0), mask=c_ok)
+            tl.store(slot + 7 * C, tl.sum(d21, axis=0), mask=c_ok)
+            tl.store(slot + 8 * C, tl.sum(d22, axis=0), mask=c_ok)
+        if NEED_B:
+            tl.store(slot + 9 * C, tl.sum(db, axis=0), mask=c_ok)
+    else:
+        if NEED_X:
+            _stream_prefix(g_ptr, gx_ptr, pid - conv_programs, N, C, P, sgb, sgn, sgc, c, c_ok,
+                           BLOCK_P)
+
+
+# ---------------------------------------------------------------------------------------------
 # Block sizes
 
 def _next_pow2(v: int) -> int:
@@ -292,6 +550,46 @@ def backward_config(N, C) -> dict:
     return _tile(N, C, 16, 2048)
 
 
+def _stream_geometry(H, W, C, elems: int, c_cap: int) -> dict:
+    """Block sizes of the streaming kernels: BLOCK_W pixels of a row (the row's width rounded up
+    to a power of two, at most 32) by BLOCK_C channels, about ``elems`` elements, four or more a
+    thread; strips of at most 8 rows, balanced (H = 14: two strips of 7)."""
+    block_w = max(2, min(_next_pow2(W), 32))
+    block_c = max(1, min(_next_pow2(C), c_cap, max(16, elems // block_w)))
+    strips = triton.cdiv(H, 8)
+    return dict(BLOCK_W=block_w, BLOCK_C=block_c, RH=triton.cdiv(H, strips),
+                num_warps=max(1, min(8, block_w * block_c // 256)))
+
+
+def stream_forward_config(H, W, C) -> dict:
+    """The streaming forward's blocks: 16 x 64 for CPVT grids (H = W = 14)."""
+    return _stream_geometry(H, W, C, 1024, 64)
+
+
+def stream_backward_config(H, W, C) -> dict:
+    """The streaming backward's blocks: narrower in channels than the forward's (16 x 32 for
+    CPVT grids), as it keeps 15 tiles in registers (three rows of grad_x, two of grad_out, nine
+    weight sums and the bias sum)."""
+    return _stream_geometry(H, W, C, 512, 32)
+
+
+def kernels_from_env() -> str:
+    """CPVT_TRITON_KERNELS: "tile" (default) or "stream" (3x3 kernels on the streaming kernels),
+    read at each call."""
+    v = os.environ.get("CPVT_TRITON_KERNELS", "").strip().lower() or "tile"
+    if v not in ("tile", "stream"):
+        raise ValueError(f"fused_peg (triton): CPVT_TRITON_KERNELS must be 'tile' or 'stream', "
+                         f"got {v!r}")
+    return v
+
+
+def _use_stream(weight, H, W, C) -> bool:
+    """The streaming kernels run 3x3 kernels on static sizes (under dynamic shapes the tiled
+    kernels run)."""
+    return (kernels_from_env() == "stream" and tuple(weight.shape[2:]) == (3, 3)
+            and all(isinstance(v, int) for v in (H, W, C)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Ops
 
@@ -323,12 +621,45 @@ def launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return out
 
 
+def _stream_programs(B, H, W, cfg) -> tuple[int, int, int]:
+    strips = triton.cdiv(H, cfg["RH"])
+    wblocks = triton.cdiv(W, cfg["BLOCK_W"])
+    return strips, wblocks, B * strips * wblocks
+
+
+def launch_stream_forward(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          H: int, W: int, num_prefix_tokens: int, flip: bool,
+                          cfg: dict) -> torch.Tensor:
+    """The streaming 3x3 kernel: the forward, or with ``flip`` the input gradient of grad_out
+    ``src`` alone (bias ignored). ``cfg`` as :func:`stream_forward_config` gives it."""
+    B, N, C = src.shape
+    out = torch.empty((B, N, C), dtype=src.dtype, device=src.device)
+    if B * C == 0:
+        return out
+    P = num_prefix_tokens
+    strips, wblocks, conv = _stream_programs(B, H, W, cfg)
+    has_bias = bias is not None and not flip
+    grid = (conv + (B if P > 0 else 0), triton.cdiv(C, cfg["BLOCK_C"]))
+    torch.library.wrap_triton(_peg_stream3_fwd_kernel)[grid](
+        src, weight, bias if has_bias else weight, out,
+        N, C, H, W, P, strips, cfg["RH"], wblocks, conv,
+        src.stride(0), src.stride(1), src.stride(2), *_weight_strides(weight),
+        bias.stride(0) if has_bias else 0,
+        HAS_BIAS=has_bias, FLIP=flip, IS_F64=src.dtype == torch.float64,
+        BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_next_pow2(max(P, 1)),
+        num_warps=cfg["num_warps"])
+    return out
+
+
 @torch.library.triton_op("cpvt::peg_forward_triton", mutates_args=())
 def peg_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        H: int, W: int, num_prefix_tokens: int) -> torch.Tensor:
     """Forward of the fused PEG; returns a new contiguous tensor."""
     # Repeated here for callers that reach the op through torch.ops.cpvt: guards memory.
     _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
+    if _use_stream(weight, H, W, x.shape[2]):
+        return launch_stream_forward(x, weight, bias, H, W, num_prefix_tokens, False,
+                                     stream_forward_config(H, W, x.shape[2]))
     return launch_forward(x, weight, bias, H, W, num_prefix_tokens,
                           forward_config(x.shape[1], x.shape[2]))
 
@@ -344,6 +675,9 @@ def peg_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     if len(output_mask) != 3:
         raise ValueError(f"fused_peg: output_mask must have 3 entries (x, weight, bias), "
                          f"got {len(output_mask)}")
+    if _use_stream(weight, H, W, x.shape[2]):
+        return launch_stream_backward(grad_out, x, weight, H, W, num_prefix_tokens, output_mask,
+                                      stream_backward_config(H, W, x.shape[2]))
     return launch_backward(grad_out, x, weight, H, W, num_prefix_tokens, output_mask,
                            backward_config(x.shape[1], x.shape[2]))
 
@@ -357,11 +691,7 @@ def launch_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     B, N, C = x.shape
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
     kk = kh * kw
-    # Masked-out outputs are distinct empty tensors: a custom op's outputs may not alias.
-    gx = torch.empty((B, N, C), dtype=x.dtype, device=x.device) if need_x else x.new_empty(0)
-    gw = (torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if need_w
-          else x.new_empty(0))
-    gb = torch.empty((C,), dtype=x.dtype, device=x.device) if need_b else x.new_empty(0)
+    gx, gw, gb = _masked_grads(x, weight, output_mask)
     if not (need_x or need_w or need_b):
         return gx, gw, gb
     tiles = triton.cdiv(N, cfg["BLOCK_T"])
@@ -381,12 +711,62 @@ def launch_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
             IS_F64=x.dtype == torch.float64, UNROLL=kk <= _MAX_UNROLLED_TAPS,
             UNROLL_COLS=kw <= _MAX_UNROLLED_COLS, **cfg)
     if need_part and C > 0:
-        row0 = 0 if need_w else kk
-        rows = (kk if need_w else 0) + (1 if need_b else 0)
-        block_c = max(1, min(_next_pow2(C), 128)) if isinstance(C, int) else 128
-        torch.library.wrap_triton(_reduce_partials_kernel)[(rows, triton.cdiv(C, block_c))](
-            part, gw if need_w else part, gb if need_b else part, num_tiles, C,
-            KK=kk, ROW0=row0, BLOCK_R=8, BLOCK_C=block_c, num_warps=4)
+        _reduce_partials(part, gw, gb, num_tiles, C, kk, need_w, need_b)
+    return gx, gw, gb
+
+
+def _masked_grads(x, weight, output_mask):
+    """Empty gradients of the op's shape for each wanted output; distinct empty ``(0,)`` tensors
+    for the others (a custom op's outputs may not alias)."""
+    need_x, need_w, need_b = (bool(m) for m in output_mask)
+    B, N, C = x.shape
+    gx = torch.empty((B, N, C), dtype=x.dtype, device=x.device) if need_x else x.new_empty(0)
+    gw = (torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if need_w
+          else x.new_empty(0))
+    gb = torch.empty((C,), dtype=x.dtype, device=x.device) if need_b else x.new_empty(0)
+    return gx, gw, gb
+
+
+def _reduce_partials(part, gw, gb, slots: int, C: int, kk: int, need_w: bool, need_b: bool):
+    """grad_weight and/or grad_bias: the partial sums' slots added in a fixed order."""
+    row0 = 0 if need_w else kk
+    rows = (kk if need_w else 0) + (1 if need_b else 0)
+    block_c = max(1, min(_next_pow2(C), 128)) if isinstance(C, int) else 128
+    torch.library.wrap_triton(_reduce_partials_kernel)[(rows, triton.cdiv(C, block_c))](
+        part, gw if need_w else part, gb if need_b else part, slots, C,
+        KK=kk, ROW0=row0, BLOCK_R=8, BLOCK_C=block_c, num_warps=4)
+
+
+def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, H: int,
+                           W: int, num_prefix_tokens: int, output_mask: Sequence[bool],
+                           cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The streaming 3x3 backward with blocks ``cfg`` (:func:`stream_backward_config`); returns
+    ``(grad_x, grad_weight, grad_bias)`` as the op does. grad_x alone runs the streaming
+    forward kernel with flipped taps."""
+    need_x, need_w, need_b = (bool(m) for m in output_mask)
+    B, N, C = x.shape
+    P = num_prefix_tokens
+    gx, gw, gb = _masked_grads(x, weight, output_mask)
+    if not (need_w or need_b):
+        if need_x:
+            gx = launch_stream_forward(grad_out, weight, None, H, W, P, True,
+                                       stream_forward_config(H, W, C))
+        return gx, gw, gb
+    strips, wblocks, conv = _stream_programs(B, H, W, cfg)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    part = torch.empty((conv, 10, C), dtype=acc_dtype, device=x.device)
+    if conv * C > 0:
+        grid = (conv + (B if (P > 0 and need_x) else 0), triton.cdiv(C, cfg["BLOCK_C"]))
+        torch.library.wrap_triton(_peg_stream3_bwd_kernel)[grid](
+            grad_out, x, weight, gx, part,
+            N, C, H, W, P, strips, cfg["RH"], wblocks, conv,
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            x.stride(0), x.stride(1), x.stride(2), *_weight_strides(weight),
+            NEED_X=need_x, NEED_W=need_w, NEED_B=need_b, IS_F64=x.dtype == torch.float64,
+            BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_next_pow2(max(P, 1)),
+            num_warps=cfg["num_warps"])
+    if C > 0:
+        _reduce_partials(part, gw, gb, conv, C, 9, need_w, need_b)
     return gx, gw, gb
 
 

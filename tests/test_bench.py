@@ -289,6 +289,7 @@ def test_bench_peg_tiny_run_on_gpu(tmp_path):
         pytest.skip("GPU-only: no CUDA device")
     backends = bench_peg.fused_backends(torch.device("cuda"))  # with cuda-tile and cuda-stream
     assert ("cuda-stream" in backends and "cuda-tile" in backends) or "cuda" not in backends
+    assert "triton-stream" in backends or "triton" not in backends
     rc = bench_peg.main(TINY + ["--device", "cuda", "--dtypes", "float32", "float16",
                                 "--passes", "fwd,bwd,fwdbwd", "--impls", "eager", "compile",
                                 *backends, "--out", str(tmp_path)])
@@ -331,3 +332,25 @@ def test_tune_triton_tiny_sweep(tmp_path):
         assert float(r["max_rel_err"]) <= 1.6e-2 and float(r["median_ms"]) > 0
     with pytest.raises(SystemExit):
         tune_triton.parse_args(["--fwd-configs", "16x48x4"])  # not a power of two
+
+
+def test_tune_triton_streaming_kernels(tmp_path):
+    """--kernels stream sweeps BLOCK_W x BLOCK_C x warps of the streaming 3x3 kernels."""
+    require_backend("triton")
+    import tune_triton
+    rc = tune_triton.main(["--kernels", "stream", "--shapes", "1x8x9x5", "--fwd-configs",
+                           "4x8x1", "--bwd-configs", "4x8x1", "--min-time", "0.001",
+                           "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(tmp_path / "tune.csv")
+    assert [(r["pass"], r["default"]) for r in rows] == [
+        ("fwd", "True"), ("fwd", "False"), ("bwd", "True"), ("bwd", "False")]
+    assert {r["kernels"] for r in rows} == {"stream"}
+    assert (rows[0]["BLOCK_W"], rows[0]["BLOCK_C"], rows[0]["num_warps"]) == ("8", "8", "1")
+    assert (rows[1]["BLOCK_W"], rows[1]["BLOCK_C"], rows[1]["num_warps"]) == ("4", "8", "1")
+    assert rows[0]["RH"] == rows[1]["RH"] == "5"  # 9 rows: two strips of 5 and 4
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["max_rel_err"]) <= 1.6e-2
+    with pytest.raises(SystemExit):
+        tune_triton.main(["--kernels", "stream", "--kernel-size", "5"])

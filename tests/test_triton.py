@@ -121,8 +121,12 @@ def test_only_required_grads(device, needs, poison_empty):
                                   (True, False, True), (False, False, False)], ids=str)
 def test_backward_op_output_mask(device, mask):
     """The backward op returns empty (0,) tensors for masked-out outputs."""
-    B, P, H, W, C = 2, 2, 3, 5, 6
-    (x64, w64, _), (x, w, _) = make_inputs(B, P, H, W, C, 3, 5, False, torch.float64, device)
+    _check_output_mask(device, mask, 3, 3, 5)
+
+
+def _check_output_mask(device, mask, H, kh, kw):
+    B, P, W, C = 2, 2, 5, 6
+    (x64, w64, _), (x, w, _) = make_inputs(B, P, H, W, C, kh, kw, False, torch.float64, device)
     grad64 = torch.randn(x64.shape, dtype=torch.float64)
     ref = reference_with_grads(x64, w64, torch.randn(C, dtype=torch.float64), H, W, P, grad64)
     got = torch.ops.cpvt.peg_backward_triton(grad64.to(device), x, w, H, W, P, list(mask))
@@ -208,6 +212,111 @@ def test_matches_cpu_backend(device):
     want = _run(x, w, b, 5, 7, 1, grad, backend="cpu")
     for g, r in zip(got, want):
         assert rel_err(g, r) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming 3x3 kernels (CPVT_TRITON_KERNELS=stream)
+
+# (B, P, H, W, C, bias, layout): strips of 7 and of 6, 6, 5 rows; rows wider than a block of
+# pixels (W = 40: 32 + 8); a 1x1 grid; no batch; every layout.
+STREAM_CPU_CASES = [
+    (2, 1, 14, 6, 16, True, "contiguous"),
+    (1, 0, 17, 5, 9, False, "strided_channels"),
+    (2, 2, 3, 40, 8, True, "offset_slice"),
+    (1, 1, 1, 1, 3, True, "channels_first"),
+    (0, 1, 3, 3, 4, True, "contiguous"),
+    (1, 2, 9, 4, 20, False, "transposed"),
+]
+STREAM_GPU_CASES = [
+    (8, 1, 14, 14, 384, True, "contiguous"),
+    (4, 1, 24, 24, 192, False, "offset_slice"),
+    (2, 0, 32, 32, 768, True, "channels_first"),
+    (3, 2, 17, 45, 97, True, "strided_channels"),
+    (5, 1, 1, 1, 33, True, "contiguous"),
+    (0, 1, 14, 14, 64, True, "contiguous"),
+]
+STREAM_CASES = STREAM_GPU_CASES if HAS_GPU else STREAM_CPU_CASES
+
+
+@pytest.fixture
+def stream(monkeypatch):
+    """CPVT_TRITON_KERNELS=stream, and the tiled launches made to fail, so that a test can only
+    pass on the streaming kernels."""
+    from cpvt_kernels import triton_peg
+
+    def tiled(*args, **kwargs):
+        raise AssertionError("the tiled Triton kernels ran under CPVT_TRITON_KERNELS=stream")
+
+    monkeypatch.setenv("CPVT_TRITON_KERNELS", "stream")
+    monkeypatch.setattr(triton_peg, "launch_forward", tiled)
+    monkeypatch.setattr(triton_peg, "launch_backward", tiled)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", STREAM_CASES,
+                         ids=lambda c: "B{}-P{}-{}x{}-C{}-{}-{}".format(*c[:5], *c[5:]))
+def test_stream_parity(device, dtype, case, stream, poison_empty):
+    B, P, H, W, C, bias, layout = case
+    test_parity_output_and_grads(device, dtype, (B, P, H, W, C, 3, 3, bias, layout), None)
+
+
+@pytest.mark.parametrize("needs", GRAD_NEEDS)
+def test_stream_only_required_grads(device, needs, stream, poison_empty):
+    check_only_required_grads("triton", device, needs, H=9, W=5, C=7)
+
+
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, False),
+                                  (False, False, True), (False, False, False)], ids=str)
+def test_stream_backward_op_output_mask(device, mask, stream):
+    _check_output_mask(device, mask, 9, 3, 3)
+
+
+def test_stream_gradcheck(device, stream):
+    B, P, H, W, C = (2, 1, 9, 5, 3) if HAS_GPU else (1, 1, 3, 2, 2)
+    _, (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float64, device)
+    inputs = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
+    assert torch.autograd.gradcheck(
+        lambda *a: ck.fused_peg(a[0], a[1], a[2], (H, W), P, backend="triton"), inputs,
+        eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_stream_weight_grads_are_deterministic(device, dtype, stream):
+    test_weight_grads_are_deterministic(device, dtype)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("where", ["x", "weight"])
+def test_stream_nan_and_inf_propagate_like_reference(device, where, stream):
+    check_nonfinite_forward("triton", device, where)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("where", ["x", "weight", "grad_out"])
+def test_stream_nan_and_inf_propagate_through_backward(device, where, stream):
+    check_nonfinite_backward("triton", device, where)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
+def test_stream_nonfinite_weight_grad_x_only(device, stream):
+    check_nonfinite_grad_x_only("triton", device, 3, C=10)
+
+
+def test_stream_setting_is_checked_and_other_kernel_sizes_stay_tiled(device, monkeypatch):
+    """A bad CPVT_TRITON_KERNELS raises; kernels other than 3x3 keep the tiled kernels."""
+    from cpvt_kernels import triton_peg
+    _, (x, w, b) = make_inputs(1, 1, 3, 4, 8, 3, 3, True, torch.float32, device)
+    monkeypatch.setenv("CPVT_TRITON_KERNELS", "fast")
+    with pytest.raises(ValueError, match="CPVT_TRITON_KERNELS"):
+        ck.fused_peg(x, w, b, (3, 4), 1, backend="triton")
+    monkeypatch.setenv("CPVT_TRITON_KERNELS", "stream")
+    calls = []
+    real = triton_peg.launch_forward
+    monkeypatch.setattr(triton_peg, "launch_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ck.fused_peg(x, torch.randn(8, 1, 5, 3, device=device), b, (3, 4), 1, backend="triton")
+    assert calls == [1]
+    ck.fused_peg(x, w, b, (3, 4), 1, backend="triton")
+    assert calls == [1]  # 3x3: the streaming kernel
 
 
 # ---------------------------------------------------------------------------------------------
