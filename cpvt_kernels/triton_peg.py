@@ -552,13 +552,15 @@ def backward_config(N, C) -> dict:
 
 def _stream_geometry(H, W, C, elems: int, c_cap: int) -> dict:
     """Block sizes of the streaming kernels: BLOCK_W pixels of a row (the row's width rounded up
-    to a power of two, at most 32) by BLOCK_C channels, about ``elems`` elements, four or more a
-    thread; strips of at most 8 rows, balanced (H = 14: two strips of 7)."""
+    to a power of two, at most 32) by BLOCK_C channels, about ``elems`` elements, four a thread
+    (ptxas, sm_90, triton 3.8, bench/triton_compile.py: with eight the backward needs 255
+    registers and spills, the forward 113-144); strips of at most 8 rows, balanced (H = 14: two
+    strips of 7)."""
     block_w = max(2, min(_next_pow2(W), 32))
     block_c = max(1, min(_next_pow2(C), c_cap, max(16, elems // block_w)))
     strips = triton.cdiv(H, 8)
     return dict(BLOCK_W=block_w, BLOCK_C=block_c, RH=triton.cdiv(H, strips),
-                num_warps=max(1, min(8, block_w * block_c // 256)))
+                num_warps=max(1, min(8, block_w * block_c // 128)))
 
 
 def stream_forward_config(H, W, C) -> dict:

@@ -4,6 +4,7 @@ They run the programs' ``main`` with tiny shapes: the point is that every path w
 rows and that a wrong backend is reported, not the timings.
 """
 import csv
+import glob
 import os
 import platform
 import subprocess
@@ -354,3 +355,30 @@ def test_tune_triton_streaming_kernels(tmp_path):
         assert float(r["max_rel_err"]) <= 1.6e-2
     with pytest.raises(SystemExit):
         tune_triton.main(["--kernels", "stream", "--kernel-size", "5"])
+
+
+def test_triton_kernels_compile_for_sm90_without_spills():
+    """bench/triton_compile.py compiles every Triton kernel the launchers start, as they start
+    it, for sm_90 (no GPU needed) and finds no stack frame (spilled registers) at CPVT-S."""
+    import importlib.util
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    import triton
+    if not glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                  "cuobjdump")):
+        pytest.skip("Triton's package has no cuobjdump")
+    # A process of its own: here triton runs interpreted (TRITON_INTERPRET), which compiles
+    # nothing.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(BENCH / "triton_compile.py"), "--shapes",
+                           "8x384x14", "--dtypes", "bfloat16", "float32", "--no-spills"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    rows = [l for l in out.splitlines() if "_kernel" in l]
+    # per dtype: tile fwd, grad_x, bwd + reduction; stream fwd, grad_x, bwd + reduction
+    assert len(rows) == 2 * 8, out
+    for name in ("_peg_fwd_kernel", "_peg_bwd_kernel", "_peg_stream3_fwd_kernel",
+                 "_peg_stream3_bwd_kernel", "_reduce_partials_kernel"):
+        assert any(name in r for r in rows), name
+    assert all(int(r.split()[-3]) > 0 for r in rows), out  # registers read for every kernel

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Compiles the Triton PEG kernels for a GPU architecture without a GPU, as the launchers would
+launch them, and prints each kernel's registers, stack frame and shared memory.
+
+    python bench/triton_compile.py                        # sm_90, CPVT-S and CPVT-B, bfloat16
+    python bench/triton_compile.py --arch 80 --dtypes float32 bfloat16 --shapes 32x192x24
+
+For each shape, dtype, kernel family (tiled, streaming) and pass (forward, input gradient alone,
+fused backward), it runs the launcher in ``cpvt_kernels/triton_peg.py`` on meta tensors with
+the kernel launch intercepted, compiles the kernel it would have launched (same constexprs and
+``num_warps``) for ``--arch`` with Triton's own compiler and ptxas, and reads the resource usage
+with the ``cuobjdump`` that Triton's package carries. A non-zero stack frame is local memory:
+spilled registers. Exits non-zero if a kernel fails to compile or (with ``--no-spills``) has a
+stack frame. Compiling needs no GPU; running the kernels does.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# The kernels must be compiled, not interpreted: TRITON_INTERPRET makes triton.jit return
+# interpreted functions, which have nothing to compile.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_peg  # noqa: E402  (puts the source tree on sys.path when it is built in place)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from cpvt_kernels import triton_peg  # noqa: E402
+
+TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
+                torch.bfloat16: "bf16"}
+
+
+def cuobjdump() -> str:
+    hits = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                  "cuobjdump"))
+    if not hits:
+        raise SystemExit("triton_compile: Triton's package has no cuobjdump (backends/nvidia/bin)")
+    return hits[0]
+
+
+class Captured:
+    """The launches ``torch.library.wrap_triton(kernel)[grid](*args, **kwargs)`` asked for."""
+
+    def __init__(self):
+        self.launches = []
+
+    def wrap(self, kernel):
+        cap = self
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    cap.launches.append((kernel, args, kwargs))
+                return launch
+        return Launcher()
+
+
+@contextlib.contextmanager
+def captured():
+    cap = Captured()
+    real = torch.library.wrap_triton
+    torch.library.wrap_triton = cap.wrap
+    try:
+        yield cap
+    finally:
+        torch.library.wrap_triton = real
+
+
+def signature(kernel, args, kwargs):
+    """Triton's signature and constexprs for a launch: pointers typed by their tensors' dtypes,
+    other run-time arguments as 32-bit integers (the sizes and strides of these shapes)."""
+    sig, consts = {}, {}
+    names = kernel.arg_names
+    params = {p.name: p for p in kernel.params}
+    values = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in params})
+    for name in names:
+        v = values[name]
+        if params[name].is_constexpr:
+            sig[name] = "constexpr"
+            consts[name] = v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + TRITON_TYPES[v.dtype]
+        else:
+            sig[name] = "i64" if abs(int(v)) >= 2**31 else "i32"
+    return sig, consts
+
+
+def compile_launch(kernel, args, kwargs, arch: int, tool: str, workdir: Path) -> dict:
+    sig, consts = signature(kernel, args, kwargs)
+    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": kwargs.get("num_warps", 4)})
+    path = workdir / f"{kernel.__name__}.cubin"
+    path.write_bytes(k.asm["cubin"])
+    out = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if "REG:" in l)
+    fields = dict(f.split(":", 1) for f in line.split() if ":" in f)
+    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]),
+            "shared": int(fields["SHARED"]), "num_warps": kwargs.get("num_warps", 4),
+            "config": {k: v for k, v in consts.items()
+                       if k in ("BLOCK_T", "BLOCK_W", "BLOCK_R", "BLOCK_C")}}
+
+
+def launches(family: str, pass_name: str, case, dtype):
+    """The kernels the launcher of (family, pass) starts for ``case`` on meta tensors."""
+    x = torch.empty(case.B, case.N, case.C, dtype=dtype, device="meta")
+    w = torch.empty(case.C, 1, case.k, case.k, dtype=dtype, device="meta")
+    b = torch.empty(case.C, dtype=dtype, device="meta")
+    tp, H, W, P = triton_peg, case.H, case.W, case.P
+    with captured() as cap:
+        if family == "stream":
+            if pass_name == "fwd":
+                tp.launch_stream_forward(x, w, b, H, W, P, False,
+                                         tp.stream_forward_config(H, W, case.C))
+            elif pass_name == "grad_x":
+                tp.launch_stream_backward(x, x, w, H, W, P, (True, False, False),
+                                          tp.stream_backward_config(H, W, case.C))
+            else:
+                tp.launch_stream_backward(x, x, w, H, W, P, (True, True, True),
+                                          tp.stream_backward_config(H, W, case.C))
+        else:
+            if pass_name == "fwd":
+                tp.launch_forward(x, w, b, H, W, P, tp.forward_config(case.N, case.C))
+            else:
+                mask = (True, False, False) if pass_name == "grad_x" else (True, True, True)
+                tp.launch_backward(x, x, w, H, W, P, mask, tp.backward_config(case.N, case.C))
+    return cap.launches
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
+    p.add_argument("--shapes", nargs="+", default=["128x384x14", "128x768x14"],
+                   metavar="BxCxH[xW]")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], metavar="DTYPE")
+    p.add_argument("--kernels", nargs="+", choices=("tile", "stream"), default=["tile", "stream"])
+    p.add_argument("--no-spills", action="store_true",
+                   help="exit non-zero if a kernel has a stack frame (spilled registers)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        dtypes = [bench_peg.DTYPE_NAMES[d.lower()] for d in args.dtypes]
+        cases = [c for s in args.shapes for c in bench_peg.parse_shape(s, [1], [3])]
+    except (KeyError, argparse.ArgumentTypeError) as e:
+        raise SystemExit(f"triton_compile: {e}")
+    tool = cuobjdump()
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cpvt_triton_compile_{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"triton {triton.__version__}, sm_{args.arch}")
+    print(f"{'shape':>14} {'dtype':>5} {'family':>6} {'pass':>6} {'kernel':<28} {'blocks':<24} "
+          f"warps  regs  stack  shared")
+    bad = 0
+    for case in cases:
+        for dtype in dtypes:
+            for family in args.kernels:
+                for pass_name in ("fwd", "grad_x", "bwd"):
+                    for kernel, kargs, kwargs in launches(family, pass_name, case, dtype):
+                        name = kernel.__name__
+                        try:
+                            r = compile_launch(kernel, kargs, kwargs, args.arch, tool, workdir)
+                        except Exception as e:  # report and go on: one kernel must not hide others
+                            print(f"{case.label():>14} {bench_peg.SHORT[dtype]:>5} {family:>6} "
+                                  f"{pass_name:>6} {name:<28} FAILED: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+                            bad += 1
+                            continue
+                        blocks = "x".join(str(v) for v in r["config"].values())
+                        spill = r["stack"] > 0
+                        bad += spill and args.no_spills
+                        print(f"{case.label():>14} {bench_peg.SHORT[dtype]:>5} {family:>6} "
+                              f"{pass_name:>6} {name:<28} {blocks:<24} {r['num_warps']:>5} "
+                              f"{r['regs']:>5} {r['stack']:>6} {r['shared']:>7}"
+                              + ("  (spills)" if spill else ""), flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
