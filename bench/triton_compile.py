@@ -79,27 +79,44 @@ def captured():
 
 
 def signature(kernel, args, kwargs):
-    """Triton's signature and constexprs for a launch: pointers typed by their tensors' dtypes,
-    other run-time arguments as 32-bit integers (the sizes and strides of these shapes)."""
-    sig, consts = {}, {}
+    """Triton's signature, constexprs and attributes for a launch, specialized as the JIT does
+    at a launch: an integer argument equal to 1 (a unit stride) becomes a constant, and
+    integers and pointers divisible by 16 are marked so (meta tensors stand for allocations,
+    which are 16-byte aligned). Without that, loads along a stride the compiler cannot prove to
+    be 1 stay scalar."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:  # another Triton release: plain types, no specialization
+        native_specialize_impl = None
+    sig, consts, attrs = {}, {}, {}
     names = kernel.arg_names
     params = {p.name: p for p in kernel.params}
     values = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in params})
-    for name in names:
-        v = values[name]
-        if params[name].is_constexpr:
+    for i, name in enumerate(names):
+        v, kp = values[name], params[name]
+        if kp.is_constexpr:
             sig[name] = "constexpr"
             consts[name] = v
+        elif native_specialize_impl is not None:
+            ty, key = native_specialize_impl(BaseBackend, v, kp.is_const,
+                                             not kp.do_not_specialize,
+                                             not kp.do_not_specialize_on_alignment)[:2]
+            sig[name] = ty
+            if ty == "constexpr":
+                consts[name] = key
+            elif isinstance(key, str):
+                attrs[(i,)] = BaseBackend.parse_attr(key)
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + TRITON_TYPES[v.dtype]
         else:
             sig[name] = "i64" if abs(int(v)) >= 2**31 else "i32"
-    return sig, consts
+    return sig, consts, attrs
 
 
 def compile_launch(kernel, args, kwargs, arch: int, tool: str, workdir: Path) -> dict:
-    sig, consts = signature(kernel, args, kwargs)
-    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+    sig, consts, attrs = signature(kernel, args, kwargs)
+    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": kwargs.get("num_warps", 4)})
     path = workdir / f"{kernel.__name__}.cubin"
