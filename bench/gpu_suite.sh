@@ -15,9 +15,12 @@
 #              PYTEST_WORKERS processes (pytest-xdist, default 8) when pytest-xdist is installed
 #   test-stream  tests/test_cuda.py again with CPVT_CUDA_KERNELS=stream (the streaming kernels
 #              wherever they apply), in the same processes
+#   test-triton-stream  tests/test_triton.py again with CPVT_TRITON_KERNELS=stream
 #   sanitize   compute-sanitizer memcheck, racecheck and initcheck over bench/sanitize_small.py,
 #              once per kernel family (SANITIZE_CUDA_KERNELS, default "tile stream"; set as
 #              CPVT_CUDA_KERNELS and CPVT_TRITON_KERNELS)
+#   checks     selfcheck, test, test-stream, test-triton-stream and sanitize side by side (none
+#              is timed), each with its own log and summary line
 #   tune       bench/tune_triton.py for the tiled and the streaming Triton kernels (TUNE_ARGS,
 #              default --quick: five candidates a pass)
 #   bench      bench/bench_peg.py --device cuda (the full grid; BENCH_ARGS=--quick for a short one)
@@ -34,9 +37,10 @@
 # initcheck"), SANITIZE_BACKENDS (default "cuda,triton"), SANITIZE_TIMEOUT (seconds per tool,
 # default 1200).
 #
-# On a lent GPU with little device time, build and test first and keep the benchmark short, e.g.
-#   CPVT_RESULTS_DIR=$OUT/r BENCH_ARGS="--shapes 128x384x14 128x768x14 --dtypes bfloat16" \
-#       bash bench/gpu_suite.sh build selfcheck bench test sanitize
+# On a lent GPU with little device time: the timed steps first, alone, then the checks side by
+# side (on an H100 about 45 s build, 15 s micro, 50 s bench of five shapes, 170 s checks), e.g.
+#   CPVT_RESULTS_DIR=$OUT/r PYTEST_WORKERS=12 BENCH_ARGS="--shapes 128x384x14 128x768x14 \
+#       --dtypes bfloat16 --passes fwd,fwdbwd --no-plot" bash bench/gpu_suite.sh build micro bench checks
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -53,9 +57,9 @@ if [ ${#STEPS[@]} -eq 0 ]; then
 fi
 for s in "${STEPS[@]}"; do
     case "$s" in
-        build|selfcheck|micro|test|test-stream|sanitize|tune|bench|model) ;;
+        build|selfcheck|micro|test|test-stream|test-triton-stream|sanitize|checks|tune|bench|model) ;;
         *) echo "gpu_suite: unknown step '$s'; expected build selfcheck micro test test-stream" \
-                "sanitize tune bench model" >&2
+                "test-triton-stream sanitize checks tune bench model" >&2
            exit 2 ;;
     esac
 done
@@ -194,8 +198,9 @@ pytest_xdist() {
     fi
 }
 
-for s in "${STEPS[@]}"; do
-    case "$s" in
+do_step() {
+    local XDIST
+    case "$1" in
         build) run_step build step_build ;;
         micro) run_step micro step_micro ;;
         selfcheck) run_step selfcheck "$PY" -m cpvt_kernels.selfcheck --device cuda ;;
@@ -206,7 +211,12 @@ for s in "${STEPS[@]}"; do
               run_step test-stream env CPVT_CUDA_KERNELS=stream "$PY" -m pytest -q -ra \
                   tests/test_cuda.py --junitxml="$OUT/pytest_stream.xml" "${XDIST[@]}" \
                   "${PYTEST_EXTRA[@]}" ;;
+        test-triton-stream) read -r -a XDIST <<< "$(pytest_xdist)"
+              run_step test-triton-stream env CPVT_TRITON_KERNELS=stream "$PY" -m pytest -q \
+                  -ra tests/test_triton.py --junitxml="$OUT/pytest_triton_stream.xml" \
+                  "${XDIST[@]}" "${PYTEST_EXTRA[@]}" ;;
         sanitize) run_step sanitize step_sanitize ;;
+        checks) step_checks ;;
         tune) run_step tune-tile "$PY" bench/tune_triton.py --out "$OUT/tune-tile" \
                   "${TUNE_EXTRA[@]}"
               run_step tune-stream "$PY" bench/tune_triton.py --kernels stream \
@@ -216,6 +226,32 @@ for s in "${STEPS[@]}"; do
         model) run_step model "$PY" bench/bench_model.py --device cuda --out "$OUT" \
                    "${MODEL_EXTRA[@]}" ;;
     esac
+}
+
+# The correctness steps side by side: none of them is timed, so they may share the GPU. The
+# whole suite gets PYTEST_WORKERS processes, the two reruns a quarter of that each. Their
+# consoles go to <step>.console; their logs and summary lines are as when run alone.
+CHECKS=(selfcheck test test-stream test-triton-stream sanitize)
+step_checks() {
+    local s pids=() few=$(( ${PYTEST_WORKERS:-8} / 4 > 2 ? ${PYTEST_WORKERS:-8} / 4 : 2 ))
+    for s in "${CHECKS[@]}"; do
+        case "$s" in
+            test-stream|test-triton-stream)
+                ( PYTEST_WORKERS=$few do_step "$s" > "$OUT/$s.console" 2>&1 ) & ;;
+            *) ( do_step "$s" > "$OUT/$s.console" 2>&1 ) & ;;
+        esac
+        pids+=($!)
+    done
+    echo "=== [checks] ${CHECKS[*]}, side by side (pids ${pids[*]})"
+    wait "${pids[@]}"
+    for s in "${CHECKS[@]}"; do
+        grep -E "^$s[[:space:]]" "$SUMMARY" | tail -n 1
+        if grep -qE "^$s[[:space:]]+FAILED" "$SUMMARY"; then FAILED+=("$s"); fi
+    done
+}
+
+for s in "${STEPS[@]}"; do
+    do_step "$s"
 done
 
 echo
