@@ -7,9 +7,10 @@
 // it feeds are accumulated in registers (the loops are unrolled, so only K accumulators are live
 // at a time), and an output row is stored as soon as its last input row has been added. The
 // loads run PF input rows ahead of the arithmetic (PF = 1 in the package's launches;
-// bench/cuda_micro times deeper ones), so they are in flight during it. No shared memory and no barriers in the forward: the horizontal halo (columns
-// w +- K/2) is loaded by the neighbouring threads of the same block, so it comes from L1; the
-// vertical halo of a strip (K - 1 rows) is the only re-read, from L2.
+// bench/cuda_micro times deeper ones), so they are in flight during it. No shared memory and no
+// barriers in the forward: the horizontal halo (columns w +- K/2) is loaded by the neighbouring
+// threads of the same block, so it comes from L1; the vertical halo of a strip (K - 1 rows) is
+// the only re-read, from L2.
 //
 // Blocks are (cv vectors) x (wb pixels of a row): threadIdx.x walks channels, so a warp reads
 // contiguous bytes. The grid is (channel chunk, pixel block, row slot); the rows (image, strip)
