@@ -11,6 +11,9 @@
 #   selfcheck  python -m cpvt_kernels.selfcheck (gradcheck, opcheck, parity per backend)
 #   micro      bench/cuda_micro: the tiled and streaming CUDA kernels alone, several variants,
 #              checked and timed without torch (build with this machine's nvcc, then run)
+#   profile    ncu (Nsight Compute, clocks left alone) over peg_micro's kernels, each launched
+#              once: PROFILE_ONLY variants (default the tiled and the default streaming forward
+#              and backward) at PROFILE_SHAPES (default 0, CPVT-S bf16)
 #   test       pytest -q tests on this machine (the CUDA and Triton tests run on CUDA tensors), in
 #              PYTEST_WORKERS processes (pytest-xdist, default 8) when pytest-xdist is installed
 #   test-stream  tests/test_cuda.py again with CPVT_CUDA_KERNELS=stream (the streaming kernels
@@ -57,9 +60,10 @@ if [ ${#STEPS[@]} -eq 0 ]; then
 fi
 for s in "${STEPS[@]}"; do
     case "$s" in
-        build|selfcheck|micro|test|test-stream|test-triton-stream|sanitize|checks|tune|bench|model) ;;
-        *) echo "gpu_suite: unknown step '$s'; expected build selfcheck micro test test-stream" \
-                "test-triton-stream sanitize checks tune bench model" >&2
+        build|selfcheck|micro|profile|test|test-stream|test-triton-stream|sanitize|checks|tune|\
+        bench|model) ;;
+        *) echo "gpu_suite: unknown step '$s'; expected build selfcheck micro profile test" \
+                "test-stream test-triton-stream sanitize checks tune bench model" >&2
            exit 2 ;;
     esac
 done
@@ -185,6 +189,24 @@ step_sanitize() {
     return $rc
 }
 
+# Nsight Compute over peg_micro's kernels, each launched once (MICRO_PROFILE=1): the variants
+# in PROFILE_ONLY (as MICRO_ONLY) at the shapes in PROFILE_SHAPES (default 0, CPVT-S bf16).
+step_profile() {
+    local ncu
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu \
+          2>/dev/null | head -n 1)
+    if [ -z "$ncu" ]; then echo "ncu not found"; return 1; fi
+    if [ ! -x bench/cuda_micro/peg_micro ]; then
+        NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc") \
+            ARCH=${GPU_ARCH/./} PYTHON=$PY bash bench/cuda_micro/build.sh || return 1
+    fi
+    MICRO_PROFILE=1 MICRO_SHAPES=${PROFILE_SHAPES:-0} \
+        MICRO_ONLY=${PROFILE_ONLY:-"fwd tile,fwd stream v4 rh8 sl1,bwd tile,bwd stream v2 rh8 sl1"} \
+        "$ncu" --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats -k regex:peg_ bench/cuda_micro/peg_micro
+}
+
 step_micro() {
     local nvcc
     nvcc=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
@@ -203,6 +225,7 @@ do_step() {
     case "$1" in
         build) run_step build step_build ;;
         micro) run_step micro step_micro ;;
+        profile) run_step profile step_profile ;;
         selfcheck) run_step selfcheck "$PY" -m cpvt_kernels.selfcheck --device cuda ;;
         test) read -r -a XDIST <<< "$(pytest_xdist)"
               run_step test "$PY" -m pytest -q -ra tests --junitxml="$OUT/pytest.xml" \

@@ -8,6 +8,12 @@
 //
 // It prints one line per (shape, pass, variant): median and p20-p80 microseconds, GB/s, % of
 // the 256 MiB copy, % of a copy of the same bytes, registers and the largest error.
+//
+// For a profiler: MICRO_ONLY="fwd tile,bwd stream v2 rh8 sl1" runs only the variants whose
+// "pass name" contains one of the comma-separated strings, MICRO_SHAPES="0,1" only those shapes
+// (indices into the list in main), and MICRO_PROFILE=1 launches each variant once, untimed:
+//   MICRO_PROFILE=1 MICRO_SHAPES=0 MICRO_ONLY="fwd tile,fwd stream v4 rh8 sl1" \
+//       ncu --clock-control none --set full -k regex:peg_ bench/cuda_micro/peg_micro
 #include "../../csrc/cuda/peg_kernel.cuh"
 #include "../../csrc/cuda/peg_stream.cuh"
 
@@ -18,6 +24,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <string>
@@ -150,7 +157,25 @@ struct Timing {
   double med, p20, p80;
 };
 
+static bool g_profile = false;  // MICRO_PROFILE=1: one untimed launch per variant
+
+// Whether variant "pass name" runs: MICRO_ONLY unset, or one of its comma-separated parts is in it.
+bool selected(const std::string& pass_name) {
+  const char* only = std::getenv("MICRO_ONLY");
+  if (only == nullptr || *only == '\0') return true;
+  std::string list(only);
+  size_t start = 0;
+  while (start <= list.size()) {
+    const size_t end = std::min(list.find(',', start), list.size());
+    const std::string part = list.substr(start, end - start);
+    if (!part.empty() && pass_name.find(part) != std::string::npos) return true;
+    start = end + 1;
+  }
+  return false;
+}
+
 Timing time_it(const std::function<void()>& f) {
+  if (g_profile) return {0, 0, 0};  // the checked launch before was the one to profile
   cudaEvent_t a, b;
   CK(cudaEventCreate(&a));
   CK(cudaEventCreate(&b));
@@ -177,6 +202,12 @@ static double g_copy_gbs = 0;
 
 void report(const char* pass, const Shape& s, const std::string& name, const Timing& t,
             double bytes, double same_size_copy_us, int regs, double err) {
+  if (g_profile) {
+    std::printf("%-6s B=%-3d C=%-4d H=%-2d P=%d K=%d  %-26s untimed (MICRO_PROFILE)  regs %3d  "
+                "err %.2e\n", pass, s.B, s.C, s.H, s.P, s.K, name.c_str(), regs, err);
+    std::fflush(stdout);
+    return;
+  }
   const double gbs = bytes / (t.med * 1e-6) / 1e9;
   std::printf("%-6s B=%-3d C=%-4d H=%-2d P=%d K=%d  %-26s %8.2f us (%7.2f-%7.2f) %7.0f GB/s %5.1f%% copy %5.1f%% same-size  regs %3d  err %.2e\n",
               pass, s.B, s.C, s.H, s.P, s.K, name.c_str(), t.med, t.p20, t.p80, gbs,
@@ -357,9 +388,11 @@ void run_shape(const Shape& s) {
   const double S = double(n) * sizeof(T);
   // A copy of the same bytes (read S, write S).
   const Timing cp = time_it([&] { CK(cudaMemcpyAsync(d.out, d.x, S, cudaMemcpyDeviceToDevice)); });
-  std::printf("copy   B=%-3d C=%-4d H=%-2d          %8.2f us  %7.0f GB/s (%.1f%% of the 256 MiB copy)\n",
-              s.B, s.C, s.H, cp.med, 2 * S / (cp.med * 1e-6) / 1e9,
-              100 * 2 * S / (cp.med * 1e-6) / 1e9 / g_copy_gbs);
+  if (!g_profile) {
+    std::printf("copy   B=%-3d C=%-4d H=%-2d          %8.2f us  %7.0f GB/s (%.1f%% of the 256 MiB copy)\n",
+                s.B, s.C, s.H, cp.med, 2 * S / (cp.med * 1e-6) / 1e9,
+                100 * 2 * S / (cp.med * 1e-6) / 1e9 / g_copy_gbs);
+  }
   const Timing cp3 = time_it([&] {
     CK(cudaMemcpyAsync(d.out, d.x, S, cudaMemcpyDeviceToDevice));
     CK(cudaMemcpyAsync(d.gx, d.g, S / 2, cudaMemcpyDeviceToDevice));
@@ -367,6 +400,7 @@ void run_shape(const Shape& s) {
   (void)cp3;
 
   auto check_fwd = [&](const std::string& name, int regs, const std::function<void()>& f) {
+    if (!selected("fwd " + name)) return;
     nan_fill(d.out, n);
     f();
     CK(cudaGetLastError());
@@ -376,6 +410,7 @@ void run_shape(const Shape& s) {
     report("fwd", s, name, t, 2 * S, cp.med, regs, err);
   };
   auto check_bwd = [&](const std::string& name, int regs, const std::function<void()>& f) {
+    if (!selected("bwd " + name)) return;
     nan_fill(d.gx, n);
     nan_fill(d.gw, s.C * kk);
     nan_fill(d.gb, s.C);
@@ -388,6 +423,7 @@ void run_shape(const Shape& s) {
     report("bwd", s, name, t, 3 * S, cp.med * 1.5, regs, err);
   };
   auto check_gx = [&](const std::string& name, int regs, const std::function<void()>& f) {
+    if (!selected("gx " + name)) return;
     nan_fill(d.gx, n);
     f();
     CK(cudaGetLastError());
@@ -446,6 +482,8 @@ void run_shape(const Shape& s) {
 
 int main(int argc, char** argv) {
   if (argc > 1) g_reps = std::atoi(argv[1]);
+  const char* prof = std::getenv("MICRO_PROFILE");
+  g_profile = prof != nullptr && std::strcmp(prof, "1") == 0;
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   g_sms = prop.multiProcessorCount;
@@ -464,7 +502,16 @@ int main(int argc, char** argv) {
   }
   const Shape shapes[] = {{128, 384, 14, 1, 3}, {128, 768, 14, 1, 3}, {128, 192, 24, 1, 3},
                           {64, 384, 32, 0, 3}};
-  for (const Shape& s : shapes) run_shape<bf16, 3>(s);
-  run_shape<float, 3>({128, 384, 14, 1, 3});
+  // MICRO_SHAPES: the indices to run, 0-3 the bf16 shapes above, 4 the float32 one.
+  const char* pick = std::getenv("MICRO_SHAPES");
+  auto wanted = [&](int i) {
+    if (pick == nullptr || *pick == '\0') return true;
+    const std::string list = std::string(",") + pick + ",";
+    return list.find("," + std::to_string(i) + ",") != std::string::npos;
+  };
+  for (int i = 0; i < 4; ++i) {
+    if (wanted(i)) run_shape<bf16, 3>(shapes[i]);
+  }
+  if (wanted(4)) run_shape<float, 3>({128, 384, 14, 1, 3});
   return 0;
 }
