@@ -310,12 +310,12 @@ void launch_tile_bwd(const Bufs<T>& d, const Shape& s) {
                                                          d.gw, d.gb);
 }
 
-template <typename T, int VEC, int K, int RH>
+template <typename T, int VEC, int K, int RH, int PF = 1>
 void launch_stream_bwd(const Bufs<T>& d, const Shape& s, int slots_per_sm) {
   const int H = s.H, W = s.H, N = s.P + H * W;
   const int kk = K * K;
   StreamGeometry g = plan_stream(s.B, N, s.C, H, W, s.P, VEC, RH);
-  auto kern = peg_stream_backward_kernel<T, VEC, K, RH>;
+  auto kern = peg_stream_backward_kernel<T, VEC, K, RH, PF>;
   const size_t smem = stream_backward_smem<T>(g, VEC, K);
   int per_sm = 0;
   CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, g.cv * g.wb, smem));
@@ -474,6 +474,14 @@ void run_shape(const Shape& s) {
   SBWD(4, 8, 1)
   SBWD(4, 8, 2)
   SBWD(2, 4, 2)
+  // Loads PF rows ahead (the package runs PF = 1).
+#define SBWDPF(VEC, RH, SL, PF)                                                             \
+  check_bwd("stream v" #VEC " rh" #RH " sl" #SL " pf" #PF,                                  \
+            regs_of(peg_stream_backward_kernel<T, VEC, K, RH, PF>),                          \
+            [&] { launch_stream_bwd<T, VEC, K, RH, PF>(d, s, SL); });
+  SBWDPF(2, 8, 1, 2)
+  SBWDPF(2, 8, 1, 3)
+  SBWDPF(4, 8, 1, 2)
 
   CK(cudaFree(d.x)); CK(cudaFree(d.g)); CK(cudaFree(d.out)); CK(cudaFree(d.gx));
   CK(cudaFree(d.w)); CK(cudaFree(d.bias)); CK(cudaFree(d.gw)); CK(cudaFree(d.gb));

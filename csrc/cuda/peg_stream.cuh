@@ -363,8 +363,8 @@ CPVT_HD inline void stream_forward_thread(const StreamForwardArgs<T>& a, const a
 
 // Thread (tx, ty) of backward conv block `blk`: grad_x of its column strips (when a.grad_x is
 // set) and its sums of grad_weight (dw) and grad_bias (db); zero sums for threads past the
-// channels or the row.
-template <typename T, int VEC, int K, int RH>
+// channels or the row. The loads run PF rows ahead (PF + 1 row buffers of each input).
+template <typename T, int VEC, int K, int RH, int PF = 1>
 CPVT_HD inline void stream_backward_thread(const StreamBackwardArgs<T>& a, const acc_t<T>* ws,
                                            int64_t blk, int tx, int ty,
                                            acc_t<T> (&dw)[K * K][VEC], acc_t<T> (&db)[VEC]) {
@@ -414,12 +414,15 @@ CPVT_HD inline void stream_backward_thread(const StreamBackwardArgs<T>& a, const
 
     A acc[RH][VEC];  // grad_x of the strip's rows (K live at a time)
     A gc[NQ][VEC];   // grad_out at column w (K live at a time)
-    uint32_t graw[2][K][NW], xraw[2][K][NW];
+    static_assert(PF >= 1, "the loads run at least one row ahead");
+    constexpr int NB = PF + 1;  // row buffers of each input
+    uint32_t graw[NB][K][NW], xraw[NB][K][NW];
 #pragma unroll
     for (int it = 0; it < NI; ++it) {
-      // Loads: grad_out row it + 1 and x row it + 1 - PAD (row 0 of each before the first).
+      // Loads: grad_out row it + PF and x row it + PF - PAD (rows 0 .. PF of each before the
+      // first iteration).
 #pragma unroll
-      for (int q = it == 0 ? 0 : it + 1; q <= it + 1; ++q) {
+      for (int q = it == 0 ? 0 : it + PF; q <= it + PF; ++q) {
         if (q >= NQ) continue;
         const int r = h0 - PAD + q;
         const bool rv = r >= 0 && r < r_end;
@@ -427,25 +430,27 @@ CPVT_HD inline void stream_backward_thread(const StreamBackwardArgs<T>& a, const
 #pragma unroll
         for (int j = 0; j < K; ++j) {
           // Only the centre column unless grad_x is wanted.
-          load_words<NW>(graw[q & 1][j], rp + (j - PAD) * a.g_st,
+          load_words<NW>(graw[q % NB][j], rp + (j - PAD) * a.g_st,
                          rv && col_ok[j] && (want_x || j == PAD));
         }
       }
 #pragma unroll
-      for (int qx = it == 0 ? -PAD : it + 1 - PAD; qx <= it + 1 - PAD; ++qx) {
+      for (int qx = it == 0 ? -PAD : it + PF - PAD; qx <= it + PF - PAD; ++qx) {
         if (qx < 0 || qx >= NQ) continue;
         const int r = h0 - PAD + qx;
         const bool rv = r >= 0 && r < r_end;
         const T* rp = xbase + qx * x_step;
 #pragma unroll
-        for (int j = 0; j < K; ++j) load_words<NW>(xraw[qx & 1][j], rp + (j - PAD) * a.x_st, rv && col_ok[j]);
+        for (int j = 0; j < K; ++j) {
+          load_words<NW>(xraw[qx % NB][j], rp + (j - PAD) * a.x_st, rv && col_ok[j]);
+        }
       }
       if (it < NQ) {  // grad_out row q = it
         const int q = it;
         const bool rv = h0 - PAD + q >= 0 && h0 - PAD + q < g.H;
         A gin[K][VEC];
 #pragma unroll
-        for (int j = 0; j < K; ++j) words_to_acc<T, VEC, NW>(gin[j], graw[q & 1][j]);
+        for (int j = 0; j < K; ++j) words_to_acc<T, VEC, NW>(gin[j], graw[q % NB][j]);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) gc[q][e] = gin[PAD][e];
         // The bias gradient: the strip's own rows, q in [PAD, PAD + rh).
@@ -489,7 +494,7 @@ CPVT_HD inline void stream_backward_thread(const StreamBackwardArgs<T>& a, const
         const int qx = it - PAD;
         A xin[K][VEC];
 #pragma unroll
-        for (int j = 0; j < K; ++j) words_to_acc<T, VEC, NW>(xin[j], xraw[qx & 1][j]);
+        for (int j = 0; j < K; ++j) words_to_acc<T, VEC, NW>(xin[j], xraw[qx % NB][j]);
 #pragma unroll
         for (int i = 0; i < K; ++i) {
           const int q = qx + PAD - i;
@@ -546,7 +551,7 @@ __global__ void __launch_bounds__(kStreamThreads) peg_stream_forward_kernel(
   stream_forward_thread<T, VEC, K, RH, FWD, PF>(a, ws, blk, threadIdx.x, threadIdx.y);
 }
 
-template <typename T, int VEC, int K, int RH>
+template <typename T, int VEC, int K, int RH, int PF = 1>
 __global__ void __launch_bounds__(kStreamThreads) peg_stream_backward_kernel(
     const StreamBackwardArgs<T> a) {
   using A = acc_t<T>;
@@ -567,7 +572,7 @@ __global__ void __launch_bounds__(kStreamThreads) peg_stream_backward_kernel(
   }
   __syncthreads();
   A dw[KK][VEC], db[VEC];
-  stream_backward_thread<T, VEC, K, RH>(a, ws, blk, threadIdx.x, threadIdx.y, dw, db);
+  stream_backward_thread<T, VEC, K, RH, PF>(a, ws, blk, threadIdx.x, threadIdx.y, dw, db);
 #pragma unroll
   for (int t = 0; t <= KK; ++t) {
 #pragma unroll

@@ -115,8 +115,9 @@ at::Tensor emulate_forward(const at::Tensor& src, const at::Tensor& w, const at:
   return out;
 }
 
-// The fused backward (grad_x when want_x), then the slot sums of reduce_partials_kernel.
-template <typename T, int VEC, int K, int RH>
+// The fused backward (grad_x when want_x), then the slot sums of reduce_partials_kernel; the
+// loads PF rows ahead.
+template <typename T, int VEC, int K, int RH, int PF = 1>
 std::vector<at::Tensor> emulate_backward(const at::Tensor& grad, const at::Tensor& x,
                                          const at::Tensor& w, bool want_x, int64_t H, int64_t W,
                                          int64_t P, int64_t slots) {
@@ -151,7 +152,7 @@ std::vector<at::Tensor> emulate_backward(const at::Tensor& grad, const at::Tenso
     for (int ty = 0; ty < g.wb; ++ty) {
       for (int tx = 0; tx < g.cv; ++tx) {
         A dw[KK][VEC], db[VEC];
-        stream_backward_thread<T, VEC, K, RH>(a, ws.data(), blk, tx, ty, dw, db);
+        stream_backward_thread<T, VEC, K, RH, PF>(a, ws.data(), blk, tx, ty, dw, db);
         A* s = sums.data() + size_t(ty * g.cv + tx) * (KK + 1) * VEC;
         for (int t = 0; t <= KK; ++t) {
           for (int e = 0; e < VEC; ++e) s[t * VEC + e] = t < KK ? dw[t][e] : db[e];
@@ -263,6 +264,12 @@ void run_case(const Case& c) {
         "forward, loads 3 rows ahead");
   check(emulate_forward<T, VF, K, RH, 2>(g, w, nullptr, false, c.H, c.W, c.P, c.slots), ref[1],
         "grad_x alone, loads 2 rows ahead");
+  {  // loads 3 rows ahead
+    const auto r = emulate_backward<T, VB, K, RH, 3>(g, x, w, true, c.H, c.W, c.P, c.slots);
+    check(r[0], ref[1], "backward grad_x, loads 3 rows ahead");
+    check(r[1], ref[2], "backward grad_weight, loads 3 rows ahead");
+    check(r[2], ref[3], "backward grad_bias, loads 3 rows ahead");
+  }
   for (bool want_x : {true, false}) {
     const auto r = emulate_backward<T, VB, K, RH>(g, x, w, want_x, c.H, c.W, c.P, c.slots);
     if (want_x) check(r[0], ref[1], "backward grad_x");
