@@ -230,12 +230,22 @@ struct Bufs {
   size_t partial_elems;
 };
 
-template <typename T, int VEC, int K, int RH, bool FWD, int PF = 1>
+// The forward kernel of (T, VEC, K, RH, FWD, PF), with MINB resident blocks requested if > 0.
+template <typename T, int VEC, int K, int RH, bool FWD, int PF, int MINB>
+constexpr auto stream_fwd_kernel() {
+  if constexpr (MINB > 0) {
+    return peg_stream_forward_kernel_minb<T, VEC, K, RH, FWD, PF, MINB>;
+  } else {
+    return peg_stream_forward_kernel<T, VEC, K, RH, FWD, PF>;
+  }
+}
+
+template <typename T, int VEC, int K, int RH, bool FWD, int PF = 1, int MINB = 0>
 void launch_stream_fwd(const Bufs<T>& d, const Shape& s, int64_t slots_per_sm) {
   const int H = s.H, W = s.H, N = s.P + H * W;
   StreamGeometry g = plan_stream(s.B, N, s.C, H, W, s.P, VEC, RH);
+  auto kern = stream_fwd_kernel<T, VEC, K, RH, FWD, PF, MINB>();
   if (slots_per_sm > 0) {  // persistent: slots_per_sm waves of resident blocks
-    auto kern = peg_stream_forward_kernel<T, VEC, K, RH, FWD, PF>;
     int per_sm = 0;
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, g.cv * g.wb,
                                                      stream_forward_smem<T>(g, VEC, K)));
@@ -252,8 +262,7 @@ void launch_stream_fwd(const Bufs<T>& d, const Shape& s, int64_t slots_per_sm) {
   a.out = FWD ? d.out : d.gx;
   a.g = g;
   const int64_t grid = g.conv_blocks + stream_prefix_blocks(g);
-  peg_stream_forward_kernel<T, VEC, K, RH, FWD, PF>
-      <<<grid, dim3(g.cv, g.wb), stream_forward_smem<T>(g, VEC, K)>>>(a);
+  kern<<<grid, dim3(g.cv, g.wb), stream_forward_smem<T>(g, VEC, K)>>>(a);
 }
 
 template <typename T, int K>
@@ -459,6 +468,13 @@ void run_shape(const Shape& s) {
   SFWDPF(4, 8, 3)
   SFWDPF(2, 8, 2)
   SFWDPF(2, 8, 4)
+  // More resident blocks: ptxas caps the registers at 65536 / (256 * MINB), persistent.
+#define SFWDMB(VEC, RH, PF, MINB)                                                           \
+  check_fwd("stream v" #VEC " rh" #RH " sl1 pf" #PF " minb" #MINB,                          \
+            regs_of(peg_stream_forward_kernel_minb<T, VEC, K, RH, true, PF, MINB>),          \
+            [&] { launch_stream_fwd<T, VEC, K, RH, true, PF, MINB>(d, s, 1); });
+  SFWDMB(4, 8, 1, 3)  // ptxas sm_90 bf16: 80 registers, no spills
+  SFWDMB(4, 8, 2, 3)  // 80 registers, 200 bytes of spills
   check_gx("stream v4 rh8", regs_of(peg_stream_forward_kernel<T, 4, K, 8, false>),
            [&] { launch_stream_fwd<T, 4, K, 8, false>(d, s, 0); });
   check_bwd("tile", regs_of(peg_backward_kernel<T, V16, K, K, 2, (K * V16 <= 28 ? K : 3)>),

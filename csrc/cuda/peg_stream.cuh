@@ -532,9 +532,10 @@ CPVT_HD inline void stream_reduce_round(const StreamBackwardArgs<T>& a, const ac
 
 // Dynamic shared memory: the staged taps (stream_taps_bytes), then in the backward the
 // reduction's (wb, cv, VEC) values.
-template <typename T, int VEC, int K, int RH, bool FWD, int PF = 1>
-__global__ void __launch_bounds__(kStreamThreads) peg_stream_forward_kernel(
-    const StreamForwardArgs<T> a) {
+
+// Block blockIdx.x of the forward kernels below.
+template <typename T, int VEC, int K, int RH, bool FWD, int PF>
+__device__ __forceinline__ void stream_forward_block(const StreamForwardArgs<T>& a) {
   using A = acc_t<T>;
   const int64_t blk = blockIdx.x;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
@@ -549,6 +550,21 @@ __global__ void __launch_bounds__(kStreamThreads) peg_stream_forward_kernel(
   stream_stage_taps<T, VEC, K>(ws, p, a.g, blk, /*flip=*/!FWD, tid, nthreads);
   __syncthreads();
   stream_forward_thread<T, VEC, K, RH, FWD, PF>(a, ws, blk, threadIdx.x, threadIdx.y);
+}
+
+template <typename T, int VEC, int K, int RH, bool FWD, int PF = 1>
+__global__ void __launch_bounds__(kStreamThreads) peg_stream_forward_kernel(
+    const StreamForwardArgs<T> a) {
+  stream_forward_block<T, VEC, K, RH, FWD, PF>(a);
+}
+
+// The same with at least MINB resident blocks per multiprocessor requested, which makes ptxas
+// cap the registers at 65536 / (256 * MINB): bench/cuda_micro's variants. (A minimum of 1 is not
+// the same as none: it took the bf16 forward from 128 registers to 158.)
+template <typename T, int VEC, int K, int RH, bool FWD, int PF, int MINB>
+__global__ void __launch_bounds__(kStreamThreads, MINB) peg_stream_forward_kernel_minb(
+    const StreamForwardArgs<T> a) {
+  stream_forward_block<T, VEC, K, RH, FWD, PF>(a);
 }
 
 template <typename T, int VEC, int K, int RH, int PF = 1>
