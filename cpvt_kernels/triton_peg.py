@@ -748,11 +748,12 @@ def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
     need_x, need_w, need_b = (bool(m) for m in output_mask)
     B, N, C = x.shape
     P = num_prefix_tokens
+    if need_x and not (need_w or need_b):  # the forward kernel allocates grad_x itself
+        return (launch_stream_forward(grad_out, weight, None, H, W, P, True,
+                                      stream_forward_config(H, W, C)),
+                x.new_empty(0), x.new_empty(0))
     gx, gw, gb = _masked_grads(x, weight, output_mask)
-    if not (need_w or need_b):
-        if need_x:
-            gx = launch_stream_forward(grad_out, weight, None, H, W, P, True,
-                                       stream_forward_config(H, W, C))
+    if not (need_x or need_w or need_b):
         return gx, gw, gb
     strips, wblocks, conv = _stream_programs(B, H, W, cfg)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

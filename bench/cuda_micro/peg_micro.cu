@@ -230,6 +230,15 @@ struct Bufs {
   size_t partial_elems;
 };
 
+// "stream v4 rh8 sl1", with " pf<PF>" when PF is not 1 and " minb<MINB>" when MINB > 0.
+std::string stream_name(int vec, int rh, int sl, int pf, int minb) {
+  std::string name = "stream v" + std::to_string(vec) + " rh" + std::to_string(rh) + " sl" +
+                     std::to_string(sl);
+  if (pf != 1) name += " pf" + std::to_string(pf);
+  if (minb > 0) name += " minb" + std::to_string(minb);
+  return name;
+}
+
 // The forward kernel of (T, VEC, K, RH, FWD, PF), with MINB resident blocks requested if > 0.
 template <typename T, int VEC, int K, int RH, bool FWD, int PF, int MINB>
 constexpr auto stream_fwd_kernel() {
@@ -445,59 +454,48 @@ void run_shape(const Shape& s) {
   constexpr int V16 = 16 / sizeof(T);
   constexpr int RW = K == 1 ? 1 : K == 3 ? 2 : 4;
   check_fwd("tile", regs_of(peg_forward_kernel<T, V16, K, K, RW>), [&] { launch_tile_fwd<T, K>(d, s); });
-#define SFWD(VEC, RH, SL)                                                                   \
-  check_fwd("stream v" #VEC " rh" #RH " sl" #SL,                                            \
-            regs_of(peg_stream_forward_kernel<T, VEC, K, RH, true>),                         \
-            [&] { launch_stream_fwd<T, VEC, K, RH, true>(d, s, SL); });
-  SFWD(4, 8, 0)
-  SFWD(4, 14, 0)
-  if constexpr (sizeof(T) == 2) { SFWD(8, 8, 0) }
-  SFWD(2, 8, 0)
-  SFWD(2, 14, 0)
-  SFWD(4, 8, 1)
-  SFWD(4, 8, 2)
-  SFWD(4, 4, 0)
-  SFWD(2, 8, 1)
-  SFWD(4, 14, 1)
-  // Loads PF rows ahead of the arithmetic (the package runs PF = 1), persistent.
-#define SFWDPF(VEC, RH, PF)                                                                 \
-  check_fwd("stream v" #VEC " rh" #RH " sl1 pf" #PF,                                        \
-            regs_of(peg_stream_forward_kernel<T, VEC, K, RH, true, PF>),                     \
-            [&] { launch_stream_fwd<T, VEC, K, RH, true, PF>(d, s, 1); });
-  SFWDPF(4, 8, 2)
-  SFWDPF(4, 8, 3)
-  SFWDPF(2, 8, 2)
-  SFWDPF(2, 8, 4)
-  // More resident blocks: ptxas caps the registers at 65536 / (256 * MINB), persistent.
-#define SFWDMB(VEC, RH, PF, MINB)                                                           \
-  check_fwd("stream v" #VEC " rh" #RH " sl1 pf" #PF " minb" #MINB,                          \
-            regs_of(peg_stream_forward_kernel_minb<T, VEC, K, RH, true, PF, MINB>),          \
-            [&] { launch_stream_fwd<T, VEC, K, RH, true, PF, MINB>(d, s, 1); });
-  SFWDMB(4, 8, 1, 3)  // ptxas sm_90 bf16: 80 registers, no spills
-  SFWDMB(4, 8, 2, 3)  // 80 registers, 200 bytes of spills
+  // Streaming variants: VEC channels a thread, RH rows a strip, SL waves of persistent blocks
+  // (0: a block per row), loads PF rows ahead (the package runs PF = 1) and, with MINB > 0, at
+  // least MINB resident blocks a multiprocessor requested (registers capped at
+  // 65536 / (256 * MINB)).
+#define SFWD(VEC, RH, SL, PF, MINB)                                                         \
+  check_fwd(stream_name(VEC, RH, SL, PF, MINB),                                             \
+            regs_of(stream_fwd_kernel<T, VEC, K, RH, true, PF, MINB>()),                     \
+            [&] { launch_stream_fwd<T, VEC, K, RH, true, PF, MINB>(d, s, SL); });
+  SFWD(4, 8, 0, 1, 0)
+  SFWD(4, 14, 0, 1, 0)
+  if constexpr (sizeof(T) == 2) { SFWD(8, 8, 0, 1, 0) }
+  SFWD(2, 8, 0, 1, 0)
+  SFWD(2, 14, 0, 1, 0)
+  SFWD(4, 8, 1, 1, 0)
+  SFWD(4, 8, 2, 1, 0)
+  SFWD(4, 4, 0, 1, 0)
+  SFWD(2, 8, 1, 1, 0)
+  SFWD(4, 14, 1, 1, 0)
+  SFWD(4, 8, 1, 2, 0)
+  SFWD(4, 8, 1, 3, 0)
+  SFWD(2, 8, 1, 2, 0)
+  SFWD(2, 8, 1, 4, 0)
+  SFWD(4, 8, 1, 1, 3)  // ptxas sm_90 bf16: 80 registers, no spills
+  SFWD(4, 8, 1, 2, 3)  // 80 registers, 200 bytes of spills
   check_gx("stream v4 rh8", regs_of(peg_stream_forward_kernel<T, 4, K, 8, false>),
            [&] { launch_stream_fwd<T, 4, K, 8, false>(d, s, 0); });
   check_bwd("tile", regs_of(peg_backward_kernel<T, V16, K, K, 2, (K * V16 <= 28 ? K : 3)>),
             [&] { launch_tile_bwd<T, K>(d, s); });
-#define SBWD(VEC, RH, SL)                                                                   \
-  check_bwd("stream v" #VEC " rh" #RH " sl" #SL,                                            \
-            regs_of(peg_stream_backward_kernel<T, VEC, K, RH>),                              \
-            [&] { launch_stream_bwd<T, VEC, K, RH>(d, s, SL); });
-  SBWD(2, 8, 1)
-  SBWD(2, 8, 2)
-  SBWD(2, 8, 4)
-  SBWD(2, 14, 1)
-  SBWD(4, 8, 1)
-  SBWD(4, 8, 2)
-  SBWD(2, 4, 2)
-  // Loads PF rows ahead (the package runs PF = 1).
-#define SBWDPF(VEC, RH, SL, PF)                                                             \
-  check_bwd("stream v" #VEC " rh" #RH " sl" #SL " pf" #PF,                                  \
+#define SBWD(VEC, RH, SL, PF)                                                               \
+  check_bwd(stream_name(VEC, RH, SL, PF, 0),                                                \
             regs_of(peg_stream_backward_kernel<T, VEC, K, RH, PF>),                          \
             [&] { launch_stream_bwd<T, VEC, K, RH, PF>(d, s, SL); });
-  SBWDPF(2, 8, 1, 2)
-  SBWDPF(2, 8, 1, 3)
-  SBWDPF(4, 8, 1, 2)
+  SBWD(2, 8, 1, 1)
+  SBWD(2, 8, 2, 1)
+  SBWD(2, 8, 4, 1)
+  SBWD(2, 14, 1, 1)
+  SBWD(4, 8, 1, 1)
+  SBWD(4, 8, 2, 1)
+  SBWD(2, 4, 2, 1)
+  SBWD(2, 8, 1, 2)
+  SBWD(2, 8, 1, 3)
+  SBWD(4, 8, 1, 2)
 
   CK(cudaFree(d.x)); CK(cudaFree(d.g)); CK(cudaFree(d.out)); CK(cudaFree(d.gx));
   CK(cudaFree(d.w)); CK(cudaFree(d.bias)); CK(cudaFree(d.gw)); CK(cudaFree(d.gb));
