@@ -521,20 +521,20 @@ CPVT_ALWAYS_INLINE void conv_block_k(const S* const* r, const Vec<A>* wv, const 
   constexpr bool FULL = M != kPartial;
   constexpr bool kRegWeights = K <= 3;
   Vec<A> acc[RB][WB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int p = 0; p < RB; ++p) {
 #pragma GCC unroll 16
     for (int q = 0; q < WB; ++q) acc[p][q] = b;
   }
   const Vec<A> zero = in_register<A>(Vec<A>(A(0)));
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < K + RB - 1; ++i) {
     const S* ri = DIRECT ? r[i] + (w0 - K / 2) * cs : r[i] + w0 * V;
 #pragma GCC unroll 16
     for (int t = 0; t < WB + K - 1; ++t) {
       const bool pad = DIRECT && ((L && t < K / 2) || (R && t >= WB + K / 2));
       const Vec<A> v = pad ? zero : in_register<A>(load_row<A>(ri + t * (DIRECT ? cs : V)));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int p = 0; p < RB; ++p) {
         const int ki = i - p;  // the kernel row input row i is for output row p
         if (ki < 0 || ki >= K) continue;
@@ -554,7 +554,7 @@ CPVT_ALWAYS_INLINE void conv_block_k(const S* const* r, const Vec<A>* wv, const 
       }
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int p = 0; p < RB; ++p) {
     T* o = out + p * row_stride + w0 * C;
 #pragma GCC unroll 16
@@ -815,7 +815,13 @@ void conv_row_dispatch_direct(const S* const* rows, int64_t k, const A* wt, cons
 // 0.18 / 0.52-0.54 / 0.95 ms against 0.21-0.23 / 0.64-0.69 / 1.18 ms for 2 x 8 (x 1 and 4 x 4
 // within 5% of 4 x 2); bfloat16 with 4 x 4 0.13-0.14 / 0.40-0.41 / 0.72 ms against 0.14-0.15 /
 // 0.41-0.44 / 0.77-0.79 (where the conversions make the loop bound by the vector units, and the
-// wider block shares each converted vector among more outputs). 5 or more rows spill registers.
+// wider block shares each converted vector among more outputs; 5 or more rows of 4 columns spill
+// registers). float32 and float64 now take 8 x 1 blocks (8 accumulators): each input row is read
+// by fewer passes again, and fewer rows and columns are in flight at once. In the op (builds
+// alternating in separate processes, 16 rounds, 2 threads, same 2-core Emerald Rapids Xeon,
+// bitwise the same outputs) 0.176 / 0.499 ms at 14x14 / 24x24 against 0.185 / 0.532 for 4 x 2
+// (medians; 5% / 7% faster); other shapes within 4% either way (B=8 and 4, B=16 32x32, B=128
+// C=384 14x14), 16x192x32 the worst at 1-8% slower.
 // AVX2 (a 2-core Zen 1 EPYC with 8 MB of L3, builds of the op alternating in separate
 // processes, fastest sample, C=192; bench/results/2026-12-04_cpu-amd-epyc-zen1): bfloat16 3 x 2,
 // one thread, B=32, 14x14 / 24x24: 1.59-1.82 / 4.82-5.23 ms against 1.78-2.68 / 5.41-8.13 for
@@ -828,12 +834,12 @@ void conv_row_dispatch_direct(const S* const* rows, int64_t k, const A* wt, cons
 // 3 x 2 and 2 x 2 were no better in cache and slower beyond it.
 template <typename T>
 constexpr int forward_block_cols(bool narrow) {
-  if constexpr (sizeof(Vec<float>) >= 64) return sizeof(T) >= 4 ? 2 : 4;
+  if constexpr (sizeof(Vec<float>) >= 64) return sizeof(T) >= 4 ? 1 : 4;
   return sizeof(T) >= 4 ? (narrow ? 1 : 2) : 2;
 }
 template <typename T>
 constexpr int64_t forward_block_rows() {
-  if constexpr (sizeof(Vec<float>) >= 64) return 4;
+  if constexpr (sizeof(Vec<float>) >= 64) return sizeof(T) >= 4 ? 8 : 4;
   return sizeof(T) >= 4 ? 4 : 3;
 }
 // Whether the forward of g takes the narrow column blocks: the input is larger than the
@@ -849,7 +855,7 @@ bool forward_narrow_blocks(const Geometry& g) {
   return llc > 0 && g.B * g.N * g.C * static_cast<int64_t>(sizeof(T)) > llc;
 }
 // The most rows of any forward pass over rows read in place.
-constexpr int64_t kDirectRows = 4;
+constexpr int64_t kDirectRows = 8;
 
 template <typename T>
 int64_t direct_pass_rows(int64_t r, int64_t end, int64_t H) {
@@ -875,6 +881,12 @@ void conv_rows_direct_forward(const S* const* rows, int64_t k, const A* wt, cons
   };
   // The pass heights up to RB, each a compile-time constant.
   auto rows_of = [&](auto kc) {
+    if constexpr (RB >= 8) {
+      if (nrows == 8) return go(kc, std::integral_constant<int, 8>{});
+      if (nrows == 7) return go(kc, std::integral_constant<int, 7>{});
+      if (nrows == 6) return go(kc, std::integral_constant<int, 6>{});
+      if (nrows == 5) return go(kc, std::integral_constant<int, 5>{});
+    }
     if constexpr (RB >= 4) {
       if (nrows == 4) return go(kc, std::integral_constant<int, 4>{});
     }
