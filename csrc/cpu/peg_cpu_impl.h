@@ -854,8 +854,10 @@ bool forward_narrow_blocks(const Geometry& g) {
   const int64_t llc = llc_bytes();
   return llc > 0 && g.B * g.N * g.C * static_cast<int64_t>(sizeof(T)) > llc;
 }
-// The most rows of any forward pass over rows read in place.
-constexpr int64_t kDirectRows = 8;
+// The most rows of any forward pass over rows read in place (float's blocks are the tallest).
+constexpr int64_t kDirectRows = forward_block_rows<float>();
+static_assert(kDirectRows >= forward_block_rows<double>() &&
+              kDirectRows >= forward_block_rows<at::Half>());
 
 template <typename T>
 int64_t direct_pass_rows(int64_t r, int64_t end, int64_t H) {
@@ -1042,7 +1044,7 @@ void conv_rows(const uint16_t* const* rows, const float* wt, const float* bias, 
 inline void conv_rows_forward(const at::BFloat16* const* rows, const float* wt, const float* bias,
                               int64_t W, int64_t C, at::BFloat16* out, int64_t nrows,
                               int64_t row_stride, RowPrefetch& pf, int64_t cs) {
-  TORCH_INTERNAL_ASSERT(nrows >= 1 && nrows <= kDirectRows && C % kChannels == 0);
+  TORCH_INTERNAL_ASSERT(nrows >= 1 && nrows <= 4 && C % kChannels == 0);
   const auto* r = reinterpret_cast<const uint16_t* const*>(rows);
   auto* o = reinterpret_cast<uint16_t*>(out);
   switch (nrows) {
