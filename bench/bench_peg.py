@@ -19,6 +19,10 @@ writes out, ``2 S``; backward reads grad_out and x and writes grad_x, ``3 S``; f
 ``5 S``. GB/s is that over the median time; "% copy" divides it by the copy bandwidth measured at
 the start of the same run (``dst.copy_(src)`` of 256 MiB, bytes read plus written).
 
+The samples of one shape, dtype and pass are taken in ``--rounds`` rounds (default 5) that
+alternate between the implementations, so that a slow period of a shared host slows them alike
+and the speedups, which are ratios of medians, stay steady.
+
 Before timing, every implementation's output (and gradients, when a backward pass is timed) is
 compared with the float64 reference on the same inputs; a fused backend outside the tolerance of
 SPEC section 5 is reported as a failure and not timed, and the program exits non-zero.
@@ -251,6 +255,26 @@ class Stats:
     host_ms: float | None = None  # GPU: median host time of one call (launch overhead)
 
 
+@dataclass
+class Samples:
+    """Per-call times (ms), pooled over the rounds of one measurement."""
+    times: list
+    host: list  # GPU: host ms of each call
+    faults: int | None = None  # CPU: minor page faults of the process over the samples
+
+    def extend(self, other: Samples) -> None:
+        self.times += other.times
+        self.host += other.host
+        if other.faults is not None:
+            self.faults = (self.faults or 0) + other.faults
+
+    def stats(self) -> Stats:
+        times = sorted(self.times)
+        return Stats(statistics.median(times), percentile(times, 0.2), percentile(times, 0.8),
+                     len(times), None if self.faults is None else self.faults / len(times),
+                     statistics.median(self.host) if self.host else None)
+
+
 def minor_faults() -> int:
     """Minor page faults of this process so far (all its threads)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -389,7 +413,9 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def __call__(self, fn) -> Stats:
+    def calibrate(self, fn) -> tuple[int, float]:
+        """Warms ``fn`` up; returns the number of samples ``min_time`` asks for and the seconds
+        of one synchronous call."""
         fn()
         self._sync()
         n, start = 0, time.perf_counter()
@@ -400,12 +426,16 @@ class Timer:
             elapsed = time.perf_counter() - start
             if elapsed >= 0.2 * self.min_time or n >= 50:
                 break
-        reps = int(min(max(self.min_time / max(elapsed / n, 1e-7), self.min_reps), self.max_reps))
-        host = None
+        per_call = elapsed / n
+        reps = int(min(max(self.min_time / max(per_call, 1e-7), self.min_reps), self.max_reps))
+        return reps, per_call
+
+    def sample(self, fn, reps: int, per_call: float) -> Samples:
+        """``reps`` timed calls of ``fn`` (calibrated: ``per_call`` seconds each)."""
         if self.cuda:
             # The spin outlasts the host time of a call (bounded by its synchronous time above),
             # so the call is queued before its first event fires.
-            spin = self._spin_cycles(min(max(1.5 * elapsed / n * 1e3, 0.05), 2.0))
+            spin = self._spin_cycles(min(max(1.5 * per_call * 1e3, 0.05), 2.0))
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(reps)]
             host = []
@@ -418,20 +448,19 @@ class Timer:
                 host.append((time.perf_counter() - t0) * 1e3)
                 end.record()
             torch.cuda.synchronize()
-            times = [begin.elapsed_time(end) for begin, end in events]
-            faults = None
-        else:
-            times = []
-            faults0 = minor_faults()
-            for _ in range(reps):
-                self._flush()
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            faults = (minor_faults() - faults0) / reps
-        times.sort()
-        return Stats(statistics.median(times), percentile(times, 0.2), percentile(times, 0.8),
-                     reps, faults, statistics.median(host) if host else None)
+            return Samples([begin.elapsed_time(end) for begin, end in events], host)
+        times = []
+        faults0 = minor_faults()
+        for _ in range(reps):
+            self._flush()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return Samples(times, [], minor_faults() - faults0)
+
+    def __call__(self, fn) -> Stats:
+        reps, per_call = self.calibrate(fn)
+        return self.sample(fn, reps, per_call).stats()
 
 
 def peak_memory_mib(device: torch.device, fn) -> float | None:
@@ -686,6 +715,10 @@ def parse_args(argv=None):
                         "0.1 on a GPU)")
     p.add_argument("--min-reps", type=int, default=5, metavar="N",
                    help="fewest samples per measurement")
+    p.add_argument("--rounds", type=int, default=5, metavar="R",
+                   help="rounds the samples of each shape, dtype and pass are taken in, "
+                        "alternating between the implementations (default 5; 1: each "
+                        "implementation's samples in one block)")
     p.add_argument("--flush-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="evict the inputs from the last-level cache before each timed call "
                         "(default: on for a GPU's L2; off on a CPU, where the shapes that fit "
@@ -760,6 +793,9 @@ def main(argv=None) -> int:
         notes.append("triton is excluded on CPU (it runs there only through its interpreter)")
 
     min_time = args.min_time or (0.1 if on_gpu else (0.2 if args.quick else 0.5))
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds: expected 1 or more, got {args.rounds}")
+    rounds = args.rounds
     flush = on_gpu if args.flush_cache is None else args.flush_cache
     timer = Timer(device, min_time, args.min_reps, flush_cache=flush)
     out_dir = args.out or default_out_dir(device)
@@ -783,6 +819,8 @@ def main(argv=None) -> int:
               "fwd runs under torch.no_grad(); bwd is the backward of a retained graph (grads of "
               "x, weight, bias); fwdbwd is both",
               "times: median of per-call samples, spread p20-p80; "
+              + (f"the samples taken in {rounds} rounds alternating between the "
+                 "implementations, so that host drift moves them alike; " if rounds > 1 else "")
               + ("CUDA events around each call, the GPU held busy (torch.cuda._sleep) until "
                  "the call is queued, so they are device time without the host's launch "
                  "overhead; host ms is the host time of one call (above the device time, a call "
@@ -863,34 +901,53 @@ def main(argv=None) -> int:
                     broken[name] = f"parity failure ({err:.2g} > {tol:g})"
         group_rows = []
         for pass_name in passes:
+            # Calibrate every implementation, then take its samples in rounds that alternate
+            # between them (each round starting one implementation later), so that a slow period
+            # of the host falls on all of them alike and the ratios stay steady.
+            timed, failed = {}, dict(broken)
+            for name in group_names:
+                if name in failed:
+                    continue
+                try:
+                    with impl_env(name):
+                        fn = make_pass(pass_name, impls[name], x, xg, params, g, case.H, case.W)
+                        reps, per_call = timer.calibrate(fn)
+                    timed[name] = (fn, reps, per_call, Samples([], []))
+                except Exception as e:
+                    failed[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            order = list(timed)
+            for r in range(rounds):
+                for name in order[r % len(order):] + order[:r % len(order)]:
+                    if name in failed:
+                        continue
+                    fn, reps, per_call, samples = timed[name]
+                    n = reps // rounds + (r < reps % rounds)
+                    if n == 0:
+                        continue
+                    try:
+                        with impl_env(name):
+                            samples.extend(timer.sample(fn, n, per_call))
+                    except Exception as e:
+                        failed[name] = (f"error: {type(e).__name__}: "
+                                        f"{str(e).splitlines()[0][:200]}")
             for name in group_names:
                 done += 1
                 row = dict(meta)
                 row.update({"pass": pass_name, "dtype": SHORT[dtype], "B": case.B, "C": case.C,
                             "H": case.H, "W": case.W, "P": case.P, "k": case.k, "impl": name,
                             "max_rel_err": _fmt(errors.get(name), ".3g"), "copy_gbps":
-                            f"{copy_gbps:.6g}", "status": broken.get(name, "ok")})
+                            f"{copy_gbps:.6g}", "status": failed.get(name, "ok")})
                 prefix = f"[{done}/{total}] {pass_name} {SHORT[dtype]} {case.label()} {name}:"
-                if name in broken:
-                    failures.append(f"{prefix} {broken[name]}")
-                    print(f"{prefix} {broken[name]}", flush=True)
+                if name in failed:
+                    failures.append(f"{prefix} {failed[name]}")
+                    print(f"{prefix} {failed[name]}", flush=True)
                     row.update({k: "" for k in CSV_FIELDS if k not in row})
                     group_rows.append(row)
                     continue
-                try:
-                    with impl_env(name):
-                        fn = make_pass(pass_name, impls[name], x, xg, params, g, case.H, case.W)
-                        stats = timer(fn)
-                        peak = peak_memory_mib(device, fn)
-                        del fn
-                except Exception as e:
-                    status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    failures.append(f"{prefix} {status}")
-                    print(f"{prefix} {status}", flush=True)
-                    row.update({k: "" for k in CSV_FIELDS if k not in row})
-                    row["status"] = status
-                    group_rows.append(row)
-                    continue
+                fn, _, _, samples = timed[name]
+                stats = samples.stats()
+                with impl_env(name):
+                    peak = peak_memory_mib(device, fn)
                 nbytes = PASS_BYTES[pass_name] * case.B * case.N * case.C * x.element_size()
                 gbps = nbytes / (stats.median_ms * 1e-3) / 1e9
                 row.update({"median_ms": f"{stats.median_ms:.6g}", "p20_ms": f"{stats.p20_ms:.6g}",
@@ -907,6 +964,7 @@ def main(argv=None) -> int:
                 print(f"{prefix} {stats.median_ms:.3f} ms ({stats.p20_ms:.3f}-{stats.p80_ms:.3f}) "
                       f"{gbps:.1f} GB/s {gbps / copy_gbps:.0%} of copy  [eta {eta:.0f} s]",
                       flush=True)
+            del timed
         for pass_name in passes:
             same = {r["impl"]: r for r in group_rows if r["pass"] == pass_name}
             for r in same.values():

@@ -73,6 +73,42 @@ def test_bench_peg_tiny_run_writes_every_row(tmp_path, capsys):
     assert "[48/48]" in out and "| impl | pass | dtype |" in out
 
 
+def test_bench_peg_alternates_the_implementations_in_rounds(tmp_path, monkeypatch):
+    """Each implementation's samples come in --rounds rounds, interleaved with the others', each
+    round starting one implementation later, and every sample counts in the row's reps."""
+    require_backend("cpu")
+    calls = []
+    make_pass = bench_peg.make_pass
+    sample = bench_peg.Timer.sample
+
+    def tagged_pass(pass_name, m, *args):
+        fn = make_pass(pass_name, m, *args)
+        fn.impl = type(m).__name__
+        return fn
+
+    def recorded_sample(self, fn, reps, per_call):
+        calls.append((getattr(fn, "impl", None), reps))
+        return sample(self, fn, reps, per_call)
+
+    monkeypatch.setattr(bench_peg, "make_pass", tagged_pass)
+    monkeypatch.setattr(bench_peg.Timer, "sample", recorded_sample)
+    rc = bench_peg.main(["--shapes", "2x8x5", "--min-time", "0.002", "--min-reps", "7",
+                         "--rounds", "3", "--no-plot", "--device", "cpu", "--dtypes", "float32",
+                         "--passes", "fwd", "--impls", "eager", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    # (the copy bandwidth is timed in one block) 3 rounds of the two implementations
+    calls = [c for c in calls if c[0] is not None]
+    assert [c[0] for c in calls] == ["PEG", "FusedPEG", "FusedPEG", "PEG", "PEG", "FusedPEG"]
+    rows = {r["impl"]: r for r in _rows(tmp_path / "peg.csv")}
+    for impl, name in (("PEG", "eager"), ("FusedPEG", "cpu")):
+        per_round = [n for i, n in calls if i == impl]
+        assert len(per_round) == 3 and min(per_round) >= 2
+        assert max(per_round) - min(per_round) <= 1
+        assert int(rows[name]["reps"]) == sum(per_round) >= 7
+    with pytest.raises(SystemExit, match="--rounds"):
+        bench_peg.main(["--rounds", "0"])
+
+
 @pytest.mark.slow
 def test_bench_peg_quick_mode_with_compile(tmp_path):
     """--quick's implementation set (eager, torch.compile, cpu) on one tiny shape."""
