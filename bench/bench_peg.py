@@ -430,8 +430,13 @@ class Timer:
         reps = int(min(max(self.min_time / max(per_call, 1e-7), self.min_reps), self.max_reps))
         return reps, per_call
 
-    def sample(self, fn, reps: int, per_call: float) -> Samples:
-        """``reps`` timed calls of ``fn`` (calibrated: ``per_call`` seconds each)."""
+    def sample(self, fn, reps: int, per_call: float, warm: bool = False) -> Samples:
+        """``reps`` timed calls of ``fn`` (calibrated: ``per_call`` seconds each). ``warm``: one
+        untimed call first, as after another implementation's calls the first finds the caches
+        and the allocator as that one left them."""
+        if warm:
+            fn()
+            self._sync()
         if self.cuda:
             # The spin outlasts the host time of a call (bounded by its synchronous time above),
             # so the call is queued before its first event fires.
@@ -926,7 +931,7 @@ def main(argv=None) -> int:
                         continue
                     try:
                         with impl_env(name):
-                            samples.extend(timer.sample(fn, n, per_call))
+                            samples.extend(timer.sample(fn, n, per_call, warm=rounds > 1))
                     except Exception as e:
                         failed[name] = (f"error: {type(e).__name__}: "
                                         f"{str(e).splitlines()[0][:200]}")

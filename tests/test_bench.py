@@ -86,9 +86,10 @@ def test_bench_peg_alternates_the_implementations_in_rounds(tmp_path, monkeypatc
         fn.impl = type(m).__name__
         return fn
 
-    def recorded_sample(self, fn, reps, per_call):
+    def recorded_sample(self, fn, reps, per_call, warm=False):
         calls.append((getattr(fn, "impl", None), reps))
-        return sample(self, fn, reps, per_call)
+        assert warm or getattr(fn, "impl", None) is None
+        return sample(self, fn, reps, per_call, warm)
 
     monkeypatch.setattr(bench_peg, "make_pass", tagged_pass)
     monkeypatch.setattr(bench_peg.Timer, "sample", recorded_sample)
