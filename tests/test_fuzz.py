@@ -1,7 +1,10 @@
 """Property-based tests: random shapes, dtypes, layouts and storage offsets on every backend
 that runs on CPU tensors here, against the float64 reference, output and every gradient.
 
-Bounded for CI (CPVT_FUZZ_EXAMPLES, default 40 per backend; the Triton interpreter gets a
+A second set aims at the cpu backend's fast paths (channel counts that fill its vectors, k = 3,
+grids up to 30 x 30), with its CPVT_CPU_* switches and the thread count drawn as well.
+
+Bounded for CI (CPVT_FUZZ_EXAMPLES, default 40 per backend and set; the Triton interpreter gets a
 quarter of that). Hypothesis prints the falsifying example and a reproduction blob on failure.
 """
 import os
@@ -96,5 +99,58 @@ def test_fuzz_against_reference(backend):
     @given(problem=peg_problems(small=small))
     def run(problem):
         _check(backend, problem)
+
+    run()
+
+
+# The cpu backend's fast paths need whole vectors or blocks of channels (C a multiple of 16 or 32
+# for the bfloat16 even/odd loop), k = 3 and grids tall and wide enough for its row and column
+# blocks, which the problems above seldom draw; its switches (CPVT_CPU_*) pick between paths that
+# must agree. These problems aim there, with the switches and the thread count drawn too.
+CPU_SWITCHES = {"CPVT_CPU_PREFETCH": ("0", "1"), "CPVT_CPU_NARROW_BLOCKS": ("0", "1"),
+                "CPVT_CPU_STREAM_BYTES": ("0",), "CPVT_CPU_BF16_DOT": ("0", "1"),
+                "CPVT_CPU_IN_PLACE": ("0", "1")}
+
+
+@st.composite
+def cpu_fast_path_problems(draw):
+    k = draw(st.sampled_from([3, 3, 3, 1, 5, 7]))
+    problem = (draw(st.integers(1, 3)), draw(st.integers(0, 2)), draw(st.integers(1, 30)),
+               draw(st.integers(1, 30)), draw(st.sampled_from([16, 17, 32, 33, 48, 64, 96, 192])),
+               k, k, draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16,
+                                           torch.float64])),
+               draw(st.booleans()), draw(st.sampled_from(["contiguous", "contiguous", "offset",
+                                                          "transposed", "channel_stride"])),
+               draw(st.integers(0, 7)), draw(st.integers(0, 2**31 - 1)),
+               draw(st.sampled_from(["all", "x", "params"])))
+    switches = {name: draw(st.sampled_from((None,) + values))
+                for name, values in CPU_SWITCHES.items()}
+    return problem, switches, draw(st.sampled_from([1, 2]))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+def test_fuzz_cpu_fast_paths():
+    @settings(max_examples=EXAMPLES, deadline=None, print_blob=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(case=cpu_fast_path_problems())
+    def run(case):
+        problem, switches, threads = case
+        saved = {name: os.environ.get(name) for name in switches}
+        saved_threads = torch.get_num_threads()
+        try:
+            for name, value in switches.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            torch.set_num_threads(threads)
+            _check("cpu", problem)
+        finally:
+            torch.set_num_threads(saved_threads)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     run()
