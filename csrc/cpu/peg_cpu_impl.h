@@ -925,7 +925,11 @@ constexpr int kEvenOddCols = 2;
 // faster in the op (B=32, C=192, alternating processes; bench/results/2026-12-02_cpu-intel-xeon/
 // 42164a1/ab): each half's nine taps held in registers (two passes over 4 x 4 blocks, the even
 // sums parked in the output's 64 bytes) 5-13% slower with 2 threads, and GCC's scheduling before
-// register allocation within 5% either way.
+// register allocation within 5% either way. On an Emerald Rapids Xeon, outside torch, a sliding
+// window along the row (one half at a time, its taps in registers, 3-row bands) was within 3%
+// and a float32 scratch of each band's rows 1.45x slower; llvm-mca puts this loop at 15.9 cycles
+// per 32 outputs and the window at 14.9, both bound by ports 0 and 5
+// (bench/results/2026-12-05_cpu-intel-xeon-emr/c2f8e56/ab).
 namespace eo {
 
 constexpr int64_t kChannels = 32;
