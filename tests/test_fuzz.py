@@ -1,6 +1,8 @@
 """Property-based tests: random shapes, dtypes, layouts and storage offsets on every backend
 that runs on CPU tensors here, against the float64 reference, output and every gradient.
 
+On a GPU the same problems run on CUDA tensors through the cuda and triton backends.
+
 A second set aims at the cpu backend's fast paths (channel counts that fill its vectors, k = 3,
 grids up to 30 x 30), with its CPVT_CPU_* switches and the thread count drawn as well.
 
@@ -15,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cpvt_kernels as ck
-from conftest import TOLERANCE, reference_with_grads, rel_err
+from conftest import TOLERANCE, poison_allocator, reference_with_grads, rel_err
 
 EXAMPLES = int(os.environ.get("CPVT_FUZZ_EXAMPLES", "40"))
 BACKENDS = [b for b in ("cpu", "triton", "reference") if b in ck.available_backends("cpu")]
@@ -39,25 +41,27 @@ def peg_problems(draw, small=False):
     return B, P, H, W, C, kh, kw, dtype, bias, layout, offset, seed, needs
 
 
-def _materialize(x64, dtype, layout, offset):
-    """``x64`` in ``dtype`` stored with the given layout, starting ``offset`` elements in."""
+def _materialize(x64, dtype, layout, offset, device="cpu"):
+    """``x64`` in ``dtype`` on ``device``, stored with the given layout, starting ``offset``
+    elements in."""
     B, N, C = x64.shape
     if layout == "contiguous" and offset == 0:
-        return x64.to(dtype)
+        return x64.to(device=device, dtype=dtype)
+
+    def nans(n):
+        return torch.full((n,), float("nan"), dtype=dtype, device=device)
+
     if layout == "transposed":
-        base = torch.full((offset + N * B * C,), float("nan"), dtype=dtype)
-        x = base[offset:].view(N, B, C).transpose(0, 1)
+        x = nans(offset + N * B * C)[offset:].view(N, B, C).transpose(0, 1)
     elif layout == "channel_stride":
-        base = torch.full((offset + B * N * C * 2,), float("nan"), dtype=dtype)
-        x = base[offset:].view(B, N, 2 * C)[:, :, ::2]
+        x = nans(offset + B * N * C * 2)[offset:].view(B, N, 2 * C)[:, :, ::2]
     else:  # channel-contiguous rows with padding between tokens and an unaligned start
-        base = torch.full((offset + B * N * (C + 1),), float("nan"), dtype=dtype)
-        x = base[offset:].view(B, N, C + 1)[:, :, :C]
+        x = nans(offset + B * N * (C + 1))[offset:].view(B, N, C + 1)[:, :, :C]
     x.copy_(x64)
     return x
 
 
-def _check(backend, problem):
+def _check(backend, problem, device="cpu"):
     B, P, H, W, C, kh, kw, dtype, bias, layout, offset, seed, needs = problem
     g = torch.Generator().manual_seed(seed)
     x64 = torch.randn(B, P + H * W, C, dtype=torch.float64, generator=g).to(dtype).double()
@@ -66,19 +70,22 @@ def _check(backend, problem):
     grad64 = torch.randn(x64.shape, dtype=torch.float64, generator=g).to(dtype).double()
     ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
 
-    x = _materialize(x64, dtype, layout, offset)
-    w = w64.to(dtype)
-    b = None if b64 is None else b64.to(dtype)
+    x = _materialize(x64, dtype, layout, offset, device)
+    w = w64.to(device=device, dtype=dtype)
+    b = None if b64 is None else b64.to(device=device, dtype=dtype)
     x.requires_grad_(needs in ("all", "x"))
     w.requires_grad_(needs in ("all", "params"))
     if b is not None:
         b.requires_grad_(needs in ("all", "params"))
     before = [t.detach().clone() for t in (x, w, b) if t is not None]
+    poison_allocator(x.shape, dtype=dtype, device=device)
     out = ck.fused_peg(x, w, b, (H, W), P, backend=backend)
     tol = TOLERANCE[dtype]
-    assert out.shape == x.shape and out.dtype == dtype
+    assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
     assert rel_err(out, ref) < tol, "output"
-    out.backward(grad64.to(dtype))
+    grad = grad64.to(device=device, dtype=dtype)
+    poison_allocator(x.shape, w.shape, (C,), dtype=dtype, device=device)
+    out.backward(grad)
     if x.requires_grad:
         assert rel_err(x.grad, gx_ref) < tol, "grad_x"
     if w.requires_grad:
@@ -152,5 +159,31 @@ def test_fuzz_cpu_fast_paths():
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+    run()
+
+
+# On CUDA tensors (a GPU only): the cuda and triton backends, each kernel family, on the problems
+# of both sets above (Triton a quarter as many: each new kernel size or dtype compiles its kernels).
+CUDA_VARIANTS = [("cuda", "CPVT_CUDA_KERNELS", "tile"), ("cuda", "CPVT_CUDA_KERNELS", "stream"),
+                 ("triton", "CPVT_TRITON_KERNELS", "tile"),
+                 ("triton", "CPVT_TRITON_KERNELS", "stream")]
+
+
+@pytest.mark.parametrize("backend,switch,kernels", CUDA_VARIANTS,
+                         ids=[f"{b}-{k}" for b, _, k in CUDA_VARIANTS])
+def test_fuzz_on_cuda(backend, switch, kernels, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("GPU-only: no CUDA device")
+    if backend not in ck.available_backends("cuda"):
+        pytest.skip(f"the {backend} backend is not available on CUDA tensors here")
+    monkeypatch.setenv(switch, kernels)
+
+    @settings(max_examples=max(2, EXAMPLES // 4) if backend == "triton" else EXAMPLES,
+              deadline=None, print_blob=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(problem=st.one_of(peg_problems(), cpu_fast_path_problems().map(lambda case: case[0])))
+    def run(problem):
+        _check(backend, problem, "cuda")
 
     run()
