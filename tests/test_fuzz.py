@@ -61,6 +61,25 @@ def _materialize(x64, dtype, layout, offset, device="cpu"):
     return x
 
 
+def _close(a, ref, ref_abs, tol) -> bool:
+    """Within ``tol`` of the reference by SPEC section 5's measure (``rel_err``), or, where that
+    measure is ill-conditioned, element by element relative to the sum of the absolute values of
+    the terms that make up each element (``ref_abs``: the reference computed on |x|, |w|, |b|,
+    |grad|). A tiny draw can cancel: one channel, a 1 x 1 grid, no prefix tokens and a centre tap
+    near -1 give out = x * (1 + w), a residue far below the terms, that no float32 computation
+    matches to 1e-5 of itself (eager conv2d + x neither); each element's error is still bounded
+    by its terms, and a wrong or missing term breaks that bound."""
+    if rel_err(a, ref) < tol:
+        return True
+    floor = 0.0
+    if a.is_floating_point():
+        info = torch.finfo(a.dtype)
+        floor = info.smallest_normal * info.eps
+    a, ref, ref_abs = (t.detach().double().cpu() for t in (a, ref, ref_abs))
+    diff = ((a - ref).abs() - floor).clamp_min(0.0)
+    return bool((diff <= tol * ref_abs).all())
+
+
 def _check(backend, problem, device="cpu"):
     B, P, H, W, C, kh, kw, dtype, bias, layout, offset, seed, needs = problem
     g = torch.Generator().manual_seed(seed)
@@ -69,6 +88,8 @@ def _check(backend, problem, device="cpu"):
     b64 = torch.randn(C, dtype=torch.float64, generator=g).to(dtype).double() if bias else None
     grad64 = torch.randn(x64.shape, dtype=torch.float64, generator=g).to(dtype).double()
     ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
+    scales = reference_with_grads(x64.abs(), w64.abs(), None if b64 is None else b64.abs(), H, W,
+                                  P, grad64.abs())
 
     x = _materialize(x64, dtype, layout, offset, device)
     w = w64.to(device=device, dtype=dtype)
@@ -82,19 +103,38 @@ def _check(backend, problem, device="cpu"):
     out = ck.fused_peg(x, w, b, (H, W), P, backend=backend)
     tol = TOLERANCE[dtype]
     assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
-    assert rel_err(out, ref) < tol, "output"
+    assert _close(out, ref, scales[0], tol), "output"
     grad = grad64.to(device=device, dtype=dtype)
     poison_allocator(x.shape, w.shape, (C,), dtype=dtype, device=device)
     out.backward(grad)
     if x.requires_grad:
-        assert rel_err(x.grad, gx_ref) < tol, "grad_x"
+        assert _close(x.grad, gx_ref, scales[1], tol), "grad_x"
     if w.requires_grad:
-        assert rel_err(w.grad, gw_ref) < tol, "grad_weight"
+        assert _close(w.grad, gw_ref, scales[2], tol), "grad_weight"
     if b is not None and b.requires_grad:
-        assert rel_err(b.grad, gb_ref) < tol, "grad_bias"
+        assert _close(b.grad, gb_ref, scales[3], tol), "grad_bias"
     after = [t.detach() for t in (x, w, b) if t is not None]
     assert all(torch.equal(a, c) for a, c in zip(after, before)), "an input was modified"
 
+
+
+def test_close_takes_cancellation_but_not_a_missing_term():
+    """The cancelling draw of _close: SPEC 5's measure fails on float32 (eager PyTorch's too),
+    the element-wise bound passes; a result without the residual or with the centre tap's sign
+    flipped fails both."""
+    x64 = torch.randn(2, 1, 1, dtype=torch.float64).float().double()
+    w64 = torch.randn(1, 1, 5, 5, dtype=torch.float64)
+    w64[0, 0, 2, 2] = -1 + 1e-4
+    w64 = w64.float().double()
+    grad64 = torch.randn(x64.shape, dtype=torch.float64)
+    ref = reference_with_grads(x64, w64, None, 1, 1, 0, grad64)[0]
+    scale = reference_with_grads(x64.abs(), w64.abs(), None, 1, 1, 0, grad64.abs())[0]
+    x, w = x64.float(), w64.float()
+    eager = torch.nn.functional.conv2d(x.view(2, 1, 1, 1), w, padding=2).view(2, 1, 1) + x
+    assert rel_err(eager, ref) > TOLERANCE[torch.float32]
+    assert _close(eager, ref, scale, TOLERANCE[torch.float32])
+    for wrong in (eager - x, x * (1 - w[0, 0, 2, 2])):
+        assert not _close(wrong, ref, scale, TOLERANCE[torch.float32])
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_against_reference(backend):
