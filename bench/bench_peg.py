@@ -553,6 +553,11 @@ def impl_env(name: str):
                 os.environ[k] = v
 
 
+def error_status(e: Exception) -> str:
+    """The status column of an implementation that raised ``e``: its type and first line."""
+    return f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def fused_backends(device: torch.device) -> list[str]:
     """The fused backends to time: every available one but reference (that is the eager PEG),
     and their VARIANTS.
@@ -892,7 +897,7 @@ def main(argv=None) -> int:
                     errors[name] = parity_error(impls[name], case, x, xg, params, g, ref,
                                                 ref_grads)
             except Exception as e:  # a failing implementation must not stop the others
-                broken[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                broken[name] = error_status(e)
         del ref, ref_grads
         tol = TOLERANCE[dtype]
         for name, err in errors.items():
@@ -919,7 +924,7 @@ def main(argv=None) -> int:
                         reps, per_call = timer.calibrate(fn)
                     timed[name] = (fn, reps, per_call, Samples([], []))
                 except Exception as e:
-                    failed[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    failed[name] = error_status(e)
             order = list(timed)
             for r in range(rounds):
                 for name in order[r % len(order):] + order[:r % len(order)]:
@@ -933,8 +938,7 @@ def main(argv=None) -> int:
                         with impl_env(name):
                             samples.extend(timer.sample(fn, n, per_call, warm=rounds > 1))
                     except Exception as e:
-                        failed[name] = (f"error: {type(e).__name__}: "
-                                        f"{str(e).splitlines()[0][:200]}")
+                        failed[name] = error_status(e)
             for name in group_names:
                 done += 1
                 row = dict(meta)

@@ -32,15 +32,21 @@ HAS_GPU = torch.cuda.is_available()
 CPU_LEFT_OUT = os.environ.get("CPVT_BUILD_CPU", "").strip().lower() in ("0", "false", "no", "off")
 
 
+def subnormal_spacing(a: torch.Tensor) -> float:
+    """The spacing of a's dtype below its normal range (0 for integers): the closest a rounded
+    result there can come to an exact one."""
+    if not a.is_floating_point():
+        return 0.0
+    info = torch.finfo(a.dtype)
+    return info.smallest_normal * info.eps
+
+
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """max |a - ref| / max |ref| (SPEC section 5), less the spacing of a's dtype below its normal
     range: a result there, rounded to that dtype, can be no closer than that, however small the
     relative bound (float16 spaces its subnormals 6e-8 apart, so a one-element gradient of 1e-5
     would otherwise fail the 2e-3 bound on the rounding alone)."""
-    floor = 0.0
-    if a.is_floating_point():
-        info = torch.finfo(a.dtype)
-        floor = info.smallest_normal * info.eps
+    floor = subnormal_spacing(a)
     a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
     assert a.shape == ref.shape, f"shape {tuple(a.shape)} != reference {tuple(ref.shape)}"
     if ref.numel() == 0:

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cpvt_kernels as ck
-from conftest import TOLERANCE, poison_allocator, reference_with_grads, rel_err
+from conftest import (TOLERANCE, poison_allocator, reference_with_grads, rel_err,
+                      subnormal_spacing)
 
 EXAMPLES = int(os.environ.get("CPVT_FUZZ_EXAMPLES", "40"))
 BACKENDS = [b for b in ("cpu", "triton", "reference") if b in ck.available_backends("cpu")]
@@ -71,10 +72,7 @@ def _close(a, ref, ref_abs, tol) -> bool:
     by its terms, and a wrong or missing term breaks that bound."""
     if rel_err(a, ref) < tol:
         return True
-    floor = 0.0
-    if a.is_floating_point():
-        info = torch.finfo(a.dtype)
-        floor = info.smallest_normal * info.eps
+    floor = subnormal_spacing(a)
     a, ref, ref_abs = (t.detach().double().cpu() for t in (a, ref, ref_abs))
     diff = ((a - ref).abs() - floor).clamp_min(0.0)
     return bool((diff <= tol * ref_abs).all())
@@ -182,23 +180,18 @@ def test_fuzz_cpu_fast_paths():
     @given(case=cpu_fast_path_problems())
     def run(case):
         problem, switches, threads = case
-        saved = {name: os.environ.get(name) for name in switches}
         saved_threads = torch.get_num_threads()
-        try:
+        with pytest.MonkeyPatch.context() as mp:
             for name, value in switches.items():
                 if value is None:
-                    os.environ.pop(name, None)
+                    mp.delenv(name, raising=False)
                 else:
-                    os.environ[name] = value
+                    mp.setenv(name, value)
             torch.set_num_threads(threads)
-            _check("cpu", problem)
-        finally:
-            torch.set_num_threads(saved_threads)
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+            try:
+                _check("cpu", problem)
+            finally:
+                torch.set_num_threads(saved_threads)
 
     run()
 
