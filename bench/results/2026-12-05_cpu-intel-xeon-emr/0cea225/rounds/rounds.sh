@@ -6,6 +6,7 @@ set -euo pipefail
 pairs=${1:-6}
 out=${2:-/tmp/rounds_ab}
 rm -rf "$out" && mkdir -p "$out"
+echo "# commit $(git rev-parse --short HEAD); $(python -c 'import platform, torch; print(f"torch {torch.__version__}, python {platform.python_version()}, {torch.get_num_threads()} threads")'); $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 for i in $(seq "$pairs"); do
   for r in 5 1; do
     python bench/bench_peg.py --shapes 32x192x14 32x192x24 --passes fwd --impls eager cpu \

@@ -3,6 +3,8 @@ import torch, time, os, statistics
 import cpvt_kernels
 torch.set_num_threads(2)
 torch.manual_seed(0); out = []
+if os.environ.get("HEADER"):  # once per series: the versions and the CPU
+    import platform; print(f"# torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}")
 for dt in (torch.float32, torch.bfloat16):
     for H in (14, 24):
         x = torch.randn(32, 1 + H * H, 192, dtype=dt); w = torch.randn(192, 1, 3, 3, dtype=dt); b = torch.randn(192, dtype=dt)
