@@ -6,6 +6,7 @@ For every shape, dtype and pass it times, side by side in one process:
     eager                 cpvt_kernels.PEG (split, transpose, depthwise conv, add, concat)
     compile               torch.compile(PEG), default mode
     compile-max-autotune  torch.compile(PEG, mode="max-autotune-no-cudagraphs") (GPU only)
+    copy                  x.clone(): a copy of the same tokens, the forward's floor (fwd only)
     <backend>             cpvt_kernels.FusedPEG(backend=...) for each fused backend of the device
     cuda-tile             the cuda backend with CPVT_CUDA_KERNELS=tile (its tiled kernels)
     cuda-stream           the cuda backend with CPVT_CUDA_KERNELS=stream (its streaming kernels)
@@ -17,7 +18,9 @@ grad of x, weight and bias) and ``fwdbwd`` (forward and that backward).
 Bytes, the least a PEG must move (``S = B * (P + H*W) * C * itemsize``): forward reads x and
 writes out, ``2 S``; backward reads grad_out and x and writes grad_x, ``3 S``; forward+backward
 ``5 S``. GB/s is that over the median time; "% copy" divides it by the copy bandwidth measured at
-the start of the same run (``dst.copy_(src)`` of 256 MiB, bytes read plus written).
+the start of the same run (``dst.copy_(src)`` of 256 MiB, bytes read plus written), and "% size
+copy" by the GB/s of the ``copy`` implementation at the same shape and dtype (a copy of these
+very tokens, timed in the same rounds: what a copy achieves at this size and in these caches).
 
 The samples of one shape, dtype and pass are taken in ``--rounds`` rounds (default 5) that
 alternate between the implementations, so that a slow period of a shared host slows them alike
@@ -87,14 +90,16 @@ PASS_BYTES = {"fwd": 2, "bwd": 3, "fwdbwd": 5}
 BYTES_NOTE = ("bytes = the least a PEG moves, S = B*(P+H*W)*C*itemsize: fwd 2S (read x, write "
               "out), bwd 3S (read grad_out and x, write grad_x), fwdbwd 5S")
 COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune-no-cudagraphs"}
-BASELINES = ("eager",) + tuple(COMPILE_MODES)
+# x.clone(), timed in the forward pass beside the others: a copy of the same bytes.
+COPY_IMPL = "copy"
+BASELINES = ("eager",) + tuple(COMPILE_MODES) + (COPY_IMPL,)
 COPY_MIB = 256
 
 CSV_FIELDS = ["date", "device", "device_type", "threads", "torch", "triton", "python", "cuda",
               "cpvt_kernels", "commit", "mode", "pass", "dtype", "B", "C", "H", "W", "P", "k",
               "impl", "median_ms", "p20_ms", "p80_ms", "reps", "bytes", "gbps", "copy_gbps",
               "frac_copy", "speedup_vs_eager", "speedup_vs_compile", "peak_mem_mib",
-              "faults_per_call", "max_rel_err", "status", "host_ms"]
+              "faults_per_call", "max_rel_err", "status", "host_ms", "frac_size_copy"]
 
 
 @dataclass(frozen=True)
@@ -570,12 +575,27 @@ def fused_backends(device: torch.device) -> list[str]:
     return names + [v for v, (base, _) in VARIANTS.items() if base in names]
 
 
+class CopyTokens(torch.nn.Module):
+    """``x.clone()``: the tokens copied into a new tensor, as a PEG's forward writes its output
+    into one; the floor of a forward that reads x once and writes out once."""
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        return x.clone()
+
+
+def impl_passes(name: str, passes: list[str]) -> list[str]:
+    """The passes ``name`` is timed in: the copy in the forward only (it has no backward)."""
+    return [p for p in passes if p == "fwd"] if name == COPY_IMPL else list(passes)
+
+
 def build_impls(names: list[str], peg: torch.nn.Module) -> dict:
     """Callables ``m(x, H, W)`` sharing ``peg``'s parameters, keyed by implementation name."""
     impls = {}
     for name in names:
         if name == "eager":
             impls[name] = peg
+        elif name == COPY_IMPL:
+            impls[name] = CopyTokens()
         elif name in COMPILE_MODES:
             impls[name] = torch.compile(peg, mode=COMPILE_MODES[name])
         else:
@@ -638,17 +658,19 @@ def _fmt(v, spec: str, blank: str = "") -> str:
 
 
 MD_HEADER = ("| pass | dtype | shape (B x C x H=W, P, k) | impl | median ms | p20-p80 ms | GB/s "
-             "| % copy | x eager | x compile | peak MiB | host ms | status |")
-MD_RULE = "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+             "| % copy | % size copy | x eager | x compile | peak MiB | host ms | status |")
+MD_RULE = "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
 
 
 def md_row(r: dict) -> str:
     case = Case(int(r["B"]), int(r["C"]), int(r["H"]), int(r["W"]), int(r["P"]), int(r["k"]))
     spread = (f"{_fmt(r['p20_ms'], '.3f')}-{_fmt(r['p80_ms'], '.3f')}"
               if r["median_ms"] not in ("", None) else "")
-    frac = _fmt(r["frac_copy"], ".0%") if r["frac_copy"] not in ("", None) else ""
+    frac = _fmt(r["frac_copy"], ".0%")
+    size_frac = _fmt(r.get("frac_size_copy"), ".0%")
     return (f"| {r['pass']} | {r['dtype']} | {case.short()} | {r['impl']} | "
             f"{_fmt(r['median_ms'], '.3f')} | {spread} | {_fmt(r['gbps'], '.1f')} | {frac} | "
+            f"{size_frac} | "
             f"{_fmt(r['speedup_vs_eager'], '.2f')} | {_fmt(r['speedup_vs_compile'], '.2f')} | "
             f"{_fmt(r['peak_mem_mib'], '.1f', '-')} | {_fmt(r.get('host_ms'), '.3f', '-')} | "
             f"{r['status']} |")
@@ -661,7 +683,7 @@ def summary_rows(rows: list[dict]) -> list[str]:
         if r["status"] == "ok" and r["impl"] != "eager":
             groups.setdefault((r["impl"], r["pass"], r["dtype"]), []).append(r)
     lines = ["| impl | pass | dtype | shapes | x eager (geo-mean, min-max) | x compile (geo-mean) "
-             "| % copy (median) |", "|---|---|---|--:|--:|--:|--:|"]
+             "| % copy (median) | % size copy (median) |", "|---|---|---|--:|--:|--:|--:|--:|"]
 
     def geo(vals):
         vals = [float(v) for v in vals if v not in ("", None)]
@@ -671,10 +693,12 @@ def summary_rows(rows: list[dict]) -> list[str]:
         se = [float(r["speedup_vs_eager"]) for r in rs if r["speedup_vs_eager"] not in ("", None)]
         sc = [r["speedup_vs_compile"] for r in rs]
         fr = [float(r["frac_copy"]) for r in rs if r["frac_copy"] not in ("", None)]
+        fs = [float(r["frac_size_copy"]) for r in rs if r.get("frac_size_copy") not in ("", None)]
         rng = f" ({min(se):.2f}-{max(se):.2f})" if se else ""
         lines.append(f"| {impl} | {p} | {dt} | {len(rs)} | {_fmt(geo(se), '.2f')}{rng} | "
                      f"{_fmt(geo(sc), '.2f')} | "
-                     f"{_fmt(statistics.median(fr) if fr else None, '.0%')} |")
+                     f"{_fmt(statistics.median(fr) if fr else None, '.0%')} | "
+                     f"{_fmt(statistics.median(fs) if fs else None, '.0%')} |")
     return lines
 
 
@@ -716,8 +740,8 @@ def parse_args(argv=None):
                    help="comma-separated from fwd,bwd,fwdbwd "
                         "(default: all; fwd,fwdbwd with --quick)")
     p.add_argument("--impls", nargs="+", default=None, metavar="IMPL",
-                   help="subset of eager, compile, compile-max-autotune and the fused backends "
-                        "(default: all that run here)")
+                   help="subset of eager, compile, compile-max-autotune, copy and the fused "
+                        "backends (default: all that run here)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output folder (default bench/results/<date>_<device>/)")
     p.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
@@ -782,7 +806,7 @@ def main(argv=None) -> int:
 
     backends = fused_backends(device)
     modes = ["compile"] + (["compile-max-autotune"] if on_gpu and not args.quick else [])
-    available = ["eager"] + modes + backends
+    available = ["eager"] + modes + [COPY_IMPL] + backends
     names = _name_list(args.impls) or available
     for n in names:
         if n not in available + ["compile-max-autotune"]:
@@ -866,7 +890,7 @@ def main(argv=None) -> int:
         return [n for n in names if n != "compile-max-autotune" or autotune_everywhere
                 or (case.B >= args.autotune_min_batch and dtype in autotune_dtypes)]
 
-    total = sum(len(impls_for(c, dt)) for c, dt in groups) * len(passes)
+    total = sum(len(impl_passes(n, passes)) for c, dt in groups for n in impls_for(c, dt))
     print(f"{len(cases)} shapes x {len(dtypes)} dtypes x {len(passes)} passes: "
           f"{total} measurements; {BYTES_NOTE}")
 
@@ -892,6 +916,8 @@ def main(argv=None) -> int:
         impls = build_impls(group_names, peg)
         ref, ref_grads = reference_outputs(case, x, params, g, any(p != "fwd" for p in passes))
         for name in group_names:
+            if name == COPY_IMPL:  # not a PEG: nothing to compare
+                continue
             try:
                 with impl_env(name):
                     errors[name] = parity_error(impls[name], case, x, xg, params, g, ref,
@@ -911,11 +937,12 @@ def main(argv=None) -> int:
                     broken[name] = f"parity failure ({err:.2g} > {tol:g})"
         group_rows = []
         for pass_name in passes:
+            pass_names = [n for n in group_names if pass_name in impl_passes(n, passes)]
             # Calibrate every implementation, then take its samples in rounds that alternate
             # between them (each round starting one implementation later), so that a slow period
             # of the host falls on all of them alike and the ratios stay steady.
             timed, failed = {}, dict(broken)
-            for name in group_names:
+            for name in pass_names:
                 if name in failed:
                     continue
                 try:
@@ -939,7 +966,7 @@ def main(argv=None) -> int:
                             samples.extend(timer.sample(fn, n, per_call, warm=rounds > 1))
                     except Exception as e:
                         failed[name] = error_status(e)
-            for name in group_names:
+            for name in pass_names:
                 done += 1
                 row = dict(meta)
                 row.update({"pass": pass_name, "dtype": SHORT[dtype], "B": case.B, "C": case.C,
@@ -967,13 +994,16 @@ def main(argv=None) -> int:
                             "faults_per_call": _fmt(stats.faults_per_call, ".4g"),
                             "host_ms": _fmt(stats.host_ms, ".6g"),
                             "speedup_vs_eager": "",
-                            "speedup_vs_compile": ""})
+                            "speedup_vs_compile": "", "frac_size_copy": ""})
                 group_rows.append(row)
                 eta = (time.perf_counter() - t_start) / done * (total - done)
                 print(f"{prefix} {stats.median_ms:.3f} ms ({stats.p20_ms:.3f}-{stats.p80_ms:.3f}) "
                       f"{gbps:.1f} GB/s {gbps / copy_gbps:.0%} of copy  [eta {eta:.0f} s]",
                       flush=True)
             del timed
+        # The copy of these tokens: its GB/s is the rate every pass is measured against.
+        copy_row = next((r for r in group_rows if r["impl"] == COPY_IMPL and r["pass"] == "fwd"
+                         and r["gbps"] not in ("", None)), None)
         for pass_name in passes:
             same = {r["impl"]: r for r in group_rows if r["pass"] == pass_name}
             for r in same.values():
@@ -982,6 +1012,8 @@ def main(argv=None) -> int:
                 for col, base in (("speedup_vs_eager", "eager"), ("speedup_vs_compile", "compile")):
                     if base in same and same[base]["median_ms"] not in ("", None):
                         r[col] = f"{float(same[base]['median_ms']) / float(r['median_ms']):.5g}"
+                if copy_row is not None:
+                    r["frac_size_copy"] = f"{float(r['gbps']) / float(copy_row['gbps']):.5g}"
         writer.writerows(group_rows)
         csv_file.flush()
         rows += group_rows

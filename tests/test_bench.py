@@ -61,6 +61,7 @@ def test_bench_peg_tiny_run_writes_every_row(tmp_path, capsys):
             assert float(r["speedup_vs_eager"]) == 1.0
         assert float(r["max_rel_err"]) <= bench_peg.TOLERANCE[bench_peg.DTYPE_NAMES[r["dtype"]]]
         assert float(r["faults_per_call"]) >= 0
+        assert r["frac_size_copy"] == ""  # no copy was timed
     assert {r["impl"] for r in rows} == {"eager", "cpu"}
     assert {(r["B"], r["C"], r["H"], r["W"]) for r in rows} == {("2", "8", "5", "5"),
                                                                   ("3", "5", "4", "6")}
@@ -71,6 +72,35 @@ def test_bench_peg_tiny_run_writes_every_row(tmp_path, capsys):
         assert "allocator: glibc malloc keeps freed memory" in md
     out = capsys.readouterr().out
     assert "[48/48]" in out and "| impl | pass | dtype |" in out
+
+
+def test_bench_peg_copy_of_the_same_tokens(tmp_path):
+    """The copy baseline: x.clone() timed in the forward only, and every row's GB/s also given as
+    a fraction of the copy's at the same shape and dtype."""
+    require_backend("cpu")
+    rc = bench_peg.main(TINY + ["--device", "cpu", "--dtypes", "float32", "--passes",
+                                "fwd,bwd,fwdbwd", "--impls", "eager", "copy", "cpu",
+                                "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(tmp_path / "peg.csv")
+    # 2 shapes x 2 kernel sizes: eager and cpu in 3 passes, the copy in the forward
+    assert len(rows) == 2 * 2 * (2 * 3 + 1)
+    copies = {(r["B"], r["C"], r["H"], r["W"], r["k"]): r for r in rows if r["impl"] == "copy"}
+    assert len(copies) == 4 and {r["pass"] for r in copies.values()} == {"fwd"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        c = copies[(r["B"], r["C"], r["H"], r["W"], r["k"])]
+        assert float(r["frac_size_copy"]) == pytest.approx(float(r["gbps"]) / float(c["gbps"]),
+                                                           rel=1e-3)
+        if r["impl"] == "copy":
+            eager = next(e for e in rows if e["impl"] == "eager" and e["pass"] == "fwd"
+                         and all(e[k] == r[k] for k in ("B", "C", "H", "W", "k")))
+            assert r["max_rel_err"] == "" and r["bytes"] == eager["bytes"]
+            assert float(r["speedup_vs_eager"]) == pytest.approx(
+                float(eager["median_ms"]) / float(r["median_ms"]), rel=1e-3)
+    md = (tmp_path / "peg.md").read_text()
+    assert "% size copy" in md and "| fwd | fp32 | 2x8x5 P1 k3 | copy |" in md
+    assert "| fwdbwd | fp32 | 2x8x5 P1 k3 | copy |" not in md
 
 
 def test_bench_peg_alternates_the_implementations_in_rounds(tmp_path, monkeypatch):
@@ -120,7 +150,8 @@ def test_bench_peg_quick_mode_with_compile(tmp_path):
     assert rc == 0
     rows = _rows(tmp_path / "peg.csv")
     assert [(r["pass"], r["impl"]) for r in rows] == [
-        (p, i) for p in ("fwd", "fwdbwd") for i in ("eager", "compile", "cpu")]
+        ("fwd", "eager"), ("fwd", "compile"), ("fwd", "copy"), ("fwd", "cpu"),
+        ("fwdbwd", "eager"), ("fwdbwd", "compile"), ("fwdbwd", "cpu")]
     assert all(r["status"] == "ok" and r["speedup_vs_compile"] for r in rows)
 
 
