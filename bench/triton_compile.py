@@ -12,13 +12,26 @@ the kernel launch intercepted, compiles the kernel it would have launched (same 
 with the ``cuobjdump`` that Triton's package carries. A non-zero stack frame is local memory:
 spilled registers. Exits non-zero if a kernel fails to compile or (with ``--no-spills``) has a
 stack frame. Compiling needs no GPU; running the kernels does.
+
+From the SASS it also counts the instructions: ``sass`` in all, ``loop`` in the body of the
+kernel's loop (a backward branch; the streaming kernels' walk down the rows, the reduction's
+walk over the tiles), and ``i/elem``, the warp instructions issued per element of the block:
+``(loop or sass) * num_warps / (product of the block sizes)``, per row for the streaming kernels.
+A memory-bound kernel must also stay below the SMs' issue rate: an H100 (132 SMs, 4 schedulers
+each, about 1.75 GHz) issues about 0.92e12 warp instructions a second, so a kernel at 4 i/elem
+over the 9.7 M elements of CPVT-S (B=128, 224 px) needs about 41 us to issue them, three times a
+copy of its bytes. Last, the kernel's global memory instructions (``LDG.E.64x11``: eleven
+8-byte loads; ``.U16`` ones are scalar half-word loads).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import glob
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,10 +138,37 @@ def compile_launch(kernel, args, kwargs, arch: int, tool: str, workdir: Path) ->
                          text=True, check=True).stdout
     line = next(l for l in out.splitlines() if "REG:" in l)
     fields = dict(f.split(":", 1) for f in line.split() if ":" in f)
+    sass = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    config = {k: v for k, v in consts.items() if k in ("BLOCK_T", "BLOCK_W", "BLOCK_R", "BLOCK_C")}
+    num_warps = kwargs.get("num_warps", 4)
+    counts = sass_counts(sass)
+    per = counts["loop"] or counts["sass"]
     return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]),
-            "shared": int(fields["SHARED"]), "num_warps": kwargs.get("num_warps", 4),
-            "config": {k: v for k, v in consts.items()
-                       if k in ("BLOCK_T", "BLOCK_W", "BLOCK_R", "BLOCK_C")}}
+            "shared": int(fields["SHARED"]), "num_warps": num_warps, "config": config,
+            **counts, "per_elem": per * num_warps / max(1, math.prod(config.values()))}
+
+
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", re.M)
+_MEMORY_OP = re.compile(r"\b((?:LDG|STG|ATOMG|REDG?)(?:\.[A-Z0-9_]+)*)")
+
+
+def sass_counts(sass: str) -> dict:
+    """Instructions of a cuobjdump -sass listing: in all, in the largest loop body (from a
+    backward branch's target to the branch; 0 without a loop), and the global memory ones by
+    kind and width."""
+    instrs = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
+    loop = 0
+    for addr, text in instrs:
+        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x)([0-9a-f]+)", text)
+        if m and "`" not in m.group(0):
+            target = int(m.group(1), 16)
+            if target < addr:  # a backward branch (the trailing BRA to itself is not a loop)
+                loop = max(loop, sum(1 for a, _ in instrs if target <= a <= addr))
+    mem = collections.Counter(m.group(1) for _, text in instrs
+                              for m in [_MEMORY_OP.search(text)] if m)
+    return {"sass": len(instrs), "loop": loop,
+            "memory": " ".join(f"{k}x{v}" for k, v in sorted(mem.items()))}
 
 
 def launches(family: str, pass_name: str, case, dtype):
@@ -182,7 +222,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"triton {triton.__version__}, sm_{args.arch}")
     print(f"{'shape':>14} {'dtype':>5} {'family':>6} {'pass':>6} {'kernel':<28} {'blocks':<24} "
-          f"warps  regs  stack  shared")
+          f"warps  regs  stack  shared  sass  loop  i/elem  global memory")
     bad = 0
     for case in cases:
         for dtype in dtypes:
@@ -203,7 +243,8 @@ def main(argv=None) -> int:
                         bad += spill and args.no_spills
                         print(f"{case.label():>14} {bench_peg.SHORT[dtype]:>5} {family:>6} "
                               f"{pass_name:>6} {name:<28} {blocks:<24} {r['num_warps']:>5} "
-                              f"{r['regs']:>5} {r['stack']:>6} {r['shared']:>7}"
+                              f"{r['regs']:>5} {r['stack']:>6} {r['shared']:>7} {r['sass']:>5} "
+                              f"{r['loop']:>5} {r['per_elem']:>7.2f}  {r['memory']}"
                               + ("  (spills)" if spill else ""), flush=True)
     return 1 if bad else 0
 
