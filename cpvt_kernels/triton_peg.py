@@ -416,10 +416,12 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
 
 @triton.jit
 def _stream_dw(d0, d1, d2, g, gv, xl, xc, xr):
-    """d_j += g * x_j where the pair exists (gv: the grad_out row is one of the strip's)."""
-    d0 += tl.where(gv, g * xl, 0.0)
-    d1 += tl.where(gv, g * xc, 0.0)
-    d2 += tl.where(gv, g * xr, 0.0)
+    """d_j += g * x_j where the pair exists (gv: the grad_out row is one of the strip's). gv is
+    one flag for the whole block, so a branch skips the row rather than a select per element."""
+    if gv:
+        d0 += g * xl
+        d1 += g * xc
+        d2 += g * xr
     return d0, d1, d2
 
 
