@@ -87,12 +87,9 @@ def _fwd_row(acc, x_base, w_ptr, n64, row, col, is_grid, c, c_ok, c_off,
 
 
 @triton.jit
-def _peg_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
-                    N, C, H, W, P, tiles_per_image,
-                    sxb, sxn, sxc, sw0, sw2, sw3, sb,
-                    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    IS_F64: tl.constexpr, UNROLL: tl.constexpr, UNROLL_COLS: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _tile_block(N, C, W, P, tiles_per_image, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tiled program pid's image b, tokens n (64-bit: n64) and channels c with their masks, and
+    each token's grid row and column (0 for the prefix tokens, which is_grid leaves out)."""
     pid = tl.program_id(0)
     b = pid // tiles_per_image
     tile = pid % tiles_per_image
@@ -103,13 +100,22 @@ def _peg_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     t = n - P
     is_grid = n_ok & (t >= 0)
     t = tl.where(is_grid, t, 0)
-    row = t // W
-    col = t % W
     # 64-bit offsets: B * N * C may exceed 2**31.
-    n64 = n.to(tl.int64)
+    return pid, b.to(tl.int64), n.to(tl.int64), c, c_ok, is_grid, t // W, t % W, \
+        n_ok[:, None] & c_ok[None, :]
+
+
+@triton.jit
+def _peg_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
+                    N, C, H, W, P, tiles_per_image,
+                    sxb, sxn, sxc, sw0, sw2, sw3, sb,
+                    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    IS_F64: tl.constexpr, UNROLL: tl.constexpr, UNROLL_COLS: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    _, b64, n64, c, c_ok, is_grid, row, col, mask = _tile_block(N, C, W, P, tiles_per_image,
+                                                                BLOCK_T, BLOCK_C)
     c_off = c.to(tl.int64) * sxc
-    x_base = x_ptr + b.to(tl.int64) * sxb
-    mask = n_ok[:, None] & c_ok[None, :]
+    x_base = x_ptr + b64 * sxb
     center = tl.load(x_base + (n64 * sxn)[:, None] + c_off[None, :], mask=mask, other=0.0)
 
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float64 if IS_F64 else tl.float32)
@@ -127,7 +133,7 @@ def _peg_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     # where, not a multiply: a NaN weight must not leak into the prefix tokens.
     acc = tl.where(is_grid[:, None], acc, 0.0)
     out = center.to(acc.dtype) + acc
-    out_off = (b.to(tl.int64) * N + n64)[:, None] * C + c[None, :]
+    out_off = (b64 * N + n64)[:, None] * C + c[None, :]
     tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -188,25 +194,12 @@ def _peg_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
                     NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
                     IS_F64: tl.constexpr, UNROLL: tl.constexpr, UNROLL_COLS: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // tiles_per_image
-    tile = pid % tiles_per_image
-    n = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n_ok = n < N
-    c_ok = c < C
-    t = n - P
-    is_grid = n_ok & (t >= 0)
-    t = tl.where(is_grid, t, 0)
-    row = t // W
-    col = t % W
-    n64 = n.to(tl.int64)
-    b64 = b.to(tl.int64)
+    pid, b64, n64, c, c_ok, is_grid, row, col, mask = _tile_block(N, C, W, P, tiles_per_image,
+                                                                  BLOCK_T, BLOCK_C)
     gc_off = c.to(tl.int64) * sgc
     xc_off = c.to(tl.int64) * sxc
     g_base = g_ptr + b64 * sgb
     x_base = x_ptr + b64 * sxb
-    mask = n_ok[:, None] & c_ok[None, :]
     ACC: tl.constexpr = tl.float64 if IS_F64 else tl.float32
     g_center = tl.load(g_base + (n64 * sgn)[:, None] + gc_off[None, :], mask=mask,
                        other=0.0).to(ACC)
