@@ -15,7 +15,8 @@ stack frame. Compiling needs no GPU; running the kernels does.
 
 From the SASS it also counts the instructions: ``sass`` in all, ``loop`` in the body of the
 kernel's loop (a backward branch; the streaming kernels' walk down the rows, the reduction's
-walk over the tiles), and ``i/elem``, the warp instructions issued per element of the block:
+walk over the tiles; both sides of a branch inside it count, so where a branch skips a rare
+path the loop an iteration runs is shorter), and ``i/elem``, the warp instructions issued per element of the block:
 ``(loop or sass) * num_warps / (product of the block sizes)``, per row for the streaming kernels.
 A memory-bound kernel must also stay below the SMs' issue rate: an H100 (132 SMs, 4 schedulers
 each, about 1.75 GHz) issues about 0.92e12 warp instructions a second, so a kernel at 4 i/elem

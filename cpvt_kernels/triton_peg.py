@@ -335,16 +335,44 @@ def _stream_block(pid, wblocks, strips, rh, H, W, c_ok, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
-def _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02, t10, t11, t12, t20, t21, t22,
-                    vl, vc, vr, ml, mc, mr, out, out_off, r, h0, h1, W, C, m_c,
-                    SKIP_PAD: tl.constexpr):
-    """Input row r into output rows r + 1 (tap row 0), r (tap row 1 and the centre input) and
-    r - 1 (tap row 2); stores row r - 1, now complete, if it is one of the strip's. Returns the
-    accumulators of rows r, r + 1 and r + 2."""
+def _stream_add_rows(acc_p, acc_c, acc_n, t00, t01, t02, t10, t11, t12, t20, t21, t22,
+                     vl, vc, vr, ml, mc, mr, SKIP_PAD: tl.constexpr):
+    """The three tap rows of one input row into output rows r + 1, r and r - 1."""
     acc_n = _stream_add(acc_n, t00, t01, t02, vl, vc, vr, ml, mc, mr, SKIP_PAD)
     acc_c = _stream_add(acc_c, t10, t11, t12, vl, vc, vr, ml, mc, mr, SKIP_PAD)
-    acc_c += vc
     acc_p = _stream_add(acc_p, t20, t21, t22, vl, vc, vr, ml, mc, mr, SKIP_PAD)
+    return acc_p, acc_c, acc_n
+
+
+@triton.jit
+def _stream_nonfinite(t00, t01, t02, t10, t11, t12, t20, t21, t22):
+    """Whether one of the block's taps is Inf or NaN (then t * 0 is NaN)."""
+    z = t00 * 0 + t01 * 0 + t02 * 0 + t10 * 0 + t11 * 0 + t12 * 0 + t20 * 0 + t21 * 0 + t22 * 0
+    return tl.sum(z) != 0  # NaN != 0
+
+
+@triton.jit
+def _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02, t10, t11, t12, t20, t21, t22,
+                    vl, vc, vr, ml, mc, mr, out, out_off, r, h0, h1, W, C, m_c,
+                    SKIP_PAD: tl.constexpr, nonfinite):
+    """Input row r into output rows r + 1 (tap row 0), r (tap row 1 and the centre input) and
+    r - 1 (tap row 2); stores row r - 1, now complete, if it is one of the strip's. Returns the
+    accumulators of rows r, r + 1 and r + 2. With SKIP_PAD the taps on padding are skipped only
+    where it matters, when the block has a non-finite tap (nonfinite, one flag for the block: a
+    branch, not a select per element); finite taps times the padding's zeros add nothing."""
+    if SKIP_PAD:
+        if nonfinite:
+            acc_p, acc_c, acc_n = _stream_add_rows(acc_p, acc_c, acc_n, t00, t01, t02, t10, t11,
+                                                   t12, t20, t21, t22, vl, vc, vr, ml, mc, mr,
+                                                   True)
+        else:
+            acc_p, acc_c, acc_n = _stream_add_rows(acc_p, acc_c, acc_n, t00, t01, t02, t10, t11,
+                                                   t12, t20, t21, t22, vl, vc, vr, ml, mc, mr,
+                                                   False)
+    else:
+        acc_p, acc_c, acc_n = _stream_add_rows(acc_p, acc_c, acc_n, t00, t01, t02, t10, t11, t12,
+                                               t20, t21, t22, vl, vc, vr, ml, mc, mr, False)
+    acc_c += vc
     ro = r - 1
     tl.store(out + ro.to(tl.int64) * W * C + out_off, acc_p.to(out.dtype.element_ty),
              mask=(ro >= h0) & (ro < h1) & m_c)
@@ -386,6 +414,9 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
         out_off = wc.to(tl.int64)[:, None] * C + c[None, :]
         t00, t01, t02, t10, t11, t12, t20, t21, t22 = _stream_taps(w_ptr, c, c_ok, sw0, sw2,
                                                                    sw3, FLIP, ACC)
+        nonfinite = False
+        if FLIP:
+            nonfinite = _stream_nonfinite(t00, t01, t02, t10, t11, t12, t20, t21, t22)
         init = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
         if HAS_BIAS:
             init += tl.load(b_ptr + c * sb, mask=c_ok, other=0.0).to(ACC)[None, :]
@@ -400,7 +431,8 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
                                                  m_l, m_c, m_r, ssn, ACC)
             acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02, t10,
                                                   t11, t12, t20, t21, t22, vl, vc, vr, ml, mc,
-                                                  mr, out, out_off, r, h0, h1, W, C, m_c, FLIP)
+                                                  mr, out, out_off, r, h0, h1, W, C, m_c, FLIP,
+                                                  nonfinite)
             r += 1
     else:
         _stream_prefix(src_ptr, out_ptr, pid - conv_programs, N, C, P, ssb, ssn, ssc, c, c_ok,
@@ -449,6 +481,7 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
         if NEED_X:
             t00, t01, t02, t10, t11, t12, t20, t21, t22 = _stream_taps(w_ptr, c, c_ok, sw0,
                                                                        sw2, sw3, True, ACC)
+            nonfinite = _stream_nonfinite(t00, t01, t02, t10, t11, t12, t20, t21, t22)
         acc_p = zero
         acc_c = zero
         acc_n = zero
@@ -472,7 +505,7 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
                 acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, zero, t00, t01, t02,
                                                       t10, t11, t12, t20, t21, t22, gl, gc, gr,
                                                       ml, mc, mr, gx, gx_off, r, h0, h1, W, C,
-                                                      m_c, True)
+                                                      m_c, True, nonfinite)
             in_strip = (r >= h0) & (r < h1)
             g0 = tl.where(in_strip, gc, 0.0)
             if NEED_B:
