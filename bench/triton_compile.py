@@ -161,8 +161,8 @@ def sass_counts(sass: str) -> dict:
     instrs = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
     loop = 0
     for addr, text in instrs:
-        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x)([0-9a-f]+)", text)
-        if m and "`" not in m.group(0):
+        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
+        if m:
             target = int(m.group(1), 16)
             if target < addr:  # a backward branch (the trailing BRA to itself is not a loop)
                 loop = max(loop, sum(1 for a, _ in instrs if target <= a <= addr))
