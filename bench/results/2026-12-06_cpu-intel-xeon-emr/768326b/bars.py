@@ -21,6 +21,13 @@ BARS = [
 
 
 def main(paths):
+    meta = set()
+    for path in paths:
+        for r in csv.DictReader(open(path)):
+            meta.add(f"{r['device']}, {r['threads']} threads, torch {r['torch']}, "
+                     f"python {r['python']}")
+    for m in sorted(meta):
+        print(f"# {m}")
     head = ["run", "commit"] + [f"{b[0]} 14 / 24" for b in BARS] + ["all met"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
