@@ -25,7 +25,8 @@
 #   checks     selfcheck, test, test-stream, test-triton-stream and sanitize side by side (none
 #              is timed), each with its own log and summary line
 #   tune       bench/tune_triton.py for the tiled and the streaming Triton kernels (TUNE_ARGS,
-#              default --quick: five candidates a pass)
+#              default --quick: five candidates a pass; the streaming ones also with each of
+#              TUNE_STREAM_ARGS, default "--per-sm 0 2 3 4": persistent programs per SM)
 #   bench      bench/bench_peg.py --device cuda (the full grid; BENCH_ARGS=--quick for a short one)
 #   model      bench/bench_model.py --device cuda
 #
@@ -34,7 +35,7 @@
 # exit status is non-zero if any failed.
 #
 # Environment: PYTHON (default: python, else python3), CPVT_RESULTS_DIR, BENCH_ARGS, MODEL_ARGS,
-# TUNE_ARGS, PYTEST_ARGS,
+# TUNE_ARGS, TUNE_STREAM_ARGS, PYTEST_ARGS,
 # MAX_JOBS (default 16), TORCH_CUDA_ARCH_LIST (default: the detected GPU's), CPVT_BUILD_CPU
 # (default 0), PYTEST_WORKERS (default 8), SANITIZE_TOOLS (default "memcheck racecheck
 # initcheck"), SANITIZE_BACKENDS (default "cuda,triton"), SANITIZE_TIMEOUT (seconds per tool,
@@ -110,6 +111,7 @@ read -r -a PYTEST_EXTRA <<< "${PYTEST_ARGS:-}"
 read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
 read -r -a MODEL_EXTRA <<< "${MODEL_ARGS:-}"
 read -r -a TUNE_EXTRA <<< "${TUNE_ARGS:---quick}"
+read -r -a TUNE_STREAM_EXTRA <<< "${TUNE_STREAM_ARGS:---per-sm 0 2 3 4}"
 
 # run_step NAME COMMAND...: runs COMMAND with its output in $OUT/NAME.log and on the terminal.
 run_step() {
@@ -243,7 +245,7 @@ do_step() {
         tune) run_step tune-tile "$PY" bench/tune_triton.py --out "$OUT/tune-tile" \
                   "${TUNE_EXTRA[@]}"
               run_step tune-stream "$PY" bench/tune_triton.py --kernels stream \
-                  --out "$OUT/tune-stream" "${TUNE_EXTRA[@]}" ;;
+                  --out "$OUT/tune-stream" "${TUNE_EXTRA[@]}" "${TUNE_STREAM_EXTRA[@]}" ;;
         bench) run_step bench "$PY" bench/bench_peg.py --device cuda --out "$OUT" \
                    "${BENCH_EXTRA[@]}" ;;
         model) run_step model "$PY" bench/bench_model.py --device cuda --out "$OUT" \

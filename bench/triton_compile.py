@@ -14,10 +14,14 @@ spilled registers. Exits non-zero if a kernel fails to compile or (with ``--no-s
 stack frame. Compiling needs no GPU; running the kernels does.
 
 From the SASS it also counts the instructions: ``sass`` in all, ``loop`` in the body of the
-kernel's loop (a backward branch; the streaming kernels' walk down the rows, the reduction's
-walk over the tiles; both sides of a branch inside it count, so where a branch skips a rare
-path the loop an iteration runs is shorter), and ``i/elem``, the warp instructions issued per element of the block:
-``(loop or sass) * num_warps / (product of the block sizes)``, per row for the streaming kernels.
+kernel's innermost loop (a backward branch; the streaming kernels' walk down the rows, the
+reduction's walk over the tiles; both sides of a branch inside it count, so where a branch skips
+a rare path the loop an iteration runs is shorter), ``outer`` in the body of the loop around it
+(the persistent streaming kernels' walk over their strips: ``outer - loop`` is what a strip
+costs beyond its rows; ``-`` where loops do not nest), and ``i/elem``, the warp instructions
+issued per element of the block: ``(loop or sass) * num_warps / (product of the block
+sizes)``, per row for the streaming kernels. The persistent kernels launch programs for
+``--sms`` SMs (default 132).
 A memory-bound kernel must also stay below the SMs' issue rate: an H100 (132 SMs, 4 schedulers
 each, about 1.75 GHz) issues about 0.92e12 warp instructions a second, so a kernel at 4 i/elem
 over the 9.7 M elements of CPVT-S (B=128, 224 px) needs about 41 us to issue them, three times a
@@ -155,20 +159,30 @@ _MEMORY_OP = re.compile(r"\b((?:LDG|STG|ATOMG|REDG?)(?:\.[A-Z0-9_]+)*)")
 
 
 def sass_counts(sass: str) -> dict:
-    """Instructions of a cuobjdump -sass listing: in all, in the largest loop body (from a
-    backward branch's target to the branch; 0 without a loop), and the global memory ones by
-    kind and width."""
+    """Instructions of a cuobjdump -sass listing: in all; in the body of the innermost loop
+    (``loop``: from a backward branch's target to the branch, the largest such body that holds
+    no other loop; 0 without a loop) and of the outermost (``outer``, where loops nest: the
+    persistent streaming kernels' walk over their items around the walk down a strip's rows);
+    and the global memory ones by kind and width."""
     instrs = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
-    loop = 0
+    spans = []
     for addr, text in instrs:
         m = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
         if m:
             target = int(m.group(1), 16)
             if target < addr:  # a backward branch (the trailing BRA to itself is not a loop)
-                loop = max(loop, sum(1 for a, _ in instrs if target <= a <= addr))
+                spans.append((target, addr))
+
+    def size(span):
+        return sum(1 for a, _ in instrs if span[0] <= a <= span[1])
+
+    inner = [s for s in spans
+             if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    loop = max((size(s) for s in inner), default=0)
+    outer = max((size(s) for s in spans), default=0)
     mem = collections.Counter(m.group(1) for _, text in instrs
                               for m in [_MEMORY_OP.search(text)] if m)
-    return {"sass": len(instrs), "loop": loop,
+    return {"sass": len(instrs), "loop": loop, "outer": outer if outer > loop else 0,
             "memory": " ".join(f"{k}x{v}" for k, v in sorted(mem.items()))}
 
 
@@ -206,6 +220,10 @@ def parse_args(argv=None):
                    metavar="BxCxH[xW]")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16"], metavar="DTYPE")
     p.add_argument("--kernels", nargs="+", choices=("tile", "stream"), default=["tile", "stream"])
+    p.add_argument("--sms", type=int, default=132,
+                   help="SMs of the device the persistent streaming kernels are sized for "
+                        "(default 132, an H100 SXM's): it sets how many programs they launch, "
+                        "so the partial sums the reduction kernel walks")
     p.add_argument("--no-spills", action="store_true",
                    help="exit non-zero if a kernel has a stack frame (spilled registers)")
     return p.parse_args(argv)
@@ -218,12 +236,13 @@ def main(argv=None) -> int:
         cases = [c for s in args.shapes for c in bench_peg.parse_shape(s, [1], [3])]
     except (KeyError, argparse.ArgumentTypeError) as e:
         raise SystemExit(f"triton_compile: {e}")
+    triton_peg._device_sms = lambda device: args.sms  # meta tensors: size for --sms SMs
     tool = cuobjdump()
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cpvt_triton_compile_{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"triton {triton.__version__}, sm_{args.arch}")
     print(f"{'shape':>14} {'dtype':>5} {'family':>6} {'pass':>6} {'kernel':<28} {'blocks':<24} "
-          f"warps  regs  stack  shared  sass  loop  i/elem  global memory")
+          f"warps  regs  stack  shared  sass  loop outer  i/elem  global memory")
     bad = 0
     for case in cases:
         for dtype in dtypes:
@@ -245,7 +264,8 @@ def main(argv=None) -> int:
                         print(f"{case.label():>14} {bench_peg.SHORT[dtype]:>5} {family:>6} "
                               f"{pass_name:>6} {name:<28} {blocks:<24} {r['num_warps']:>5} "
                               f"{r['regs']:>5} {r['stack']:>6} {r['shared']:>7} {r['sass']:>5} "
-                              f"{r['loop']:>5} {r['per_elem']:>7.2f}  {r['memory']}"
+                              f"{r['loop']:>5} {r['outer'] or '-':>5} {r['per_elem']:>7.2f}  "
+                              f"{r['memory']}"
                               + ("  (spills)" if spill else ""), flush=True)
     return 1 if bad else 0
 

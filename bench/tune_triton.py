@@ -13,7 +13,10 @@ the heuristic can be set from measurements on a GPU::
 
 With ``--kernels stream`` the candidates are ``BLOCK_WxBLOCK_CxWARPS`` of the streaming kernels
 (``stream_forward_config`` / ``stream_backward_config``; pixels of a row by channels), with the
-default strip height.
+default strip height, each with every ``--per-sm`` value (persistent programs per SM, 0 for one
+program per item; default: the default configuration's)::
+
+    python bench/tune_triton.py --kernels stream --quick --per-sm 0 2 3 4
 
 Times are those of ``bench_peg.Timer``: CUDA events, the L2 flushed and the GPU held busy until
 the launch is queued, so they are device time. GB/s counts the least a PEG moves (fwd 2S, bwd 3S,
@@ -61,7 +64,8 @@ STREAM_GRID = [(t, c, w) for t, c, w in itertools.product((8, 16, 32), (16, 32, 
                if 2 <= t * c // (32 * w) <= 16]
 QUICK_STREAM = [(16, 64, 4), (16, 32, 4), (16, 64, 8), (16, 32, 2), (16, 128, 8)]
 CSV_FIELDS = ["date", "device", "torch", "triton", "commit", "kernels", "pass", "dtype", "B", "C",
-              "H", "W", "P", "k", "BLOCK_T", "BLOCK_W", "BLOCK_C", "num_warps", "RH", "default",
+              "H", "W", "P", "k", "BLOCK_T", "BLOCK_W", "BLOCK_C", "num_warps", "RH", "PER_SM",
+              "default",
               "median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy", "max_rel_err", "status"]
 
 
@@ -90,6 +94,9 @@ def parse_args(argv=None):
                    help="the tiled kernels (default) or the streaming 3x3 ones; their "
                         "candidates are BLOCK_WxBLOCK_CxWARPS")
     p.add_argument("--quick", action="store_true", help="5 candidates per pass instead of all")
+    p.add_argument("--per-sm", nargs="+", type=int, default=None, metavar="N",
+                   help="streaming kernels: persistent programs per SM to try with each block "
+                        "candidate (0: one program per item; default: the default's)")
     p.add_argument("--fwd-configs", nargs="+", type=parse_config, default=None,
                    metavar="TxCxW", help="forward candidates instead of the built-in grid")
     p.add_argument("--bwd-configs", nargs="+", type=parse_config, default=None,
@@ -101,16 +108,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def as_cfg(t: int, c: int, w: int, default: dict) -> dict:
+def as_cfg(t: int, c: int, w: int, default: dict, per_sm: int | None = None) -> dict:
     """Candidate (t, c, w) in the form of ``default``: BLOCK_T, or for the streaming kernels
-    BLOCK_W with the default's strip height RH."""
+    BLOCK_W with the default's strip height RH and ``per_sm`` (else the default's PER_SM)."""
     if "BLOCK_W" in default:
-        return {"BLOCK_W": t, "BLOCK_C": c, "num_warps": w, "RH": default["RH"]}
+        return {"BLOCK_W": t, "BLOCK_C": c, "num_warps": w, "RH": default["RH"],
+                "PER_SM": default["PER_SM"] if per_sm is None else per_sm}
     return {"BLOCK_T": t, "BLOCK_C": c, "num_warps": w}
 
 
-def key(cfg: dict) -> tuple[int, int, int]:
-    return cfg.get("BLOCK_T", cfg.get("BLOCK_W")), cfg["BLOCK_C"], cfg["num_warps"]
+def key(cfg: dict) -> tuple[int, ...]:
+    k = (cfg.get("BLOCK_T", cfg.get("BLOCK_W")), cfg["BLOCK_C"], cfg["num_warps"])
+    return k + (cfg["PER_SM"],) if "PER_SM" in cfg else k
 
 
 def runner(kernels: str, pass_name: str, case, x, w, b, g):
@@ -179,8 +188,9 @@ def main(argv=None) -> int:
                 ref = bench_peg.reference_outputs(case, x, [x, w, b], g, False)[:1]
             else:
                 ref = bench_peg.reference_outputs(case, x, [x, w, b], g, True)[1]
-            configs = [default] + [as_cfg(*c, default) for c in grids[pass_name]
-                                   if c != key(default)]
+            per_sms = args.per_sm if args.kernels == "stream" and args.per_sm else [None]
+            configs = [default] + [cfg for c in grids[pass_name] for p in per_sms
+                                   for cfg in [as_cfg(*c, default, p)] if key(cfg) != key(default)]
             case_rows = []
             for cfg in configs:
                 row = dict(meta, **{"kernels": args.kernels, "pass": pass_name,
@@ -214,13 +224,15 @@ def main(argv=None) -> int:
                   f"{len(case_rows)} configurations ran; default {key(default)}"
                   + (f" {float(base['median_ms']):.4f} ms" if base else " failed"))
             print(f"  {'BLOCK_W' if args.kernels == 'stream' else 'BLOCK_T'} BLOCK_C warps"
-                  f"   median ms   GB/s  % copy  x default")
+                  + (" per_sm" if args.kernels == "stream" else "")
+                  + "   median ms   GB/s  % copy  x default")
             for r in ok[:args.top]:
                 speed = (f"{float(base['median_ms']) / float(r['median_ms']):.2f}"
                          if base else "-")
                 print(f"  {r.get('BLOCK_T', r.get('BLOCK_W')):>7} {r['BLOCK_C']:>7} "
                       f"{r['num_warps']:>5} "
-                      f"{float(r['median_ms']):>11.4f} {float(r['gbps']):>6.0f} "
+                      + (f"{r['PER_SM']:>6} " if "PER_SM" in r else "")
+                      + f"{float(r['median_ms']):>11.4f} {float(r['gbps']):>6.0f} "
                       f"{float(r['frac_copy']):>7.0%} {speed:>10}"
                       + ("  (default)" if r["default"] else ""), flush=True)
     with open(out_dir / "tune.csv", "w", newline="") as f:

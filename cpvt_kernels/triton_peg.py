@@ -17,7 +17,7 @@ Each program writes its tile's partial sums of ``grad_weight`` and ``grad_bias``
 gradients are bitwise reproducible (no atomics).
 
 With ``CPVT_TRITON_KERNELS=stream`` (read at each call; default ``tile``), 3x3 kernels run on
-streaming kernels instead: a program walks a strip of rows of BLOCK_W pixels by BLOCK_C
+streaming kernels instead: a program walks strips of rows of BLOCK_W pixels by BLOCK_C
 channels, loads each input row once per strip and keeps the output rows it feeds in registers
 (see the section "Streaming kernels" below). They are not yet timed on a GPU.
 
@@ -27,6 +27,7 @@ Importing this module raises ImportError when Triton cannot be used.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -257,13 +258,21 @@ def _reduce_partials_kernel(part_ptr, gw_ptr, gb_ptr, num_tiles, C,
 # ---------------------------------------------------------------------------------------------
 # Streaming kernels for 3x3 (CPVT_TRITON_KERNELS=stream)
 #
-# A program owns BLOCK_W pixels of a row by BLOCK_C channels and walks down a strip of rows of
-# one image. Each input row is loaded once per strip as three tiles (columns w - 1, w, w + 1;
-# the two shifted ones overlap the centre one, so they mostly hit L1) and feeds the three output
-# rows it belongs to, held in registers: 3 loads per row instead of 9 taps' loads per output.
-# An output row is stored as soon as its last input row has been added. The backward walks
-# grad_out the same way for grad_x and sums the weight and bias gradients of its strip in
-# registers, reducing over the pixels once at the end (one slot of partials per program).
+# An item is BLOCK_W pixels of a row by BLOCK_C channels over a strip of rows of one image; a
+# program walks down the strip of each of its items. Each input row is loaded once per strip as
+# three tiles (columns w - 1, w, w + 1; the two shifted ones overlap the centre one, so they
+# mostly hit L1) and feeds the three output rows it belongs to, held in registers: 3 loads per
+# row instead of 9 taps' loads per output. An output row is stored as soon as its last input row
+# has been added. The backward walks grad_out the same way for grad_x and sums the weight and
+# bias gradients of all its items in registers, reducing over the pixels once at the end (one
+# slot of partials per program).
+#
+# The programs are persistent: a channel block gets about PER_SM programs per SM (one wave,
+# _stream_slots), and program p takes the items p, p + slots, ... of its channel block, so the
+# taps (36 scalar half-word loads a thread in the 16-bit types: a channel's taps are 9 elements
+# apart) and the end-of-strip reductions are paid once per program rather than once per item.
+# The streaming CUDA forward gained 1.3-1.5x from the same change on an H100
+# (bench/results/2026-12-05_nvidia-h100); these Triton ones have not run on a GPU.
 
 @triton.jit
 def _stream_taps(w_ptr, c, c_ok, sw0, sw2, sw3, FLIP: tl.constexpr, ACC: tl.constexpr):
@@ -393,25 +402,23 @@ def _stream_prefix(src_ptr, out_ptr, b, N, C, P, ssb, ssn, ssc, c, c_ok,
 
 @triton.jit
 def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
-                            N, C, H, W, P, strips, rh, wblocks, conv_programs,
+                            N, C, H, W, P, strips, rh, wblocks, items, slots,
                             ssb, ssn, ssc, sw0, sw2, sw3, sb,
                             HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, IS_F64: tl.constexpr,
                             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_P: tl.constexpr):
     """The forward (FLIP false: taps as they are, bias, padding multiplied like the other
     kernels) or the input gradient alone (FLIP: flipped taps over grad_out, no bias, taps on
-    padding skipped); both add the centre input (the residual / grad_out itself)."""
+    padding skipped); both add the centre input (the residual / grad_out itself).
+
+    Programs pid < slots each walk the strips ``pid, pid + slots, ...`` of the ``items`` (image,
+    strip, pixel block) of their channel block, loading the taps and the bias once; the programs
+    after them copy the prefix tokens of one image each."""
     ACC: tl.constexpr = tl.float64 if IS_F64 else tl.float32
     pid = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    if pid < conv_programs:
-        b, h0, h1, wc, m_l, m_c, m_r = _stream_block(pid, wblocks, strips, rh, H, W, c_ok,
-                                                      BLOCK_W)
-        off = wc.to(tl.int64)[:, None] * ssn + (c.to(tl.int64) * ssc)[None, :]
-        src = src_ptr + b.to(tl.int64) * ssb + P * ssn
-        out = out_ptr + (b.to(tl.int64) * N + P) * C
-        out_off = wc.to(tl.int64)[:, None] * C + c[None, :]
+    if pid < slots:
         t00, t01, t02, t10, t11, t12, t20, t21, t22 = _stream_taps(w_ptr, c, c_ok, sw0, sw2,
                                                                    sw3, FLIP, ACC)
         nonfinite = False
@@ -420,23 +427,32 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
         init = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
         if HAS_BIAS:
             init += tl.load(b_ptr + c * sb, mask=c_ok, other=0.0).to(ACC)[None, :]
-        # Output rows r - 1, r and r + 1 while input row r is added.
-        acc_p = init
-        acc_c = init
-        acc_n = init
-        # A while loop: triton 3.6's interpreter cannot take a run-time bound in range().
-        r = h0 - 1
-        while r <= h1:
-            vl, vc, vr, ml, mc, mr = _stream_row(src + r.to(tl.int64) * W * ssn, off, r, H,
-                                                 m_l, m_c, m_r, ssn, ACC)
-            acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02, t10,
-                                                  t11, t12, t20, t21, t22, vl, vc, vr, ml, mc,
-                                                  mr, out, out_off, r, h0, h1, W, C, m_c, FLIP,
-                                                  nonfinite)
-            r += 1
+        c_off = (c.to(tl.int64) * ssc)[None, :]
+        # While loops: triton 3.6's interpreter cannot take a run-time bound in range().
+        item = pid
+        while item < items:
+            b, h0, h1, wc, m_l, m_c, m_r = _stream_block(item, wblocks, strips, rh, H, W, c_ok,
+                                                          BLOCK_W)
+            off = wc.to(tl.int64)[:, None] * ssn + c_off
+            src = src_ptr + b.to(tl.int64) * ssb + P * ssn
+            out = out_ptr + (b.to(tl.int64) * N + P) * C
+            out_off = wc.to(tl.int64)[:, None] * C + c[None, :]
+            # Output rows r - 1, r and r + 1 while input row r is added.
+            acc_p = init
+            acc_c = init
+            acc_n = init
+            r = h0 - 1
+            while r <= h1:
+                vl, vc, vr, ml, mc, mr = _stream_row(src + r.to(tl.int64) * W * ssn, off, r, H,
+                                                     m_l, m_c, m_r, ssn, ACC)
+                acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02,
+                                                      t10, t11, t12, t20, t21, t22, vl, vc, vr,
+                                                      ml, mc, mr, out, out_off, r, h0, h1, W, C,
+                                                      m_c, FLIP, nonfinite)
+                r += 1
+            item += slots
     else:
-        _stream_prefix(src_ptr, out_ptr, pid - conv_programs, N, C, P, ssb, ssn, ssc, c, c_ok,
-                       BLOCK_P)
+        _stream_prefix(src_ptr, out_ptr, pid - slots, N, C, P, ssb, ssn, ssc, c, c_ok, BLOCK_P)
 
 
 @triton.jit
@@ -452,41 +468,31 @@ def _stream_dw(d0, d1, d2, g, gv, xl, xc, xr):
 
 @triton.jit
 def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
-                            N, C, H, W, P, strips, rh, wblocks, conv_programs,
+                            N, C, H, W, P, strips, rh, wblocks, items, slots,
                             sgb, sgn, sgc, sxb, sxn, sxc, sw0, sw2, sw3,
                             NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
                             IS_F64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_P: tl.constexpr):
-    """grad_x of the strip (NEED_X) and the strip's partial sums of grad_weight and grad_bias
-    (program pid's slot of part: (conv_programs, 10, C)).
+    """grad_x of the strips (NEED_X) and the partial sums of grad_weight and grad_bias over them
+    (program pid's slot of part: (slots, 10, C)). Programs pid < slots walk the strips
+    ``pid, pid + slots, ...`` of the ``items`` of their channel block, summing the weight and
+    bias gradients of all of them in registers and reducing over the pixels once, at the end;
+    the programs after them copy grad_out's prefix tokens into grad_x, one image each.
 
-    Iteration r loads grad_out row r (three columns, for grad_x) and x row r - 1 (three
-    columns): x row r - 1 meets grad_out rows r (tap row 0), r - 1 (1) and r - 2 (2), the last
-    two kept from earlier iterations."""
+    Iteration r of a strip loads grad_out row r (three columns, for grad_x) and x row r - 1
+    (three columns): x row r - 1 meets grad_out rows r (tap row 0), r - 1 (1) and r - 2 (2), the
+    last two kept from earlier iterations."""
     ACC: tl.constexpr = tl.float64 if IS_F64 else tl.float32
     pid = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    if pid < conv_programs:
-        b, h0, h1, wc, m_l, m_c, m_r = _stream_block(pid, wblocks, strips, rh, H, W, c_ok,
-                                                      BLOCK_W)
+    if pid < slots:
         c64 = c.to(tl.int64)
-        g_off = wc.to(tl.int64)[:, None] * sgn + (c64 * sgc)[None, :]
-        x_off = wc.to(tl.int64)[:, None] * sxn + (c64 * sxc)[None, :]
-        gsrc = g_ptr + b.to(tl.int64) * sgb + P * sgn
-        xsrc = x_ptr + b.to(tl.int64) * sxb + P * sxn
-        gx = gx_ptr + (b.to(tl.int64) * N + P) * C
-        gx_off = wc.to(tl.int64)[:, None] * C + c[None, :]
         zero = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
         if NEED_X:
             t00, t01, t02, t10, t11, t12, t20, t21, t22 = _stream_taps(w_ptr, c, c_ok, sw0,
                                                                        sw2, sw3, True, ACC)
             nonfinite = _stream_nonfinite(t00, t01, t02, t10, t11, t12, t20, t21, t22)
-        acc_p = zero
-        acc_c = zero
-        acc_n = zero
-        g1 = zero  # grad_out row r - 1 of the strip (zero outside it), at column w
-        g2 = zero  # row r - 2
         d00 = zero
         d01 = zero
         d02 = zero
@@ -497,31 +503,48 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
         d21 = zero
         d22 = zero
         db = zero
-        r = h0 - 1
-        while r <= h1 + 1:
-            gl, gc, gr, ml, mc, mr = _stream_row(gsrc + r.to(tl.int64) * W * sgn, g_off, r, H,
-                                                 m_l, m_c, m_r, sgn, ACC)
-            if NEED_X:
-                acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, zero, t00, t01, t02,
-                                                      t10, t11, t12, t20, t21, t22, gl, gc, gr,
-                                                      ml, mc, mr, gx, gx_off, r, h0, h1, W, C,
-                                                      m_c, True, nonfinite)
-            in_strip = (r >= h0) & (r < h1)
-            g0 = tl.where(in_strip, gc, 0.0)
-            if NEED_B:
-                db += g0
-            if NEED_W:
-                xr_ = r - 1
-                xl, xc, xr, _ml, _mc, _mr = _stream_row(xsrc + xr_.to(tl.int64) * W * sxn,
-                                                        x_off, xr_, H, m_l, m_c, m_r, sxn, ACC)
-                d00, d01, d02 = _stream_dw(d00, d01, d02, g0, in_strip, xl, xc, xr)
-                v1 = (r - 1 >= h0) & (r - 1 < h1)
-                d10, d11, d12 = _stream_dw(d10, d11, d12, g1, v1, xl, xc, xr)
-                v2 = (r - 2 >= h0) & (r - 2 < h1)
-                d20, d21, d22 = _stream_dw(d20, d21, d22, g2, v2, xl, xc, xr)
-            g2 = g1
-            g1 = g0
-            r += 1
+        item = pid
+        while item < items:
+            b, h0, h1, wc, m_l, m_c, m_r = _stream_block(item, wblocks, strips, rh, H, W, c_ok,
+                                                          BLOCK_W)
+            g_off = wc.to(tl.int64)[:, None] * sgn + (c64 * sgc)[None, :]
+            x_off = wc.to(tl.int64)[:, None] * sxn + (c64 * sxc)[None, :]
+            gsrc = g_ptr + b.to(tl.int64) * sgb + P * sgn
+            xsrc = x_ptr + b.to(tl.int64) * sxb + P * sxn
+            gx = gx_ptr + (b.to(tl.int64) * N + P) * C
+            gx_off = wc.to(tl.int64)[:, None] * C + c[None, :]
+            acc_p = zero
+            acc_c = zero
+            acc_n = zero
+            g1 = zero  # grad_out row r - 1 of the strip (zero outside it), at column w
+            g2 = zero  # row r - 2
+            r = h0 - 1
+            while r <= h1 + 1:
+                gl, gc, gr, ml, mc, mr = _stream_row(gsrc + r.to(tl.int64) * W * sgn, g_off, r,
+                                                     H, m_l, m_c, m_r, sgn, ACC)
+                if NEED_X:
+                    acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, zero, t00, t01,
+                                                          t02, t10, t11, t12, t20, t21, t22, gl,
+                                                          gc, gr, ml, mc, mr, gx, gx_off, r, h0,
+                                                          h1, W, C, m_c, True, nonfinite)
+                in_strip = (r >= h0) & (r < h1)
+                g0 = tl.where(in_strip, gc, 0.0)
+                if NEED_B:
+                    db += g0
+                if NEED_W:
+                    xr_ = r - 1
+                    xl, xc, xr, _ml, _mc, _mr = _stream_row(xsrc + xr_.to(tl.int64) * W * sxn,
+                                                            x_off, xr_, H, m_l, m_c, m_r, sxn,
+                                                            ACC)
+                    d00, d01, d02 = _stream_dw(d00, d01, d02, g0, in_strip, xl, xc, xr)
+                    v1 = (r - 1 >= h0) & (r - 1 < h1)
+                    d10, d11, d12 = _stream_dw(d10, d11, d12, g1, v1, xl, xc, xr)
+                    v2 = (r - 2 >= h0) & (r - 2 < h1)
+                    d20, d21, d22 = _stream_dw(d20, d21, d22, g2, v2, xl, xc, xr)
+                g2 = g1
+                g1 = g0
+                r += 1
+            item += slots
         slot = part_ptr + pid.to(tl.int64) * (10 * C) + c
         if NEED_W:
             tl.store(slot, tl.sum(d00, axis=0), mask=c_ok)
@@ -537,8 +560,7 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
             tl.store(slot + 9 * C, tl.sum(db, axis=0), mask=c_ok)
     else:
         if NEED_X:
-            _stream_prefix(g_ptr, gx_ptr, pid - conv_programs, N, C, P, sgb, sgn, sgc, c, c_ok,
-                           BLOCK_P)
+            _stream_prefix(g_ptr, gx_ptr, pid - slots, N, C, P, sgb, sgn, sgc, c, c_ok, BLOCK_P)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,29 +600,32 @@ def backward_config(N, C) -> dict:
     return _tile(N, C, 16, 2048)
 
 
-def _stream_geometry(H, W, C, elems: int, c_cap: int) -> dict:
+def _stream_geometry(H, W, C, elems: int, c_cap: int, per_sm: int) -> dict:
     """Block sizes of the streaming kernels: BLOCK_W pixels of a row (the row's width rounded up
     to a power of two, at most 32) by BLOCK_C channels, about ``elems`` elements, four a thread
-    (ptxas, sm_90, triton 3.8, bench/triton_compile.py: bf16 backward 120 registers, forward 69;
-    with eight a thread they need 251 and 147); strips of at most 8 rows, balanced (H = 14: two
-    strips of 7)."""
+    (with eight a thread they need 251 and 147 registers, backward and forward); strips of at
+    most 8 rows, balanced (H = 14: two strips of 7); PER_SM persistent programs per SM (see
+    :func:`_stream_slots`), as many as the registers let an SM hold at once."""
     block_w = max(2, min(_next_pow2(W), 32))
     block_c = max(1, min(_next_pow2(C), c_cap, max(16, elems // block_w)))
     strips = triton.cdiv(H, 8)
     return dict(BLOCK_W=block_w, BLOCK_C=block_c, RH=triton.cdiv(H, strips),
-                num_warps=max(1, min(8, block_w * block_c // 128)))
+                num_warps=max(1, min(8, block_w * block_c // 128)), PER_SM=per_sm)
 
 
 def stream_forward_config(H, W, C) -> dict:
-    """The streaming forward's blocks: 16 x 64 for CPVT grids (H = W = 14)."""
-    return _stream_geometry(H, W, C, 1024, 64)
+    """The streaming forward's blocks: 16 x 64 for CPVT grids (H = W = 14), 8 warps; three
+    programs an SM (ptxas, sm_90, triton 3.8, bench/triton_compile.py: 72 registers a thread in
+    bfloat16 and 75 in float32, so three programs of 256 threads fit an SM's 64K registers)."""
+    return _stream_geometry(H, W, C, 1024, 64, 3)
 
 
 def stream_backward_config(H, W, C) -> dict:
     """The streaming backward's blocks: narrower in channels than the forward's (16 x 32 for
     CPVT grids), as it keeps 15 tiles in registers (three rows of grad_x, two of grad_out, nine
-    weight sums and the bias sum)."""
-    return _stream_geometry(H, W, C, 512, 32)
+    weight sums and the bias sum), 4 warps; three programs an SM (128 registers a thread in
+    bfloat16, 142 in float32: three programs of 128 threads fit, four only in bfloat16)."""
+    return _stream_geometry(H, W, C, 512, 32, 3)
 
 
 def kernels_from_env() -> str:
@@ -652,9 +677,34 @@ def launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 
 def _stream_programs(B, H, W, cfg) -> tuple[int, int, int]:
+    """(strips per image, pixel blocks per row, items = the (image, strip, pixel block) of a
+    channel block)."""
     strips = triton.cdiv(H, cfg["RH"])
     wblocks = triton.cdiv(W, cfg["BLOCK_W"])
     return strips, wblocks, B * strips * wblocks
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    """The SMs of a CUDA device. Off a GPU (Triton's interpreter, meta tensors) one, so that the
+    programs of small problems still walk several items."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_sm_count(device.index if device.index is not None
+                          else torch.cuda.current_device())
+
+
+def _stream_slots(items: int, cblocks: int, cfg: dict, device: torch.device) -> int:
+    """Persistent programs per channel block: enough for ``cfg["PER_SM"]`` on every SM of the
+    device (one wave), each walking every slots-th item; one per item with PER_SM = 0."""
+    per_sm = int(cfg.get("PER_SM", 0))
+    if per_sm <= 0 or items <= 1:
+        return items
+    return max(1, min(items, triton.cdiv(per_sm * _device_sms(device), cblocks)))
 
 
 def launch_stream_forward(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -667,12 +717,14 @@ def launch_stream_forward(src: torch.Tensor, weight: torch.Tensor, bias: Optiona
     if B * C == 0:
         return out
     P = num_prefix_tokens
-    strips, wblocks, conv = _stream_programs(B, H, W, cfg)
+    strips, wblocks, items = _stream_programs(B, H, W, cfg)
+    cblocks = triton.cdiv(C, cfg["BLOCK_C"])
+    slots = _stream_slots(items, cblocks, cfg, src.device)
     has_bias = bias is not None and not flip
-    grid = (conv + (B if P > 0 else 0), triton.cdiv(C, cfg["BLOCK_C"]))
+    grid = (slots + (B if P > 0 else 0), cblocks)
     torch.library.wrap_triton(_peg_stream3_fwd_kernel)[grid](
         src, weight, bias if has_bias else weight, out,
-        N, C, H, W, P, strips, cfg["RH"], wblocks, conv,
+        N, C, H, W, P, strips, cfg["RH"], wblocks, items, slots,
         src.stride(0), src.stride(1), src.stride(2), *_weight_strides(weight),
         bias.stride(0) if has_bias else 0,
         HAS_BIAS=has_bias, FLIP=flip, IS_F64=src.dtype == torch.float64,
@@ -783,21 +835,23 @@ def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
     gx, gw, gb = _masked_grads(x, weight, output_mask)
     if not (need_x or need_w or need_b):
         return gx, gw, gb
-    strips, wblocks, conv = _stream_programs(B, H, W, cfg)
+    strips, wblocks, items = _stream_programs(B, H, W, cfg)
+    cblocks = triton.cdiv(C, cfg["BLOCK_C"])
+    slots = _stream_slots(items, cblocks, cfg, x.device)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    part = torch.empty((conv, 10, C), dtype=acc_dtype, device=x.device)
-    if conv * C > 0:
-        grid = (conv + (B if (P > 0 and need_x) else 0), triton.cdiv(C, cfg["BLOCK_C"]))
+    part = torch.empty((slots, 10, C), dtype=acc_dtype, device=x.device)
+    if items * C > 0:
+        grid = (slots + (B if (P > 0 and need_x) else 0), cblocks)
         torch.library.wrap_triton(_peg_stream3_bwd_kernel)[grid](
             grad_out, x, weight, gx, part,
-            N, C, H, W, P, strips, cfg["RH"], wblocks, conv,
+            N, C, H, W, P, strips, cfg["RH"], wblocks, items, slots,
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             x.stride(0), x.stride(1), x.stride(2), *_weight_strides(weight),
             NEED_X=need_x, NEED_W=need_w, NEED_B=need_b, IS_F64=x.dtype == torch.float64,
             BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_next_pow2(max(P, 1)),
             num_warps=cfg["num_warps"])
     if C > 0:
-        _reduce_partials(part, gw, gb, conv, C, 9, need_w, need_b)
+        _reduce_partials(part, gw, gb, slots, C, 9, need_w, need_b)
     return gx, gw, gb
 
 

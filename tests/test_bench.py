@@ -404,19 +404,25 @@ def test_tune_triton_tiny_sweep(tmp_path):
 
 
 def test_tune_triton_streaming_kernels(tmp_path):
-    """--kernels stream sweeps BLOCK_W x BLOCK_C x warps of the streaming 3x3 kernels."""
+    """--kernels stream sweeps BLOCK_W x BLOCK_C x warps of the streaming 3x3 kernels, each with
+    every --per-sm value (persistent programs per SM)."""
     require_backend("triton")
     import tune_triton
+    from cpvt_kernels import triton_peg
     rc = tune_triton.main(["--kernels", "stream", "--shapes", "1x8x9x5", "--fwd-configs",
-                           "4x8x1", "--bwd-configs", "4x8x1", "--min-time", "0.001",
-                           "--out", str(tmp_path)])
+                           "4x8x1", "--bwd-configs", "4x8x1", "--per-sm", "0", "1",
+                           "--min-time", "0.001", "--out", str(tmp_path)])
     assert rc == 0
     rows = _rows(tmp_path / "tune.csv")
     assert [(r["pass"], r["default"]) for r in rows] == [
-        ("fwd", "True"), ("fwd", "False"), ("bwd", "True"), ("bwd", "False")]
+        ("fwd", "True"), ("fwd", "False"), ("fwd", "False"),
+        ("bwd", "True"), ("bwd", "False"), ("bwd", "False")]
     assert {r["kernels"] for r in rows} == {"stream"}
     assert (rows[0]["BLOCK_W"], rows[0]["BLOCK_C"], rows[0]["num_warps"]) == ("8", "8", "1")
-    assert (rows[1]["BLOCK_W"], rows[1]["BLOCK_C"], rows[1]["num_warps"]) == ("4", "8", "1")
+    assert [(r["BLOCK_W"], r["BLOCK_C"], r["num_warps"], r["PER_SM"]) for r in rows[1:3]] == [
+        ("4", "8", "1", "0"), ("4", "8", "1", "1")]
+    assert rows[0]["PER_SM"] == str(triton_peg.stream_forward_config(9, 5, 8)["PER_SM"])
+    assert rows[3]["PER_SM"] == str(triton_peg.stream_backward_config(9, 5, 8)["PER_SM"])
     assert rows[0]["RH"] == rows[1]["RH"] == "5"  # 9 rows: two strips of 5 and 4
     for r in rows:
         assert r["status"] == "ok", r
@@ -449,17 +455,23 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     for name in ("_peg_fwd_kernel", "_peg_bwd_kernel", "_peg_stream3_fwd_kernel",
                  "_peg_stream3_bwd_kernel", "_reduce_partials_kernel"):
         assert any(name in r for r in rows), name
-    # After the blocks: warps, registers, stack, shared, SASS instructions, loop body, i/elem
+    # After the blocks: warps, registers, stack, shared, SASS instructions, innermost loop body,
+    # outermost loop body ("-" where loops do not nest), i/elem
     import re
     nums = {}
     for r in rows:
         m = re.search(r"(_\w+_kernel)\s+\S+\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)"
-                      r"\s+([\d.]+)\s+(.*)$", r)
+                      r"\s+(\d+|-)\s+([\d.]+)\s+(.*)$", r)
         assert m, r
-        warps, regs, _, _, sass, loop, per_elem = (float(v) for v in m.groups()[1:8])
-        assert regs > 0 and sass > 0 and per_elem > 0 and "LDG" in m.group(9), r
+        warps, regs, _, _, sass, loop = (float(v) for v in m.groups()[1:7])
+        outer, per_elem = m.group(8), float(m.group(9))
+        assert regs > 0 and sass > 0 and per_elem > 0 and "LDG" in m.group(10), r
         # the streaming kernels and the reduction walk a loop; the tiled kernels have none
         assert (loop > 0) == ("stream3" in r or "reduce" in r), r
+        # the persistent streaming kernels walk their items around the walk down the rows
+        assert (outer != "-") == ("stream3" in r), r
+        if outer != "-":
+            assert loop < float(outer) < sass, r
         dtype, family, pass_name = r.split()[5:8]
         nums[(dtype, family, pass_name, m.group(1))] = per_elem
     # the streaming forward issues far fewer instructions per element than the tiled one

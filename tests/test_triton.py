@@ -302,6 +302,38 @@ def test_stream_nonfinite_weight_grad_x_only(device, stream):
     check_nonfinite_grad_x_only("triton", device, 3, C=10)
 
 
+@pytest.mark.parametrize("per_sm", [0, 1, 2, 5], ids=lambda v: f"per_sm{v}")
+def test_stream_persistent_programs_walk_every_item(device, per_sm, poison_empty):
+    """However many items each persistent program walks (one program per item with PER_SM = 0,
+    one program for all of them with PER_SM = 1 off a GPU), the forward and grad_x are bitwise
+    those of one program per item, and the weight and bias gradients, summed over a program's
+    items before its slot is written, match the reference."""
+    from cpvt_kernels import triton_peg as tp
+    B, P, H, W, C = (6, 1, 20, 40, 96) if HAS_GPU else (3, 1, 10, 5, 8)
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float32, device)
+    g64 = torch.randn(x64.shape, dtype=torch.float64)
+    g = g64.to(device=device, dtype=torch.float32)
+    fcfg = dict(tp.stream_forward_config(H, W, C), PER_SM=per_sm)
+    bcfg = dict(tp.stream_backward_config(H, W, C), PER_SM=per_sm)
+    items = tp._stream_programs(B, H, W, fcfg)[2]
+    slots = tp._stream_slots(items, -(-C // fcfg["BLOCK_C"]), fcfg, x.device)
+    assert items >= 6 and 1 <= slots <= items
+    if per_sm == 1 and not HAS_GPU:
+        assert slots == 1  # one program walks every item
+    out = tp.launch_stream_forward(x, w, b, H, W, P, False, fcfg)
+    gx, gw, gb = tp.launch_stream_backward(g, x, w, H, W, P, (True, True, True), bcfg)
+    one = dict(fcfg, PER_SM=0)
+    assert torch.equal(out, tp.launch_stream_forward(x, w, b, H, W, P, False, one))
+    gx1, _, _ = tp.launch_stream_backward(g, x, w, H, W, P, (True, True, True),
+                                          dict(bcfg, PER_SM=0))
+    assert torch.equal(gx, gx1)
+    ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, g64)
+    for name, got, want in (("out", out, ref), ("grad_x", gx, gx_ref),
+                            ("grad_weight", gw, gw_ref), ("grad_bias", gb, gb_ref)):
+        assert not got.isnan().any(), f"{name} has unwritten (NaN) elements"
+        assert rel_err(got, want) < TOLERANCE[torch.float32], name
+
+
 def test_stream_setting_is_checked_and_other_kernel_sizes_stay_tiled(device, monkeypatch):
     """A bad CPVT_TRITON_KERNELS raises; kernels other than 3x3 keep the tiled kernels."""
     from cpvt_kernels import triton_peg
