@@ -21,7 +21,9 @@ a rare path the loop an iteration runs is shorter), ``outer`` in the body of the
 costs beyond its rows; ``-`` where loops do not nest), and ``i/elem``, the warp instructions
 issued per element of the block: ``(loop or sass) * num_warps / (product of the block
 sizes)``, per row for the streaming kernels. The persistent kernels launch programs for
-``--sms`` SMs (default 132).
+``--sms`` SMs (default 132). With ``--branches`` it lists each if/else inside the innermost loop
+(the instructions of its two sides), so that the loop an iteration runs can be told from the
+listing's.
 A memory-bound kernel must also stay below the SMs' issue rate: an H100 (132 SMs, 4 schedulers
 each, about 1.75 GHz) issues about 0.92e12 warp instructions a second, so a kernel at 4 i/elem
 over the 9.7 M elements of CPVT-S (B=128, 224 px) needs about 41 us to issue them, three times a
@@ -178,11 +180,28 @@ def sass_counts(sass: str) -> dict:
 
     inner = [s for s in spans
              if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
-    loop = max((size(s) for s in inner), default=0)
+    loop_span = max(inner, key=size, default=None)
+    loop = size(loop_span) if loop_span else 0
     outer = max((size(s) for s in spans), default=0)
+    # if/else inside the innermost loop: a conditional branch to X with an unconditional branch
+    # (to Y) just before X; 'then' runs from the branch to X, 'else' from X to Y.
+    branches = []
+    if loop_span:
+        addrs = {a: text for a, text in instrs}
+        for addr, text in instrs:
+            m = re.search(r"@!?U?P\d BRA 0x([0-9a-f]+)", text)
+            if not (m and loop_span[0] <= addr <= loop_span[1]):
+                continue
+            x = int(m.group(1), 16)
+            jump = re.match(r"\s*BRA 0x([0-9a-f]+)", addrs.get(x - 16, ""))
+            if x > addr and jump:
+                y = int(jump.group(1), 16)
+                branches.append((sum(1 for a, _ in instrs if addr < a < x),
+                                 sum(1 for a, _ in instrs if x <= a < y)))
     mem = collections.Counter(m.group(1) for _, text in instrs
                               for m in [_MEMORY_OP.search(text)] if m)
     return {"sass": len(instrs), "loop": loop, "outer": outer if outer > loop else 0,
+            "branches": branches,
             "memory": " ".join(f"{k}x{v}" for k, v in sorted(mem.items()))}
 
 
@@ -224,6 +243,10 @@ def parse_args(argv=None):
                    help="SMs of the device the persistent streaming kernels are sized for "
                         "(default 132, an H100 SXM's): it sets how many programs they launch, "
                         "so the partial sums the reduction kernel walks")
+    p.add_argument("--branches", action="store_true",
+                   help="also list each if/else inside the innermost loop: the instructions of "
+                        "its two sides, so that the loop an iteration runs can be told from the "
+                        "listing's")
     p.add_argument("--no-spills", action="store_true",
                    help="exit non-zero if a kernel has a stack frame (spilled registers)")
     return p.parse_args(argv)
@@ -267,6 +290,12 @@ def main(argv=None) -> int:
                               f"{r['loop']:>5} {r['outer'] or '-':>5} {r['per_elem']:>7.2f}  "
                               f"{r['memory']}"
                               + ("  (spills)" if spill else ""), flush=True)
+                        if args.branches:
+                            for then, other in r["branches"]:
+                                print(f"{'':>14} if/else in the loop: then {then}, else {other} "
+                                      f"instructions (an iteration on the else side runs "
+                                      f"{r['loop'] - then}, on the then side "
+                                      f"{r['loop'] - other})")
     return 1 if bad else 0
 
 
