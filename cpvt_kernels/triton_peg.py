@@ -503,6 +503,7 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
         d21 = zero
         d22 = zero
         db = zero
+        slot = part_ptr + pid.to(tl.int64) * (10 * C) + c
         item = pid
         while item < items:
             b, h0, h1, wc, m_l, m_c, m_r = _stream_block(item, wblocks, strips, rh, H, W, c_ok,
@@ -545,7 +546,6 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
                 g1 = g0
                 r += 1
             item += slots
-        slot = part_ptr + pid.to(tl.int64) * (10 * C) + c
         if NEED_W:
             tl.store(slot, tl.sum(d00, axis=0), mask=c_ok)
             tl.store(slot + C, tl.sum(d01, axis=0), mask=c_ok)
@@ -615,16 +615,22 @@ def _stream_geometry(H, W, C, elems: int, c_cap: int, per_sm: int) -> dict:
 
 def stream_forward_config(H, W, C) -> dict:
     """The streaming forward's blocks: 16 x 64 for CPVT grids (H = W = 14), 8 warps; three
-    programs an SM (ptxas, sm_90, triton 3.8, bench/triton_compile.py: 72 registers a thread in
-    bfloat16 and 75 in float32, so three programs of 256 threads fit an SM's 64K registers)."""
+    programs an SM (ptxas, sm_90, triton 3.6 and 3.8, bench/triton_compile.py: 72-75 registers a
+    thread, so three programs of 256 threads fit an SM's 64K registers)."""
     return _stream_geometry(H, W, C, 1024, 64, 3)
+
+
+def stream_grad_x_config(H, W, C) -> dict:
+    """The input gradient alone (the forward kernel with flipped taps): the forward's blocks, two
+    programs an SM (72-94 registers a thread: a third would not fit in every case)."""
+    return _stream_geometry(H, W, C, 1024, 64, 2)
 
 
 def stream_backward_config(H, W, C) -> dict:
     """The streaming backward's blocks: narrower in channels than the forward's (16 x 32 for
     CPVT grids), as it keeps 15 tiles in registers (three rows of grad_x, two of grad_out, nine
-    weight sums and the bias sum), 4 warps; three programs an SM (128 registers a thread in
-    bfloat16, 142 in float32: three programs of 128 threads fit, four only in bfloat16)."""
+    weight sums and the bias sum), 4 warps; three programs an SM (137-156 registers a thread:
+    three programs of 128 threads fit, four would not)."""
     return _stream_geometry(H, W, C, 512, 32, 3)
 
 
@@ -830,7 +836,7 @@ def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
     P = num_prefix_tokens
     if need_x and not (need_w or need_b):  # the forward kernel allocates grad_x itself
         return (launch_stream_forward(grad_out, weight, None, H, W, P, True,
-                                      stream_forward_config(H, W, C)),
+                                      stream_grad_x_config(H, W, C)),
                 x.new_empty(0), x.new_empty(0))
     gx, gw, gb = _masked_grads(x, weight, output_mask)
     if not (need_x or need_w or need_b):
