@@ -344,6 +344,20 @@ def _stream_block(pid, wblocks, strips, rh, H, W, c_ok, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
+def _stream_source(ptr, b, wc, c, P, sb, sn, sc):
+    """The grid rows of image b of a token tensor (row r at ``base + r * W * sn``) and the
+    offsets of pixels wc, channels c in a row."""
+    base = ptr + b.to(tl.int64) * sb + P * sn
+    return base, wc.to(tl.int64)[:, None] * sn + (c.to(tl.int64) * sc)[None, :]
+
+
+@triton.jit
+def _stream_dest(ptr, b, wc, c, N, C, P):
+    """The same for a new contiguous (B, N, C) tensor."""
+    return ptr + (b.to(tl.int64) * N + P) * C, wc.to(tl.int64)[:, None] * C + c[None, :]
+
+
+@triton.jit
 def _stream_add_rows(acc_p, acc_c, acc_n, t00, t01, t02, t10, t11, t12, t20, t21, t22,
                      vl, vc, vr, ml, mc, mr, SKIP_PAD: tl.constexpr):
     """The three tap rows of one input row into output rows r + 1, r and r - 1."""
@@ -427,16 +441,13 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
         init = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
         if HAS_BIAS:
             init += tl.load(b_ptr + c * sb, mask=c_ok, other=0.0).to(ACC)[None, :]
-        c_off = (c.to(tl.int64) * ssc)[None, :]
         # While loops: triton 3.6's interpreter cannot take a run-time bound in range().
         item = pid
         while item < items:
             b, h0, h1, wc, m_l, m_c, m_r = _stream_block(item, wblocks, strips, rh, H, W, c_ok,
                                                           BLOCK_W)
-            off = wc.to(tl.int64)[:, None] * ssn + c_off
-            src = src_ptr + b.to(tl.int64) * ssb + P * ssn
-            out = out_ptr + (b.to(tl.int64) * N + P) * C
-            out_off = wc.to(tl.int64)[:, None] * C + c[None, :]
+            src, off = _stream_source(src_ptr, b, wc, c, P, ssb, ssn, ssc)
+            out, out_off = _stream_dest(out_ptr, b, wc, c, N, C, P)
             # Output rows r - 1, r and r + 1 while input row r is added.
             acc_p = init
             acc_c = init
@@ -487,7 +498,6 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     if pid < slots:
-        c64 = c.to(tl.int64)
         zero = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
         if NEED_X:
             t00, t01, t02, t10, t11, t12, t20, t21, t22 = _stream_taps(w_ptr, c, c_ok, sw0,
@@ -508,12 +518,9 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
         while item < items:
             b, h0, h1, wc, m_l, m_c, m_r = _stream_block(item, wblocks, strips, rh, H, W, c_ok,
                                                           BLOCK_W)
-            g_off = wc.to(tl.int64)[:, None] * sgn + (c64 * sgc)[None, :]
-            x_off = wc.to(tl.int64)[:, None] * sxn + (c64 * sxc)[None, :]
-            gsrc = g_ptr + b.to(tl.int64) * sgb + P * sgn
-            xsrc = x_ptr + b.to(tl.int64) * sxb + P * sxn
-            gx = gx_ptr + (b.to(tl.int64) * N + P) * C
-            gx_off = wc.to(tl.int64)[:, None] * C + c[None, :]
+            gsrc, g_off = _stream_source(g_ptr, b, wc, c, P, sgb, sgn, sgc)
+            xsrc, x_off = _stream_source(x_ptr, b, wc, c, P, sxb, sxn, sxc)
+            gx, gx_off = _stream_dest(gx_ptr, b, wc, c, N, C, P)
             acc_p = zero
             acc_c = zero
             acc_n = zero
