@@ -144,6 +144,19 @@ def check_only_required_grads(backend: str, device, needs: str, H=5, W=6, C=11):
             assert t.grad is None, name
 
 
+def check_expanded_grad_out(backend: str, device, C=8):
+    """``out.sum().backward()`` hands the backward a stride-0 gradient; the gradients are right."""
+    (x64, w64, b64), (x, w, b) = make_inputs(2, 1, 4, 5, C, 3, 3, True, torch.float64, device)
+    for t in (x, w, b):
+        t.requires_grad_()
+    ck.fused_peg(x, w, b, (4, 5), 1, backend=backend).sum().backward()
+    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, 4, 5, 1,
+                                                     torch.ones_like(x64))
+    assert rel_err(x.grad, gx_ref) < 1e-12
+    assert rel_err(w.grad, gw_ref) < 1e-12
+    assert rel_err(b.grad, gb_ref) < 1e-12
+
+
 def backend_device(backend: str) -> str:
     """The device of the tensors a backend's tests use. The reference runs on CPU tensors, where
     the float64 references are computed: on CUDA tensors its convolution is cuDNN's, which keeps

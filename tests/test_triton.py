@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import (DTYPES, GRAD_NEEDS, HAS_GPU, TOLERANCE, check_nonfinite_backward,
-                      check_nonfinite_forward, check_nonfinite_grad_x_only,
-                      check_only_required_grads, layout_as, leaf, make_inputs,
-                      reference_with_grads, rel_err, require_backend)
+from conftest import (DTYPES, GRAD_NEEDS, HAS_GPU, TOLERANCE, check_expanded_grad_out,
+                      check_nonfinite_backward, check_nonfinite_forward,
+                      check_nonfinite_grad_x_only, check_only_required_grads, layout_as, leaf,
+                      make_inputs, reference_with_grads, rel_err, require_backend)
 
 gpu = pytest.mark.skipif(not HAS_GPU, reason="GPU-only: no CUDA device")
 
@@ -139,15 +139,7 @@ def _check_output_mask(device, mask, H, kh, kw):
 
 def test_expanded_grad_out(device):
     """``out.sum().backward()`` hands the backward a stride-0 gradient."""
-    (x64, w64, b64), (x, w, b) = make_inputs(2, 1, 4, 5, 7, 3, 3, True, torch.float64, device)
-    for t in (x, w, b):
-        t.requires_grad_()
-    ck.fused_peg(x, w, b, (4, 5), 1, backend="triton").sum().backward()
-    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, 4, 5, 1,
-                                                     torch.ones_like(x64))
-    assert rel_err(x.grad, gx_ref) < 1e-12
-    assert rel_err(w.grad, gw_ref) < 1e-12
-    assert rel_err(b.grad, gb_ref) < 1e-12
+    check_expanded_grad_out("triton", device, C=7)
 
 
 @pytest.mark.parametrize("P,kh,kw,bias,layout,fast", [(1, 3, 3, True, "contiguous", False),
