@@ -79,20 +79,21 @@ def check_inputs(x, weight, bias, H, W, num_prefix_tokens, same_dtype: bool = Tr
             and 1 <= kw <= MAX_KERNEL_SIZE):
         raise ValueError(f"fused_peg: weight kernel size (kh, kw) must be odd and in "
                          f"[1, {MAX_KERNEL_SIZE}], got ({kh}, {kw})")
-    if same_dtype and weight.dtype != x.dtype:
-        raise TypeError(f"fused_peg: weight dtype must match x ({x.dtype}), got {weight.dtype}")
-    if weight.device != x.device:
-        raise RuntimeError(f"fused_peg: weight must be on the device of x ({x.device}), "
-                           f"got {weight.device}")
+    _check_like_x("weight", weight, x, same_dtype)
     if bias is not None:
         if bias.dim() != 1 or bias.shape[0] != C:
             raise ValueError(f"fused_peg: bias must have shape (C,) with C = {C}, "
                              f"got {tuple(bias.shape)}")
-        if same_dtype and bias.dtype != x.dtype:
-            raise TypeError(f"fused_peg: bias dtype must match x ({x.dtype}), got {bias.dtype}")
-        if bias.device != x.device:
-            raise RuntimeError(f"fused_peg: bias must be on the device of x ({x.device}), "
-                               f"got {bias.device}")
+        _check_like_x("bias", bias, x, same_dtype)
+
+
+def _check_like_x(name: str, t: torch.Tensor, x: torch.Tensor, same_dtype: bool) -> None:
+    """``t`` (the weight or the bias) has x's dtype (when ``same_dtype``) and x's device."""
+    if same_dtype and t.dtype != x.dtype:
+        raise TypeError(f"fused_peg: {name} dtype must match x ({x.dtype}), got {t.dtype}")
+    if t.device != x.device:
+        raise RuntimeError(f"fused_peg: {name} must be on the device of x ({x.device}), "
+                           f"got {t.device}")
 
 
 def check_backward_inputs(grad_out, x, weight, H, W, num_prefix_tokens) -> None:
