@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import (CPU_LEFT_OUT, DTYPES, GRAD_NEEDS, TOLERANCE, check_nonfinite_backward,
-                      check_nonfinite_forward, check_nonfinite_grad_x_only,
-                      check_only_required_grads, layout_as, make_inputs, poison_allocator,
+from conftest import (CPU_LEFT_OUT, DTYPES, GRAD_NEEDS, TOLERANCE, check_expanded_grad_out,
+                      check_nonfinite_backward, check_nonfinite_forward,
+                      check_nonfinite_grad_x_only, check_only_required_grads, layout_as, make_inputs, poison_allocator,
                       reference_with_grads, rel_err, require_backend)
 
 BACKENDS = ["cpu", "reference"]
@@ -91,16 +91,7 @@ def test_only_required_grads(backend, needs):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_expanded_grad_out(backend):
     """``out.sum().backward()`` hands the backward a stride-0 gradient."""
-    device = require_backend(backend)
-    (x64, w64, b64), (x, w, b) = make_inputs(2, 1, 4, 5, 7, 3, 3, True, torch.float64, device)
-    for t in (x, w, b):
-        t.requires_grad_()
-    ck.fused_peg(x, w, b, (4, 5), 1, backend=backend).sum().backward()
-    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, 4, 5, 1,
-                                                     torch.ones_like(x64))
-    assert rel_err(x.grad, gx_ref) < 1e-12
-    assert rel_err(w.grad, gw_ref) < 1e-12
-    assert rel_err(b.grad, gb_ref) < 1e-12
+    check_expanded_grad_out(backend, require_backend(backend), C=7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
