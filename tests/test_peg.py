@@ -10,8 +10,9 @@ import torch
 import cpvt_kernels as ck
 from conftest import (CPU_LEFT_OUT, DTYPES, GRAD_NEEDS, TOLERANCE, check_expanded_grad_out,
                       check_nonfinite_backward, check_nonfinite_forward,
-                      check_nonfinite_grad_x_only, check_only_required_grads, layout_as, make_inputs, poison_allocator,
-                      reference_with_grads, rel_err, require_backend)
+                      check_nonfinite_grad_x_only, check_only_required_grads, layout_as,
+                      make_inputs, poison_allocator, reference_with_grads, rel_err,
+                      require_backend)
 
 BACKENDS = ["cpu", "reference"]
 
