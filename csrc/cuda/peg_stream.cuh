@@ -38,12 +38,6 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define CPVT_HD __host__ __device__
-#else
-#define CPVT_HD
-#endif
-
 namespace cpvt {
 namespace peg_cuda {
 
@@ -184,39 +178,13 @@ CPVT_HD inline void words_to_acc(acc_t<T> (&dst)[VEC], const uint32_t (&w)[NW]) 
   for (int e = 0; e < VEC; ++e) dst[e] = static_cast<acc_t<T>>(v.v[e]);
 }
 
-// The VEC values rounded to T and stored as one vector (the inverse of load_words). Assigning
-// the Pack, or storing its bits as a uint2, leaves nvcc free to split the store, and it does:
-// the 8-byte vectors of the 16-bit types went out as four 2-byte stores (sm_90 SASS of the
-// bfloat16 forward: STG.E.U16 x 4 per output vector; float32: STG.E x 4), and as a uint2 as
-// two 4-byte ones. A st.global of the whole vector keeps it one store (STG.E.64, STG.E.128);
-// the __stwb intrinsics would too, but as strong stores (STG.E.64.STRONG.SM). double keeps the
-// Pack's assignment (two 8-byte stores): as one 16-byte store its 3x3 forward spills 8 bytes.
+// The VEC values rounded to T and stored as one vector (the inverse of load_words).
 template <typename T, int VEC>
 CPVT_HD inline void store_acc(T* p, const acc_t<T> (&acc)[VEC]) {
   Pack<T, VEC> o;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) o.v[e] = static_cast<T>(acc[e]);
-  if constexpr (sizeof(T) == 8) {
-    *reinterpret_cast<Pack<T, VEC>*>(p) = o;
-    return;
-  }
-  constexpr int NW = static_cast<int>(sizeof(o) / 4);
-  static_assert(sizeof(o) % 4 == 0 && (NW == 1 || NW == 2 || NW == 4),
-                "vectors are 4, 8 or 16 bytes");
-  uint32_t w[NW];
-  memcpy(w, &o, sizeof(o));
-#if defined(__CUDA_ARCH__)
-  if constexpr (NW == 4) {
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};"
-                 :: "l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]) : "memory");
-  } else if constexpr (NW == 2) {
-    asm volatile("st.global.v2.b32 [%0], {%1, %2};" :: "l"(p), "r"(w[0]), "r"(w[1]) : "memory");
-  } else {
-    asm volatile("st.global.b32 [%0], %1;" :: "l"(p), "r"(w[0]) : "memory");
-  }
-#else
-  std::memcpy(p, w, sizeof(w));
-#endif
+  store_pack(p, o);
 }
 
 // Shared memory of the staged taps: (K*K + 1) rows (the taps, then the bias) of the block's
