@@ -8,50 +8,28 @@ and its global memory instructions by kind and width::
     python bench/cuda_sass.py --filter 'stream_forward.*BFloat16'
     python bench/cuda_sass.py bench/cuda_micro/peg_micro --filter stream
 
-The counts are those of ``bench/triton_compile.py`` (``sass_counts``): ``loop`` is the body of
+The counts are those of ``bench/triton_compile.py`` (``bench/sass.py``): ``loop`` is the body of
 the innermost loop, ``outer`` that of the loop around it, and the memory column lists each
 global load and store kind with its count (``STG.E.64x13``: thirteen 8-byte stores; a vector
 stored as ``STG.E.U16`` pieces is split into 2-byte stores). Kernel names are demangled with
-``c++filt`` when it is installed. Reads the binary with the ``cuobjdump`` in Triton's package
-(or ``$CUOBJDUMP``); exits non-zero when the binary holds no code for ``--arch``.
+``c++filt`` when it is installed. Reads the binary with ``$CUOBJDUMP``, else the ``cuobjdump``
+in Triton's package, else the one on the PATH; exits non-zero when the binary holds no code for
+``--arch``.
 """
 from __future__ import annotations
 
 import argparse
 import glob
-import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sass import cuobjdump, sass_counts  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cuobjdump() -> str:
-    """$CUOBJDUMP, else the cuobjdump in Triton's package, else the one on the PATH."""
-    if os.environ.get("CUOBJDUMP"):
-        return os.environ["CUOBJDUMP"]
-    try:
-        import triton
-        hits = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
-                                      "bin", "cuobjdump"))
-        if hits:
-            return hits[0]
-    except ImportError:
-        pass
-    tool = shutil.which("cuobjdump")
-    if tool is None:
-        raise SystemExit("cuda_sass: no cuobjdump (set CUOBJDUMP, or install triton or the CUDA "
-                         "toolkit)")
-    return tool
-
-
-def sass_counts(sass: str) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from triton_compile import sass_counts as counts  # one parser for both tools
-    return counts(sass)
 
 
 def demangle(names: list[str]) -> dict[str, str]:
@@ -122,7 +100,8 @@ def main(argv=None) -> int:
               + (f" matching {args.filter!r}" if args.filter else ""), file=sys.stderr)
         return 1
     print(f"{binary}, sm_{args.arch}")
-    print(f"{'regs':>4} {'stack':>5} {'sass':>5} {'loop':>5} {'outer':>5}  kernel  /  global memory")
+    print(f"{'regs':>4} {'stack':>5} {'sass':>5} {'loop':>5} {'outer':>5}  "
+          f"kernel  /  global memory")
     for r in sorted(rows, key=lambda r: r["name"]):
         print(f"{r['regs']:>4} {r['stack']:>5} {r['sass']:>5} {r['loop']:>5} "
               f"{r['outer'] or '-':>5}  {short(r['name'])}\n{'':>29}{r['memory']}")

@@ -29,6 +29,13 @@
 #include <cstring>
 #include <type_traits>
 
+// Functions the host also compiles: the streaming kernels' per-thread bodies (run on the CPU by
+// tests/cpp/test_stream_emulated.cpp) and store_pack.
+#if defined(__CUDACC__)
+#define CPVT_HD __host__ __device__
+#else
+#define CPVT_HD
+#endif
 
 namespace cpvt {
 namespace peg_cuda {
@@ -47,12 +54,6 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
-
-#if defined(__CUDACC__)
-#define CPVT_HD __host__ __device__
-#else
-#define CPVT_HD
-#endif
 
 // Stores a Pack at p with one instruction. Assigning the Pack, or storing its
 // bits as a uint2, leaves nvcc free to split the store, and it does: an 8-byte vector of
