@@ -25,8 +25,9 @@
 #   checks     selfcheck, test, test-stream, test-triton-stream and sanitize side by side (none
 #              is timed), each with its own log and summary line
 #   tune       bench/tune_triton.py for the tiled and the streaming Triton kernels (TUNE_ARGS,
-#              default --quick: five candidates a pass; the streaming ones also with each of
-#              TUNE_STREAM_ARGS, default "--per-sm 0 2 3 4": persistent programs per SM)
+#              default --quick: five candidates a pass; the streaming ones also with
+#              TUNE_STREAM_ARGS, default "--rh 0 7": each block with the geometry model's strip
+#              height and with strips of 7 rows)
 #   bench      bench/bench_peg.py --device cuda (the full grid; BENCH_ARGS=--quick for a short one)
 #   model      bench/bench_model.py --device cuda
 #
@@ -111,7 +112,7 @@ read -r -a PYTEST_EXTRA <<< "${PYTEST_ARGS:-}"
 read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
 read -r -a MODEL_EXTRA <<< "${MODEL_ARGS:-}"
 read -r -a TUNE_EXTRA <<< "${TUNE_ARGS:---quick}"
-read -r -a TUNE_STREAM_EXTRA <<< "${TUNE_STREAM_ARGS:---per-sm 0 2 3 4}"
+read -r -a TUNE_STREAM_EXTRA <<< "${TUNE_STREAM_ARGS:---rh 0 7}"
 
 # run_step NAME COMMAND...: runs COMMAND with its output in $OUT/NAME.log and on the terminal.
 run_step() {

@@ -27,8 +27,15 @@ listing's.
 A memory-bound kernel must also stay below the SMs' issue rate: an H100 (132 SMs, 4 schedulers
 each, about 1.75 GHz) issues about 0.92e12 warp instructions a second, so a kernel at 4 i/elem
 over the 9.7 M elements of CPVT-S (B=128, 224 px) needs about 41 us to issue them, three times a
-copy of its bytes. Last, the kernel's global memory instructions (``LDG.E.64x11``: eleven
-8-byte loads; ``.U16`` ones are scalar half-word loads).
+copy of its bytes. ``Mwi`` is the launch's warp instructions in millions and ``issue_us`` the
+time the busiest SM needs to issue its share (see ``issue_estimate``: the streaming kernels'
+loops counted by their rows and items, at ``--ghz``): a floor on the kernel's time to set
+beside the bytes' (``2 S`` forward, ``3 S`` backward, at the copy bandwidth). ``res`` is, for
+the persistent streaming kernels, the programs the launch asks of the busiest SM over those its
+registers let it hold (``--one-wave`` fails where the first is larger). Where a streaming
+kernel's blocks say ``2x128,rh14,slots528``: blocks of 2 pixels by 128 channels, strips of 14
+rows, 528 programs a channel block. Last, the kernel's global memory instructions
+(``LDG.E.64x11``: eleven 8-byte loads; ``.U16`` ones are scalar half-word loads).
 """
 from __future__ import annotations
 
@@ -65,6 +72,7 @@ class Captured:
 
     def __init__(self):
         self.launches = []
+        self.grids = []
 
     def wrap(self, kernel):
         cap = self
@@ -73,6 +81,7 @@ class Captured:
             def __getitem__(self, grid):
                 def launch(*args, **kwargs):
                     cap.launches.append((kernel, args, kwargs))
+                    cap.grids.append(tuple(grid) if isinstance(grid, (tuple, list)) else (grid,))
                 return launch
         return Launcher()
 
@@ -146,29 +155,79 @@ def compile_launch(kernel, args, kwargs, arch: int, tool: str, workdir: Path) ->
             **counts, "per_elem": per * num_warps / max(1, math.prod(config.values()))}
 
 
-def launches(family: str, pass_name: str, case, dtype):
-    """The kernels the launcher of (family, pass) starts for ``case`` on meta tensors."""
+def resident(regs: int, warps: int, shared: int) -> int:
+    """Programs of ``warps`` warps an sm_90 SM holds at once: 64K registers, allocated 8 a
+    thread; 64 warps; 32 programs; 228 KB of shared memory."""
+    per_program = -(-max(regs, 1) // 8) * 8 * 32 * warps
+    return max(0, min(65536 // per_program, 64 // warps, 32,
+                      228 * 1024 // shared if shared else 32))
+
+
+def issue_estimate(kernel, args, kwargs, grid, r: dict, sms: int, ghz: float) -> tuple:
+    """(million warp instructions the launch issues, microseconds the busiest SM needs to issue
+    its share at 4 a cycle, persistent programs asked of the busiest SM or None): a floor on the
+    kernel's time from its instruction count alone.
+
+    The persistent streaming kernels: each of the ``slots * cblocks`` programs walks up to
+    ``ceil(items / slots)`` items, an item ``rows + 2`` iterations of the innermost loop (the
+    forward; ``rows + 3`` the backward) plus ``outer - loop`` instructions; the reduction
+    walks its tiles; the rest of a kernel counts once a program (an upper bound: both sides of
+    every branch). An iteration runs the shorter side of each if/else in the loop (the longer
+    one, in the streaming kernels, is the path for non-finite taps). Programs are spread evenly
+    over ``sms`` SMs."""
+    v = dict(zip(kernel.arg_names, args), **kwargs)
+    warps = kwargs.get("num_warps", 4)
+    programs = math.prod(int(g) for g in grid)
+    rare = sum(max(sides) for sides in r["branches"])
+    loop, outer, total = r["loop"] - rare, (r["outer"] or r["loop"]) - rare, r["sass"] - rare
+    if "slots" in v:  # a persistent streaming kernel
+        slots, items = int(v["slots"]), int(v["items"])
+        cblocks = int(grid[1]) if len(grid) > 1 else 1
+        rows = int(v["H"]) / int(v["strips"])
+        per_item = (rows + (3 if "bwd" in kernel.__name__ else 2)) * loop + (outer - loop)
+        setup = total - outer
+        walk = items * cblocks * per_item
+        busiest = math.ceil(items / slots) * per_item + setup
+        conv = slots * cblocks
+        mwi = (walk + programs * setup) * warps / 1e6
+        on_sm = math.ceil(conv / sms)
+        crit = busiest * on_sm * warps
+    else:
+        trips = math.ceil(int(v.get("num_tiles", 1)) / int(v.get("BLOCK_R", 1)))
+        per_program = (trips * loop + total - loop) if loop else total
+        mwi = programs * per_program * warps / 1e6
+        crit = mwi * 1e6 / sms
+        on_sm = None
+    return mwi, crit / (4 * ghz * 1e3), on_sm
+
+
+def launches(family: str, pass_name: str, case, dtype, with_grid: bool = False):
+    """The kernels the launcher of (family, pass) starts for ``case`` on meta tensors
+    (with_grid: each with its grid)."""
     x = torch.empty(case.B, case.N, case.C, dtype=dtype, device="meta")
     w = torch.empty(case.C, 1, case.k, case.k, dtype=dtype, device="meta")
     b = torch.empty(case.C, dtype=dtype, device="meta")
     tp, H, W, P = triton_peg, case.H, case.W, case.P
+    geometry = (H, W, case.C, case.B, tp._device_sms(x.device), x.element_size())
     with captured() as cap:
         if family == "stream":
             if pass_name == "fwd":
                 tp.launch_stream_forward(x, w, b, H, W, P, False,
-                                         tp.stream_forward_config(H, W, case.C))
+                                         tp.stream_forward_config(*geometry))
             elif pass_name == "grad_x":
                 tp.launch_stream_backward(x, x, w, H, W, P, (True, False, False),
-                                          tp.stream_backward_config(H, W, case.C))
+                                          tp.stream_backward_config(*geometry))
             else:
                 tp.launch_stream_backward(x, x, w, H, W, P, (True, True, True),
-                                          tp.stream_backward_config(H, W, case.C))
+                                          tp.stream_backward_config(*geometry))
         else:
             if pass_name == "fwd":
                 tp.launch_forward(x, w, b, H, W, P, tp.forward_config(case.N, case.C))
             else:
                 mask = (True, False, False) if pass_name == "grad_x" else (True, True, True)
                 tp.launch_backward(x, x, w, H, W, P, mask, tp.backward_config(case.N, case.C))
+    if with_grid:
+        return [(*launch, grid) for launch, grid in zip(cap.launches, cap.grids)]
     return cap.launches
 
 
@@ -184,12 +243,18 @@ def parse_args(argv=None):
                    help="SMs of the device the persistent streaming kernels are sized for "
                         "(default 132, an H100 SXM's): it sets how many programs they launch, "
                         "so the partial sums the reduction kernel walks")
+    p.add_argument("--ghz", type=float, default=1.755,
+                   help="SM clock for the issue floor (default 1.755, an H100 SXM's boost clock)")
     p.add_argument("--branches", action="store_true",
                    help="also list each if/else inside the innermost loop: the instructions of "
                         "its two sides, so that the loop an iteration runs can be told from the "
                         "listing's")
     p.add_argument("--no-spills", action="store_true",
                    help="exit non-zero if a kernel has a stack frame (spilled registers)")
+    p.add_argument("--one-wave", action="store_true",
+                   help="exit non-zero if a persistent streaming kernel asks an SM for more "
+                        "programs than its registers let it hold (the rest would wait for "
+                        "whole programs to finish)")
     return p.parse_args(argv)
 
 
@@ -206,13 +271,15 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"triton {triton.__version__}, sm_{args.arch}")
     print(f"{'shape':>14} {'dtype':>5} {'family':>6} {'pass':>6} {'kernel':<28} {'blocks':<24} "
-          f"warps  regs  stack  shared  sass  loop outer  i/elem  global memory")
+          f"warps  regs  stack  shared  sass  loop outer  i/elem   Mwi issue_us  res  "
+          f"global memory")
     bad = 0
     for case in cases:
         for dtype in dtypes:
             for family in args.kernels:
                 for pass_name in ("fwd", "grad_x", "bwd"):
-                    for kernel, kargs, kwargs in launches(family, pass_name, case, dtype):
+                    for kernel, kargs, kwargs, grid in launches(family, pass_name, case, dtype,
+                                                                with_grid=True):
                         name = kernel.__name__
                         try:
                             r = compile_launch(kernel, kargs, kwargs, args.arch, tool, workdir)
@@ -222,15 +289,26 @@ def main(argv=None) -> int:
                                   f"{str(e).splitlines()[0][:200] if str(e) else ''}")
                             bad += 1
                             continue
+                        mwi, issue_us, on_sm = issue_estimate(kernel, kargs, kwargs, grid, r,
+                                                              args.sms, args.ghz)
+                        fits = resident(r["regs"], r["num_warps"], r["shared"])
+                        waves = on_sm is not None and on_sm > fits
+                        bad += waves and args.one_wave
+                        res = "-" if on_sm is None else f"{on_sm}/{fits}"
                         blocks = "x".join(str(v) for v in r["config"].values())
+                        named = dict(zip(kernel.arg_names, kargs))
+                        if "rh" in named:  # streaming: strip height, programs a channel block
+                            blocks += f",rh{named['rh']},slots{named['slots']}"
                         spill = r["stack"] > 0
                         bad += spill and args.no_spills
                         print(f"{case.label():>14} {bench_peg.SHORT[dtype]:>5} {family:>6} "
                               f"{pass_name:>6} {name:<28} {blocks:<24} {r['num_warps']:>5} "
                               f"{r['regs']:>5} {r['stack']:>6} {r['shared']:>7} {r['sass']:>5} "
-                              f"{r['loop']:>5} {r['outer'] or '-':>5} {r['per_elem']:>7.2f}  "
+                              f"{r['loop']:>5} {r['outer'] or '-':>5} {r['per_elem']:>7.2f} "
+                              f"{mwi:>5.1f} {issue_us:>8.1f} {res:>5}  "
                               f"{r['memory']}"
-                              + ("  (spills)" if spill else ""), flush=True)
+                              + ("  (spills)" if spill else "")
+                              + ("  (more programs than fit)" if waves else ""), flush=True)
                         if args.branches:
                             for then, other in r["branches"]:
                                 print(f"{'':>14} if/else in the loop: then {then}, else {other} "

@@ -12,11 +12,13 @@ the heuristic can be set from measurements on a GPU::
     python bench/tune_triton.py --kernels stream    # the streaming 3x3 kernels' blocks
 
 With ``--kernels stream`` the candidates are ``BLOCK_WxBLOCK_CxWARPS`` of the streaming kernels
-(``stream_forward_config`` / ``stream_backward_config``; pixels of a row by channels), with the
-default strip height, each with every ``--per-sm`` value (persistent programs per SM, 0 for one
-program per item; default: the default configuration's)::
+(pixels of a row by channels; ``stream_config`` in ``cpvt_kernels/triton_peg.py`` picks the
+default from a model of the busiest SM's work), each with the strip height and the persistent
+programs per SM that model gives that block (the kernel's warp budget over its warps), or with
+every ``--rh`` (rows a strip) and ``--per-sm`` value (programs per SM, 0 for one program per
+item)::
 
-    python bench/tune_triton.py --kernels stream --quick --per-sm 0 2 3 4
+    python bench/tune_triton.py --kernels stream --quick --per-sm 0 6 12 --rh 7 14
 
 Times are those of ``bench_peg.Timer``: CUDA events, the L2 flushed and the GPU held busy until
 the launch is queued, so they are device time. GB/s counts the least a PEG moves (fwd 2S, bwd 3S,
@@ -59,10 +61,13 @@ BWD_GRID = [(t, c, w) for t, c, w in itertools.product((32, 64, 128, 256), (16, 
 QUICK_FWD = [(16, 64, 4), (16, 64, 8), (32, 64, 8), (8, 128, 4), (16, 128, 8)]
 QUICK_BWD = [(128, 16, 8), (128, 16, 16), (64, 32, 8), (128, 32, 8), (256, 16, 16)]
 # The streaming kernels: (BLOCK_W, BLOCK_C, num_warps), 2 to 16 elements of a tile a thread.
-STREAM_GRID = [(t, c, w) for t, c, w in itertools.product((8, 16, 32), (16, 32, 64, 128),
-                                                          (1, 2, 4, 8))
+STREAM_GRID = [(t, c, w) for t, c, w in itertools.product((1, 2, 4, 8, 16, 32),
+                                                          (16, 32, 64, 128), (1, 2, 4, 8))
                if 2 <= t * c // (32 * w) <= 16]
-QUICK_STREAM = [(16, 64, 4), (16, 32, 4), (16, 64, 8), (16, 32, 2), (16, 128, 8)]
+# Quick: blocks of 2 to 32 pixels (W = 14 fits blocks of 2 without idle warps, W = 24 of 8),
+# four elements a thread.
+QUICK_STREAM_FWD = [(2, 64, 1), (2, 128, 2), (8, 64, 4), (16, 64, 8), (32, 32, 8)]
+QUICK_STREAM_BWD = [(16, 32, 4), (8, 64, 4), (4, 128, 4), (2, 128, 2), (32, 16, 4)]
 CSV_FIELDS = ["date", "device", "torch", "triton", "commit", "kernels", "pass", "dtype", "B", "C",
               "H", "W", "P", "k", "BLOCK_T", "BLOCK_W", "BLOCK_C", "num_warps", "RH", "PER_SM",
               "default",
@@ -96,7 +101,11 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="5 candidates per pass instead of all")
     p.add_argument("--per-sm", nargs="+", type=int, default=None, metavar="N",
                    help="streaming kernels: persistent programs per SM to try with each block "
-                        "candidate (0: one program per item; default: the default's)")
+                        "candidate (0: one program per item; default: the model's for the "
+                        "block)")
+    p.add_argument("--rh", nargs="+", type=int, default=None, metavar="ROWS",
+                   help="streaming kernels: rows a strip to try with each block candidate "
+                        "(0 or by default: the model's for the block)")
     p.add_argument("--fwd-configs", nargs="+", type=parse_config, default=None,
                    metavar="TxCxW", help="forward candidates instead of the built-in grid")
     p.add_argument("--bwd-configs", nargs="+", type=parse_config, default=None,
@@ -108,29 +117,43 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def as_cfg(t: int, c: int, w: int, default: dict, per_sm: int | None = None) -> dict:
+def as_cfg(t: int, c: int, w: int, default: dict, per_sm: int | None = None,
+           rh: int | None = None, model=None) -> dict:
     """Candidate (t, c, w) in the form of ``default``: BLOCK_T, or for the streaming kernels
-    BLOCK_W with the default's strip height RH and ``per_sm`` (else the default's PER_SM)."""
+    BLOCK_W with ``rh`` rows a strip and ``per_sm`` programs per SM, each else (``rh`` 0 or
+    None, ``per_sm`` None) the model's for that block (``model(block)``: ``stream_config``; its programs per SM scaled to the
+    candidate's warps, so that the SM holds as many warps)."""
     if "BLOCK_W" in default:
-        return {"BLOCK_W": t, "BLOCK_C": c, "num_warps": w, "RH": default["RH"],
-                "PER_SM": default["PER_SM"] if per_sm is None else per_sm}
+        m = model((t, c))
+        fit = max(1, m["PER_SM"] * m["num_warps"] // w)
+        return {"BLOCK_W": t, "BLOCK_C": c, "num_warps": w, "RH": rh or m["RH"],
+                "PER_SM": fit if per_sm is None else per_sm}
     return {"BLOCK_T": t, "BLOCK_C": c, "num_warps": w}
 
 
 def key(cfg: dict) -> tuple[int, ...]:
     k = (cfg.get("BLOCK_T", cfg.get("BLOCK_W")), cfg["BLOCK_C"], cfg["num_warps"])
-    return k + (cfg["PER_SM"],) if "PER_SM" in cfg else k
+    return k + (cfg["PER_SM"], cfg["RH"]) if "PER_SM" in cfg else k
+
+
+def stream_model(pass_name: str, case, x):
+    """block -> the streaming kernel's geometry for ``block`` on this device (stream_config)."""
+    tp = triton_peg
+    sms = tp._device_sms(x.device)
+    return lambda block=None: tp.stream_config(pass_name, case.H, case.W, case.C, case.B, sms,
+                                               x.element_size(), block)
 
 
 def runner(kernels: str, pass_name: str, case, x, w, b, g):
     """(default configuration, run(cfg) -> outputs) of one kernel family and pass."""
     tp = triton_peg
     if kernels == "stream":
+        default = stream_model(pass_name, case, x)()
         if pass_name == "fwd":
-            return (tp.stream_forward_config(case.H, case.W, case.C),
+            return (default,
                     lambda cfg: (tp.launch_stream_forward(x, w, b, case.H, case.W, case.P, False,
                                                           cfg),))
-        return (tp.stream_backward_config(case.H, case.W, case.C),
+        return (default,
                 lambda cfg: tp.launch_stream_backward(g, x, w, case.H, case.W, case.P,
                                                       (True, True, True), cfg))
     if pass_name == "fwd":
@@ -158,8 +181,8 @@ def main(argv=None) -> int:
     if args.kernels == "stream":
         if args.kernel_size != 3:
             raise SystemExit("tune_triton: the streaming kernels are 3x3 (--kernel-size 3)")
-        grids = {"fwd": args.fwd_configs or (QUICK_STREAM if args.quick else STREAM_GRID),
-                 "bwd": args.bwd_configs or (QUICK_STREAM if args.quick else STREAM_GRID)}
+        grids = {"fwd": args.fwd_configs or (QUICK_STREAM_FWD if args.quick else STREAM_GRID),
+                 "bwd": args.bwd_configs or (QUICK_STREAM_BWD if args.quick else STREAM_GRID)}
     else:
         grids = {"fwd": args.fwd_configs or (QUICK_FWD if args.quick else FWD_GRID),
                  "bwd": args.bwd_configs or (QUICK_BWD if args.quick else BWD_GRID)}
@@ -188,9 +211,17 @@ def main(argv=None) -> int:
                 ref = bench_peg.reference_outputs(case, x, [x, w, b], g, False)[:1]
             else:
                 ref = bench_peg.reference_outputs(case, x, [x, w, b], g, True)[1]
-            per_sms = args.per_sm if args.kernels == "stream" and args.per_sm else [None]
-            configs = [default] + [cfg for c in grids[pass_name] for p in per_sms
-                                   for cfg in [as_cfg(*c, default, p)] if key(cfg) != key(default)]
+            stream = args.kernels == "stream"
+            per_sms = args.per_sm if stream and args.per_sm else [None]
+            rhs = args.rh if stream and args.rh else [None]
+            model = stream_model(pass_name, case, x) if stream else None
+            configs = [default]
+            for c in grids[pass_name]:
+                for p in per_sms:
+                    for rh in rhs:
+                        cfg = as_cfg(*c, default, p, rh, model)
+                        if all(key(cfg) != key(o) for o in configs):
+                            configs.append(cfg)
             case_rows = []
             for cfg in configs:
                 row = dict(meta, **{"kernels": args.kernels, "pass": pass_name,
@@ -224,14 +255,14 @@ def main(argv=None) -> int:
                   f"{len(case_rows)} configurations ran; default {key(default)}"
                   + (f" {float(base['median_ms']):.4f} ms" if base else " failed"))
             print(f"  {'BLOCK_W' if args.kernels == 'stream' else 'BLOCK_T'} BLOCK_C warps"
-                  + (" per_sm" if args.kernels == "stream" else "")
+                  + (" per_sm  RH" if args.kernels == "stream" else "")
                   + "   median ms   GB/s  % copy  x default")
             for r in ok[:args.top]:
                 speed = (f"{float(base['median_ms']) / float(r['median_ms']):.2f}"
                          if base else "-")
                 print(f"  {r.get('BLOCK_T', r.get('BLOCK_W')):>7} {r['BLOCK_C']:>7} "
                       f"{r['num_warps']:>5} "
-                      + (f"{r['PER_SM']:>6} " if "PER_SM" in r else "")
+                      + (f"{r['PER_SM']:>6} {r['RH']:>3} " if "PER_SM" in r else "")
                       + f"{float(r['median_ms']):>11.4f} {float(r['gbps']):>6.0f} "
                       f"{float(r['frac_copy']):>7.0%} {speed:>10}"
                       + ("  (default)" if r["default"] else ""), flush=True)

@@ -358,6 +358,17 @@ def _stream_dest(ptr, b, wc, c, N, C, P):
 
 
 @triton.jit
+def _grid_row(base, r, W, sn, ROW64: tl.constexpr):
+    """Row r of a grid whose rows are W * sn elements apart (r may be -2 .. H + 1): 32-bit
+    offsets, as one multiply-add a row, unless ROW64 (see :func:`_stream_row64`)."""
+    if ROW64:
+        p = base + r.to(tl.int64) * W * sn
+    else:
+        p = base + r * (W * sn)
+    return p
+
+
+@triton.jit
 def _stream_add_rows(acc_p, acc_c, acc_n, t00, t01, t02, t10, t11, t12, t20, t21, t22,
                      vl, vc, vr, ml, mc, mr, SKIP_PAD: tl.constexpr):
     """The three tap rows of one input row into output rows r + 1, r and r - 1."""
@@ -377,7 +388,7 @@ def _stream_nonfinite(t00, t01, t02, t10, t11, t12, t20, t21, t22):
 @triton.jit
 def _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02, t10, t11, t12, t20, t21, t22,
                     vl, vc, vr, ml, mc, mr, out, out_off, r, h0, h1, W, C, m_c,
-                    SKIP_PAD: tl.constexpr, nonfinite):
+                    SKIP_PAD: tl.constexpr, nonfinite, ROW64: tl.constexpr):
     """Input row r into output rows r + 1 (tap row 0), r (tap row 1 and the centre input) and
     r - 1 (tap row 2); stores row r - 1, now complete, if it is one of the strip's. Returns the
     accumulators of rows r, r + 1 and r + 2. With SKIP_PAD the taps on padding are skipped only
@@ -397,7 +408,7 @@ def _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02, t10, t11, t12, t20
                                                t20, t21, t22, vl, vc, vr, ml, mc, mr, False)
     acc_c += vc
     ro = r - 1
-    tl.store(out + ro.to(tl.int64) * W * C + out_off, acc_p.to(out.dtype.element_ty),
+    tl.store(_grid_row(out, ro, W, C, ROW64) + out_off, acc_p.to(out.dtype.element_ty),
              mask=(ro >= h0) & (ro < h1) & m_c)
     return acc_c, acc_n, init
 
@@ -419,7 +430,7 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
                             N, C, H, W, P, strips, rh, wblocks, items, slots,
                             ssb, ssn, ssc, sw0, sw2, sw3, sb,
                             HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, IS_F64: tl.constexpr,
-                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                            ROW64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_P: tl.constexpr):
     """The forward (FLIP false: taps as they are, bias, padding multiplied like the other
     kernels) or the input gradient alone (FLIP: flipped taps over grad_out, no bias, taps on
@@ -454,12 +465,12 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
             acc_n = init
             r = h0 - 1
             while r <= h1:
-                vl, vc, vr, ml, mc, mr = _stream_row(src + r.to(tl.int64) * W * ssn, off, r, H,
-                                                     m_l, m_c, m_r, ssn, ACC)
+                vl, vc, vr, ml, mc, mr = _stream_row(_grid_row(src, r, W, ssn, ROW64), off, r,
+                                                     H, m_l, m_c, m_r, ssn, ACC)
                 acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02,
                                                       t10, t11, t12, t20, t21, t22, vl, vc, vr,
                                                       ml, mc, mr, out, out_off, r, h0, h1, W, C,
-                                                      m_c, FLIP, nonfinite)
+                                                      m_c, FLIP, nonfinite, ROW64)
                 r += 1
             item += slots
     else:
@@ -482,8 +493,8 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
                             N, C, H, W, P, strips, rh, wblocks, items, slots,
                             sgb, sgn, sgc, sxb, sxn, sxc, sw0, sw2, sw3,
                             NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-                            IS_F64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-                            BLOCK_P: tl.constexpr):
+                            IS_F64: tl.constexpr, ROW64: tl.constexpr, BLOCK_W: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """grad_x of the strips (NEED_X) and the partial sums of grad_weight and grad_bias over them
     (program pid's slot of part: (slots, 10, C)). Programs pid < slots walk the strips
     ``pid, pid + slots, ...`` of the ``items`` of their channel block, summing the weight and
@@ -528,20 +539,20 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
             g2 = zero  # row r - 2
             r = h0 - 1
             while r <= h1 + 1:
-                gl, gc, gr, ml, mc, mr = _stream_row(gsrc + r.to(tl.int64) * W * sgn, g_off, r,
-                                                     H, m_l, m_c, m_r, sgn, ACC)
+                gl, gc, gr, ml, mc, mr = _stream_row(_grid_row(gsrc, r, W, sgn, ROW64), g_off,
+                                                     r, H, m_l, m_c, m_r, sgn, ACC)
                 if NEED_X:
                     acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, zero, t00, t01,
                                                           t02, t10, t11, t12, t20, t21, t22, gl,
                                                           gc, gr, ml, mc, mr, gx, gx_off, r, h0,
-                                                          h1, W, C, m_c, True, nonfinite)
+                                                          h1, W, C, m_c, True, nonfinite, ROW64)
                 in_strip = (r >= h0) & (r < h1)
                 g0 = tl.where(in_strip, gc, 0.0)
                 if NEED_B:
                     db += g0
                 if NEED_W:
                     xr_ = r - 1
-                    xl, xc, xr, _ml, _mc, _mr = _stream_row(xsrc + xr_.to(tl.int64) * W * sxn,
+                    xl, xc, xr, _ml, _mc, _mr = _stream_row(_grid_row(xsrc, xr_, W, sxn, ROW64),
                                                             x_off, xr_, H, m_l, m_c, m_r, sxn,
                                                             ACC)
                     d00, d01, d02 = _stream_dw(d00, d01, d02, g0, in_strip, xl, xc, xr)
@@ -607,38 +618,109 @@ def backward_config(N, C) -> dict:
     return _tile(N, C, 16, 2048)
 
 
-def _stream_geometry(H, W, C, elems: int, c_cap: int, per_sm: int) -> dict:
-    """Block sizes of the streaming kernels: BLOCK_W pixels of a row (the row's width rounded up
-    to a power of two, at most 32) by BLOCK_C channels, about ``elems`` elements, four a thread
-    (with eight a thread they need 251 and 147 registers, backward and forward); strips of at
-    most 8 rows, balanced (H = 14: two strips of 7); PER_SM persistent programs per SM (see
-    :func:`_stream_slots`), as many as the registers let an SM hold at once."""
-    block_w = max(2, min(_next_pow2(W), 32))
-    block_c = max(1, min(_next_pow2(C), c_cap, max(16, elems // block_w)))
-    strips = triton.cdiv(H, 8)
-    return dict(BLOCK_W=block_w, BLOCK_C=block_c, RH=triton.cdiv(H, strips),
-                num_warps=max(1, min(8, block_w * block_c // 128)), PER_SM=per_sm)
+# The streaming kernels' blocks: four elements a thread (with eight they need 251 and 147
+# registers, backward and forward), at most 8 warps. Each kernel has a budget of resident warps
+# an SM by element size, from the most registers a thread its blocks take (ptxas, sm_90,
+# triton 3.6 and 3.8, bench/triton_compile.py over CPVT shapes; fewer where an image is one
+# strip, as Triton then compiles the strip count as the constant 1): registers are allocated 8
+# a thread at a time, and an SM has 64K of them. 16-bit: forward 71-80 (24 warps), input
+# gradient alone 72-91 (16), backward 126-156 (12); float32: 72-91 (20), 72-91 (16), 128-152
+# (12); float64: 96-122 (16), 102-142 (12), 238-255 (8).
+_STREAM_WARPS_PER_SM = {"fwd": {2: 24, 4: 20, 8: 16}, "grad_x": {2: 16, 4: 16, 8: 12},
+                        "bwd": {2: 12, 4: 12, 8: 8}}
+# Rows of a strip's walk beyond its own: the forward reads one row above and one below, the
+# backward one more (x row r - 1 for grad_out row r); plus about one row's worth of
+# instructions for each item (bench/triton_compile.py: ``outer - loop``).
+_STREAM_EXTRA_ROWS = {"fwd": 3, "grad_x": 3, "bwd": 4}
 
 
-def stream_forward_config(H, W, C) -> dict:
-    """The streaming forward's blocks: 16 x 64 for CPVT grids (H = W = 14), 8 warps; three
-    programs an SM (ptxas, sm_90, triton 3.6 and 3.8, bench/triton_compile.py: 72-75 registers a
-    thread, so three programs of 256 threads fit an SM's 64K registers)."""
-    return _stream_geometry(H, W, C, 1024, 64, 3)
+@functools.lru_cache(maxsize=4096)
+def _stream_geometry(B, H, W, C, kind: str, itemsize: int, warps_ok: tuple, sms: int,
+                     block: Optional[tuple] = None) -> dict:
+    """Block sizes, strip height and persistent programs of a streaming kernel, from a model of
+    its work. An SM holds ``PER_SM`` programs (the kernel's warp budget over the block's warps),
+    each walking ``ceil(items / slots)`` items of ``RH + extra`` rows: the busiest SM's warps
+    issue ``PER_SM * num_warps * ceil(items / slots) * (RH + extra)`` row iterations, the
+    first key; the work of all SMs (pixels and channels past the grid's edge are idle lanes,
+    and whole idle warps where a block of pixels overhangs the row) the second. The blocks are
+    BLOCK_W pixels of a row by BLOCK_C channels, powers of two, 128 elements a warp, with a
+    number of warps in ``warps_ok`` where the grid is large enough (fewer where not); RH rows a
+    strip (fewer strips, fewer halo rows, until the items no longer fill the programs). Ties go
+    to wider blocks and taller strips. ``block`` = (BLOCK_W, BLOCK_C): that block only (its
+    strips and programs)."""
+    budget = _STREAM_WARPS_PER_SM[kind][itemsize]
+    extra = _STREAM_EXTRA_ROWS[kind]
+    h = max(H, 1)
+    wide = max(2, _next_pow2(max(W, 1)))
+    c2 = _next_pow2(max(C, 1))
+    candidates = [(bw, bc) for bw in (32, 16, 8, 4, 2, 1) for bc in (128, 64, 32, 16)
+                  if bw <= wide and bc <= c2
+                  and 1 <= bw * bc // 128 <= 8 and budget % (bw * bc // 128) == 0]
+    if not candidates:  # a grid smaller than a warp's 128 elements: one block of one warp
+        candidates = [(wide, min(c2, 128))]
+    if any(bw * bc // 128 in warps_ok for bw, bc in candidates):
+        candidates = [(bw, bc) for bw, bc in candidates if bw * bc // 128 in warps_ok]
+    else:
+        candidates = [(bw, bc) for bw, bc in candidates if bw * bc // 128 <= min(warps_ok)]
+    if block is not None:
+        candidates = [tuple(block)]
+    best = None
+    for block_w, block_c in candidates:
+        warps = max(1, min(8, block_w * block_c // 128))
+        per_sm = max(1, budget // warps)
+        cblocks = max(1, triton.cdiv(C, block_c))
+        wblocks = triton.cdiv(max(W, 1), block_w)
+        for rh in sorted({triton.cdiv(h, n) for n in range(1, min(h, 256) + 1)}):
+            strips = triton.cdiv(h, rh)
+            items = max(1, B * strips * wblocks)
+            slots = max(1, min(items, per_sm * sms // cblocks))
+            on_sm = triton.cdiv(slots * cblocks, sms)  # programs on the busiest SM
+            busiest = on_sm * warps * triton.cdiv(items, slots) * (rh + extra)
+            total = items * cblocks * warps * (rh + extra)
+            key = (busiest, total, -block_w, -rh)
+            if best is None or key < best[0]:
+                best = (key, dict(BLOCK_W=block_w, BLOCK_C=block_c, RH=rh, num_warps=warps,
+                                  PER_SM=per_sm))
+    return best[1]
 
 
-def stream_grad_x_config(H, W, C) -> dict:
-    """The input gradient alone (the forward kernel with flipped taps): the forward's blocks, two
-    programs an SM (72-94 registers a thread: a third would not fit in every case)."""
-    return _stream_geometry(H, W, C, 1024, 64, 2)
+def _stream_batch(B) -> int:
+    """B for the geometry model: a symbolic batch (dynamic shapes) is taken as 64."""
+    return B if isinstance(B, int) else 64
 
 
-def stream_backward_config(H, W, C) -> dict:
-    """The streaming backward's blocks: narrower in channels than the forward's (16 x 32 for
-    CPVT grids), as it keeps 15 tiles in registers (three rows of grad_x, two of grad_out, nine
-    weight sums and the bias sum), 4 warps; three programs an SM (137-156 registers a thread:
-    three programs of 128 threads fit, four would not)."""
-    return _stream_geometry(H, W, C, 512, 32, 3)
+def stream_config(kind: str, H, W, C, B=64, sms: int = 132, itemsize: int = 2,
+                  block: Optional[tuple] = None) -> dict:
+    """The geometry of streaming kernel ``kind`` ("fwd", "grad_x": the forward kernel with
+    flipped taps, or "bwd") for B images of H x W x C of ``itemsize``-byte elements on ``sms``
+    SMs (:func:`_stream_geometry`), or with ``block`` = (BLOCK_W, BLOCK_C) that block's strips
+    and programs. The backward's blocks have 4 warps where the grid allows: each program writes
+    a slot of partial sums (10 x C floats) that the reduction reads back, so fewer, larger
+    programs; with 8 warps some blocks take more registers (16 x 64 in half precision: more
+    than 128 a thread)."""
+    if kind not in _STREAM_WARPS_PER_SM:
+        raise ValueError(f"stream_config: kind must be one of {sorted(_STREAM_WARPS_PER_SM)}, "
+                         f"got {kind!r}")
+    return _stream_geometry(_stream_batch(B), H, W, C, kind, itemsize,
+                            (4,) if kind == "bwd" else (1, 2, 4, 8), sms,
+                            None if block is None else tuple(block))
+
+
+def stream_forward_config(H, W, C, B=64, sms: int = 132, itemsize: int = 2) -> dict:
+    """The streaming forward's geometry (CPVT-S at 224 px in bfloat16, B = 128 on 132 SMs:
+    blocks of 2 pixels by 128 channels, 2 warps, twelve programs an SM, strips of 14 rows)."""
+    return stream_config("fwd", H, W, C, B, sms, itemsize)
+
+
+def stream_grad_x_config(H, W, C, B=64, sms: int = 132, itemsize: int = 2) -> dict:
+    """The input gradient alone (the forward kernel with flipped taps)."""
+    return stream_config("grad_x", H, W, C, B, sms, itemsize)
+
+
+def stream_backward_config(H, W, C, B=64, sms: int = 132, itemsize: int = 2) -> dict:
+    """The streaming backward's geometry (CPVT-S in bfloat16: 16 x 32, 4 warps, four programs
+    an SM)."""
+    return stream_config("bwd", H, W, C, B, sms, itemsize)
 
 
 def kernels_from_env() -> str:
@@ -697,6 +779,14 @@ def _stream_programs(B, H, W, cfg) -> tuple[int, int, int]:
     return strips, wblocks, B * strips * wblocks
 
 
+def _stream_row64(H: int, W: int, *row_strides: int) -> bool:
+    """Whether the streaming kernels need 64-bit row offsets: rows -2 .. H + 1 of an image of
+    tokens ``row_strides`` elements apart reach 2^31 elements from its first row. Otherwise
+    (every real image) a row is one 32-bit multiply-add away, where a 64-bit product costs
+    several (bench/triton_compile.py: the bfloat16 forward's loop 115 -> 97 instructions)."""
+    return (H + 2) * W * max(abs(s) for s in row_strides) >= 2**31
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -712,12 +802,14 @@ def _device_sms(device: torch.device) -> int:
 
 
 def _stream_slots(items: int, cblocks: int, cfg: dict, device: torch.device) -> int:
-    """Persistent programs per channel block: enough for ``cfg["PER_SM"]`` on every SM of the
-    device (one wave), each walking every slots-th item; one per item with PER_SM = 0."""
+    """Persistent programs per channel block: at most ``cfg["PER_SM"]`` on every SM of the
+    device over all channel blocks (one wave: rounded down, as programs past it would wait for
+    a whole program to finish), each walking every slots-th item; one per item with
+    PER_SM = 0."""
     per_sm = int(cfg.get("PER_SM", 0))
     if per_sm <= 0 or items <= 1:
         return items
-    return max(1, min(items, triton.cdiv(per_sm * _device_sms(device), cblocks)))
+    return max(1, min(items, per_sm * _device_sms(device) // cblocks))
 
 
 def launch_stream_forward(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -741,7 +833,8 @@ def launch_stream_forward(src: torch.Tensor, weight: torch.Tensor, bias: Optiona
         src.stride(0), src.stride(1), src.stride(2), *_weight_strides(weight),
         bias.stride(0) if has_bias else 0,
         HAS_BIAS=has_bias, FLIP=flip, IS_F64=src.dtype == torch.float64,
-        BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_next_pow2(max(P, 1)),
+        ROW64=_stream_row64(H, W, src.stride(1), C), BLOCK_W=cfg["BLOCK_W"],
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_next_pow2(max(P, 1)),
         num_warps=cfg["num_warps"])
     return out
 
@@ -754,7 +847,9 @@ def peg_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
     if _use_stream(weight, H, W, x.shape[2]):
         return launch_stream_forward(x, weight, bias, H, W, num_prefix_tokens, False,
-                                     stream_forward_config(H, W, x.shape[2]))
+                                     stream_forward_config(H, W, x.shape[2], x.shape[0],
+                                                           _device_sms(x.device),
+                                                           x.element_size()))
     return launch_forward(x, weight, bias, H, W, num_prefix_tokens,
                           forward_config(x.shape[1], x.shape[2]))
 
@@ -772,7 +867,9 @@ def peg_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
                          f"got {len(output_mask)}")
     if _use_stream(weight, H, W, x.shape[2]):
         return launch_stream_backward(grad_out, x, weight, H, W, num_prefix_tokens, output_mask,
-                                      stream_backward_config(H, W, x.shape[2]))
+                                      stream_backward_config(H, W, x.shape[2], x.shape[0],
+                                                             _device_sms(x.device),
+                                                             x.element_size()))
     return launch_backward(grad_out, x, weight, H, W, num_prefix_tokens, output_mask,
                            backward_config(x.shape[1], x.shape[2]))
 
@@ -843,7 +940,8 @@ def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
     P = num_prefix_tokens
     if need_x and not (need_w or need_b):  # the forward kernel allocates grad_x itself
         return (launch_stream_forward(grad_out, weight, None, H, W, P, True,
-                                      stream_grad_x_config(H, W, C)),
+                                      stream_grad_x_config(H, W, C, B, _device_sms(x.device),
+                                                           x.element_size())),
                 x.new_empty(0), x.new_empty(0))
     gx, gw, gb = _masked_grads(x, weight, output_mask)
     if not (need_x or need_w or need_b):
@@ -861,6 +959,7 @@ def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             x.stride(0), x.stride(1), x.stride(2), *_weight_strides(weight),
             NEED_X=need_x, NEED_W=need_w, NEED_B=need_b, IS_F64=x.dtype == torch.float64,
+            ROW64=_stream_row64(H, W, grad_out.stride(1), x.stride(1), C),
             BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_next_pow2(max(P, 1)),
             num_warps=cfg["num_warps"])
     if C > 0:

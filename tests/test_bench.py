@@ -405,35 +405,60 @@ def test_tune_triton_tiny_sweep(tmp_path):
 
 def test_tune_triton_streaming_kernels(tmp_path):
     """--kernels stream sweeps BLOCK_W x BLOCK_C x warps of the streaming 3x3 kernels, each with
-    every --per-sm value (persistent programs per SM)."""
+    the geometry model's strip height and programs per SM for that block, or with every --per-sm
+    (persistent programs per SM) and --rh (rows a strip) value."""
     require_backend("triton")
     import tune_triton
     from cpvt_kernels import triton_peg
     rc = tune_triton.main(["--kernels", "stream", "--shapes", "1x8x9x5", "--fwd-configs",
                            "4x8x1", "--bwd-configs", "4x8x1", "--per-sm", "0", "1",
-                           "--min-time", "0.001", "--out", str(tmp_path)])
+                           "--rh", "5", "--min-time", "0.001", "--out", str(tmp_path)])
     assert rc == 0
     rows = _rows(tmp_path / "tune.csv")
     assert [(r["pass"], r["default"]) for r in rows] == [
         ("fwd", "True"), ("fwd", "False"), ("fwd", "False"),
         ("bwd", "True"), ("bwd", "False"), ("bwd", "False")]
     assert {r["kernels"] for r in rows} == {"stream"}
-    assert (rows[0]["BLOCK_W"], rows[0]["BLOCK_C"], rows[0]["num_warps"]) == ("8", "8", "1")
-    assert [(r["BLOCK_W"], r["BLOCK_C"], r["num_warps"], r["PER_SM"]) for r in rows[1:3]] == [
-        ("4", "8", "1", "0"), ("4", "8", "1", "1")]
-    assert rows[0]["PER_SM"] == str(triton_peg.stream_forward_config(9, 5, 8)["PER_SM"])
-    assert rows[3]["PER_SM"] == str(triton_peg.stream_backward_config(9, 5, 8)["PER_SM"])
-    assert rows[0]["RH"] == rows[1]["RH"] == "5"  # 9 rows: two strips of 5 and 4
+    # the defaults: the model's geometry for one image of 9 x 5 x 8 in bfloat16 on one SM (a CPU)
+    for row, kind in ((rows[0], "fwd"), (rows[3], "bwd")):
+        want = triton_peg.stream_config(kind, 9, 5, 8, 1, 1, 2)
+        assert {k: row[k] for k in want} == {k: str(v) for k, v in want.items()}
+    assert [(r["BLOCK_W"], r["BLOCK_C"], r["num_warps"], r["PER_SM"], r["RH"])
+            for r in rows[1:3]] == [("4", "8", "1", "0", "5"), ("4", "8", "1", "1", "5")]
     for r in rows:
         assert r["status"] == "ok", r
         assert float(r["max_rel_err"]) <= 1.6e-2
+    # without --per-sm and --rh: the model's for the candidate block
+    rc = tune_triton.main(["--kernels", "stream", "--shapes", "2x8x9x5", "--passes", "fwd",
+                           "--fwd-configs", "2x8x1", "--min-time", "0.001",
+                           "--out", str(tmp_path / "model")])
+    assert rc == 0
+    rows = _rows(tmp_path / "model" / "tune.csv")
+    want = triton_peg.stream_config("fwd", 9, 5, 8, 2, 1, 2, block=(2, 8))
+    assert (rows[1]["RH"], rows[1]["PER_SM"]) == (str(want["RH"]), str(want["PER_SM"]))
     with pytest.raises(SystemExit):
         tune_triton.main(["--kernels", "stream", "--kernel-size", "5"])
 
 
-def test_triton_kernels_compile_for_sm90_without_spills():
-    """bench/triton_compile.py compiles every Triton kernel the launchers start, as they start
-    it, for sm_90 (no GPU needed) and finds no stack frame (spilled registers) at CPVT-S."""
+def test_streaming_triton_kernels_fit_one_wave():
+    """The streaming kernels' geometry model never asks an SM for more persistent programs than
+    their registers let it hold (ptxas's count, sm_90), at the benchmark's shapes in bfloat16,
+    float32 and float64: the budgets of ``_STREAM_WARPS_PER_SM`` against the compiler."""
+    _require_triton_cuobjdump()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(BENCH / "triton_compile.py"), "--kernels",
+                           "stream", "--dtypes", "bfloat16", "float32", "float64", "--shapes",
+                           "128x192x14", "128x384x14", "64x384x24", "32x768x32", "--one-wave"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    import re
+    fits = [tuple(map(int, m.groups())) for m in re.finditer(r" (\d+)/(\d+)  ", out)]
+    assert len(fits) == 4 * 3 * 3, out  # fwd, grad_x, bwd of each shape and dtype
+    assert all(0 < asked <= held for asked, held in fits), out
+
+
+def _require_triton_cuobjdump():
     import importlib.util
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
@@ -441,6 +466,12 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     if not glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                                   "cuobjdump")):
         pytest.skip("Triton's package has no cuobjdump")
+
+
+def test_triton_kernels_compile_for_sm90_without_spills():
+    """bench/triton_compile.py compiles every Triton kernel the launchers start, as they start
+    it, for sm_90 (no GPU needed) and finds no stack frame (spilled registers) at CPVT-S."""
+    _require_triton_cuobjdump()
     # A process of its own: here triton runs interpreted (TRITON_INTERPRET), which compiles
     # nothing.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -328,6 +328,148 @@ def test_stream_persistent_programs_walk_every_item(device, per_sm, poison_empty
         assert rel_err(got, want) < TOLERANCE[torch.float32], name
 
 
+# (B, H, W, C, itemsize): CPVT-Ti/S/B at 224 px, S at 384, B at 512, odd and small grids.
+GEOMETRY_CASES = [(128, 14, 14, 192, 2), (128, 14, 14, 384, 2), (128, 14, 14, 768, 2),
+                  (64, 24, 24, 384, 2), (32, 32, 32, 768, 2), (128, 14, 14, 384, 4),
+                  (16, 7, 7, 512, 4), (1, 14, 14, 384, 2), (3, 17, 45, 97, 8), (1, 1, 1, 3, 2),
+                  (0, 14, 14, 64, 2)]
+
+
+@pytest.mark.parametrize("kind", ["fwd", "grad_x", "bwd"])
+@pytest.mark.parametrize("case", GEOMETRY_CASES, ids=lambda c: "B{}-{}x{}-C{}-{}B".format(*c))
+def test_stream_geometry(kind, case):
+    """The streaming kernels' geometry model: four elements a thread, the kernel's warp budget
+    an SM never exceeded, one wave of programs, no whole warp of pixels past the row's end where
+    the row has an even width, strips that cover the grid."""
+    from cpvt_kernels import triton_peg as tp
+    B, H, W, C, itemsize = case
+    sms = 132
+    cfg = tp.stream_config(kind, H, W, C, B, sms, itemsize)
+    bw, bc, warps, rh, per_sm = (cfg[k] for k in ("BLOCK_W", "BLOCK_C", "num_warps", "RH",
+                                                  "PER_SM"))
+    assert bw & (bw - 1) == 0 and bc & (bc - 1) == 0 and bc >= min(16, C)
+    if bw * bc >= 128:
+        assert bw * bc == 128 * warps
+    assert per_sm * warps <= tp._STREAM_WARPS_PER_SM[kind][itemsize]
+    if kind == "bwd" and B * H * W * C >= 4 * 128 * 32:
+        assert warps == 4
+    assert 1 <= rh <= max(H, 1)
+    strips, wblocks, items = tp._stream_programs(B, H, W, cfg)
+    assert strips * rh >= H and (strips - 1) * rh < max(H, 1)
+    cblocks = -(-C // bc)
+    slots = tp._stream_slots(items, cblocks, cfg, torch.device("meta"))  # meta: one SM
+    assert slots <= items and (slots >= 1 or items == 0)
+    with_sms = max(1, min(items, per_sm * sms // max(cblocks, 1)))
+    if cblocks <= per_sm * sms:
+        assert with_sms * cblocks <= per_sm * sms  # one wave
+    if B > 0 and W % 2 == 0 and C >= 64 and W >= 2:
+        assert (wblocks * bw - W) * bc < 128, cfg  # no idle warp past the row's end
+    assert tp.stream_config(kind, H, W, C, B, sms, itemsize, block=(bw, bc)) == cfg
+
+
+def test_stream_geometry_prefers_fewer_halo_rows_and_full_waves():
+    from cpvt_kernels import triton_peg as tp
+    # CPVT-S at 224 px: the 14 x 14 grid in one strip (2 halo rows for 14) fills the SMs
+    cfg = tp.stream_forward_config(14, 14, 384, 128, 132, 2)
+    assert cfg["RH"] == 14 and cfg["BLOCK_W"] == 2
+    # one image: strips, so that more than a few programs run
+    one = tp.stream_forward_config(14, 14, 384, 1, 132, 2)
+    assert one["RH"] < 14
+    with pytest.raises(ValueError):
+        tp.stream_config("backward", 14, 14, 384)
+
+
+# (B, P, H, W, C, cfg): blocks of 1 to 32 pixels, one pixel block or several with a partial
+# last one, strips of 1 to H rows with a short last one, one program per item or persistent.
+STREAM_GEOMETRIES = [
+    (2, 1, 7, 5, 20, dict(BLOCK_W=1, BLOCK_C=16, RH=2, num_warps=1, PER_SM=3)),
+    (2, 1, 7, 5, 20, dict(BLOCK_W=2, BLOCK_C=32, RH=3, num_warps=1, PER_SM=1)),
+    (1, 2, 6, 9, 8, dict(BLOCK_W=4, BLOCK_C=16, RH=6, num_warps=1, PER_SM=0)),
+    (2, 0, 5, 3, 24, dict(BLOCK_W=32, BLOCK_C=16, RH=1, num_warps=2, PER_SM=2)),
+]
+
+
+@pytest.mark.parametrize("B,P,H,W,C,cfg", STREAM_GEOMETRIES,
+                         ids=lambda v: "x".join(map(str, v.values())) if isinstance(v, dict)
+                         else str(v))
+def test_stream_geometries_give_the_reference(device, B, P, H, W, C, cfg, poison_empty,
+                                              monkeypatch):
+    """Any block, strip height and programs: the forward, grad_x alone and the fused backward
+    against the reference."""
+    from cpvt_kernels import triton_peg as tp
+    monkeypatch.setattr(tp, "_device_sms", lambda device: 1)
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float32, device)
+    g64 = torch.randn(x64.shape, dtype=torch.float64)
+    g = g64.to(device=device, dtype=torch.float32)
+    out = tp.launch_stream_forward(x, w, b, H, W, P, False, cfg)
+    gx_alone = tp.launch_stream_forward(g, w, None, H, W, P, True, cfg)
+    gx, gw, gb = tp.launch_stream_backward(g, x, w, H, W, P, (True, True, True), cfg)
+    ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, g64)
+    for name, got, want in (("out", out, ref), ("grad_x alone", gx_alone, gx_ref),
+                            ("grad_x", gx, gx_ref), ("grad_weight", gw, gw_ref),
+                            ("grad_bias", gb, gb_ref)):
+        assert not got.isnan().any(), f"{name} has unwritten (NaN) elements"
+        assert rel_err(got, want) < TOLERANCE[torch.float32], name
+
+
+def test_stream_row64_only_for_images_past_2_31_elements():
+    from cpvt_kernels import triton_peg as tp
+    assert not tp._stream_row64(14, 14, 384, 384)
+    assert not tp._stream_row64(64, 64, 2**31 // (66 * 64) - 1)
+    assert tp._stream_row64(64, 64, 2**31 // (66 * 64) + 1)
+    assert tp._stream_row64(1024, 1024, 1, 2048)  # the largest stride decides
+    assert tp._stream_row64(14, 14, -(2**31))
+
+
+def test_stream_row64_offsets_give_the_same_results(device, poison_empty, monkeypatch):
+    """The 64-bit row offsets (images past 2^31 elements, too large to test here) compute the
+    forward, grad_x alone and the fused backward bitwise as the 32-bit ones do."""
+    from cpvt_kernels import triton_peg as tp
+    B, P, H, W, C = (3, 1, 14, 14, 96) if HAS_GPU else (2, 1, 5, 4, 6)
+    (_, _, _), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float32, device)
+    g = torch.randn(x.shape, dtype=torch.float32).to(device)
+    fcfg = tp.stream_forward_config(H, W, C)
+    bcfg = tp.stream_backward_config(H, W, C)
+
+    def run():
+        return (tp.launch_stream_forward(x, w, b, H, W, P, False, fcfg),
+                *tp.launch_stream_backward(g, x, w, H, W, P, (True, False, False), bcfg)[:1],
+                *tp.launch_stream_backward(g, x, w, H, W, P, (True, True, True), bcfg))
+
+    narrow = run()
+    monkeypatch.setattr(tp, "_stream_row64", lambda *a: True)
+    wide = run()
+    for name, a, c in zip(("out", "grad_x alone", "grad_x", "grad_weight", "grad_bias"),
+                          narrow, wide):
+        assert not a.isnan().any(), f"{name} has unwritten (NaN) elements"
+        assert torch.equal(a, c), name
+
+
+@gpu
+def test_stream_image_past_2_31_elements(monkeypatch):
+    """One image of more than 2^31 elements on the streaming kernels (64-bit row offsets): the
+    last rows of the grid against the reference over the last rows (the rows above the one
+    compared are its halo)."""
+    monkeypatch.setenv("CPVT_TRITON_KERNELS", "stream")
+    from cpvt_kernels import triton_peg as tp
+    P, H, W, C = 1, 1024, 1024, 2048
+    assert tp._stream_row64(H, W, C)
+    need = 3 * (P + H * W) * C * 2 + (2 << 30)
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, P + H * W, C, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(C, 1, 3, 3, device="cuda", dtype=torch.bfloat16, generator=gen) / 3
+    b = torch.randn(C, device="cuda", dtype=torch.bfloat16, generator=gen)
+    with torch.no_grad():
+        out = ck.fused_peg(x, w, b, (H, W), P, backend="triton")
+    rows = 4  # the reference sees rows H - 4 .. H - 1; its first row lacks its upper halo
+    last = x[:, P + (H - rows) * W:].detach().double()
+    ref = ck.peg_reference(last, w.double(), b.double(), rows, W, 0)
+    assert rel_err(out[:, P + (H - rows + 1) * W:], ref[:, W:]) < TOLERANCE[torch.bfloat16]
+    assert torch.equal(out[:, :P], x[:, :P])
+
+
 def test_stream_setting_is_checked_and_other_kernel_sizes_stay_tiled(device, monkeypatch):
     """A bad CPVT_TRITON_KERNELS raises; kernels other than 3x3 keep the tiled kernels."""
     from cpvt_kernels import triton_peg
