@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,11 +134,30 @@ def signature(kernel, args, kwargs):
     return sig, consts, attrs
 
 
-def compile_launch(kernel, args, kwargs, arch: int, tool: str, workdir: Path) -> dict:
+def compile_kernel(kernel, args, kwargs, arch: int):
+    """Triton's compiled kernel for a launch (the launch's constexprs and specialization)."""
     sig, consts, attrs = signature(kernel, args, kwargs)
-    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": kwargs.get("num_warps", 4)})
+    return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": kwargs.get("num_warps", 4)})
+
+
+def loop_carried(ttir: str) -> list:
+    """The variables each ``scf.while`` of a Triton IR listing carries from one iteration to the
+    next, outermost first, by their source names. A variable the loop reassigns that is not
+    among them keeps its value from before the loop in the compiled kernel: Triton carries a
+    name only if the body leaves it another value than it had on entry, which the interpreter
+    (plain Python) does not share."""
+    loops = []
+    for m in re.finditer(r"= scf\.while \(([^)]*)\)", ttir):
+        loops.append([re.sub(r"_\d+$", "", n) for n in re.findall(r"%([A-Za-z_]\w*) = ",
+                                                                      m.group(1))])
+    return loops
+
+
+def compile_launch(kernel, args, kwargs, arch: int, tool: str, workdir: Path) -> dict:
+    k = compile_kernel(kernel, args, kwargs, arch)
+    consts = signature(kernel, args, kwargs)[1]
     path = workdir / f"{kernel.__name__}.cubin"
     path.write_bytes(k.asm["cubin"])
     out = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True,
@@ -152,6 +172,7 @@ def compile_launch(kernel, args, kwargs, arch: int, tool: str, workdir: Path) ->
     per = counts["loop"] or counts["sass"]
     return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]),
             "shared": int(fields["SHARED"]), "num_warps": num_warps, "config": config,
+            "carried": loop_carried(k.asm["ttir"]),
             **counts, "per_elem": per * num_warps / max(1, math.prod(config.values()))}
 
 
@@ -249,6 +270,9 @@ def parse_args(argv=None):
                    help="also list each if/else inside the innermost loop: the instructions of "
                         "its two sides, so that the loop an iteration runs can be told from the "
                         "listing's")
+    p.add_argument("--carried", action="store_true",
+                   help="also list the variables each loop of a kernel carries from one "
+                        "iteration to the next (see loop_carried)")
     p.add_argument("--no-spills", action="store_true",
                    help="exit non-zero if a kernel has a stack frame (spilled registers)")
     p.add_argument("--one-wave", action="store_true",
@@ -309,6 +333,9 @@ def main(argv=None) -> int:
                               f"{r['memory']}"
                               + ("  (spills)" if spill else "")
                               + ("  (more programs than fit)" if waves else ""), flush=True)
+                        if args.carried:
+                            for depth, names in enumerate(r["carried"]):
+                                print(f"{'':>14} loop {depth} carries: {' '.join(names)}")
                         if args.branches:
                             for then, other in r["branches"]:
                                 print(f"{'':>14} if/else in the loop: then {then}, else {other} "

@@ -535,8 +535,13 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
             acc_p = zero
             acc_c = zero
             acc_n = zero
-            g1 = zero  # grad_out row r - 1 of the strip (zero outside it), at column w
-            g2 = zero  # row r - 2
+            # grad_out rows r - 1 and r - 2 of the strip (zero outside it), at column w. Two
+            # tensors of zeros, not one: Triton carries a variable through a loop only if the
+            # loop leaves it another value than it had before, and after ``g2 = g1`` g2 would
+            # hold g1's initial value, the same as its own, so g2 would stay zero on a GPU (the
+            # interpreter runs the Python, where it does not).
+            g1 = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+            g2 = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
             r = h0 - 1
             while r <= h1 + 1:
                 gl, gc, gr, ml, mc, mr = _stream_row(_grid_row(gsrc, r, W, sgn, ROW64), g_off,
@@ -621,12 +626,13 @@ def backward_config(N, C) -> dict:
 # The streaming kernels' blocks: four elements a thread (with eight they need 251 and 147
 # registers, backward and forward), at most 8 warps. Each kernel has a budget of resident warps
 # an SM by element size, from the most registers a thread its blocks take (ptxas, sm_90,
-# triton 3.6 and 3.8, bench/triton_compile.py over CPVT shapes; fewer where an image is one
-# strip, as Triton then compiles the strip count as the constant 1): registers are allocated 8
-# a thread at a time, and an SM has 64K of them. 16-bit: forward 71-80 (24 warps), input
-# gradient alone 72-91 (16), backward 126-156 (12); float32: 72-91 (20), 72-91 (16), 128-152
-# (12); float64: 96-122 (16), 102-142 (12), 238-255 (8).
-_STREAM_WARPS_PER_SM = {"fwd": {2: 24, 4: 20, 8: 16}, "grad_x": {2: 16, 4: 16, 8: 12},
+# triton 3.6 and 3.8, bench/triton_compile.py over the benchmark's shapes and small ones;
+# fewer where an image is one strip, as Triton then compiles the strip count as the constant
+# 1): registers are allocated 8 a thread at a time, and an SM has 64K of them. 16-bit: forward
+# 71-88 (23 warps), input gradient alone 72-91 (16), backward 126-158 (12); float32: 72-91
+# (21), 72-91 (16), 128-159 (12); float64: 96-156 (12), 102-174 (11), 238-255 (8). An SM holds
+# the budget over the block's warps, rounded down, programs.
+_STREAM_WARPS_PER_SM = {"fwd": {2: 23, 4: 21, 8: 12}, "grad_x": {2: 16, 4: 16, 8: 11},
                         "bwd": {2: 12, 4: 12, 8: 8}}
 # Rows of a strip's walk beyond its own: the forward reads one row above and one below, the
 # backward one more (x row r - 1 for grad_out row r); plus about one row's worth of
@@ -655,7 +661,7 @@ def _stream_geometry(B, H, W, C, kind: str, itemsize: int, warps_ok: tuple, sms:
     c2 = _next_pow2(max(C, 1))
     candidates = [(bw, bc) for bw in (32, 16, 8, 4, 2, 1) for bc in (128, 64, 32, 16)
                   if bw <= wide and bc <= c2
-                  and 1 <= bw * bc // 128 <= 8 and budget % (bw * bc // 128) == 0]
+                  and 1 <= bw * bc // 128 <= 8]
     if not candidates:  # a grid smaller than a warp's 128 elements: one block of one warp
         candidates = [(wide, min(c2, 128))]
     if any(bw * bc // 128 in warps_ok for bw, bc in candidates):

@@ -458,6 +458,34 @@ def test_streaming_triton_kernels_fit_one_wave():
     assert all(0 < asked <= held for asked, held in fits), out
 
 
+def test_streaming_triton_loops_carry_their_rows():
+    """Compiled, the streaming kernels' walk down a strip carries the rows it keeps from one
+    iteration to the next (Triton carries only names whose value the body changes; the
+    interpreter runs the Python and cannot tell): the accumulators of the output rows, and in
+    the backward the weight-gradient sums and grad_out rows r - 1 and r - 2."""
+    _require_triton_cuobjdump()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(BENCH / "triton_compile.py"), "--kernels",
+                           "stream", "--shapes", "8x384x14", "--dtypes", "bfloat16",
+                           "--carried"], capture_output=True, text=True, env=env, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    carried = {}
+    kernel = None
+    for line in out.splitlines():
+        if "_kernel" in line:
+            kernel = " ".join(line.split()[6:9])  # pass and kernel name
+        elif "carries:" in line:
+            carried.setdefault(kernel, []).append(set(line.split("carries:")[1].split()))
+    fwd = carried["stream fwd _peg_stream3_fwd_kernel"]
+    bwd = carried["stream bwd _peg_stream3_bwd_kernel"]
+    assert {"acc_p", "acc_c", "r"} <= fwd[-1], out
+    assert carried["stream grad_x _peg_stream3_fwd_kernel"][-1] == fwd[-1], out
+    sums = {f"d{i}{j}" for i in range(3) for j in range(3)} | {"db"}
+    assert {"acc_p", "acc_c", "g1", "g2", "r"} | sums <= bwd[-1], out
+    assert sums <= bwd[0], out  # and the walk over the items carries the sums on
+
+
 def _require_triton_cuobjdump():
     import importlib.util
     if importlib.util.find_spec("triton") is None:
