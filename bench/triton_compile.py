@@ -143,15 +143,15 @@ def compile_kernel(kernel, args, kwargs, arch: int):
 
 
 def loop_carried(ttir: str) -> list:
-    """The variables each ``scf.while`` of a Triton IR listing carries from one iteration to the
-    next, outermost first, by their source names. A variable the loop reassigns that is not
-    among them keeps its value from before the loop in the compiled kernel: Triton carries a
-    name only if the body leaves it another value than it had on entry, which the interpreter
-    (plain Python) does not share."""
+    """The variables each loop (``scf.while``, ``scf.for``) of a Triton IR listing carries from
+    one iteration to the next, in the listing's order (outer loops first), by their source
+    names. A variable the loop reassigns that is not among them keeps its value from before the
+    loop in the compiled kernel: Triton carries a name only if the body leaves it another value
+    than it had on entry, which the interpreter (plain Python) does not share."""
     loops = []
-    for m in re.finditer(r"= scf\.while \(([^)]*)\)", ttir):
-        loops.append([re.sub(r"_\d+$", "", n) for n in re.findall(r"%([A-Za-z_]\w*) = ",
-                                                                      m.group(1))])
+    for m in re.finditer(r"= scf\.while \(([^)]*)\)|= scf\.for .*? iter_args\(([^)]*)\)", ttir):
+        loops.append([re.sub(r"_\d+$", "", n)
+                      for n in re.findall(r"%([A-Za-z_]\w*) = ", m.group(1) or m.group(2))])
     return loops
 
 
