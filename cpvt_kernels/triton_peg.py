@@ -267,10 +267,11 @@ def _reduce_partials_kernel(part_ptr, gw_ptr, gb_ptr, num_tiles, C,
 # bias gradients of all its items in registers, reducing over the pixels once at the end (one
 # slot of partials per program).
 #
-# The programs are persistent: a channel block gets about PER_SM programs per SM (one wave,
-# _stream_slots), and program p takes the items p, p + slots, ... of its channel block, so the
-# taps (36 scalar half-word loads a thread in the 16-bit types: a channel's taps are 9 elements
-# apart) and the end-of-strip reductions are paid once per program rather than once per item.
+# The programs are persistent: one wave of them, at most PER_SM an SM over all channel blocks
+# (_stream_slots; blocks, strips and PER_SM from stream_config), and program p takes the items
+# p, p + slots, ... of its channel block, so the taps (36 scalar half-word loads a thread in the
+# 16-bit types: a channel's taps are 9 elements apart) and the end-of-strip reductions are paid
+# once per program rather than once per item.
 # The streaming CUDA forward gained 1.3-1.5x from the same change on an H100
 # (bench/results/2026-12-05_nvidia-h100); these Triton ones have not run on a GPU.
 
@@ -714,7 +715,7 @@ def stream_config(kind: str, H, W, C, B=64, sms: int = 132, itemsize: int = 2,
 
 def stream_forward_config(H, W, C, B=64, sms: int = 132, itemsize: int = 2) -> dict:
     """The streaming forward's geometry (CPVT-S at 224 px in bfloat16, B = 128 on 132 SMs:
-    blocks of 2 pixels by 128 channels, 2 warps, twelve programs an SM, strips of 14 rows)."""
+    blocks of 2 pixels by 128 channels, 2 warps, eleven programs an SM, strips of 14 rows)."""
     return stream_config("fwd", H, W, C, B, sms, itemsize)
 
 
@@ -724,7 +725,7 @@ def stream_grad_x_config(H, W, C, B=64, sms: int = 132, itemsize: int = 2) -> di
 
 
 def stream_backward_config(H, W, C, B=64, sms: int = 132, itemsize: int = 2) -> dict:
-    """The streaming backward's geometry (CPVT-S in bfloat16: 16 x 32, 4 warps, four programs
+    """The streaming backward's geometry (CPVT-S in bfloat16: 16 x 32, 4 warps, three programs
     an SM)."""
     return stream_config("bwd", H, W, C, B, sms, itemsize)
 
