@@ -26,8 +26,8 @@
 #              is timed), each with its own log and summary line
 #   tune       bench/tune_triton.py for the tiled and the streaming Triton kernels (TUNE_ARGS,
 #              default --quick: five candidates a pass; the streaming ones also with
-#              TUNE_STREAM_ARGS, default "--rh 0 7": each block with the geometry model's strip
-#              height and with strips of 7 rows)
+#              TUNE_STREAM_ARGS, default "--prefetch 0 1": each block with its rows loaded as
+#              they are used and an iteration ahead)
 #   bench      bench/bench_peg.py --device cuda (the full grid; BENCH_ARGS=--quick for a short one)
 #   model      bench/bench_model.py --device cuda
 #
@@ -112,7 +112,7 @@ read -r -a PYTEST_EXTRA <<< "${PYTEST_ARGS:-}"
 read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
 read -r -a MODEL_EXTRA <<< "${MODEL_ARGS:-}"
 read -r -a TUNE_EXTRA <<< "${TUNE_ARGS:---quick}"
-read -r -a TUNE_STREAM_EXTRA <<< "${TUNE_STREAM_ARGS:---rh 0 7}"
+read -r -a TUNE_STREAM_EXTRA <<< "${TUNE_STREAM_ARGS:---prefetch 0 1}"
 
 # run_step NAME COMMAND...: runs COMMAND with its output in $OUT/NAME.log and on the terminal.
 run_step() {

@@ -65,7 +65,7 @@ def sass_counts(sass: str) -> dict:
                 continue
             x = int(m.group(1), 16)
             jump = re.match(r"\s*BRA 0x([0-9a-f]+)", addrs.get(x - 16, ""))
-            if x > addr and jump:
+            if addr < x <= loop_span[1] and jump:  # an if/else inside the loop
                 y = int(jump.group(1), 16)
                 branches.append((sum(1 for a, _ in instrs if addr < a < x),
                                  sum(1 for a, _ in instrs if x <= a < y)))

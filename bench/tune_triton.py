@@ -15,10 +15,10 @@ With ``--kernels stream`` the candidates are ``BLOCK_WxBLOCK_CxWARPS`` of the st
 (pixels of a row by channels; ``stream_config`` in ``cpvt_kernels/triton_peg.py`` picks the
 default from a model of the busiest SM's work), each with the strip height and the persistent
 programs per SM that model gives that block (the kernel's warp budget over its warps), or with
-every ``--rh`` (rows a strip) and ``--per-sm`` value (programs per SM, 0 for one program per
-item)::
+every ``--rh`` (rows a strip), ``--per-sm`` (programs per SM, 0 for one program per item) and
+``--prefetch`` value (rows loaded an iteration ahead, 0 or 1)::
 
-    python bench/tune_triton.py --kernels stream --quick --per-sm 0 6 12 --rh 7 14
+    python bench/tune_triton.py --kernels stream --quick --per-sm 0 6 12 --rh 7 14 --prefetch 0 1
 
 Times are those of ``bench_peg.Timer``: CUDA events, the L2 flushed and the GPU held busy until
 the launch is queued, so they are device time. GB/s counts the least a PEG moves (fwd 2S, bwd 3S,
@@ -70,6 +70,7 @@ QUICK_STREAM_FWD = [(2, 64, 1), (2, 128, 2), (8, 64, 4), (16, 64, 8), (32, 32, 8
 QUICK_STREAM_BWD = [(16, 32, 4), (8, 64, 4), (4, 128, 4), (2, 128, 2), (32, 16, 4)]
 CSV_FIELDS = ["date", "device", "torch", "triton", "commit", "kernels", "pass", "dtype", "B", "C",
               "H", "W", "P", "k", "BLOCK_T", "BLOCK_W", "BLOCK_C", "num_warps", "RH", "PER_SM",
+              "PREFETCH",
               "default",
               "median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy", "max_rel_err", "status"]
 
@@ -106,6 +107,9 @@ def parse_args(argv=None):
     p.add_argument("--rh", nargs="+", type=int, default=None, metavar="ROWS",
                    help="streaming kernels: rows a strip to try with each block candidate "
                         "(0 or by default: the model's for the block)")
+    p.add_argument("--prefetch", nargs="+", type=int, default=None, choices=(0, 1),
+                   help="streaming kernels: rows loaded an iteration ahead, to try with each "
+                        "block candidate (default: the model's)")
     p.add_argument("--fwd-configs", nargs="+", type=parse_config, default=None,
                    metavar="TxCxW", help="forward candidates instead of the built-in grid")
     p.add_argument("--bwd-configs", nargs="+", type=parse_config, default=None,
@@ -118,22 +122,23 @@ def parse_args(argv=None):
 
 
 def as_cfg(t: int, c: int, w: int, default: dict, per_sm: int | None = None,
-           rh: int | None = None, model=None) -> dict:
+           rh: int | None = None, model=None, prefetch: int | None = None) -> dict:
     """Candidate (t, c, w) in the form of ``default``: BLOCK_T, or for the streaming kernels
-    BLOCK_W with ``rh`` rows a strip and ``per_sm`` programs per SM, each else (``rh`` 0 or
-    None, ``per_sm`` None) the model's for that block (``model(block)``: ``stream_config``; its programs per SM scaled to the
+    BLOCK_W with ``rh`` rows a strip, ``per_sm`` programs per SM and ``prefetch``, each else
+    (``rh`` 0 or None, the others None) the model's for that block (``model(block)``: ``stream_config``; its programs per SM scaled to the
     candidate's warps, so that the SM holds as many warps)."""
     if "BLOCK_W" in default:
         m = model((t, c))
         fit = max(1, m["PER_SM"] * m["num_warps"] // w)
         return {"BLOCK_W": t, "BLOCK_C": c, "num_warps": w, "RH": rh or m["RH"],
-                "PER_SM": fit if per_sm is None else per_sm}
+                "PER_SM": fit if per_sm is None else per_sm,
+                "PREFETCH": m["PREFETCH"] if prefetch is None else prefetch}
     return {"BLOCK_T": t, "BLOCK_C": c, "num_warps": w}
 
 
 def key(cfg: dict) -> tuple[int, ...]:
     k = (cfg.get("BLOCK_T", cfg.get("BLOCK_W")), cfg["BLOCK_C"], cfg["num_warps"])
-    return k + (cfg["PER_SM"], cfg["RH"]) if "PER_SM" in cfg else k
+    return k + (cfg["PER_SM"], cfg["RH"], cfg["PREFETCH"]) if "PER_SM" in cfg else k
 
 
 def stream_model(pass_name: str, case, x):
@@ -214,14 +219,14 @@ def main(argv=None) -> int:
             stream = args.kernels == "stream"
             per_sms = args.per_sm if stream and args.per_sm else [None]
             rhs = args.rh if stream and args.rh else [None]
+            prefetches = args.prefetch if stream and args.prefetch else [None]
             model = stream_model(pass_name, case, x) if stream else None
             configs = [default]
             for c in grids[pass_name]:
-                for p in per_sms:
-                    for rh in rhs:
-                        cfg = as_cfg(*c, default, p, rh, model)
-                        if all(key(cfg) != key(o) for o in configs):
-                            configs.append(cfg)
+                for p, rh, pf in itertools.product(per_sms, rhs, prefetches):
+                    cfg = as_cfg(*c, default, p, rh, model, pf)
+                    if all(key(cfg) != key(o) for o in configs):
+                        configs.append(cfg)
             case_rows = []
             for cfg in configs:
                 row = dict(meta, **{"kernels": args.kernels, "pass": pass_name,
@@ -255,14 +260,15 @@ def main(argv=None) -> int:
                   f"{len(case_rows)} configurations ran; default {key(default)}"
                   + (f" {float(base['median_ms']):.4f} ms" if base else " failed"))
             print(f"  {'BLOCK_W' if args.kernels == 'stream' else 'BLOCK_T'} BLOCK_C warps"
-                  + (" per_sm  RH" if args.kernels == "stream" else "")
+                  + (" per_sm  RH pf" if args.kernels == "stream" else "")
                   + "   median ms   GB/s  % copy  x default")
             for r in ok[:args.top]:
                 speed = (f"{float(base['median_ms']) / float(r['median_ms']):.2f}"
                          if base else "-")
                 print(f"  {r.get('BLOCK_T', r.get('BLOCK_W')):>7} {r['BLOCK_C']:>7} "
                       f"{r['num_warps']:>5} "
-                      + (f"{r['PER_SM']:>6} {r['RH']:>3} " if "PER_SM" in r else "")
+                      + (f"{r['PER_SM']:>6} {r['RH']:>3} {r['PREFETCH']:>2} "
+                         if "PER_SM" in r else "")
                       + f"{float(r['median_ms']):>11.4f} {float(r['gbps']):>6.0f} "
                       f"{float(r['frac_copy']):>7.0%} {speed:>10}"
                       + ("  (default)" if r["default"] else ""), flush=True)

@@ -299,16 +299,27 @@ def _stream_taps(w_ptr, c, c_ok, sw0, sw2, sw3, FLIP: tl.constexpr, ACC: tl.cons
 
 
 @triton.jit
+def _stream_masks(r, lo, hi, m_l, m_c, m_r):
+    """The load masks of columns w - 1, w, w + 1 of row r, off unless lo <= r < hi."""
+    rv = (r >= lo) & (r < hi)
+    return m_l & rv, m_c & rv, m_r & rv
+
+
+@triton.jit
+def _stream_load(row_ptr, off, ml, mc, mr, sn):
+    """A row at columns w - 1, w, w + 1 as stored (zero where masked off)."""
+    vl = tl.load(row_ptr + off - sn, mask=ml, other=0.0)
+    vc = tl.load(row_ptr + off, mask=mc, other=0.0)
+    vr = tl.load(row_ptr + off + sn, mask=mr, other=0.0)
+    return vl, vc, vr
+
+
+@triton.jit
 def _stream_row(row_ptr, off, r, H, m_l, m_c, m_r, sn, ACC: tl.constexpr):
     """Row r of an image at columns w - 1, w, w + 1 (zero outside the image) and its masks."""
-    rv = (r >= 0) & (r < H)
-    ml = m_l & rv
-    mc = m_c & rv
-    mr = m_r & rv
-    vl = tl.load(row_ptr + off - sn, mask=ml, other=0.0).to(ACC)
-    vc = tl.load(row_ptr + off, mask=mc, other=0.0).to(ACC)
-    vr = tl.load(row_ptr + off + sn, mask=mr, other=0.0).to(ACC)
-    return vl, vc, vr, ml, mc, mr
+    ml, mc, mr = _stream_masks(r, 0, H, m_l, m_c, m_r)
+    vl, vc, vr = _stream_load(row_ptr, off, ml, mc, mr, sn)
+    return vl.to(ACC), vc.to(ACC), vr.to(ACC), ml, mc, mr
 
 
 @triton.jit
@@ -431,8 +442,8 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
                             N, C, H, W, P, strips, rh, wblocks, items, slots,
                             ssb, ssn, ssc, sw0, sw2, sw3, sb,
                             HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, IS_F64: tl.constexpr,
-                            ROW64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-                            BLOCK_P: tl.constexpr):
+                            ROW64: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_W: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """The forward (FLIP false: taps as they are, bias, padding multiplied like the other
     kernels) or the input gradient alone (FLIP: flipped taps over grad_out, no bias, taps on
     padding skipped); both add the centre input (the residual / grad_out itself).
@@ -465,9 +476,22 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
             acc_c = init
             acc_n = init
             r = h0 - 1
+            if PREFETCH:  # row r is loaded an iteration ahead, its loads in flight meanwhile
+                ml, mc, mr = _stream_masks(r, 0, H, m_l, m_c, m_r)
+                nl, nc, nr = _stream_load(_grid_row(src, r, W, ssn, ROW64), off, ml, mc, mr,
+                                          ssn)
             while r <= h1:
-                vl, vc, vr, ml, mc, mr = _stream_row(_grid_row(src, r, W, ssn, ROW64), off, r,
-                                                     H, m_l, m_c, m_r, ssn, ACC)
+                if PREFETCH:
+                    vl = nl.to(ACC)
+                    vc = nc.to(ACC)
+                    vr = nr.to(ACC)
+                    ml, mc, mr = _stream_masks(r, 0, H, m_l, m_c, m_r)
+                    pl, pc, pr = _stream_masks(r + 1, 0, tl.minimum(H, h1 + 1), m_l, m_c, m_r)
+                    nl, nc, nr = _stream_load(_grid_row(src, r + 1, W, ssn, ROW64), off, pl, pc,
+                                              pr, ssn)
+                else:
+                    vl, vc, vr, ml, mc, mr = _stream_row(_grid_row(src, r, W, ssn, ROW64), off,
+                                                         r, H, m_l, m_c, m_r, ssn, ACC)
                 acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02,
                                                       t10, t11, t12, t20, t21, t22, vl, vc, vr,
                                                       ml, mc, mr, out, out_off, r, h0, h1, W, C,
@@ -494,8 +518,9 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
                             N, C, H, W, P, strips, rh, wblocks, items, slots,
                             sgb, sgn, sgc, sxb, sxn, sxc, sw0, sw2, sw3,
                             NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-                            IS_F64: tl.constexpr, ROW64: tl.constexpr, BLOCK_W: tl.constexpr,
-                            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                            IS_F64: tl.constexpr, ROW64: tl.constexpr, PREFETCH: tl.constexpr,
+                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_P: tl.constexpr):
     """grad_x of the strips (NEED_X) and the partial sums of grad_weight and grad_bias over them
     (program pid's slot of part: (slots, 10, C)). Programs pid < slots walk the strips
     ``pid, pid + slots, ...`` of the ``items`` of their channel block, summing the weight and
@@ -544,9 +569,26 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
             g1 = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
             g2 = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
             r = h0 - 1
+            if PREFETCH:  # grad_out row r and x row r - 1 are loaded an iteration ahead
+                ml, mc, mr = _stream_masks(r, 0, H, m_l, m_c, m_r)
+                ngl, ngc, ngr = _stream_load(_grid_row(gsrc, r, W, sgn, ROW64), g_off, ml, mc,
+                                             mr, sgn)
+                if NEED_W:
+                    ml, mc, mr = _stream_masks(r - 1, 0, H, m_l, m_c, m_r)
+                    nxl, nxc, nxr = _stream_load(_grid_row(xsrc, r - 1, W, sxn, ROW64), x_off,
+                                                 ml, mc, mr, sxn)
             while r <= h1 + 1:
-                gl, gc, gr, ml, mc, mr = _stream_row(_grid_row(gsrc, r, W, sgn, ROW64), g_off,
-                                                     r, H, m_l, m_c, m_r, sgn, ACC)
+                if PREFETCH:
+                    gl = ngl.to(ACC)
+                    gc = ngc.to(ACC)
+                    gr = ngr.to(ACC)
+                    ml, mc, mr = _stream_masks(r, 0, H, m_l, m_c, m_r)
+                    pl, pc, pr = _stream_masks(r + 1, 0, tl.minimum(H, h1 + 2), m_l, m_c, m_r)
+                    ngl, ngc, ngr = _stream_load(_grid_row(gsrc, r + 1, W, sgn, ROW64), g_off,
+                                                 pl, pc, pr, sgn)
+                else:
+                    gl, gc, gr, ml, mc, mr = _stream_row(_grid_row(gsrc, r, W, sgn, ROW64),
+                                                         g_off, r, H, m_l, m_c, m_r, sgn, ACC)
                 if NEED_X:
                     acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, zero, t00, t01,
                                                           t02, t10, t11, t12, t20, t21, t22, gl,
@@ -557,10 +599,18 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
                 if NEED_B:
                     db += g0
                 if NEED_W:
-                    xr_ = r - 1
-                    xl, xc, xr, _ml, _mc, _mr = _stream_row(_grid_row(xsrc, xr_, W, sxn, ROW64),
-                                                            x_off, xr_, H, m_l, m_c, m_r, sxn,
-                                                            ACC)
+                    if PREFETCH:
+                        xl = nxl.to(ACC)
+                        xc = nxc.to(ACC)
+                        xr = nxr.to(ACC)
+                        pl, pc, pr = _stream_masks(r, 0, tl.minimum(H, h1 + 1), m_l, m_c, m_r)
+                        nxl, nxc, nxr = _stream_load(_grid_row(xsrc, r, W, sxn, ROW64), x_off,
+                                                     pl, pc, pr, sxn)
+                    else:
+                        xr_ = r - 1
+                        xl, xc, xr, _ml, _mc, _mr = _stream_row(
+                            _grid_row(xsrc, xr_, W, sxn, ROW64), x_off, xr_, H, m_l, m_c, m_r,
+                            sxn, ACC)
                     d00, d01, d02 = _stream_dw(d00, d01, d02, g0, in_strip, xl, xc, xr)
                     v1 = (r - 1 >= h0) & (r - 1 < h1)
                     d10, d11, d12 = _stream_dw(d10, d11, d12, g1, v1, xl, xc, xr)
@@ -630,11 +680,19 @@ def backward_config(N, C) -> dict:
 # triton 3.6 and 3.8, bench/triton_compile.py over the benchmark's shapes and small ones;
 # fewer where an image is one strip, as Triton then compiles the strip count as the constant
 # 1): registers are allocated 8 a thread at a time, and an SM has 64K of them. 16-bit: forward
-# 71-88 (23 warps), input gradient alone 72-91 (16), backward 126-158 (12); float32: 72-91
-# (21), 72-91 (16), 128-159 (12); float64: 96-156 (12), 102-174 (11), 238-255 (8). An SM holds
-# the budget over the block's warps, rounded down, programs.
+# 79-80 with PREFETCH, 71-88 without (23 warps), input gradient alone 78-95 (16), backward
+# 126-158 (12); float32: 72-91 (21), 72-91 (16), 128-159 (12); float64: 96-156 (12), 102-174
+# (11), 238-255 (8). An SM holds the budget over the block's warps, rounded down, programs.
 _STREAM_WARPS_PER_SM = {"fwd": {2: 23, 4: 21, 8: 12}, "grad_x": {2: 16, 4: 16, 8: 11},
                         "bwd": {2: 12, 4: 12, 8: 8}}
+# Rows loaded an iteration ahead (PREFETCH): the loads of row r + 1 in flight while row r is
+# computed, where a warp would otherwise wait for each row's loads in turn. Each warp streams
+# one new 8-byte vector a thread a row (16-bit), about 5.6 KB an SM for the forward's 22
+# warps, where an H100 wants some 14 KB in flight an SM (3.35 TB/s times about 550 ns, over
+# 132 SMs). The 16-bit forward and input gradient take it for 8 registers more (72 -> 80 and
+# 72-91 -> 79-95 a thread); the backward would need 20-40 more (bfloat16 up to 176, float32
+# 206, float64 spilling) and float32's forward 100, past their warp budgets, so they do not.
+_STREAM_PREFETCH = {"fwd": {2: 1}, "grad_x": {2: 1}, "bwd": {}}
 # Rows of a strip's walk beyond its own: the forward reads one row above and one below, the
 # backward one more (x row r - 1 for grad_out row r); plus about one row's worth of
 # instructions for each item (bench/triton_compile.py: ``outer - loop``).
@@ -708,9 +766,10 @@ def stream_config(kind: str, H, W, C, B=64, sms: int = 132, itemsize: int = 2,
     if kind not in _STREAM_WARPS_PER_SM:
         raise ValueError(f"stream_config: kind must be one of {sorted(_STREAM_WARPS_PER_SM)}, "
                          f"got {kind!r}")
-    return _stream_geometry(_stream_batch(B), H, W, C, kind, itemsize,
-                            (4,) if kind == "bwd" else (1, 2, 4, 8), sms,
-                            None if block is None else tuple(block))
+    cfg = _stream_geometry(_stream_batch(B), H, W, C, kind, itemsize,
+                           (4,) if kind == "bwd" else (1, 2, 4, 8), sms,
+                           None if block is None else tuple(block))
+    return dict(cfg, PREFETCH=_STREAM_PREFETCH[kind].get(itemsize, 0))
 
 
 def stream_forward_config(H, W, C, B=64, sms: int = 132, itemsize: int = 2) -> dict:
@@ -840,8 +899,8 @@ def launch_stream_forward(src: torch.Tensor, weight: torch.Tensor, bias: Optiona
         src.stride(0), src.stride(1), src.stride(2), *_weight_strides(weight),
         bias.stride(0) if has_bias else 0,
         HAS_BIAS=has_bias, FLIP=flip, IS_F64=src.dtype == torch.float64,
-        ROW64=_stream_row64(H, W, src.stride(1), C), BLOCK_W=cfg["BLOCK_W"],
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_next_pow2(max(P, 1)),
+        ROW64=_stream_row64(H, W, src.stride(1), C), PREFETCH=cfg.get("PREFETCH", 0),
+        BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_next_pow2(max(P, 1)),
         num_warps=cfg["num_warps"])
     return out
 
@@ -967,7 +1026,7 @@ def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
             x.stride(0), x.stride(1), x.stride(2), *_weight_strides(weight),
             NEED_X=need_x, NEED_W=need_w, NEED_B=need_b, IS_F64=x.dtype == torch.float64,
             ROW64=_stream_row64(H, W, grad_out.stride(1), x.stride(1), C),
-            BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_next_pow2(max(P, 1)),
+            PREFETCH=cfg.get("PREFETCH", 0), BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_next_pow2(max(P, 1)),
             num_warps=cfg["num_warps"])
     if C > 0:
         _reduce_partials(part, gw, gb, slots, C, 9, need_w, need_b)

@@ -365,6 +365,7 @@ def test_stream_geometry(kind, case):
     if B > 0 and W % 2 == 0 and C >= 64 and W >= 2:
         assert (wblocks * bw - W) * bc < 128, cfg  # no idle warp past the row's end
     assert tp.stream_config(kind, H, W, C, B, sms, itemsize, block=(bw, bc)) == cfg
+    assert cfg["PREFETCH"] == (1 if kind != "bwd" and itemsize == 2 else 0)
 
 
 def test_stream_geometry_prefers_fewer_halo_rows_and_full_waves():
@@ -382,10 +383,10 @@ def test_stream_geometry_prefers_fewer_halo_rows_and_full_waves():
 # (B, P, H, W, C, cfg): blocks of 1 to 32 pixels, one pixel block or several with a partial
 # last one, strips of 1 to H rows with a short last one, one program per item or persistent.
 STREAM_GEOMETRIES = [
-    (2, 1, 7, 5, 20, dict(BLOCK_W=1, BLOCK_C=16, RH=2, num_warps=1, PER_SM=3)),
-    (2, 1, 7, 5, 20, dict(BLOCK_W=2, BLOCK_C=32, RH=3, num_warps=1, PER_SM=1)),
-    (1, 2, 6, 9, 8, dict(BLOCK_W=4, BLOCK_C=16, RH=6, num_warps=1, PER_SM=0)),
-    (2, 0, 5, 3, 24, dict(BLOCK_W=32, BLOCK_C=16, RH=1, num_warps=2, PER_SM=2)),
+    (2, 1, 7, 5, 20, dict(BLOCK_W=1, BLOCK_C=16, RH=2, num_warps=1, PER_SM=3, PREFETCH=1)),
+    (2, 1, 7, 5, 20, dict(BLOCK_W=2, BLOCK_C=32, RH=3, num_warps=1, PER_SM=1, PREFETCH=0)),
+    (1, 2, 6, 9, 8, dict(BLOCK_W=4, BLOCK_C=16, RH=6, num_warps=1, PER_SM=0, PREFETCH=1)),
+    (2, 0, 5, 3, 24, dict(BLOCK_W=32, BLOCK_C=16, RH=1, num_warps=2, PER_SM=2, PREFETCH=1)),
 ]
 
 
@@ -394,8 +395,8 @@ STREAM_GEOMETRIES = [
                          else str(v))
 def test_stream_geometries_give_the_reference(device, B, P, H, W, C, cfg, poison_empty,
                                               monkeypatch):
-    """Any block, strip height and programs: the forward, grad_x alone and the fused backward
-    against the reference."""
+    """Any block, strip height and programs, rows loaded an iteration ahead or not: the
+    forward, grad_x alone and the fused backward against the reference."""
     from cpvt_kernels import triton_peg as tp
     monkeypatch.setattr(tp, "_device_sms", lambda device: 1)
     (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float32, device)
@@ -441,6 +442,28 @@ def test_stream_row64_offsets_give_the_same_results(device, poison_empty, monkey
     wide = run()
     for name, a, c in zip(("out", "grad_x alone", "grad_x", "grad_weight", "grad_bias"),
                           narrow, wide):
+        assert not a.isnan().any(), f"{name} has unwritten (NaN) elements"
+        assert torch.equal(a, c), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_stream_prefetch_gives_the_same_results(device, dtype, poison_empty):
+    """Rows loaded an iteration ahead (PREFETCH) or as they are used: the forward, grad_x alone
+    and the fused backward bitwise the same (the same sums in the same order)."""
+    from cpvt_kernels import triton_peg as tp
+    B, P, H, W, C = (4, 1, 14, 14, 192) if HAS_GPU else (2, 1, 6, 4, 8)
+    (_, _, _), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, dtype, device)
+    g = torch.randn(x.shape, dtype=torch.float32).to(device=device, dtype=dtype)
+    cfg = dict(tp.stream_forward_config(H, W, C, B, 1, 2), RH=max(1, H // 2))
+
+    def run(prefetch):
+        c = dict(cfg, PREFETCH=prefetch)
+        return (tp.launch_stream_forward(x, w, b, H, W, P, False, c),
+                tp.launch_stream_forward(g, w, None, H, W, P, True, c),
+                *tp.launch_stream_backward(g, x, w, H, W, P, (True, True, True), c))
+
+    for name, a, c in zip(("out", "grad_x alone", "grad_x", "grad_weight", "grad_bias"),
+                          run(0), run(1)):
         assert not a.isnan().any(), f"{name} has unwritten (NaN) elements"
         assert torch.equal(a, c), name
 
