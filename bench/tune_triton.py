@@ -125,8 +125,9 @@ def as_cfg(t: int, c: int, w: int, default: dict, per_sm: int | None = None,
            rh: int | None = None, model=None, prefetch: int | None = None) -> dict:
     """Candidate (t, c, w) in the form of ``default``: BLOCK_T, or for the streaming kernels
     BLOCK_W with ``rh`` rows a strip, ``per_sm`` programs per SM and ``prefetch``, each else
-    (``rh`` 0 or None, the others None) the model's for that block (``model(block)``: ``stream_config``; its programs per SM scaled to the
-    candidate's warps, so that the SM holds as many warps)."""
+    (``rh`` 0 or None, the others None) the model's for that block (``model(block)``:
+    ``stream_config``; its programs per SM scaled to the candidate's warps, so that the SM holds
+    as many warps)."""
     if "BLOCK_W" in default:
         m = model((t, c))
         fit = max(1, m["PER_SM"] * m["num_warps"] // w)

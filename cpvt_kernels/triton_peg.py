@@ -1026,7 +1026,8 @@ def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
             x.stride(0), x.stride(1), x.stride(2), *_weight_strides(weight),
             NEED_X=need_x, NEED_W=need_w, NEED_B=need_b, IS_F64=x.dtype == torch.float64,
             ROW64=_stream_row64(H, W, grad_out.stride(1), x.stride(1), C),
-            PREFETCH=cfg.get("PREFETCH", 0), BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_next_pow2(max(P, 1)),
+            PREFETCH=cfg.get("PREFETCH", 0), BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"],
+            BLOCK_P=_next_pow2(max(P, 1)),
             num_warps=cfg["num_warps"])
     if C > 0:
         _reduce_partials(part, gw, gb, slots, C, 9, need_w, need_b)
