@@ -569,16 +569,18 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
             g1 = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
             g2 = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
             r = h0 - 1
-            if PREFETCH:  # grad_out row r and x row r - 1 are loaded an iteration ahead
+            # grad_out row r (PREFETCH >= 1) and x row r - 1 (PREFETCH >= 2) are loaded an
+            # iteration ahead.
+            if PREFETCH >= 1:
                 ml, mc, mr = _stream_masks(r, 0, H, m_l, m_c, m_r)
                 ngl, ngc, ngr = _stream_load(_grid_row(gsrc, r, W, sgn, ROW64), g_off, ml, mc,
                                              mr, sgn)
-                if NEED_W:
+                if NEED_W and PREFETCH >= 2:
                     ml, mc, mr = _stream_masks(r - 1, 0, H, m_l, m_c, m_r)
                     nxl, nxc, nxr = _stream_load(_grid_row(xsrc, r - 1, W, sxn, ROW64), x_off,
                                                  ml, mc, mr, sxn)
             while r <= h1 + 1:
-                if PREFETCH:
+                if PREFETCH >= 1:
                     gl = ngl.to(ACC)
                     gc = ngc.to(ACC)
                     gr = ngr.to(ACC)
@@ -599,7 +601,7 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
                 if NEED_B:
                     db += g0
                 if NEED_W:
-                    if PREFETCH:
+                    if PREFETCH >= 2:
                         xl = nxl.to(ACC)
                         xc = nxc.to(ACC)
                         xr = nxr.to(ACC)
@@ -681,8 +683,9 @@ def backward_config(N, C) -> dict:
 # fewer where an image is one strip, as Triton then compiles the strip count as the constant
 # 1): registers are allocated 8 a thread at a time, and an SM has 64K of them. 16-bit: forward
 # 79-80 with PREFETCH, 71-88 without (23 warps), input gradient alone 78-95 (16), backward
-# 126-158 (12); float32: 72-91 (21), 72-91 (16), 128-159 (12); float64: 96-156 (12), 102-174
-# (11), 238-255 (8). An SM holds the budget over the block's warps, rounded down, programs.
+# 137-160 with PREFETCH, 126-158 without (12); float32: 72-91 (21), 72-91 (16), 145-164 with
+# PREFETCH (12); float64: 96-156 (12), 102-174 (11), 238-255 (8). An SM holds the budget over
+# the block's warps, rounded down, programs.
 _STREAM_WARPS_PER_SM = {"fwd": {2: 23, 4: 21, 8: 12}, "grad_x": {2: 16, 4: 16, 8: 11},
                         "bwd": {2: 12, 4: 12, 8: 8}}
 # Rows loaded an iteration ahead (PREFETCH): the loads of row r + 1 in flight while row r is
@@ -690,9 +693,12 @@ _STREAM_WARPS_PER_SM = {"fwd": {2: 23, 4: 21, 8: 12}, "grad_x": {2: 16, 4: 16, 8
 # one new 8-byte vector a thread a row (16-bit), about 5.6 KB an SM for the forward's 22
 # warps, where an H100 wants some 14 KB in flight an SM (3.35 TB/s times about 550 ns, over
 # 132 SMs). The 16-bit forward and input gradient take it for 8 registers more (72 -> 80 and
-# 72-91 -> 79-95 a thread); the backward would need 20-40 more (bfloat16 up to 176, float32
-# 206, float64 spilling) and float32's forward 100, past their warp budgets, so they do not.
-_STREAM_PREFETCH = {"fwd": {2: 1}, "grad_x": {2: 1}, "bwd": {}}
+# 72-91 -> 79-95 a thread); float32's forward would take 100, past its warp budget. The
+# backward prefetches its grad_out rows (PREFETCH 1: 137-164 registers in 16-bit and float32,
+# and 3-15 fewer instructions an iteration under triton 3.8, 1-6 more under 3.6); its x rows
+# too (PREFETCH 2) would take up to 176 in bfloat16 and 206 in float32, and float64 spills
+# with either.
+_STREAM_PREFETCH = {"fwd": {2: 1}, "grad_x": {2: 1}, "bwd": {2: 1, 4: 1}}
 # Rows of a strip's walk beyond its own: the forward reads one row above and one below, the
 # backward one more (x row r - 1 for grad_out row r); plus about one row's worth of
 # instructions for each item (bench/triton_compile.py: ``outer - loop``).

@@ -365,7 +365,7 @@ def test_stream_geometry(kind, case):
     if B > 0 and W % 2 == 0 and C >= 64 and W >= 2:
         assert (wblocks * bw - W) * bc < 128, cfg  # no idle warp past the row's end
     assert tp.stream_config(kind, H, W, C, B, sms, itemsize, block=(bw, bc)) == cfg
-    assert cfg["PREFETCH"] == (1 if kind != "bwd" and itemsize == 2 else 0)
+    assert cfg["PREFETCH"] == (1 if itemsize == 2 or (kind == "bwd" and itemsize == 4) else 0)
 
 
 def test_stream_geometry_prefers_fewer_halo_rows_and_full_waves():
@@ -383,7 +383,7 @@ def test_stream_geometry_prefers_fewer_halo_rows_and_full_waves():
 # (B, P, H, W, C, cfg): blocks of 1 to 32 pixels, one pixel block or several with a partial
 # last one, strips of 1 to H rows with a short last one, one program per item or persistent.
 STREAM_GEOMETRIES = [
-    (2, 1, 7, 5, 20, dict(BLOCK_W=1, BLOCK_C=16, RH=2, num_warps=1, PER_SM=3, PREFETCH=1)),
+    (2, 1, 7, 5, 20, dict(BLOCK_W=1, BLOCK_C=16, RH=2, num_warps=1, PER_SM=3, PREFETCH=2)),
     (2, 1, 7, 5, 20, dict(BLOCK_W=2, BLOCK_C=32, RH=3, num_warps=1, PER_SM=1, PREFETCH=0)),
     (1, 2, 6, 9, 8, dict(BLOCK_W=4, BLOCK_C=16, RH=6, num_warps=1, PER_SM=0, PREFETCH=1)),
     (2, 0, 5, 3, 24, dict(BLOCK_W=32, BLOCK_C=16, RH=1, num_warps=2, PER_SM=2, PREFETCH=1)),
@@ -462,10 +462,12 @@ def test_stream_prefetch_gives_the_same_results(device, dtype, poison_empty):
                 tp.launch_stream_forward(g, w, None, H, W, P, True, c),
                 *tp.launch_stream_backward(g, x, w, H, W, P, (True, True, True), c))
 
-    for name, a, c in zip(("out", "grad_x alone", "grad_x", "grad_weight", "grad_bias"),
-                          run(0), run(1)):
-        assert not a.isnan().any(), f"{name} has unwritten (NaN) elements"
-        assert torch.equal(a, c), name
+    names = ("out", "grad_x alone", "grad_x", "grad_weight", "grad_bias")
+    base = run(0)
+    for prefetch in (1, 2):  # the backward: grad_out rows ahead (1), and x rows (2)
+        for name, a, c in zip(names, base, run(prefetch)):
+            assert not a.isnan().any(), f"{name} has unwritten (NaN) elements"
+            assert torch.equal(a, c), (name, prefetch)
 
 
 @gpu
