@@ -157,7 +157,6 @@ def loop_carried(ttir: str) -> list:
 
 def compile_launch(kernel, args, kwargs, arch: int, tool: str, workdir: Path) -> dict:
     k = compile_kernel(kernel, args, kwargs, arch)
-    consts = signature(kernel, args, kwargs)[1]
     path = workdir / f"{kernel.__name__}.cubin"
     path.write_bytes(k.asm["cubin"])
     out = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True,
@@ -166,7 +165,8 @@ def compile_launch(kernel, args, kwargs, arch: int, tool: str, workdir: Path) ->
     fields = dict(f.split(":", 1) for f in line.split() if ":" in f)
     sass = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True,
                           check=True).stdout
-    config = {k: v for k, v in consts.items() if k in ("BLOCK_T", "BLOCK_W", "BLOCK_R", "BLOCK_C")}
+    config = {name: kwargs[name] for name in ("BLOCK_T", "BLOCK_W", "BLOCK_R", "BLOCK_C")
+              if name in kwargs}
     num_warps = kwargs.get("num_warps", 4)
     counts = sass_counts(sass)
     per = counts["loop"] or counts["sass"]

@@ -481,6 +481,8 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
                 nl, nc, nr = _stream_load(_grid_row(src, r, W, ssn, ROW64), off, ml, mc, mr,
                                           ssn)
             while r <= h1:
+                # Written out rather than shared with the backward's: the same steps through
+                # one helper compiled to loads after the row's arithmetic instead of before it.
                 if PREFETCH:
                     vl = nl.to(ACC)
                     vc = nc.to(ACC)
@@ -727,14 +729,14 @@ def _stream_geometry(B, H, W, C, kind: str, itemsize: int, warps_ok: tuple, sms:
     candidates = [(bw, bc) for bw in (32, 16, 8, 4, 2, 1) for bc in (128, 64, 32, 16)
                   if bw <= wide and bc <= c2
                   and 1 <= bw * bc // 128 <= 8]
-    if not candidates:  # a grid smaller than a warp's 128 elements: one block of one warp
+    if block is not None:
+        candidates = [tuple(block)]
+    elif not candidates:  # a grid smaller than a warp's 128 elements: one block of one warp
         candidates = [(wide, min(c2, 128))]
-    if any(bw * bc // 128 in warps_ok for bw, bc in candidates):
+    elif any(bw * bc // 128 in warps_ok for bw, bc in candidates):
         candidates = [(bw, bc) for bw, bc in candidates if bw * bc // 128 in warps_ok]
     else:
         candidates = [(bw, bc) for bw, bc in candidates if bw * bc // 128 <= min(warps_ok)]
-    if block is not None:
-        candidates = [tuple(block)]
     best = None
     for block_w, block_c in candidates:
         warps = max(1, min(8, block_w * block_c // 128))
