@@ -16,6 +16,7 @@
 //       ncu --clock-control none --set full -k regex:peg_ bench/cuda_micro/peg_micro
 #include "../../csrc/cuda/peg_kernel.cuh"
 #include "../../csrc/cuda/peg_stream.cuh"
+#include "peg_pipe.cuh"
 
 #include <c10/util/BFloat16.h>
 #include <cuda_runtime.h>
@@ -274,6 +275,43 @@ void launch_stream_fwd(const Bufs<T>& d, const Shape& s, int64_t slots_per_sm) {
   kern<<<grid, dim3(g.cv, g.wb), stream_forward_smem<T>(g, VEC, K)>>>(a);
 }
 
+// The cp.async forward of peg_pipe.cuh: CV channels a thread, NS row buffers; a work item is
+// (image, CH channels), CH the largest of 256 .. 16 that divides C with W * CH / CV threads a
+// block at most 256 (0 where none does); persistent (one wave of resident blocks).
+template <typename T, int CV>
+int pipe_channels(const Shape& s) {
+  if (s.K != 3) return 0;
+  for (int ch = 256; ch >= 16; ch /= 2) {
+    if (s.C % ch == 0 && (ch * int(sizeof(T))) % 16 == 0 && ch % CV == 0 &&
+        s.H * (ch / CV) <= cpvt::peg_pipe::kMaxThreads) {
+      return ch;
+    }
+  }
+  return 0;
+}
+
+template <typename T, int CV, int NS>
+void launch_pipe_fwd(const Bufs<T>& d, const Shape& s) {
+  using namespace cpvt::peg_pipe;
+  const int H = s.H, W = s.H, N = s.P + H * W, CH = pipe_channels<T, CV>(s);
+  auto kern = peg_pipe_forward_kernel<T, CV, NS>;
+  const int threads = W * (CH / CV);
+  const int64_t smem = pipe_smem<T>(NS, W, CH);
+  CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int per_sm = 0;
+  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, threads, smem));
+  if (per_sm < 1) std::exit(5);
+  PipeArgs<T> a{};
+  a.src = d.x; a.sb = int64_t(N) * s.C; a.st = s.C;
+  a.p.weight = d.w; a.p.w_sc = 9; a.p.w_si = 3; a.p.w_sj = 1; a.p.bias = d.bias; a.p.b_s = 1;
+  a.out = d.out;
+  a.B = s.B; a.N = N; a.C = s.C; a.P = s.P; a.H = H; a.W = W;
+  a.CH = CH; a.chunks = s.C / CH;
+  const int64_t items = int64_t(s.B) * a.chunks;
+  const int64_t grid = std::min<int64_t>(items, int64_t(per_sm) * g_sms);
+  kern<<<static_cast<unsigned>(grid), threads, smem>>>(a);
+}
+
 template <typename T, int K>
 void launch_tile_fwd(const Bufs<T>& d, const Shape& s) {
   constexpr int VEC = 16 / sizeof(T);
@@ -328,12 +366,22 @@ void launch_tile_bwd(const Bufs<T>& d, const Shape& s) {
                                                          d.gw, d.gb);
 }
 
-template <typename T, int VEC, int K, int RH, int PF = 1>
+// The backward kernel of (T, VEC, K, RH, PF), with MINB resident blocks requested if > 0.
+template <typename T, int VEC, int K, int RH, int PF, int MINB>
+auto stream_bwd_kernel() {
+  if constexpr (MINB > 0) {
+    return peg_stream_backward_kernel_minb<T, VEC, K, RH, PF, MINB>;
+  } else {
+    return peg_stream_backward_kernel<T, VEC, K, RH, PF>;
+  }
+}
+
+template <typename T, int VEC, int K, int RH, int PF = 1, int MINB = 0>
 void launch_stream_bwd(const Bufs<T>& d, const Shape& s, int slots_per_sm) {
   const int H = s.H, W = s.H, N = s.P + H * W;
   const int kk = K * K;
   StreamGeometry g = plan_stream(s.B, N, s.C, H, W, s.P, VEC, RH);
-  auto kern = peg_stream_backward_kernel<T, VEC, K, RH, PF>;
+  auto kern = stream_bwd_kernel<T, VEC, K, RH, PF, MINB>();
   const size_t smem = stream_backward_smem<T>(g, VEC, K);
   int per_sm = 0;
   CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, g.cv * g.wb, smem));
@@ -478,24 +526,43 @@ void run_shape(const Shape& s) {
   SFWD(2, 8, 1, 4, 0)
   SFWD(4, 8, 1, 1, 3)  // ptxas sm_90 bf16: 80 registers, no spills
   SFWD(4, 8, 1, 2, 3)  // 80 registers, 200 bytes of spills
+  // cp.async forward (peg_pipe.cuh): "pipe cv<CV> ch<CH> ns<NS>", up to NS - 1 rows in flight.
+#define PFWD(CV, NS)                                                                        \
+  if constexpr (K == 3) {                                                                   \
+    if (const int ch = pipe_channels<T, CV>(s); ch > 0) {                                   \
+      check_fwd("pipe cv" #CV " ch" + std::to_string(ch) + " ns" #NS,                       \
+                regs_of(cpvt::peg_pipe::peg_pipe_forward_kernel<T, CV, NS>),                 \
+                [&] { launch_pipe_fwd<T, CV, NS>(d, s); });                                  \
+    }                                                                                       \
+  }
+  PFWD(4, 3)
+  PFWD(4, 4)
+  PFWD(4, 6)
+  PFWD(4, 8)
+  if constexpr (sizeof(T) == 2) { PFWD(8, 6) }
   check_gx("stream v4 rh8", regs_of(peg_stream_forward_kernel<T, 4, K, 8, false>),
            [&] { launch_stream_fwd<T, 4, K, 8, false>(d, s, 0); });
   check_bwd("tile", regs_of(peg_backward_kernel<T, V16, K, K, 2, (K * V16 <= 28 ? K : 3)>),
             [&] { launch_tile_bwd<T, K>(d, s); });
-#define SBWD(VEC, RH, SL, PF)                                                               \
-  check_bwd(stream_name(VEC, RH, SL, PF, 0),                                                \
-            regs_of(peg_stream_backward_kernel<T, VEC, K, RH, PF>),                          \
-            [&] { launch_stream_bwd<T, VEC, K, RH, PF>(d, s, SL); });
-  SBWD(2, 8, 1, 1)
-  SBWD(2, 8, 2, 1)
-  SBWD(2, 8, 4, 1)
-  SBWD(2, 14, 1, 1)
-  SBWD(4, 8, 1, 1)
-  SBWD(4, 8, 2, 1)
-  SBWD(2, 4, 2, 1)
-  SBWD(2, 8, 1, 2)
-  SBWD(2, 8, 1, 3)
-  SBWD(4, 8, 1, 2)
+#define SBWD(VEC, RH, SL, PF, MINB)                                                         \
+  check_bwd(stream_name(VEC, RH, SL, PF, MINB),                                             \
+            regs_of(stream_bwd_kernel<T, VEC, K, RH, PF, MINB>()),                           \
+            [&] { launch_stream_bwd<T, VEC, K, RH, PF, MINB>(d, s, SL); });
+  SBWD(2, 8, 1, 1, 0)
+  SBWD(2, 8, 2, 1, 0)
+  SBWD(2, 8, 4, 1, 0)
+  SBWD(2, 14, 1, 1, 0)
+  SBWD(4, 8, 1, 1, 0)
+  SBWD(4, 8, 2, 1, 0)
+  SBWD(2, 4, 2, 1, 0)
+  SBWD(2, 8, 1, 2, 0)
+  SBWD(2, 8, 1, 3, 0)
+  SBWD(4, 8, 1, 2, 0)
+  // Two rows ahead at two resident blocks a multiprocessor, where PF 2 alone takes 130
+  // registers and one block (ptxas sm_90: bf16 128 registers, no spills; PF 3 40 bytes of
+  // spills; float32 PF 2 8 bytes).
+  SBWD(2, 8, 1, 2, 2)
+  SBWD(2, 8, 1, 3, 2)
 
   CK(cudaFree(d.x)); CK(cudaFree(d.g)); CK(cudaFree(d.out)); CK(cudaFree(d.gx));
   CK(cudaFree(d.w)); CK(cudaFree(d.bias)); CK(cudaFree(d.gw)); CK(cudaFree(d.gb));

@@ -562,9 +562,9 @@ __global__ void __launch_bounds__(kStreamThreads, MINB) peg_stream_forward_kerne
   stream_forward_block<T, VEC, K, RH, FWD, PF>(a);
 }
 
-template <typename T, int VEC, int K, int RH, int PF = 1>
-__global__ void __launch_bounds__(kStreamThreads) peg_stream_backward_kernel(
-    const StreamBackwardArgs<T> a) {
+// Block blockIdx.x of the backward kernels below.
+template <typename T, int VEC, int K, int RH, int PF>
+__device__ __forceinline__ void stream_backward_block(const StreamBackwardArgs<T>& a) {
   using A = acc_t<T>;
   constexpr int KK = K * K;
   const int64_t blk = blockIdx.x;
@@ -592,6 +592,21 @@ __global__ void __launch_bounds__(kStreamThreads) peg_stream_backward_kernel(
     stream_reduce_round<T, VEC, K>(a, red, blk, t, tid, nthreads);
     __syncthreads();
   }
+}
+
+template <typename T, int VEC, int K, int RH, int PF = 1>
+__global__ void __launch_bounds__(kStreamThreads) peg_stream_backward_kernel(
+    const StreamBackwardArgs<T> a) {
+  stream_backward_block<T, VEC, K, RH, PF>(a);
+}
+
+// The same with at least MINB resident blocks per multiprocessor requested (registers capped at
+// 65536 / (256 * MINB)): bench/cuda_micro's variants of the deeper prefetch, which at 130-145
+// registers would otherwise leave room for one block of 256 threads a multiprocessor.
+template <typename T, int VEC, int K, int RH, int PF, int MINB>
+__global__ void __launch_bounds__(kStreamThreads, MINB) peg_stream_backward_kernel_minb(
+    const StreamBackwardArgs<T> a) {
+  stream_backward_block<T, VEC, K, RH, PF>(a);
 }
 
 #endif  // __CUDACC__

@@ -1,0 +1,226 @@
+// An experimental fused PEG forward for bench/cuda_micro: rows staged through shared memory by
+// cp.async, several rows in flight per block, so that the bytes a multiprocessor keeps in flight
+// do not depend on its registers (the streaming kernels of csrc/cuda/peg_stream.cuh hold one row
+// ahead in registers: about 5-8 KB in flight an SM, where 3 TB/s at its latency wants about 20).
+//
+// A block takes work items (image b, chunk of CH channels) in turn, a thread for each (column,
+// vector of CV channels) of the chunk, and streams their rows -1 .. H, one item after another,
+// through a ring of NS row buffers in shared memory (W tokens x CH channels each; rows -1 and H
+// are zeros, written by cp.async's zero fill): step q waits until its row has landed, issues the
+// row NS - 1 positions on into the buffer of row q - 1 (which step q - 1 was the last to read),
+// and adds its row to the three output rows it feeds, so that up to NS - 1 rows are in flight
+// during the arithmetic and each input value is read from shared memory once. The order of the
+// arithmetic is the package's: the bias, the taps row by row (padding columns multiplied as
+// zeros), the residual right after the centre tap. Prefix tokens are copied by the block that
+// has the item.
+//
+// Not in the package: bench/cuda_micro times it beside the streaming kernels.
+#pragma once
+
+#include "../../csrc/cuda/peg_stream.cuh"
+
+#include <cstdint>
+
+namespace cpvt {
+namespace peg_pipe {
+
+using peg_cuda::acc_t;
+using peg_cuda::Pack;
+using peg_cuda::Params;
+
+constexpr int kMaxThreads = 256;  // W * CH / CV threads a block at most
+
+template <typename T>
+struct PipeArgs {
+  const T* src;
+  int64_t sb, st;  // image and token strides of src (channels contiguous)
+  Params<T> p;
+  T* out;  // contiguous (B, N, C)
+  int64_t B, N, C, P;
+  int H, W;
+  int CH;      // channels of a work item (divides C; a multiple of 16 bytes and of CV)
+  int chunks;  // C / CH
+};
+
+// Shared memory of a block: NS row buffers of W x CH values.
+template <typename T>
+inline int64_t pipe_smem(int NS, int W, int CH) {
+  return int64_t(NS) * W * CH * static_cast<int64_t>(sizeof(T));
+}
+
+#if defined(__CUDACC__)
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool fill) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(fill ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// CV channels (one 8- or 16-byte vector) of token w of a row buffer, as accumulators; zeros
+// outside the row (the padding columns).
+template <typename T, int CV>
+__device__ __forceinline__ void row_vec(acc_t<T> (&v)[CV], const T* row, int w, int W, int c) {
+  constexpr int NW = static_cast<int>(CV * sizeof(T) / 4);
+  uint32_t raw[NW];
+  if (static_cast<unsigned>(w) < static_cast<unsigned>(W)) {
+    const Pack<uint32_t, NW> p = *reinterpret_cast<const Pack<uint32_t, NW>*>(row + c);
+#pragma unroll
+    for (int k = 0; k < NW; ++k) raw[k] = p.v[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < NW; ++k) raw[k] = 0u;
+  }
+  peg_cuda::words_to_acc<T, CV, NW>(v, raw);
+}
+
+// The 3x3 forward: NS row buffers, CV channels a thread, a thread a (column, channel vector)
+// of the item (blockDim.x = W * CH / CV). The rows of the block's items form one stream,
+// H + 2 positions an item (input rows -1 .. H), so that the next item's first rows are in
+// flight while the last rows of the current one are computed.
+template <typename T, int CV, int NS>
+__global__ void __launch_bounds__(kMaxThreads) peg_pipe_forward_kernel(const PipeArgs<T> a) {
+  static_assert(NS >= 3, "the row being read, and at least one more in flight");
+  using A = acc_t<T>;
+  constexpr int PIECE = 16 / static_cast<int>(sizeof(T));  // values a cp.async moves
+  static_assert(CV <= PIECE, "a thread issues at most one piece of a row");
+  extern __shared__ __align__(16) unsigned char pipe_smem_raw[];
+  T* buf = reinterpret_cast<T*>(pipe_smem_raw);
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int W = a.W, H = a.H, CH = a.CH, R = H + 2;
+  const int row_vals = W * CH;
+  const int ppt = CH / PIECE;  // cp.async pieces a token
+  const int cvecs = CH / CV;
+  const int cv = tid % cvecs, w = tid / cvecs;
+  // This thread's piece of every row (a row has W * ppt <= blockDim.x pieces): token tid / ppt,
+  // values (tid % ppt) * PIECE on.
+  const bool has_piece = tid < W * ppt;
+  const int piece_s = (tid / ppt) * CH + (tid % ppt) * PIECE;
+  const int64_t piece_g = (tid / ppt) * a.st + (tid % ppt) * PIECE;
+  const int items = static_cast<int>(a.B * a.chunks);  // the launcher keeps it below 2^31
+  const int first = static_cast<int>(blockIdx.x), step = static_cast<int>(gridDim.x);
+  if (first >= items) return;
+  const int positions = ((items - 1 - first) / step + 1) * R;  // below 2^31 too
+
+  // Item `item` (image b, channels c0 ..): the offsets of its first value in src (returned)
+  // and in out.
+  auto image_offset = [&](int item, int64_t& out_offset, int64_t& c0) {
+    const int b = item / a.chunks;
+    c0 = int64_t(item - b * a.chunks) * CH;
+    out_offset = b * a.N * a.C + c0;
+    return b * a.sb + c0;
+  };
+  // The issuing side of the stream: position iq is input row ir of the item at offset isrc.
+  int iq = 0, ir = -1, iitem = first;
+  int64_t unused, unused_c0;
+  int64_t isrc = image_offset(first, unused, unused_c0) + a.P * a.st + piece_g;
+  const int64_t row_step = int64_t(W) * a.st;
+  // Loads position iq into buffer iq % NS (zeros for rows -1 and H), commits a group (empty
+  // past the stream, so that every step waits for the same count), and moves on a position.
+  auto issue = [&]() {
+    if (iq < positions && has_piece) {
+      const bool in = ir >= 0 && ir < H;
+      cp_async16(buf + (iq % NS) * row_vals + piece_s, a.src + isrc + (in ? ir : 0) * row_step,
+                 in);
+    }
+    cp_async_commit();
+    ++iq;
+    if (++ir == H + 1) {
+      ir = -1;
+      iitem += step;
+      if (iitem < items) isrc = image_offset(iitem, unused, unused_c0) + a.P * a.st + piece_g;
+    }
+  };
+#pragma unroll 1
+  for (int k = 0; k < NS - 1; ++k) issue();  // the prologue: positions 0 .. NS - 2
+
+  A wt[9][CV], bias[CV];
+  A acc0[CV], acc1[CV], acc2[CV];  // outputs ri - 1, ri, ri + 1 (rows outside: never stored)
+#pragma unroll
+  for (int e = 0; e < CV; ++e) acc0[e] = acc1[e] = acc2[e] = A(0);
+  T* out_img = nullptr;
+  int ri = -1, item = first;
+#pragma unroll 1
+  for (int q = 0; q < positions; ++q) {
+    if (ri == -1) {  // a new item: its taps, bias and prefix tokens
+      int64_t out_offset, c0;
+      const T* img = a.src + image_offset(item, out_offset, c0);
+      out_img = a.out + out_offset;
+#pragma unroll
+      for (int e = 0; e < CV; ++e) {
+        const int64_t c = c0 + cv * CV + e;
+#pragma unroll
+        for (int t = 0; t < 9; ++t) {
+          wt[t][e] = static_cast<A>(peg_cuda::load_ro(a.p.weight + c * a.p.w_sc +
+                                                     (t / 3) * a.p.w_si + (t % 3) * a.p.w_sj));
+        }
+        bias[e] = a.p.bias != nullptr
+                      ? static_cast<A>(peg_cuda::load_ro(a.p.bias + c * a.p.b_s))
+                      : A(0);
+      }
+      for (int k = tid; k < a.P * ppt; k += nthreads) {
+        const int t = k / ppt, cp = k - t * ppt;
+        *reinterpret_cast<Pack<T, PIECE>*>(out_img + t * a.C + cp * PIECE) =
+            *reinterpret_cast<const Pack<T, PIECE>*>(img + t * a.st + cp * PIECE);
+      }
+    }
+    cp_async_wait<NS - 2>();  // position q has landed (this thread's piece)
+    __syncthreads();          // everyone's pieces; everyone done with position q - 1
+    issue();                  // position q + NS - 1, into the buffer of position q - 1
+    const T* row = buf + (q % NS) * row_vals;
+    A v[3][CV];
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+      row_vec<T, CV>(v[j], row + (w - 1 + j) * CH, w - 1 + j, W, cv * CV);
+    }
+    // Input row ri feeds output rows ri + 1 (tap row 0, after the bias), ri (tap row 1, then
+    // the residual after the centre tap) and ri - 1 (tap row 2, which completes it).
+#pragma unroll
+    for (int e = 0; e < CV; ++e) acc2[e] = bias[e];
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+#pragma unroll
+      for (int e = 0; e < CV; ++e) acc2[e] += wt[j][e] * v[j][e];
+    }
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+#pragma unroll
+      for (int e = 0; e < CV; ++e) acc1[e] += wt[3 + j][e] * v[j][e];
+      if (j == 1) {
+#pragma unroll
+        for (int e = 0; e < CV; ++e) acc1[e] += v[1][e];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+#pragma unroll
+      for (int e = 0; e < CV; ++e) acc0[e] += wt[6 + j][e] * v[j][e];
+    }
+    if (ri >= 1) {
+      peg_cuda::store_acc<T, CV>(out_img + (a.P + int64_t(ri - 1) * W + w) * a.C + cv * CV,
+                                 acc0);
+    }
+#pragma unroll
+    for (int e = 0; e < CV; ++e) {
+      acc0[e] = acc1[e];
+      acc1[e] = acc2[e];
+    }
+    if (++ri == H + 1) {
+      ri = -1;
+      item += step;
+    }
+  }
+  cp_async_wait<0>();
+}
+
+#endif  // __CUDACC__
+
+}  // namespace peg_pipe
+}  // namespace cpvt
