@@ -582,3 +582,30 @@ def test_cuda_forward_kernels_store_whole_vectors():
         checked.add((bool(m.group(1)), m.group(2)))
     # tiled and streaming, each in bfloat16, half and float32
     assert len(checked) == 6, (checked, [r["name"] for r in rows])
+
+
+def test_cuda_micro_builds(tmp_path):
+    """bench/cuda_micro/peg_micro.cu, which the GPU suite builds and runs on the GPU machine,
+    compiles against the current kernel headers (its build.sh, nvcc for sm_90), with the variants
+    a GPU run is to time in it; the cp.async forward keeps its registers (no stack frame)."""
+    import shutil
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if not nvcc and os.environ.get("CUDA_HOME"):
+        nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+    if not nvcc or not os.access(nvcc, os.X_OK):
+        pytest.skip("no nvcc")
+    import cuda_sass
+    try:
+        tool = cuda_sass.cuobjdump()
+    except SystemExit as e:
+        pytest.skip(str(e))
+    out = tmp_path / "peg_micro"
+    r = subprocess.run(["bash", str(BENCH / "cuda_micro" / "build.sh")], capture_output=True,
+                       text=True, timeout=1200,
+                       env={**os.environ, "OUT": str(out), "NVCC": nvcc, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rows = cuda_sass.kernels(str(out), 90, tool)
+    pipe = [k for k in rows if "peg_pipe_forward_kernel" in k["name"]]
+    assert len(pipe) >= 8, [k["name"] for k in rows]
+    assert all(k["stack"] == 0 for k in pipe), [(k["name"], k["stack"]) for k in pipe]
+    assert any("peg_stream_backward_kernel_minb" in k["name"] for k in rows)
