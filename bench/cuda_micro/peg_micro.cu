@@ -312,6 +312,39 @@ void launch_pipe_fwd(const Bufs<T>& d, const Shape& s) {
   kern<<<static_cast<unsigned>(grid), threads, smem>>>(a);
 }
 
+// The cp.async backward of peg_pipe.cuh (as launch_pipe_fwd; the grid a multiple of the chunks
+// so that each block keeps one, a slot of partials for each block of a chunk), then the
+// package's reduction of the partials.
+template <typename T, int CV, int NS>
+void launch_pipe_bwd(const Bufs<T>& d, const Shape& s) {
+  using namespace cpvt::peg_pipe;
+  const int H = s.H, W = s.H, N = s.P + H * W, CH = pipe_channels<T, CV>(s);
+  auto kern = peg_pipe_backward_kernel<T, CV, NS>;
+  const int threads = W * (CH / CV);
+  const int64_t smem = 2 * pipe_smem<T>(NS, W, CH);
+  CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int per_sm = 0;
+  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, threads, smem));
+  if (per_sm < 1) std::exit(5);
+  PipeBackwardArgs<T> a{};
+  a.grad = d.g; a.g_sb = int64_t(N) * s.C; a.g_st = s.C;
+  a.x = d.x; a.x_sb = int64_t(N) * s.C; a.x_st = s.C;
+  a.p.weight = d.w; a.p.w_sc = 9; a.p.w_si = 3; a.p.w_sj = 1;
+  a.grad_x = d.gx;
+  a.partials = d.partials;
+  a.B = s.B; a.N = N; a.C = s.C; a.P = s.P; a.H = H; a.W = W;
+  a.CH = CH; a.chunks = s.C / CH;
+  const int64_t items = int64_t(s.B) * a.chunks;
+  const int64_t grid = std::max<int64_t>(
+      a.chunks, std::min<int64_t>(items, int64_t(per_sm) * g_sms) / a.chunks * a.chunks);
+  const int64_t slots = grid / a.chunks;
+  if (size_t(slots) * 10 * s.C > d.partial_elems) std::exit(4);
+  kern<<<static_cast<unsigned>(grid), threads, smem>>>(a);
+  const int64_t cblocks = (s.C + 31) / 32;
+  reduce_partials_kernel<T><<<10 * cblocks, 256>>>(d.partials, slots, 9, s.C, cblocks, d.gw,
+                                                   d.gb);
+}
+
 template <typename T, int K>
 void launch_tile_fwd(const Bufs<T>& d, const Shape& s) {
   constexpr int VEC = 16 / sizeof(T);
@@ -558,6 +591,18 @@ void run_shape(const Shape& s) {
   SBWD(2, 8, 1, 2, 0)
   SBWD(2, 8, 1, 3, 0)
   SBWD(4, 8, 1, 2, 0)
+  // cp.async backward (peg_pipe.cuh): "pipe cv<CV> ch<CH> ns<NS>", up to NS - 2 rows of
+  // grad_out and of x in flight.
+#define PBWD(CV, NS)                                                                        \
+  if constexpr (K == 3) {                                                                   \
+    if (const int ch = pipe_channels<T, CV>(s); ch > 0) {                                   \
+      check_bwd("pipe cv" #CV " ch" + std::to_string(ch) + " ns" #NS,                       \
+                regs_of(cpvt::peg_pipe::peg_pipe_backward_kernel<T, CV, NS>),                \
+                [&] { launch_pipe_bwd<T, CV, NS>(d, s); });                                  \
+    }                                                                                       \
+  }
+  PBWD(2, 8)
+  PBWD(4, 6)
   // Two rows ahead at two resident blocks a multiprocessor, where PF 2 alone takes 130
   // registers and one block (ptxas sm_90: bf16 128 registers, no spills; PF 3 40 bytes of
   // spills; float32 PF 2 8 bytes).
