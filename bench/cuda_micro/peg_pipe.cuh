@@ -1,7 +1,8 @@
 // Experimental fused PEG kernels for bench/cuda_micro, forward and backward: rows staged through
-// shared memory by cp.async, several rows in flight per block, so that the bytes a multiprocessor keeps in flight
-// do not depend on its registers (the streaming kernels of csrc/cuda/peg_stream.cuh hold one row
-// ahead in registers: about 5-8 KB in flight an SM, where 3 TB/s at its latency wants about 20).
+// shared memory by cp.async, several rows in flight per block, so that the bytes a
+// multiprocessor keeps in flight do not depend on its registers (the streaming kernels of
+// csrc/cuda/peg_stream.cuh hold one row ahead in registers: about 5-8 KB in flight an SM, where
+// 3 TB/s at its latency wants about 20).
 //
 // A block takes work items (image b, chunk of CH channels) in turn, a thread for each (column,
 // vector of CV channels) of the chunk, and streams their rows -1 .. H, one item after another,
@@ -14,7 +15,7 @@
 // zeros), the residual right after the centre tap. Prefix tokens are copied by the block that
 // has the item. The backward (peg_pipe_backward_kernel) streams grad_out and x the same way.
 //
-// Not in the package: bench/cuda_micro times it beside the streaming kernels.
+// Not in the package: bench/cuda_micro times them beside the streaming kernels.
 #pragma once
 
 #include "../../csrc/cuda/peg_stream.cuh"
