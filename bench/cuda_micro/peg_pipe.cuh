@@ -339,7 +339,9 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
     A G[3][CV];
     const T* grow = gbuf + (q % NS) * row_vals;
 #pragma unroll
-    for (int j = 0; j < 3; ++j) row_vec<T, CV>(G[j], grow + (w - 1 + j) * CH, w - 1 + j, W, cv * CV);
+    for (int j = 0; j < 3; ++j) {
+      row_vec<T, CV>(G[j], grow + (w - 1 + j) * CH, w - 1 + j, W, cv * CV);
+    }
     // grad_x: row ri feeds rows ri + 1 (flipped tap row 0), ri (row 1 and grad_out itself after
     // the centre tap) and ri - 1 (row 2, which completes it); rows and columns of padding skip.
 #pragma unroll
