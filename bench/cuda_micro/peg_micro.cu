@@ -1,7 +1,8 @@
 // Standalone microbenchmark of the CUDA PEG kernels (no torch at run time): the tiled kernels of
 // csrc/cuda/peg_kernel.cuh against the streaming kernels of csrc/cuda/peg_stream.cuh in several
-// configurations, each checked against a float64 kernel, timed with CUDA events after an L2
-// flush, beside a device-to-device copy of the same bytes and of 256 MiB.
+// configurations and the experimental cp.async kernels of peg_pipe.cuh, each checked against a
+// float64 kernel, timed with CUDA events after an L2 flush, beside a device-to-device copy of the
+// same bytes and of 256 MiB.
 //
 //   bash bench/cuda_micro/build.sh        # nvcc, sm_90, uses torch's c10 headers
 //   bench/cuda_micro/peg_micro [reps]     # on the GPU
