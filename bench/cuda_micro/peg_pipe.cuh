@@ -96,6 +96,33 @@ __device__ __forceinline__ void row_vec(acc_t<T> (&v)[CV], const T* row, int w, 
   peg_cuda::words_to_acc<T, CV, NW>(v, raw);
 }
 
+// Input row v (columns w - 1, w, w + 1) into the three output rows it feeds: acc2 (the row
+// below, started from `start`) takes tap row 0, acc1 tap row 1 and then the centre input, acc0
+// tap row 2. SKIP: the columns outside the row (col_ok false) add nothing, rather than their
+// zeros times the tap (the input gradient's rule).
+template <typename A, int CV, bool SKIP>
+__device__ __forceinline__ void add_row(A (&acc0)[CV], A (&acc1)[CV], A (&acc2)[CV],
+                                        const A (&start)[CV], const A (&t)[9][CV],
+                                        const A (&v)[3][CV], const bool (&col_ok)[3]) {
+#pragma unroll
+  for (int e = 0; e < CV; ++e) acc2[e] = start[e];
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+    A (&acc)[CV] = i == 0 ? acc2 : i == 1 ? acc1 : acc0;
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+      if (!SKIP || col_ok[j]) {
+#pragma unroll
+        for (int e = 0; e < CV; ++e) acc[e] += t[i * 3 + j][e] * v[j][e];
+      }
+      if (i == 1 && j == 1) {
+#pragma unroll
+        for (int e = 0; e < CV; ++e) acc[e] += v[1][e];
+      }
+    }
+  }
+}
+
 // The 3x3 forward: NS row buffers, CV channels a thread, a thread a (column, channel vector)
 // of the item (blockDim.x = W * CH / CV). The rows of the block's items form one stream,
 // H + 2 positions an item (input rows -1 .. H), so that the next item's first rows are in
@@ -197,27 +224,8 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_forward_kernel(const Pip
     }
     // Input row ri feeds output rows ri + 1 (tap row 0, after the bias), ri (tap row 1, then
     // the residual after the centre tap) and ri - 1 (tap row 2, which completes it).
-#pragma unroll
-    for (int e = 0; e < CV; ++e) acc2[e] = bias[e];
-#pragma unroll
-    for (int j = 0; j < 3; ++j) {
-#pragma unroll
-      for (int e = 0; e < CV; ++e) acc2[e] += wt[j][e] * v[j][e];
-    }
-#pragma unroll
-    for (int j = 0; j < 3; ++j) {
-#pragma unroll
-      for (int e = 0; e < CV; ++e) acc1[e] += wt[3 + j][e] * v[j][e];
-      if (j == 1) {
-#pragma unroll
-        for (int e = 0; e < CV; ++e) acc1[e] += v[1][e];
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 3; ++j) {
-#pragma unroll
-      for (int e = 0; e < CV; ++e) acc0[e] += wt[6 + j][e] * v[j][e];
-    }
+    const bool all_cols[3] = {true, true, true};
+    add_row<A, CV, false>(acc0, acc1, acc2, bias, wt, v, all_cols);
     if (ri >= 1) {
       peg_cuda::store_acc<T, CV>(out_img + (a.P + int64_t(ri - 1) * W + w) * a.C + cv * CV,
                                  acc0);
@@ -313,9 +321,10 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
   A dw[9][CV], db[CV];
   A acc0[CV], acc1[CV], acc2[CV];  // grad_x of rows ri - 1, ri, ri + 1
   A g1[CV], g2[CV];                // grad_out at column w, rows ri - 1 and ri - 2
+  A zero[CV];
 #pragma unroll
   for (int e = 0; e < CV; ++e) {
-    db[e] = acc0[e] = acc1[e] = acc2[e] = g1[e] = g2[e] = A(0);
+    db[e] = acc0[e] = acc1[e] = acc2[e] = g1[e] = g2[e] = zero[e] = A(0);
 #pragma unroll
     for (int t = 0; t < 9; ++t) dw[t][e] = A(0);
   }
@@ -344,36 +353,13 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
     }
     // grad_x: row ri feeds rows ri + 1 (flipped tap row 0), ri (row 1 and grad_out itself after
     // the centre tap) and ri - 1 (row 2, which completes it); rows and columns of padding skip.
-#pragma unroll
-    for (int e = 0; e < CV; ++e) acc2[e] = A(0);
     if (g_in) {
-#pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        if (col_ok[j]) {
-#pragma unroll
-          for (int e = 0; e < CV; ++e) acc2[e] += wf[j][e] * G[j][e];
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        if (col_ok[j]) {
-#pragma unroll
-          for (int e = 0; e < CV; ++e) acc1[e] += wf[3 + j][e] * G[j][e];
-        }
-        if (j == 1) {
-#pragma unroll
-          for (int e = 0; e < CV; ++e) acc1[e] += G[1][e];
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        if (col_ok[j]) {
-#pragma unroll
-          for (int e = 0; e < CV; ++e) acc0[e] += wf[6 + j][e] * G[j][e];
-        }
-      }
+      add_row<A, CV, true>(acc0, acc1, acc2, zero, wf, G, col_ok);
 #pragma unroll
       for (int e = 0; e < CV; ++e) db[e] += G[1][e];
+    } else {
+#pragma unroll
+      for (int e = 0; e < CV; ++e) acc2[e] = A(0);
     }
     if (ri >= 1 && ri - 1 < H) {
       peg_cuda::store_acc<T, CV>(gx_img + (a.P + int64_t(ri - 1) * W + w) * a.C + cv * CV,
