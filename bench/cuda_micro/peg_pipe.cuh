@@ -123,6 +123,19 @@ __device__ __forceinline__ void add_row(A (&acc0)[CV], A (&acc1)[CV], A (&acc2)[
   }
 }
 
+// Output row acc0 complete: stored at `out` unless it lies outside the image (nullptr), then
+// the accumulators move up a row.
+template <typename T, int CV>
+__device__ __forceinline__ void finish_row(T* out, acc_t<T> (&acc0)[CV], acc_t<T> (&acc1)[CV],
+                                           const acc_t<T> (&acc2)[CV]) {
+  if (out != nullptr) peg_cuda::store_acc<T, CV>(out, acc0);
+#pragma unroll
+  for (int e = 0; e < CV; ++e) {
+    acc0[e] = acc1[e];
+    acc1[e] = acc2[e];
+  }
+}
+
 // The 3x3 forward: NS row buffers, CV channels a thread, a thread a (column, channel vector)
 // of the item (blockDim.x = W * CH / CV). The rows of the block's items form one stream,
 // H + 2 positions an item (input rows -1 .. H), so that the next item's first rows are in
@@ -226,15 +239,9 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_forward_kernel(const Pip
     // the residual after the centre tap) and ri - 1 (tap row 2, which completes it).
     const bool all_cols[3] = {true, true, true};
     add_row<A, CV, false>(acc0, acc1, acc2, bias, wt, v, all_cols);
-    if (ri >= 1) {
-      peg_cuda::store_acc<T, CV>(out_img + (a.P + int64_t(ri - 1) * W + w) * a.C + cv * CV,
-                                 acc0);
-    }
-#pragma unroll
-    for (int e = 0; e < CV; ++e) {
-      acc0[e] = acc1[e];
-      acc1[e] = acc2[e];
-    }
+    finish_row<T, CV>(ri >= 1 ? out_img + (a.P + int64_t(ri - 1) * W + w) * a.C + cv * CV
+                              : nullptr,
+                      acc0, acc1, acc2);
     if (++ri == H + 1) {
       ri = -1;
       item += step;
@@ -361,15 +368,10 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
 #pragma unroll
       for (int e = 0; e < CV; ++e) acc2[e] = A(0);
     }
-    if (ri >= 1 && ri - 1 < H) {
-      peg_cuda::store_acc<T, CV>(gx_img + (a.P + int64_t(ri - 1) * W + w) * a.C + cv * CV,
-                                 acc0);
-    }
-#pragma unroll
-    for (int e = 0; e < CV; ++e) {
-      acc0[e] = acc1[e];
-      acc1[e] = acc2[e];
-    }
+    finish_row<T, CV>(ri >= 1 && ri - 1 < H
+                          ? gx_img + (a.P + int64_t(ri - 1) * W + w) * a.C + cv * CV
+                          : nullptr,
+                      acc0, acc1, acc2);
     // The weight gradient: x row ri - 1 (zeros outside, multiplied) with grad_out rows ri
     // (tap row 0), ri - 1 (1) and ri - 2 (2), those in the image.
     if (ri >= 0) {
