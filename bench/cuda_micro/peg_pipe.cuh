@@ -21,6 +21,7 @@
 #include "../../csrc/cuda/peg_stream.cuh"
 
 #include <cstdint>
+#include <cstring>
 
 namespace cpvt {
 namespace peg_pipe {
@@ -64,25 +65,32 @@ inline int64_t pipe_smem(int NS, int W, int CH) {
 }
 
 #if defined(__CUDACC__)
+#define PIPE_HD __host__ __device__ __forceinline__
+#else
+#define PIPE_HD inline
+#endif
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool fill) {
+// 16 bytes from global to shared memory, asynchronously (zeros when !fill). On the host, where
+// tests/cpp/test_pipe_emulated.cpp runs the kernels' thread code, at once.
+PIPE_HD void cp_async16(void* smem, const void* gmem, bool fill) {
+#if defined(__CUDA_ARCH__)
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
                "r"(fill ? 16 : 0)
                : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#else
+  if (fill) {
+    std::memcpy(smem, gmem, 16);
+  } else {
+    std::memset(smem, 0, 16);
+  }
+#endif
 }
 
 // CV channels (one 8- or 16-byte vector) of token w of a row buffer, as accumulators; zeros
 // outside the row (the padding columns).
 template <typename T, int CV>
-__device__ __forceinline__ void row_vec(acc_t<T> (&v)[CV], const T* row, int w, int W, int c) {
+PIPE_HD void row_vec(acc_t<T> (&v)[CV], const T* row, int w, int W, int c) {
   constexpr int NW = static_cast<int>(CV * sizeof(T) / 4);
   uint32_t raw[NW];
   if (static_cast<unsigned>(w) < static_cast<unsigned>(W)) {
@@ -101,9 +109,8 @@ __device__ __forceinline__ void row_vec(acc_t<T> (&v)[CV], const T* row, int w, 
 // tap row 2. SKIP: the columns outside the row (col_ok false) add nothing, rather than their
 // zeros times the tap (the input gradient's rule).
 template <typename A, int CV, bool SKIP>
-__device__ __forceinline__ void add_row(A (&acc0)[CV], A (&acc1)[CV], A (&acc2)[CV],
-                                        const A (&start)[CV], const A (&t)[9][CV],
-                                        const A (&v)[3][CV], const bool (&col_ok)[3]) {
+PIPE_HD void add_row(A (&acc0)[CV], A (&acc1)[CV], A (&acc2)[CV], const A (&start)[CV],
+                     const A (&t)[9][CV], const A (&v)[3][CV], const bool (&col_ok)[3]) {
 #pragma unroll
   for (int e = 0; e < CV; ++e) acc2[e] = start[e];
 #pragma unroll
@@ -126,8 +133,8 @@ __device__ __forceinline__ void add_row(A (&acc0)[CV], A (&acc1)[CV], A (&acc2)[
 // Output row acc0 complete: stored at `out` unless it lies outside the image (nullptr), then
 // the accumulators move up a row.
 template <typename T, int CV>
-__device__ __forceinline__ void finish_row(T* out, acc_t<T> (&acc0)[CV], acc_t<T> (&acc1)[CV],
-                                           const acc_t<T> (&acc2)[CV]) {
+PIPE_HD void finish_row(T* out, acc_t<T> (&acc0)[CV], acc_t<T> (&acc1)[CV],
+                        const acc_t<T> (&acc2)[CV]) {
   if (out != nullptr) peg_cuda::store_acc<T, CV>(out, acc0);
 #pragma unroll
   for (int e = 0; e < CV; ++e) {
@@ -136,227 +143,254 @@ __device__ __forceinline__ void finish_row(T* out, acc_t<T> (&acc0)[CV], acc_t<T
   }
 }
 
-// The 3x3 forward: NS row buffers, CV channels a thread, a thread a (column, channel vector)
-// of the item (blockDim.x = W * CH / CV). The rows of the block's items form one stream,
-// H + 2 positions an item (input rows -1 .. H), so that the next item's first rows are in
-// flight while the last rows of the current one are computed.
+// The 3x3 taps of channels c .. c + CV - 1, wt[tap][e] (flipped: wt[8 - tap]).
+template <typename T, int CV>
+PIPE_HD void load_taps(acc_t<T> (&wt)[9][CV], const Params<T>& p, int64_t c, bool flip) {
+#pragma unroll
+  for (int e = 0; e < CV; ++e) {
+#pragma unroll
+    for (int t = 0; t < 9; ++t) {
+      wt[flip ? 8 - t : t][e] = static_cast<acc_t<T>>(peg_cuda::load_ro(
+          p.weight + (c + e) * p.w_sc + (t / 3) * p.w_si + (t % 3) * p.w_sj));
+    }
+  }
+}
+
+// The prefix tokens of an item: out[t, :ppt pieces] = src[t, ...] for t < P (out's tokens C
+// apart, src's st apart), a 16-byte piece a thread in turn.
+template <typename T>
+PIPE_HD void copy_prefix(T* out, int64_t C, const T* src, int64_t st, int64_t P, int ppt,
+                         int tid, int nthreads) {
+  constexpr int PIECE = 16 / static_cast<int>(sizeof(T));
+  for (int k = tid; k < P * ppt; k += nthreads) {
+    const int t = k / ppt, cp = k - t * ppt;
+    *reinterpret_cast<Pack<T, PIECE>*>(out + t * C + cp * PIECE) =
+        *reinterpret_cast<const Pack<T, PIECE>*>(src + t * st + cp * PIECE);
+  }
+}
+
+// A thread's place in a block of W * CH / CV threads: channel vector cv of column w, and its
+// 16-byte piece of every row (a row has W * ppt <= blockDim.x pieces: token piece_tok, values
+// piece_c on, at piece_s in a row buffer).
+template <typename T, int CV>
+struct PipeLayout {
+  static constexpr int PIECE = 16 / static_cast<int>(sizeof(T));  // values a cp.async moves
+  static_assert(CV <= PIECE, "a thread issues at most one piece of a row");
+  int tid, nthreads, cv, w, ppt, row_vals;
+  bool has_piece;
+  int piece_tok, piece_c, piece_s;
+
+  PIPE_HD void place(int W, int CH, int tid_, int nthreads_) {
+    tid = tid_;
+    nthreads = nthreads_;
+    ppt = CH / PIECE;
+    row_vals = W * CH;
+    cv = tid % (CH / CV);
+    w = tid / (CH / CV);
+    has_piece = tid < W * ppt;
+    piece_tok = tid / ppt;
+    piece_c = (tid % ppt) * PIECE;
+    piece_s = piece_tok * CH + piece_c;
+  }
+};
+
+// One thread of the 3x3 forward (NS row buffers, CV channels a thread, a thread for each
+// (column, channel vector) of an item: blockDim.x = W * CH / CV). The rows of the block's items
+// form one stream, H + 2 positions an item (input rows -1 .. H), so that the next item's first
+// rows are in flight while the current one's last are computed. The kernel below runs, per
+// thread: init; issue NS - 1 times; then for each position q: begin (at a new item), wait for
+// position q and a barrier, issue, step. On the host the test runs the same calls, every thread
+// in turn at each stage.
 template <typename T, int CV, int NS>
-__global__ void __launch_bounds__(kMaxThreads) peg_pipe_forward_kernel(const PipeArgs<T> a) {
+struct PipeForwardThread : PipeLayout<T, CV> {
   static_assert(NS >= 3, "the row being read, and at least one more in flight");
   using A = acc_t<T>;
-  constexpr int PIECE = 16 / static_cast<int>(sizeof(T));  // values a cp.async moves
-  static_assert(CV <= PIECE, "a thread issues at most one piece of a row");
-  extern __shared__ __align__(16) unsigned char pipe_smem_raw[];
-  T* buf = reinterpret_cast<T*>(pipe_smem_raw);
-  const int tid = threadIdx.x, nthreads = blockDim.x;
-  const int W = a.W, H = a.H, CH = a.CH, R = H + 2;
-  const int row_vals = W * CH;
-  const int ppt = CH / PIECE;  // cp.async pieces a token
-  const int cvecs = CH / CV;
-  const int cv = tid % cvecs, w = tid / cvecs;
-  // This thread's piece of every row (a row has W * ppt <= blockDim.x pieces): token tid / ppt,
-  // values (tid % ppt) * PIECE on.
-  const bool has_piece = tid < W * ppt;
-  const int piece_s = (tid / ppt) * CH + (tid % ppt) * PIECE;
-  const int64_t piece_g = (tid / ppt) * a.st + (tid % ppt) * PIECE;
-  const int items = static_cast<int>(a.B * a.chunks);  // the launcher keeps it below 2^31
-  const int first = static_cast<int>(blockIdx.x), step = static_cast<int>(gridDim.x);
-  if (first >= items) return;
-  const int positions = ((items - 1 - first) / step + 1) * R;  // below 2^31 too
+  using L = PipeLayout<T, CV>;
+  using L::tid, L::nthreads, L::cv, L::w, L::ppt, L::row_vals, L::has_piece, L::piece_s;
 
-  // Item `item` (image b, channels c0 ..): the offsets of its first value in src (returned)
-  // and in out.
-  auto image_offset = [&](int item, int64_t& out_offset, int64_t& c0) {
-    const int b = item / a.chunks;
-    c0 = int64_t(item - b * a.chunks) * CH;
+  int items, first, step_items, positions;
+  int64_t piece_g;  // this thread's piece in src, from a row's first token
+  int iq, ir, iitem;  // the issuing side: position iq, input row ir of item iitem, at isrc
+  int64_t isrc, row_step;
+  A wt[9][CV], bias[CV];
+  A acc0[CV], acc1[CV], acc2[CV];  // outputs ri - 1, ri, ri + 1 (rows outside: never stored)
+  T* out_img;
+  int ri, item;  // the computing side
+
+  // Item `item` (image b, channels c0 ..): the offset of its first value in src (returned), and
+  // in out.
+  PIPE_HD int64_t offsets(const PipeArgs<T>& a, int it, int64_t& out_offset, int64_t& c0) const {
+    const int b = it / a.chunks;
+    c0 = int64_t(it - b * a.chunks) * a.CH;
     out_offset = b * a.N * a.C + c0;
     return b * a.sb + c0;
-  };
-  // The issuing side of the stream: position iq is input row ir of the item at offset isrc.
-  int iq = 0, ir = -1, iitem = first;
-  int64_t unused, unused_c0;
-  int64_t isrc = image_offset(first, unused, unused_c0) + a.P * a.st + piece_g;
-  const int64_t row_step = int64_t(W) * a.st;
-  // Loads position iq into buffer iq % NS (zeros for rows -1 and H), commits a group (empty
-  // past the stream, so that every step waits for the same count), and moves on a position.
-  auto issue = [&]() {
+  }
+
+  PIPE_HD void init(const PipeArgs<T>& a, int tid_, int nthreads_, int block, int grid) {
+    L::place(a.W, a.CH, tid_, nthreads_);
+    piece_g = L::piece_tok * a.st + L::piece_c;
+    items = static_cast<int>(a.B * a.chunks);  // the launcher keeps it below 2^31
+    first = block;
+    step_items = grid;
+    positions = first < items ? ((items - 1 - first) / step_items + 1) * (a.H + 2) : 0;
+    iq = 0;
+    ir = -1;
+    iitem = first;
+    int64_t unused, unused_c0;
+    isrc = offsets(a, first, unused, unused_c0) + a.P * a.st + piece_g;
+    row_step = int64_t(a.W) * a.st;
+#pragma unroll
+    for (int e = 0; e < CV; ++e) acc0[e] = acc1[e] = acc2[e] = A(0);
+    out_img = nullptr;
+    ri = -1;
+    item = first;
+  }
+
+  // Loads position iq into buffer iq % NS (zeros for rows -1 and H), and moves on a position.
+  // The kernel commits a group after each, empty past the stream, so that every step waits for
+  // the same count.
+  PIPE_HD void issue(const PipeArgs<T>& a, T* buf) {
     if (iq < positions && has_piece) {
-      const bool in = ir >= 0 && ir < H;
+      const bool in = ir >= 0 && ir < a.H;
       cp_async16(buf + (iq % NS) * row_vals + piece_s, a.src + isrc + (in ? ir : 0) * row_step,
                  in);
     }
-    cp_async_commit();
     ++iq;
-    if (++ir == H + 1) {
+    if (++ir == a.H + 1) {
       ir = -1;
-      iitem += step;
-      if (iitem < items) isrc = image_offset(iitem, unused, unused_c0) + a.P * a.st + piece_g;
+      iitem += step_items;
+      int64_t unused, unused_c0;
+      if (iitem < items) isrc = offsets(a, iitem, unused, unused_c0) + a.P * a.st + piece_g;
     }
-  };
-#pragma unroll 1
-  for (int k = 0; k < NS - 1; ++k) issue();  // the prologue: positions 0 .. NS - 2
+  }
 
-  A wt[9][CV], bias[CV];
-  A acc0[CV], acc1[CV], acc2[CV];  // outputs ri - 1, ri, ri + 1 (rows outside: never stored)
+  // At a new item (ri == -1): its taps, bias and prefix tokens.
+  PIPE_HD void begin(const PipeArgs<T>& a) {
+    int64_t out_offset, c0;
+    const T* img = a.src + offsets(a, item, out_offset, c0);
+    out_img = a.out + out_offset;
+    load_taps<T, CV>(wt, a.p, c0 + cv * CV, /*flip=*/false);
 #pragma unroll
-  for (int e = 0; e < CV; ++e) acc0[e] = acc1[e] = acc2[e] = A(0);
-  T* out_img = nullptr;
-  int ri = -1, item = first;
-#pragma unroll 1
-  for (int q = 0; q < positions; ++q) {
-    if (ri == -1) {  // a new item: its taps, bias and prefix tokens
-      int64_t out_offset, c0;
-      const T* img = a.src + image_offset(item, out_offset, c0);
-      out_img = a.out + out_offset;
-#pragma unroll
-      for (int e = 0; e < CV; ++e) {
-        const int64_t c = c0 + cv * CV + e;
-#pragma unroll
-        for (int t = 0; t < 9; ++t) {
-          wt[t][e] = static_cast<A>(peg_cuda::load_ro(a.p.weight + c * a.p.w_sc +
-                                                     (t / 3) * a.p.w_si + (t % 3) * a.p.w_sj));
-        }
-        bias[e] = a.p.bias != nullptr
-                      ? static_cast<A>(peg_cuda::load_ro(a.p.bias + c * a.p.b_s))
-                      : A(0);
-      }
-      for (int k = tid; k < a.P * ppt; k += nthreads) {
-        const int t = k / ppt, cp = k - t * ppt;
-        *reinterpret_cast<Pack<T, PIECE>*>(out_img + t * a.C + cp * PIECE) =
-            *reinterpret_cast<const Pack<T, PIECE>*>(img + t * a.st + cp * PIECE);
-      }
+    for (int e = 0; e < CV; ++e) {
+      bias[e] = a.p.bias != nullptr
+                    ? static_cast<A>(peg_cuda::load_ro(a.p.bias + (c0 + cv * CV + e) * a.p.b_s))
+                    : A(0);
     }
-    cp_async_wait<NS - 2>();  // position q has landed (this thread's piece)
-    __syncthreads();          // everyone's pieces; everyone done with position q - 1
-    issue();                  // position q + NS - 1, into the buffer of position q - 1
+    copy_prefix(out_img, a.C, img, a.st, a.P, ppt, tid, nthreads);
+  }
+
+  // Position q (input row ri, landed) into the output rows it feeds: ri + 1 (tap row 0, after
+  // the bias), ri (tap row 1, then the residual after the centre tap) and ri - 1 (tap row 2,
+  // which completes it).
+  PIPE_HD void step(const PipeArgs<T>& a, const T* buf, int q) {
     const T* row = buf + (q % NS) * row_vals;
     A v[3][CV];
 #pragma unroll
     for (int j = 0; j < 3; ++j) {
-      row_vec<T, CV>(v[j], row + (w - 1 + j) * CH, w - 1 + j, W, cv * CV);
+      row_vec<T, CV>(v[j], row + (w - 1 + j) * a.CH, w - 1 + j, a.W, cv * CV);
     }
-    // Input row ri feeds output rows ri + 1 (tap row 0, after the bias), ri (tap row 1, then
-    // the residual after the centre tap) and ri - 1 (tap row 2, which completes it).
     const bool all_cols[3] = {true, true, true};
     add_row<A, CV, false>(acc0, acc1, acc2, bias, wt, v, all_cols);
-    finish_row<T, CV>(ri >= 1 ? out_img + (a.P + int64_t(ri - 1) * W + w) * a.C + cv * CV
+    finish_row<T, CV>(ri >= 1 ? out_img + (a.P + int64_t(ri - 1) * a.W + w) * a.C + cv * CV
                               : nullptr,
                       acc0, acc1, acc2);
-    if (++ri == H + 1) {
+    if (++ri == a.H + 1) {
       ri = -1;
-      item += step;
+      item += step_items;
     }
   }
-  cp_async_wait<0>();
-}
+};
 
-// The 3x3 backward: grad_x (the flipped taps over grad_out, taps on padding skipped, grad_out
-// itself added after the centre tap) and the block's sums of grad_weight and grad_bias. Two rings
-// of NS row buffers, grad_out and x, loaded position by position as in the forward, H + 3
-// positions an item (rows -1 .. H + 1). Step q reads grad_out row q and x row q - 1, so it issues
-// position q + NS - 2 into the buffers of position q - 2: up to NS - 2 rows of each in flight. x
-// row r meets grad_out rows r + 1, r and r - 2 + 1 .. (tap rows 0, 1, 2), kept as the centre
-// values of the last three grad_out rows. A block's items share its chunk (gridDim.x is a
-// multiple of chunks); at the end the threads' sums are added over the columns in shared memory,
-// in order, into the block's slot of partials.
+// One thread of the 3x3 backward: grad_x (the flipped taps over grad_out, taps on padding
+// skipped, grad_out itself added after the centre tap) and its sums of grad_weight and
+// grad_bias. Two rings of NS row buffers, grad_out and x, loaded position by position as in the
+// forward, H + 3 positions an item (rows -1 .. H + 1). Step q reads grad_out row q and x row
+// q - 1, so the kernel issues position q + NS - 2 into the buffers of position q - 2: up to
+// NS - 2 rows of each in flight. x row r meets grad_out rows r + 1, r and r - 1 (tap rows 0, 1,
+// 2), the last two kept as their centre values. A block's items share its chunk (gridDim.x is a
+// multiple of chunks); at the end the kernel adds the threads' sums over the columns in shared
+// memory, in order, into the block's slot of partials (put, then sum, tap by tap).
 template <typename T, int CV, int NS>
-__global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
-    const PipeBackwardArgs<T> a) {
+struct PipeBackwardThread : PipeLayout<T, CV> {
   static_assert(NS >= 4, "the rows being read, and at least one more in flight");
   using A = acc_t<T>;
-  constexpr int PIECE = 16 / static_cast<int>(sizeof(T));
-  static_assert(CV <= PIECE, "a thread issues at most one piece of a row");
-  extern __shared__ __align__(16) unsigned char pipe_smem_raw[];
-  const int W = a.W, H = a.H, CH = a.CH, R = H + 3;
-  const int row_vals = W * CH;
-  T* gbuf = reinterpret_cast<T*>(pipe_smem_raw);
-  T* xbuf = gbuf + NS * row_vals;
-  const int tid = threadIdx.x, nthreads = blockDim.x;
-  const int ppt = CH / PIECE;
-  const int cvecs = CH / CV;
-  const int cv = tid % cvecs, w = tid / cvecs;
-  const bool has_piece = tid < W * ppt;
-  const int piece_s = (tid / ppt) * CH + (tid % ppt) * PIECE;
-  const int piece_tok = tid / ppt, piece_c = (tid % ppt) * PIECE;
-  const int items = static_cast<int>(a.B * a.chunks);
-  const int first = static_cast<int>(blockIdx.x), step = static_cast<int>(gridDim.x);
-  const int chunk = first % a.chunks;  // the same for all the block's items
-  const int64_t c0 = int64_t(chunk) * CH;
-  const int positions = first < items ? ((items - 1 - first) / step + 1) * R : 0;
-  bool col_ok[3];
-#pragma unroll
-  for (int j = 0; j < 3; ++j) col_ok[j] = static_cast<unsigned>(w - 1 + j) < unsigned(W);
+  using L = PipeLayout<T, CV>;
+  using L::tid, L::nthreads, L::cv, L::w, L::ppt, L::row_vals, L::has_piece, L::piece_s;
 
-  // The issuing side: position iq is row ir of image ib, whose row 0 (this thread's piece) is at
-  // gsrc and xsrc.
-  int iq = 0, ir = -1, ib = first / a.chunks;
-  const int ib_step = step / a.chunks;
-  const T* gsrc = a.grad + ib * a.g_sb + (a.P + piece_tok) * a.g_st + c0 + piece_c;
-  const T* xsrc = a.x + ib * a.x_sb + (a.P + piece_tok) * a.x_st + c0 + piece_c;
-  const int64_t g_row = int64_t(W) * a.g_st, x_row = int64_t(W) * a.x_st;
-  auto issue = [&]() {
+  int positions, ib_step;
+  int64_t c0;
+  bool col_ok[3];
+  int iq, ir;  // the issuing side: position iq is row ir of the image at gsrc / xsrc
+  const T* gsrc;
+  const T* xsrc;
+  int64_t g_row, x_row;
+  A wf[9][CV];  // the flipped taps: wf[i][j] = w[2 - i][2 - j]
+  A dw[9][CV], db[CV];
+  A acc0[CV], acc1[CV], acc2[CV];  // grad_x of rows ri - 1, ri, ri + 1
+  A g1[CV], g2[CV];                // grad_out at column w, rows ri - 1 and ri - 2
+  A zero[CV];
+  T* gx_img;
+  int ri, b;  // the computing side
+
+  PIPE_HD void init(const PipeBackwardArgs<T>& a, int tid_, int nthreads_, int block,
+                    int grid) {
+    L::place(a.W, a.CH, tid_, nthreads_);
+    const int piece_tok = L::piece_tok, piece_c = L::piece_c;
+    const int items = static_cast<int>(a.B * a.chunks);
+    positions = block < items ? ((items - 1 - block) / grid + 1) * (a.H + 3) : 0;
+    c0 = int64_t(block % a.chunks) * a.CH;  // the same for all the block's items
+    ib_step = grid / a.chunks;
+#pragma unroll
+    for (int j = 0; j < 3; ++j) col_ok[j] = static_cast<unsigned>(w - 1 + j) < unsigned(a.W);
+    iq = 0;
+    ir = -1;
+    b = block / a.chunks;
+    gsrc = a.grad + b * a.g_sb + (a.P + piece_tok) * a.g_st + c0 + piece_c;
+    xsrc = a.x + b * a.x_sb + (a.P + piece_tok) * a.x_st + c0 + piece_c;
+    g_row = int64_t(a.W) * a.g_st;
+    x_row = int64_t(a.W) * a.x_st;
+    load_taps<T, CV>(wf, a.p, c0 + cv * CV, /*flip=*/true);
+#pragma unroll
+    for (int e = 0; e < CV; ++e) {
+#pragma unroll
+      for (int t = 0; t < 9; ++t) dw[t][e] = A(0);
+      db[e] = acc0[e] = acc1[e] = acc2[e] = g1[e] = g2[e] = zero[e] = A(0);
+    }
+    gx_img = nullptr;
+    ri = -1;
+  }
+
+  // Loads position iq of both rings (zeros outside the image) and moves on a position.
+  PIPE_HD void issue(const PipeBackwardArgs<T>& a, T* gbuf, T* xbuf) {
     if (iq < positions && has_piece) {
-      const bool in = ir >= 0 && ir < H;
+      const bool in = ir >= 0 && ir < a.H;
       const int off = (iq % NS) * row_vals + piece_s;
       const int r = in ? ir : 0;
       cp_async16(gbuf + off, gsrc + r * g_row, in);
       cp_async16(xbuf + off, xsrc + r * x_row, in);
     }
-    cp_async_commit();
     ++iq;
-    if (++ir == H + 2) {
+    if (++ir == a.H + 2) {
       ir = -1;
-      ib += ib_step;
       gsrc += ib_step * a.g_sb;
       xsrc += ib_step * a.x_sb;
     }
-  };
-#pragma unroll 1
-  for (int k = 0; k < NS - 2; ++k) issue();  // the prologue: positions 0 .. NS - 3
+  }
 
-  // The flipped taps (wf[i][j] = w[2 - i][2 - j]) of this thread's channels.
-  A wf[9][CV];
-#pragma unroll
-  for (int e = 0; e < CV; ++e) {
-    const int64_t c = c0 + cv * CV + e;
-#pragma unroll
-    for (int t = 0; t < 9; ++t) {
-      wf[8 - t][e] = static_cast<A>(peg_cuda::load_ro(a.p.weight + c * a.p.w_sc +
-                                                     (t / 3) * a.p.w_si + (t % 3) * a.p.w_sj));
-    }
+  // At a new item (ri == -1): grad_x's prefix tokens are grad_out's.
+  PIPE_HD void begin(const PipeBackwardArgs<T>& a) {
+    gx_img = a.grad_x + b * a.N * a.C + c0;
+    const T* g_img = a.grad + b * a.g_sb + c0;
+    copy_prefix(gx_img, a.C, g_img, a.g_st, a.P, ppt, tid, nthreads);
   }
-  A dw[9][CV], db[CV];
-  A acc0[CV], acc1[CV], acc2[CV];  // grad_x of rows ri - 1, ri, ri + 1
-  A g1[CV], g2[CV];                // grad_out at column w, rows ri - 1 and ri - 2
-  A zero[CV];
-#pragma unroll
-  for (int e = 0; e < CV; ++e) {
-    db[e] = acc0[e] = acc1[e] = acc2[e] = g1[e] = g2[e] = zero[e] = A(0);
-#pragma unroll
-    for (int t = 0; t < 9; ++t) dw[t][e] = A(0);
-  }
-  T* gx_img = nullptr;
-  int ri = -1, b = first / a.chunks;
-#pragma unroll 1
-  for (int q = 0; q < positions; ++q) {
-    if (ri == -1) {  // a new item: grad_x's prefix tokens are grad_out's
-      gx_img = a.grad_x + b * a.N * a.C + c0;
-      const T* g_img = a.grad + b * a.g_sb + c0;
-      for (int k = tid; k < a.P * ppt; k += nthreads) {
-        const int t = k / ppt, cp = k - t * ppt;
-        *reinterpret_cast<Pack<T, PIECE>*>(gx_img + t * a.C + cp * PIECE) =
-            *reinterpret_cast<const Pack<T, PIECE>*>(g_img + t * a.g_st + cp * PIECE);
-      }
-    }
-    cp_async_wait<NS - 3>();  // position q has landed (this thread's pieces)
-    __syncthreads();          // everyone's pieces; everyone done with position q - 1
-    issue();                  // position q + NS - 2, into the buffers of position q - 2
-    const bool g_in = ri >= 0 && ri < H;  // grad_out row ri exists
+
+  PIPE_HD void step(const PipeBackwardArgs<T>& a, const T* gbuf, const T* xbuf, int q) {
+    const bool g_in = ri >= 0 && ri < a.H;  // grad_out row ri exists
     A G[3][CV];
     const T* grow = gbuf + (q % NS) * row_vals;
 #pragma unroll
     for (int j = 0; j < 3; ++j) {
-      row_vec<T, CV>(G[j], grow + (w - 1 + j) * CH, w - 1 + j, W, cv * CV);
+      row_vec<T, CV>(G[j], grow + (w - 1 + j) * a.CH, w - 1 + j, a.W, cv * CV);
     }
     // grad_x: row ri feeds rows ri + 1 (flipped tap row 0), ri (row 1 and grad_out itself after
     // the centre tap) and ri - 1 (row 2, which completes it); rows and columns of padding skip.
@@ -368,8 +402,8 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
 #pragma unroll
       for (int e = 0; e < CV; ++e) acc2[e] = A(0);
     }
-    finish_row<T, CV>(ri >= 1 && ri - 1 < H
-                          ? gx_img + (a.P + int64_t(ri - 1) * W + w) * a.C + cv * CV
+    finish_row<T, CV>(ri >= 1 && ri - 1 < a.H
+                          ? gx_img + (a.P + int64_t(ri - 1) * a.W + w) * a.C + cv * CV
                           : nullptr,
                       acc0, acc1, acc2);
     // The weight gradient: x row ri - 1 (zeros outside, multiplied) with grad_out rows ri
@@ -379,12 +413,12 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
       const T* xrow = xbuf + ((q + NS - 1) % NS) * row_vals;  // position q - 1
 #pragma unroll
       for (int j = 0; j < 3; ++j) {
-        row_vec<T, CV>(X[j], xrow + (w - 1 + j) * CH, w - 1 + j, W, cv * CV);
+        row_vec<T, CV>(X[j], xrow + (w - 1 + j) * a.CH, w - 1 + j, a.W, cv * CV);
       }
 #pragma unroll
       for (int i = 0; i < 3; ++i) {
         const int gr = ri - i;
-        if (gr >= 0 && gr < H) {
+        if (gr >= 0 && gr < a.H) {
 #pragma unroll
           for (int j = 0; j < 3; ++j) {
 #pragma unroll
@@ -401,30 +435,102 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
       g2[e] = g1[e];
       g1[e] = G[1][e];
     }
-    if (++ri == H + 2) {
+    if (++ri == a.H + 2) {
       ri = -1;
       b += ib_step;
     }
   }
-  cp_async_wait<0>();
-  // The sums over the block's columns, tap by tap, in column order, into its slot.
-  A* red = reinterpret_cast<A*>(pipe_smem_raw);  // W x CH values (the rings are done)
-  const int64_t slot = blockIdx.x / a.chunks;
+
+  // Tap t's sums (the bias's at t == 9) into red[w * CH + channel] (W x CH values).
+  PIPE_HD void put(const PipeBackwardArgs<T>& a, A* red, int t) const {
 #pragma unroll
-  for (int t = 0; t <= 9; ++t) {  // unrolled: dw stays in registers
-    __syncthreads();
-#pragma unroll
-    for (int e = 0; e < CV; ++e) red[w * CH + cv * CV + e] = t < 9 ? dw[t < 9 ? t : 0][e] : db[e];
-    __syncthreads();
-    for (int c = tid; c < CH; c += nthreads) {
-      A sum = A(0);
-      for (int k = 0; k < W; ++k) sum += red[k * CH + c];
-      a.partials[(slot * 10 + t) * a.C + c0 + c] = sum;
+    for (int e = 0; e < CV; ++e) {
+      red[w * a.CH + cv * CV + e] = t < 9 ? dw[t < 9 ? t : 0][e] : db[e];
     }
+  }
+
+  // The block's sum over the columns of tap t, in column order, into its slot of partials.
+  PIPE_HD void sum(const PipeBackwardArgs<T>& a, const A* red, int t, int block) const {
+    const int64_t slot = block / a.chunks;
+    for (int c = tid; c < a.CH; c += nthreads) {
+      A s = A(0);
+      for (int k = 0; k < a.W; ++k) s += red[k * a.CH + c];
+      a.partials[(slot * 10 + t) * a.C + c0 + c] = s;
+    }
+  }
+};
+
+#if defined(__CUDACC__)
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <typename T, int CV, int NS>
+__global__ void __launch_bounds__(kMaxThreads) peg_pipe_forward_kernel(const PipeArgs<T> a) {
+  extern __shared__ __align__(16) unsigned char pipe_smem_raw[];
+  T* buf = reinterpret_cast<T*>(pipe_smem_raw);
+  PipeForwardThread<T, CV, NS> th;
+  th.init(a, threadIdx.x, blockDim.x, blockIdx.x, gridDim.x);
+  if (th.positions == 0) return;
+#pragma unroll 1
+  for (int k = 0; k < NS - 1; ++k) {  // the prologue: positions 0 .. NS - 2
+    th.issue(a, buf);
+    cp_async_commit();
+  }
+#pragma unroll 1
+  for (int q = 0; q < th.positions; ++q) {
+    if (th.ri == -1) th.begin(a);
+    cp_async_wait<NS - 2>();  // position q has landed (this thread's piece)
+    __syncthreads();          // everyone's pieces; everyone done with position q - 1
+    th.issue(a, buf);         // position q + NS - 1, into the buffer of position q - 1
+    cp_async_commit();
+    th.step(a, buf, q);
+  }
+  cp_async_wait<0>();
+}
+
+template <typename T, int CV, int NS>
+__global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
+    const PipeBackwardArgs<T> a) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char pipe_smem_raw[];
+  T* gbuf = reinterpret_cast<T*>(pipe_smem_raw);
+  T* xbuf = gbuf + NS * a.W * a.CH;
+  PipeBackwardThread<T, CV, NS> th;
+  th.init(a, threadIdx.x, blockDim.x, blockIdx.x, gridDim.x);
+#pragma unroll 1
+  for (int k = 0; k < NS - 2; ++k) {  // the prologue: positions 0 .. NS - 3
+    th.issue(a, gbuf, xbuf);
+    cp_async_commit();
+  }
+#pragma unroll 1
+  for (int q = 0; q < th.positions; ++q) {
+    if (th.ri == -1) th.begin(a);
+    cp_async_wait<NS - 3>();  // position q has landed (this thread's pieces)
+    __syncthreads();          // everyone's pieces; everyone done with position q - 1
+    th.issue(a, gbuf, xbuf);  // position q + NS - 2, into the buffers of position q - 2
+    cp_async_commit();
+    th.step(a, gbuf, xbuf, q);
+  }
+  cp_async_wait<0>();
+  A* red = reinterpret_cast<A*>(pipe_smem_raw);  // W x CH values (the rings are done)
+#pragma unroll
+  for (int t = 0; t <= 9; ++t) {  // unrolled: the sums stay in registers
+    __syncthreads();
+    th.put(a, red, t);
+    __syncthreads();
+    th.sum(a, red, t, blockIdx.x);
   }
 }
 
 #endif  // __CUDACC__
+
+#undef PIPE_HD
 
 }  // namespace peg_pipe
 }  // namespace cpvt

@@ -10,6 +10,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "cuda/peg_stream.cuh"
+#include "emulated.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -19,52 +20,9 @@
 #include <vector>
 
 using namespace cpvt::peg_cuda;
+using namespace emulated;
 
 namespace {
-
-int checks = 0, failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) std::printf("FAIL: %s\n", what.c_str());
-  ++checks;
-  if (!ok) ++failures;
-}
-
-template <typename T>
-at::ScalarType scalar_type() {
-  return c10::CppTypeToScalarType<T>::value;
-}
-
-template <typename T>
-double tolerance() {
-  if constexpr (std::is_same_v<T, double>) return 1e-12;
-  if constexpr (std::is_same_v<T, float>) return 1e-5;
-  if constexpr (std::is_same_v<T, c10::Half>) return 2e-3;
-  return 1.6e-2;
-}
-
-// max |a - ref| / max |ref|, NaN where a is NaN and ref is not.
-double rel_err(const at::Tensor& a, const at::Tensor& ref) {
-  const auto a64 = a.to(at::kDouble), r64 = ref.to(at::kDouble);
-  if ((a64.isnan() != r64.isnan()).any().item<bool>()) return NAN;
-  const auto ok = r64.isfinite() & a64.isfinite();
-  if ((a64.isinf() != r64.isinf()).any().item<bool>()) return NAN;
-  const double denom = r64.where(ok, 0.0).abs().max().item<double>();
-  const double diff = (a64 - r64).where(ok, 0.0).abs().max().item<double>();
-  return denom > 0 ? diff / denom : diff;
-}
-
-template <typename T>
-Params<T> params_of(const at::Tensor& w, const at::Tensor* b) {
-  Params<T> p{};
-  p.weight = w.const_data_ptr<T>();
-  p.w_sc = w.stride(0);
-  p.w_si = w.stride(2);
-  p.w_sj = w.stride(3);
-  p.bias = b != nullptr ? b->const_data_ptr<T>() : nullptr;
-  p.b_s = b != nullptr ? b->stride(0) : 0;
-  return p;
-}
 
 // `slots` > 0: that many row slots (each block then loops over several rows).
 template <typename T, int VEC, int K, int RH>

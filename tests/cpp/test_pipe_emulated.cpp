@@ -1,0 +1,177 @@
+// The experimental cp.async kernels of bench/cuda_micro/peg_pipe.cuh run on the CPU: their
+// per-thread code (PipeForwardThread, PipeBackwardThread) is __host__ __device__, and this test
+// drives it block by block as the kernels do, every thread in turn at each stage (the copies
+// land at once, so a refill of a buffer still to be read shows). It checks the stream of items
+// and rows, the zero rows and columns, the prefix tokens, the output mapping and the backward's
+// sums against float64 libtorch, over strided inputs and several grids. What only a GPU shows
+// (the copies landing late, barriers, speed) is bench/cuda_micro's to measure.
+#include <torch/torch.h>
+
+#include "../../bench/cuda_micro/peg_pipe.cuh"
+#include "emulated.h"
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+using namespace cpvt::peg_pipe;
+using cpvt::peg_cuda::acc_t;
+using namespace emulated;
+
+namespace {
+
+// (B, P + H*W, C) tokens whose token stride is C + 8: a slice of a wider tensor.
+at::Tensor strided_tokens(int64_t B, int64_t N, int64_t C, at::ScalarType dt) {
+  return at::randn({B, N, C + 8}, at::kDouble).to(dt).narrow(2, 0, C);
+}
+
+// The fused PEG in float64 with autograd: out, and (grad_x, grad_w, grad_b) of out * g.
+std::vector<at::Tensor> reference(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                  const at::Tensor& g, int64_t H, int64_t P) {
+  const int64_t B = x.size(0), C = x.size(2);
+  auto x64 = x.to(at::kDouble).detach().requires_grad_(true);
+  auto w64 = w.to(at::kDouble).detach().requires_grad_(true);
+  auto b64 = b.to(at::kDouble).detach().requires_grad_(true);
+  const auto grid = x64.narrow(1, P, H * H).reshape({B, H, H, C}).permute({0, 3, 1, 2});
+  const auto y = at::conv2d(grid, w64, b64, 1, 1, 1, C) + grid;
+  const auto out = at::cat({x64.narrow(1, 0, P), y.permute({0, 2, 3, 1}).reshape({B, H * H, C})},
+                           1);
+  (out * g.to(at::kDouble)).sum().backward();
+  return {out.detach(), x64.grad(), w64.grad(), b64.grad()};
+}
+
+template <typename T, int CV, int NS>
+at::Tensor emulate_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                           int64_t H, int64_t P, int CH, int grid) {
+  at::Tensor out = at::full({x.size(0), x.size(1), x.size(2)}, NAN, x.options());
+  PipeArgs<T> a{};
+  a.src = x.const_data_ptr<T>();
+  a.sb = x.stride(0);
+  a.st = x.stride(1);
+  a.p = params_of<T>(w, &b);
+  a.out = out.mutable_data_ptr<T>();
+  a.B = x.size(0); a.N = x.size(1); a.C = x.size(2); a.P = P;
+  a.H = static_cast<int>(H); a.W = static_cast<int>(H);
+  a.CH = CH; a.chunks = static_cast<int>(a.C / CH);
+  const int nthreads = a.W * CH / CV;
+  for (int block = 0; block < grid; ++block) {
+    std::vector<T> buf(static_cast<size_t>(NS) * a.W * CH, T(NAN));
+    std::vector<PipeForwardThread<T, CV, NS>> th(nthreads);
+    for (int t = 0; t < nthreads; ++t) th[t].init(a, t, nthreads, block, grid);
+    for (int k = 0; k < NS - 1; ++k) {
+      for (auto& t : th) t.issue(a, buf.data());
+    }
+    for (int q = 0; q < th[0].positions; ++q) {
+      for (auto& t : th) {
+        if (t.ri == -1) t.begin(a);
+      }
+      for (auto& t : th) t.issue(a, buf.data());
+      for (auto& t : th) t.step(a, buf.data(), q);
+    }
+  }
+  return out;
+}
+
+// grad_x, grad_w, grad_b; grid a multiple of the chunks.
+template <typename T, int CV, int NS>
+std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& x,
+                                         const at::Tensor& w, int64_t H, int64_t P, int CH,
+                                         int grid) {
+  using A = acc_t<T>;
+  const int64_t C = x.size(2);
+  const int chunks = static_cast<int>(C / CH);
+  at::Tensor grad_x = at::full({x.size(0), x.size(1), C}, NAN, x.options());
+  at::Tensor partials = at::full({grid / chunks, 10, C}, NAN, x.options().dtype(scalar_type<A>()));
+  PipeBackwardArgs<T> a{};
+  a.grad = g.const_data_ptr<T>();
+  a.g_sb = g.stride(0);
+  a.g_st = g.stride(1);
+  a.x = x.const_data_ptr<T>();
+  a.x_sb = x.stride(0);
+  a.x_st = x.stride(1);
+  a.p = params_of<T>(w, nullptr);
+  a.grad_x = grad_x.mutable_data_ptr<T>();
+  a.partials = partials.mutable_data_ptr<A>();
+  a.B = x.size(0); a.N = x.size(1); a.C = C; a.P = P;
+  a.H = static_cast<int>(H); a.W = static_cast<int>(H);
+  a.CH = CH; a.chunks = chunks;
+  const int nthreads = a.W * CH / CV;
+  for (int block = 0; block < grid; ++block) {
+    std::vector<T> gbuf(static_cast<size_t>(NS) * a.W * CH, T(NAN)), xbuf(gbuf);
+    std::vector<PipeBackwardThread<T, CV, NS>> th(nthreads);
+    for (int t = 0; t < nthreads; ++t) th[t].init(a, t, nthreads, block, grid);
+    for (int k = 0; k < NS - 2; ++k) {
+      for (auto& t : th) t.issue(a, gbuf.data(), xbuf.data());
+    }
+    for (int q = 0; q < th[0].positions; ++q) {
+      for (auto& t : th) {
+        if (t.ri == -1) t.begin(a);
+      }
+      for (auto& t : th) t.issue(a, gbuf.data(), xbuf.data());
+      for (auto& t : th) t.step(a, gbuf.data(), xbuf.data(), q);
+    }
+    std::vector<A> red(size_t(a.W) * CH, A(NAN));
+    for (int tap = 0; tap <= 9; ++tap) {
+      for (auto& t : th) t.put(a, red.data(), tap);
+      for (auto& t : th) t.sum(a, red.data(), tap, block);
+    }
+  }
+  const at::Tensor total = partials.sum(0);  // (10, C): the package's reduction, in order
+  return {grad_x, total.narrow(0, 0, 9).t().reshape({C, 1, 3, 3}), total.select(0, 9)};
+}
+
+template <typename T, int CV, int NS>
+void check_case(int64_t B, int64_t C, int64_t H, int64_t P, int CH) {
+  const int64_t N = P + H * H;
+  const at::ScalarType dt = scalar_type<T>();
+  const at::Tensor x = strided_tokens(B, N, C, dt), g = strided_tokens(B, N, C, dt);
+  const at::Tensor w = (at::randn({C, 1, 3, 3}, at::kDouble) * 0.3).to(dt);
+  const at::Tensor b = at::randn({C}, at::kDouble).to(dt);
+  const auto ref = reference(x, w, b, g, H, P);
+  const int chunks = static_cast<int>(C / CH), items = static_cast<int>(B) * chunks;
+  const std::string what = std::string(c10::toString(dt)) + " CV" + std::to_string(CV) + " NS" +
+                           std::to_string(NS) + " B" + std::to_string(B) + " C" +
+                           std::to_string(C) + " H" + std::to_string(H) + " P" +
+                           std::to_string(P) + " CH" + std::to_string(CH);
+  for (int grid : {1, 2, items, items + 3}) {
+    const at::Tensor out = emulate_forward<T, CV, NS>(x, w, b, H, P, CH, grid);
+    const double e = rel_err(out, ref[0]);
+    expect(e < tolerance<T>(), "forward " + what + " grid " + std::to_string(grid) +
+                                   ": rel err " + std::to_string(e));
+  }
+  if constexpr (NS >= 4) {
+    for (int grid : {chunks, 2 * chunks, items}) {
+      const auto got = emulate_backward<T, CV, NS>(g, x, w, H, P, CH, grid);
+      const char* names[3] = {"grad_x ", "grad_w ", "grad_b "};
+      for (int k = 0; k < 3; ++k) {
+        const double e = rel_err(got[k], ref[1 + k]);
+        expect(e < tolerance<T>(), names[k] + what + " grid " + std::to_string(grid) +
+                                       ": rel err " + std::to_string(e));
+      }
+    }
+  }
+}
+
+template <typename T, int CV, int NS>
+void check_all() {
+  check_case<T, CV, NS>(1, 16, 1, 0, 16);
+  check_case<T, CV, NS>(2, 32, 2, 1, 16);
+  check_case<T, CV, NS>(3, 48, 5, 2, 16);
+  check_case<T, CV, NS>(2, 64, 7, 1, 32);
+  check_case<T, CV, NS>(1, 32, 9, 1, 32);
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  check_all<float, 4, 3>();
+  check_all<float, 4, 4>();
+  check_all<float, 4, 6>();
+  check_all<c10::BFloat16, 4, 6>();
+  check_all<c10::BFloat16, 8, 4>();
+  std::printf("%d checks, %d failures\n", checks, failures);
+  return failures == 0 ? 0 : 1;
+}
