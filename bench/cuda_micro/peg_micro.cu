@@ -279,24 +279,24 @@ void launch_stream_fwd(const Bufs<T>& d, const Shape& s, int64_t slots_per_sm) {
 // The cp.async forward of peg_pipe.cuh: CV channels a thread, NS row buffers; a work item is
 // (image, CH channels), CH the largest of 256 .. 16 that divides C with W * CH / CV threads a
 // block at most 256 (0 where none does); persistent (one wave of resident blocks).
-template <typename T, int CV>
+template <typename T, int CV, int CW = 1>
 int pipe_channels(const Shape& s) {
   if (s.K != 3) return 0;
   for (int ch = 256; ch >= 16; ch /= 2) {
     if (s.C % ch == 0 && (ch * int(sizeof(T))) % 16 == 0 && ch % CV == 0 &&
-        s.H * (ch / CV) <= cpvt::peg_pipe::kMaxThreads) {
+        (s.H + CW - 1) / CW * (ch / CV) <= cpvt::peg_pipe::kMaxThreads) {
       return ch;
     }
   }
   return 0;
 }
 
-template <typename T, int CV, int NS>
+template <typename T, int CV, int NS, int CW = 1>
 void launch_pipe_fwd(const Bufs<T>& d, const Shape& s) {
   using namespace cpvt::peg_pipe;
-  const int H = s.H, W = s.H, N = s.P + H * W, CH = pipe_channels<T, CV>(s);
-  auto kern = peg_pipe_forward_kernel<T, CV, NS>;
-  const int threads = W * (CH / CV);
+  const int H = s.H, W = s.H, N = s.P + H * W, CH = pipe_channels<T, CV, CW>(s);
+  auto kern = peg_pipe_forward_kernel<T, CV, NS, CW>;
+  const int threads = (W + CW - 1) / CW * (CH / CV);
   const int64_t smem = pipe_smem<T>(NS, W, CH);
   CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int per_sm = 0;
@@ -574,6 +574,18 @@ void run_shape(const Shape& s) {
   PFWD(4, 6)
   PFWD(4, 8)
   if constexpr (sizeof(T) == 2) { PFWD(8, 6) }
+  // Two columns a thread, sharing their loads (16-bit types: a row's pieces, 8 values each,
+  // still one a thread).
+#define PFWD2(CV, NS)                                                                       \
+  if constexpr (K == 3 && sizeof(T) == 2) {                                                 \
+    if (const int ch = pipe_channels<T, CV, 2>(s); ch > 0) {                                \
+      check_fwd("pipe cv" #CV " cw2 ch" + std::to_string(ch) + " ns" #NS,                   \
+                regs_of(cpvt::peg_pipe::peg_pipe_forward_kernel<T, CV, NS, 2>),              \
+                [&] { launch_pipe_fwd<T, CV, NS, 2>(d, s); });                               \
+    }                                                                                       \
+  }
+  PFWD2(4, 6)
+  PFWD2(4, 8)
   check_gx("stream v4 rh8", regs_of(peg_stream_forward_kernel<T, 4, K, 8, false>),
            [&] { launch_stream_fwd<T, 4, K, 8, false>(d, s, 0); });
   check_bwd("tile", regs_of(peg_backward_kernel<T, V16, K, K, 2, (K * V16 <= 28 ? K : 3)>),

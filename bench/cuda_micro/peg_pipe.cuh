@@ -30,7 +30,7 @@ using peg_cuda::acc_t;
 using peg_cuda::Pack;
 using peg_cuda::Params;
 
-constexpr int kMaxThreads = 256;  // W * CH / CV threads a block at most
+constexpr int kMaxThreads = 256;  // ceil(W / CW) * CH / CV threads a block at most
 
 template <typename T>
 struct PipeArgs {
@@ -169,13 +169,13 @@ PIPE_HD void copy_prefix(T* out, int64_t C, const T* src, int64_t st, int64_t P,
   }
 }
 
-// A thread's place in a block of W * CH / CV threads: channel vector cv of column w, and its
-// 16-byte piece of every row (a row has W * ppt <= blockDim.x pieces: token piece_tok, values
-// piece_c on, at piece_s in a row buffer).
-template <typename T, int CV>
+// A thread's place in a block of ceil(W / CW) * CH / CV threads: channel vector cv of columns
+// w .. w + CW - 1, and its 16-byte piece of every row (a row has W * ppt <= blockDim.x pieces:
+// token piece_tok, values piece_c on, at piece_s in a row buffer).
+template <typename T, int CV, int CW = 1>
 struct PipeLayout {
   static constexpr int PIECE = 16 / static_cast<int>(sizeof(T));  // values a cp.async moves
-  static_assert(CV <= PIECE, "a thread issues at most one piece of a row");
+  static_assert(CV * CW <= PIECE, "a thread issues at most one piece of a row");
   int tid, nthreads, cv, w, ppt, row_vals;
   bool has_piece;
   int piece_tok, piece_c, piece_s;
@@ -186,7 +186,7 @@ struct PipeLayout {
     ppt = CH / PIECE;
     row_vals = W * CH;
     cv = tid % (CH / CV);
-    w = tid / (CH / CV);
+    w = tid / (CH / CV) * CW;
     has_piece = tid < W * ppt;
     piece_tok = tid / ppt;
     piece_c = (tid % ppt) * PIECE;
@@ -194,18 +194,19 @@ struct PipeLayout {
   }
 };
 
-// One thread of the 3x3 forward (NS row buffers, CV channels a thread, a thread for each
-// (column, channel vector) of an item: blockDim.x = W * CH / CV). The rows of the block's items
-// form one stream, H + 2 positions an item (input rows -1 .. H), so that the next item's first
-// rows are in flight while the current one's last are computed. The kernel below runs, per
-// thread: init; issue NS - 1 times; then for each position q: begin (at a new item), wait for
-// position q and a barrier, issue, step. On the host the test runs the same calls, every thread
-// in turn at each stage.
-template <typename T, int CV, int NS>
-struct PipeForwardThread : PipeLayout<T, CV> {
+// One thread of the 3x3 forward: NS row buffers, CV channels of CW columns a thread, a thread
+// for each (column group, channel vector) of an item (blockDim.x = ceil(W / CW) * CH / CV; CW
+// columns share the loads of the row's CW + 2 vectors). The rows of the block's items form one
+// stream, H + 2 positions an item (input rows -1 .. H), so that the next item's first rows are
+// in flight while the current one's last are computed. The kernel below runs, per thread: init;
+// issue NS - 1 times; then for each position q: begin (at a new item), wait for position q and
+// a barrier, issue, step. On the host the test runs the same calls, every thread in turn at each
+// stage.
+template <typename T, int CV, int NS, int CW = 1>
+struct PipeForwardThread : PipeLayout<T, CV, CW> {
   static_assert(NS >= 3, "the row being read, and at least one more in flight");
   using A = acc_t<T>;
-  using L = PipeLayout<T, CV>;
+  using L = PipeLayout<T, CV, CW>;
   using L::tid, L::nthreads, L::cv, L::w, L::ppt, L::row_vals, L::has_piece, L::piece_s;
 
   int items, first, step_items, positions;
@@ -213,7 +214,8 @@ struct PipeForwardThread : PipeLayout<T, CV> {
   int iq, ir, iitem;  // the issuing side: position iq, input row ir of item iitem, at isrc
   int64_t isrc, row_step;
   A wt[9][CV], bias[CV];
-  A acc0[CV], acc1[CV], acc2[CV];  // outputs ri - 1, ri, ri + 1 (rows outside: never stored)
+  // Outputs ri - 1, ri, ri + 1 of each of the thread's columns (rows outside: never stored).
+  A acc0[CW][CV], acc1[CW][CV], acc2[CW][CV];
   T* out_img;
   int ri, item;  // the computing side
 
@@ -240,7 +242,10 @@ struct PipeForwardThread : PipeLayout<T, CV> {
     isrc = offsets(a, first, unused, unused_c0) + a.P * a.st + piece_g;
     row_step = int64_t(a.W) * a.st;
 #pragma unroll
-    for (int e = 0; e < CV; ++e) acc0[e] = acc1[e] = acc2[e] = A(0);
+    for (int k = 0; k < CW; ++k) {
+#pragma unroll
+      for (int e = 0; e < CV; ++e) acc0[k][e] = acc1[k][e] = acc2[k][e] = A(0);
+    }
     out_img = nullptr;
     ri = -1;
     item = first;
@@ -284,16 +289,26 @@ struct PipeForwardThread : PipeLayout<T, CV> {
   // which completes it).
   PIPE_HD void step(const PipeArgs<T>& a, const T* buf, int q) {
     const T* row = buf + (q % NS) * row_vals;
-    A v[3][CV];
+    A v[CW + 2][CV];  // columns w - 1 .. w + CW
 #pragma unroll
-    for (int j = 0; j < 3; ++j) {
+    for (int j = 0; j < CW + 2; ++j) {
       row_vec<T, CV>(v[j], row + (w - 1 + j) * a.CH, w - 1 + j, a.W, cv * CV);
     }
     const bool all_cols[3] = {true, true, true};
-    add_row<A, CV, false>(acc0, acc1, acc2, bias, wt, v, all_cols);
-    finish_row<T, CV>(ri >= 1 ? out_img + (a.P + int64_t(ri - 1) * a.W + w) * a.C + cv * CV
-                              : nullptr,
-                      acc0, acc1, acc2);
+#pragma unroll
+    for (int k = 0; k < CW; ++k) {
+      A win[3][CV];  // columns w + k - 1 .. w + k + 1
+#pragma unroll
+      for (int j = 0; j < 3; ++j) {
+#pragma unroll
+        for (int e = 0; e < CV; ++e) win[j][e] = v[k + j][e];
+      }
+      add_row<A, CV, false>(acc0[k], acc1[k], acc2[k], bias, wt, win, all_cols);
+      finish_row<T, CV>(ri >= 1 && w + k < a.W
+                            ? out_img + (a.P + int64_t(ri - 1) * a.W + w + k) * a.C + cv * CV
+                            : nullptr,
+                        acc0[k], acc1[k], acc2[k]);
+    }
     if (++ri == a.H + 1) {
       ri = -1;
       item += step_items;
@@ -470,11 +485,11 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-template <typename T, int CV, int NS>
+template <typename T, int CV, int NS, int CW = 1>
 __global__ void __launch_bounds__(kMaxThreads) peg_pipe_forward_kernel(const PipeArgs<T> a) {
   extern __shared__ __align__(16) unsigned char pipe_smem_raw[];
   T* buf = reinterpret_cast<T*>(pipe_smem_raw);
-  PipeForwardThread<T, CV, NS> th;
+  PipeForwardThread<T, CV, NS, CW> th;
   th.init(a, threadIdx.x, blockDim.x, blockIdx.x, gridDim.x);
   if (th.positions == 0) return;
 #pragma unroll 1

@@ -42,7 +42,7 @@ std::vector<at::Tensor> reference(const at::Tensor& x, const at::Tensor& w, cons
   return {out.detach(), x64.grad(), w64.grad(), b64.grad()};
 }
 
-template <typename T, int CV, int NS>
+template <typename T, int CV, int NS, int CW>
 at::Tensor emulate_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                            int64_t H, int64_t P, int CH, int grid) {
   at::Tensor out = at::full({x.size(0), x.size(1), x.size(2)}, NAN, x.options());
@@ -55,10 +55,10 @@ at::Tensor emulate_forward(const at::Tensor& x, const at::Tensor& w, const at::T
   a.B = x.size(0); a.N = x.size(1); a.C = x.size(2); a.P = P;
   a.H = static_cast<int>(H); a.W = static_cast<int>(H);
   a.CH = CH; a.chunks = static_cast<int>(a.C / CH);
-  const int nthreads = a.W * CH / CV;
+  const int nthreads = (a.W + CW - 1) / CW * (CH / CV);
   for (int block = 0; block < grid; ++block) {
     std::vector<T> buf(static_cast<size_t>(NS) * a.W * CH, T(NAN));
-    std::vector<PipeForwardThread<T, CV, NS>> th(nthreads);
+    std::vector<PipeForwardThread<T, CV, NS, CW>> th(nthreads);
     for (int t = 0; t < nthreads; ++t) th[t].init(a, t, nthreads, block, grid);
     for (int k = 0; k < NS - 1; ++k) {
       for (auto& t : th) t.issue(a, buf.data());
@@ -122,7 +122,8 @@ std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& 
   return {grad_x, total.narrow(0, 0, 9).t().reshape({C, 1, 3, 3}), total.select(0, 9)};
 }
 
-template <typename T, int CV, int NS>
+// The forward with CW columns a thread; the backward too where NS >= 4 and CW == 1.
+template <typename T, int CV, int NS, int CW>
 void check_case(int64_t B, int64_t C, int64_t H, int64_t P, int CH) {
   const int64_t N = P + H * H;
   const at::ScalarType dt = scalar_type<T>();
@@ -132,16 +133,17 @@ void check_case(int64_t B, int64_t C, int64_t H, int64_t P, int CH) {
   const auto ref = reference(x, w, b, g, H, P);
   const int chunks = static_cast<int>(C / CH), items = static_cast<int>(B) * chunks;
   const std::string what = std::string(c10::toString(dt)) + " CV" + std::to_string(CV) + " NS" +
-                           std::to_string(NS) + " B" + std::to_string(B) + " C" +
+                           std::to_string(NS) + " CW" + std::to_string(CW) + " B" +
+                           std::to_string(B) + " C" +
                            std::to_string(C) + " H" + std::to_string(H) + " P" +
                            std::to_string(P) + " CH" + std::to_string(CH);
   for (int grid : {1, 2, items, items + 3}) {
-    const at::Tensor out = emulate_forward<T, CV, NS>(x, w, b, H, P, CH, grid);
+    const at::Tensor out = emulate_forward<T, CV, NS, CW>(x, w, b, H, P, CH, grid);
     const double e = rel_err(out, ref[0]);
     expect(e < tolerance<T>(), "forward " + what + " grid " + std::to_string(grid) +
                                    ": rel err " + std::to_string(e));
   }
-  if constexpr (NS >= 4) {
+  if constexpr (NS >= 4 && CW == 1) {
     for (int grid : {chunks, 2 * chunks, items}) {
       const auto got = emulate_backward<T, CV, NS>(g, x, w, H, P, CH, grid);
       const char* names[3] = {"grad_x ", "grad_w ", "grad_b "};
@@ -154,13 +156,13 @@ void check_case(int64_t B, int64_t C, int64_t H, int64_t P, int CH) {
   }
 }
 
-template <typename T, int CV, int NS>
+template <typename T, int CV, int NS, int CW = 1>
 void check_all() {
-  check_case<T, CV, NS>(1, 16, 1, 0, 16);
-  check_case<T, CV, NS>(2, 32, 2, 1, 16);
-  check_case<T, CV, NS>(3, 48, 5, 2, 16);
-  check_case<T, CV, NS>(2, 64, 7, 1, 32);
-  check_case<T, CV, NS>(1, 32, 9, 1, 32);
+  check_case<T, CV, NS, CW>(1, 16, 1, 0, 16);
+  check_case<T, CV, NS, CW>(2, 32, 2, 1, 16);
+  check_case<T, CV, NS, CW>(3, 48, 5, 2, 16);
+  check_case<T, CV, NS, CW>(2, 64, 7, 1, 32);
+  check_case<T, CV, NS, CW>(1, 32, 9, 1, 32);
 }
 
 }  // namespace
@@ -172,6 +174,7 @@ int main() {
   check_all<float, 4, 6>();
   check_all<c10::BFloat16, 4, 6>();
   check_all<c10::BFloat16, 8, 4>();
+  check_all<c10::BFloat16, 4, 6, 2>();
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }
