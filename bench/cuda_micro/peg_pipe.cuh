@@ -4,8 +4,8 @@
 // csrc/cuda/peg_stream.cuh hold one row ahead in registers: about 5-8 KB in flight an SM, where
 // 3 TB/s at its latency wants about 20).
 //
-// A block takes work items (image b, chunk of CH channels) in turn, a thread for each (column,
-// vector of CV channels) of the chunk, and streams their rows -1 .. H, one item after another,
+// A block takes work items (image b, chunk of CH channels) in turn, a thread for each (group of
+// CW columns, vector of CV channels) of the chunk, and streams their rows -1 .. H, one item after another,
 // through a ring of NS row buffers in shared memory (W tokens x CH channels each; rows -1 and H
 // are zeros, written by cp.async's zero fill): step q waits until its row has landed, issues the
 // row NS - 1 positions on into the buffer of row q - 1 (which step q - 1 was the last to read),
@@ -15,7 +15,9 @@
 // zeros), the residual right after the centre tap. Prefix tokens are copied by the block that
 // has the item. The backward (peg_pipe_backward_kernel) streams grad_out and x the same way.
 //
-// Not in the package: bench/cuda_micro times them beside the streaming kernels.
+// Not in the package: bench/cuda_micro times them beside the streaming kernels, and
+// tests/cpp/test_pipe_emulated.cpp runs their thread code (PipeForwardThread,
+// PipeBackwardThread: __host__ __device__) on the CPU.
 #pragma once
 
 #include "../../csrc/cuda/peg_stream.cuh"
