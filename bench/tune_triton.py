@@ -16,7 +16,7 @@ With ``--kernels stream`` the candidates are ``BLOCK_WxBLOCK_CxWARPS`` of the st
 default from a model of the busiest SM's work), each with the strip height and the persistent
 programs per SM that model gives that block (the kernel's warp budget over its warps), or with
 every ``--rh`` (rows a strip), ``--per-sm`` (programs per SM, 0 for one program per item) and
-``--prefetch`` value (rows loaded an iteration ahead: 0, 1, or for the backward 2)::
+``--prefetch`` value (rows loaded ahead: 0, 1, 2; see ``--prefetch``)::
 
     python bench/tune_triton.py --kernels stream --quick --per-sm 0 6 12 --rh 7 14 --prefetch 0 1
 
@@ -108,9 +108,10 @@ def parse_args(argv=None):
                    help="streaming kernels: rows a strip to try with each block candidate "
                         "(0 or by default: the model's for the block)")
     p.add_argument("--prefetch", nargs="+", type=int, default=None, choices=(0, 1, 2),
-                   help="streaming kernels: rows loaded an iteration ahead, to try with each "
-                        "block candidate (0: none; 1: the forward's rows, the backward's "
-                        "grad_out rows; 2: the backward's x rows too; default: the model's)")
+                   help="streaming kernels: rows loaded ahead, to try with each block "
+                        "candidate (0: none; 1: the forward's rows one iteration ahead, the "
+                        "backward's grad_out rows; 2: the forward's two ahead, the backward's "
+                        "x rows too; default: the model's)")
     p.add_argument("--fwd-configs", nargs="+", type=parse_config, default=None,
                    metavar="TxCxW", help="forward candidates instead of the built-in grid")
     p.add_argument("--bwd-configs", nargs="+", type=parse_config, default=None,

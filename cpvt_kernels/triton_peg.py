@@ -371,7 +371,7 @@ def _stream_dest(ptr, b, wc, c, N, C, P):
 
 @triton.jit
 def _grid_row(base, r, W, sn, ROW64: tl.constexpr):
-    """Row r of a grid whose rows are W * sn elements apart (r may be -2 .. H + 1): 32-bit
+    """Row r of a grid whose rows are W * sn elements apart (r may be -2 .. H + 2): 32-bit
     offsets, as one multiply-add a row, unless ROW64 (see :func:`_stream_row64`)."""
     if ROW64:
         p = base + r.to(tl.int64) * W * sn
@@ -476,10 +476,15 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
             acc_c = init
             acc_n = init
             r = h0 - 1
-            if PREFETCH:  # row r is loaded an iteration ahead, its loads in flight meanwhile
+            hi = tl.minimum(H, h1 + 1)  # rows from here on are not the strip's to read
+            if PREFETCH:  # row r is loaded PREFETCH iterations ahead, its loads in flight
                 ml, mc, mr = _stream_masks(r, 0, H, m_l, m_c, m_r)
                 nl, nc, nr = _stream_load(_grid_row(src, r, W, ssn, ROW64), off, ml, mc, mr,
                                           ssn)
+                if PREFETCH == 2:
+                    pl, pc, pr = _stream_masks(r + 1, 0, hi, m_l, m_c, m_r)
+                    ql, qc, qr = _stream_load(_grid_row(src, r + 1, W, ssn, ROW64), off, pl, pc,
+                                              pr, ssn)
             while r <= h1:
                 # Written out rather than shared with the backward's: the same steps through
                 # one helper compiled to loads after the row's arithmetic instead of before it.
@@ -488,9 +493,17 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
                     vc = nc.to(ACC)
                     vr = nr.to(ACC)
                     ml, mc, mr = _stream_masks(r, 0, H, m_l, m_c, m_r)
-                    pl, pc, pr = _stream_masks(r + 1, 0, tl.minimum(H, h1 + 1), m_l, m_c, m_r)
-                    nl, nc, nr = _stream_load(_grid_row(src, r + 1, W, ssn, ROW64), off, pl, pc,
-                                              pr, ssn)
+                    if PREFETCH == 2:  # rows r + 1 (loaded) and r + 2 (loading) in flight
+                        nl = ql
+                        nc = qc
+                        nr = qr
+                        pl, pc, pr = _stream_masks(r + 2, 0, hi, m_l, m_c, m_r)
+                        ql, qc, qr = _stream_load(_grid_row(src, r + 2, W, ssn, ROW64), off, pl,
+                                                  pc, pr, ssn)
+                    else:
+                        pl, pc, pr = _stream_masks(r + 1, 0, hi, m_l, m_c, m_r)
+                        nl, nc, nr = _stream_load(_grid_row(src, r + 1, W, ssn, ROW64), off, pl,
+                                                  pc, pr, ssn)
                 else:
                     vl, vc, vr, ml, mc, mr = _stream_row(_grid_row(src, r, W, ssn, ROW64), off,
                                                          r, H, m_l, m_c, m_r, ssn, ACC)
@@ -699,7 +712,9 @@ _STREAM_WARPS_PER_SM = {"fwd": {2: 23, 4: 21, 8: 12}, "grad_x": {2: 16, 4: 16, 8
 # backward prefetches its grad_out rows (PREFETCH 1: 137-164 registers in 16-bit and float32,
 # and 3-15 fewer instructions an iteration under triton 3.8, 1-6 more under 3.6); its x rows
 # too (PREFETCH 2) would take up to 176 in bfloat16 and 206 in float32, and float64 spills
-# with either.
+# with either. PREFETCH 2 in the forward and the input gradient keeps two rows in flight (rows
+# r + 1 and r + 2): bfloat16 at CPVT-S 92 and 87 registers, 21 and 6 more instructions an
+# iteration, one program an SM fewer at the 16-bit warp budget (triton 3.8, sm_90); tune only.
 _STREAM_PREFETCH = {"fwd": {2: 1}, "grad_x": {2: 1}, "bwd": {2: 1, 4: 1}}
 # Rows of a strip's walk beyond its own: the forward reads one row above and one below, the
 # backward one more (x row r - 1 for grad_out row r); plus about one row's worth of
@@ -854,11 +869,12 @@ def _stream_programs(B, H, W, cfg) -> tuple[int, int, int]:
 
 
 def _stream_row64(H: int, W: int, *row_strides: int) -> bool:
-    """Whether the streaming kernels need 64-bit row offsets: rows -2 .. H + 1 of an image of
-    tokens ``row_strides`` elements apart reach 2^31 elements from its first row. Otherwise
-    (every real image) a row is one 32-bit multiply-add away, where a 64-bit product costs
-    several (bench/triton_compile.py: the bfloat16 forward's loop 115 -> 97 instructions)."""
-    return (H + 2) * W * max(abs(s) for s in row_strides) >= 2**31
+    """Whether the streaming kernels need 64-bit row offsets: rows -2 .. H + 2 of an image of
+    tokens ``row_strides`` elements apart (the forward loads up to two rows ahead, masked past
+    the image) reach 2^31 elements from its first row. Otherwise (every real image) a row is one
+    32-bit multiply-add away, where a 64-bit product costs several (bench/triton_compile.py: the
+    bfloat16 forward's loop 115 -> 97 instructions)."""
+    return (H + 3) * W * max(abs(s) for s in row_strides) >= 2**31
 
 
 @functools.lru_cache(maxsize=None)

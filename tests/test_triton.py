@@ -416,8 +416,8 @@ def test_stream_geometries_give_the_reference(device, B, P, H, W, C, cfg, poison
 def test_stream_row64_only_for_images_past_2_31_elements():
     from cpvt_kernels import triton_peg as tp
     assert not tp._stream_row64(14, 14, 384, 384)
-    assert not tp._stream_row64(64, 64, 2**31 // (66 * 64) - 1)
-    assert tp._stream_row64(64, 64, 2**31 // (66 * 64) + 1)
+    assert not tp._stream_row64(64, 64, 2**31 // (67 * 64) - 1)
+    assert tp._stream_row64(64, 64, 2**31 // (67 * 64) + 1)
     assert tp._stream_row64(1024, 1024, 1, 2048)  # the largest stride decides
     assert tp._stream_row64(14, 14, -(2**31))
 
@@ -464,7 +464,7 @@ def test_stream_prefetch_gives_the_same_results(device, dtype, poison_empty):
 
     names = ("out", "grad_x alone", "grad_x", "grad_weight", "grad_bias")
     base = run(0)
-    for prefetch in (1, 2):  # the backward: grad_out rows ahead (1), and x rows (2)
+    for prefetch in (1, 2):  # forward: 1 or 2 rows ahead; backward: grad_out (1), and x (2)
         for name, a, c in zip(names, base, run(prefetch)):
             assert not a.isnan().any(), f"{name} has unwritten (NaN) elements"
             assert torch.equal(a, c), (name, prefetch)
