@@ -493,17 +493,20 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
                     vc = nc.to(ACC)
                     vr = nr.to(ACC)
                     ml, mc, mr = _stream_masks(r, 0, H, m_l, m_c, m_r)
+                    pl, pc, pr = _stream_masks(r + PREFETCH, 0, hi, m_l, m_c, m_r)
+                    ll, lc, lr = _stream_load(_grid_row(src, r + PREFETCH, W, ssn, ROW64), off,
+                                              pl, pc, pr, ssn)
                     if PREFETCH == 2:  # rows r + 1 (loaded) and r + 2 (loading) in flight
                         nl = ql
                         nc = qc
                         nr = qr
-                        pl, pc, pr = _stream_masks(r + 2, 0, hi, m_l, m_c, m_r)
-                        ql, qc, qr = _stream_load(_grid_row(src, r + 2, W, ssn, ROW64), off, pl,
-                                                  pc, pr, ssn)
+                        ql = ll
+                        qc = lc
+                        qr = lr
                     else:
-                        pl, pc, pr = _stream_masks(r + 1, 0, hi, m_l, m_c, m_r)
-                        nl, nc, nr = _stream_load(_grid_row(src, r + 1, W, ssn, ROW64), off, pl,
-                                                  pc, pr, ssn)
+                        nl = ll
+                        nc = lc
+                        nr = lr
                 else:
                     vl, vc, vr, ml, mc, mr = _stream_row(_grid_row(src, r, W, ssn, ROW64), off,
                                                          r, H, m_l, m_c, m_r, ssn, ACC)
