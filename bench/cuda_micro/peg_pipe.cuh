@@ -5,9 +5,9 @@
 // 3 TB/s at its latency wants about 20).
 //
 // A block takes work items (image b, chunk of CH channels) in turn, a thread for each (group of
-// CW columns, vector of CV channels) of the chunk, and streams their rows -1 .. H, one item after another,
-// through a ring of NS row buffers in shared memory (W tokens x CH channels each; rows -1 and H
-// are zeros, written by cp.async's zero fill): step q waits until its row has landed, issues the
+// CW columns, vector of CV channels) of the chunk, and streams their rows -1 .. H, one item
+// after another, through a ring of NS row buffers in shared memory (W tokens x CH channels each;
+// rows -1 and H are zeros, written by cp.async's zero fill): step q waits until its row has landed, issues the
 // row NS - 1 positions on into the buffer of row q - 1 (which step q - 1 was the last to read),
 // and adds its row to the three output rows it feeds, so that up to NS - 1 rows are in flight
 // during the arithmetic and each input value is read from shared memory once. The order of the
@@ -211,7 +211,7 @@ struct PipeForwardThread : PipeLayout<T, CV, CW> {
   using L = PipeLayout<T, CV, CW>;
   using L::tid, L::nthreads, L::cv, L::w, L::ppt, L::row_vals, L::has_piece, L::piece_s;
 
-  int items, first, step_items, positions;
+  int items, step_items, positions;
   int64_t piece_g;  // this thread's piece in src, from a row's first token
   int iq, ir, iitem;  // the issuing side: position iq, input row ir of item iitem, at isrc
   int64_t isrc, row_step;
@@ -221,27 +221,26 @@ struct PipeForwardThread : PipeLayout<T, CV, CW> {
   T* out_img;
   int ri, item;  // the computing side
 
-  // Item `item` (image b, channels c0 ..): the offset of its first value in src (returned), and
-  // in out.
-  PIPE_HD int64_t offsets(const PipeArgs<T>& a, int it, int64_t& out_offset, int64_t& c0) const {
+  // Item `it` (image b, channels c0 ..): the offsets of its first value in src and in out.
+  struct Item {
+    int64_t src, out, c0;
+  };
+  PIPE_HD Item locate(const PipeArgs<T>& a, int it) const {
     const int b = it / a.chunks;
-    c0 = int64_t(it - b * a.chunks) * a.CH;
-    out_offset = b * a.N * a.C + c0;
-    return b * a.sb + c0;
+    const int64_t c0 = int64_t(it - b * a.chunks) * a.CH;
+    return {b * a.sb + c0, b * a.N * a.C + c0, c0};
   }
 
   PIPE_HD void init(const PipeArgs<T>& a, int tid_, int nthreads_, int block, int grid) {
     L::place(a.W, a.CH, tid_, nthreads_);
     piece_g = L::piece_tok * a.st + L::piece_c;
     items = static_cast<int>(a.B * a.chunks);  // the launcher keeps it below 2^31
-    first = block;
     step_items = grid;
-    positions = first < items ? ((items - 1 - first) / step_items + 1) * (a.H + 2) : 0;
+    positions = block < items ? ((items - 1 - block) / step_items + 1) * (a.H + 2) : 0;
     iq = 0;
     ir = -1;
-    iitem = first;
-    int64_t unused, unused_c0;
-    isrc = offsets(a, first, unused, unused_c0) + a.P * a.st + piece_g;
+    iitem = block;
+    isrc = locate(a, block).src + a.P * a.st + piece_g;
     row_step = int64_t(a.W) * a.st;
 #pragma unroll
     for (int k = 0; k < CW; ++k) {
@@ -250,7 +249,7 @@ struct PipeForwardThread : PipeLayout<T, CV, CW> {
     }
     out_img = nullptr;
     ri = -1;
-    item = first;
+    item = block;
   }
 
   // Loads position iq into buffer iq % NS (zeros for rows -1 and H), and moves on a position.
@@ -266,21 +265,20 @@ struct PipeForwardThread : PipeLayout<T, CV, CW> {
     if (++ir == a.H + 1) {
       ir = -1;
       iitem += step_items;
-      int64_t unused, unused_c0;
-      if (iitem < items) isrc = offsets(a, iitem, unused, unused_c0) + a.P * a.st + piece_g;
+      if (iitem < items) isrc = locate(a, iitem).src + a.P * a.st + piece_g;
     }
   }
 
   // At a new item (ri == -1): its taps, bias and prefix tokens.
   PIPE_HD void begin(const PipeArgs<T>& a) {
-    int64_t out_offset, c0;
-    const T* img = a.src + offsets(a, item, out_offset, c0);
-    out_img = a.out + out_offset;
-    load_taps<T, CV>(wt, a.p, c0 + cv * CV, /*flip=*/false);
+    const Item at = locate(a, item);
+    const T* img = a.src + at.src;
+    out_img = a.out + at.out;
+    load_taps<T, CV>(wt, a.p, at.c0 + cv * CV, /*flip=*/false);
 #pragma unroll
     for (int e = 0; e < CV; ++e) {
       bias[e] = a.p.bias != nullptr
-                    ? static_cast<A>(peg_cuda::load_ro(a.p.bias + (c0 + cv * CV + e) * a.p.b_s))
+                    ? static_cast<A>(peg_cuda::load_ro(a.p.bias + (at.c0 + cv * CV + e) * a.p.b_s))
                     : A(0);
     }
     copy_prefix(out_img, a.C, img, a.st, a.P, ppt, tid, nthreads);
