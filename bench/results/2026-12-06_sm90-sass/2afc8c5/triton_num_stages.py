@@ -4,6 +4,7 @@ kernels' row loads do. Compiles for sm_90 without a GPU; prints the loads and st
 """
 import os, sys, subprocess, re
 import triton, triton.language as tl
+print(f"# triton {triton.__version__}, python {sys.version.split()[0]}, target sm_90 (no GPU)")
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 
