@@ -69,8 +69,10 @@ for part in re.split(r"\n\s*Function : ", sass)[1:]:
 
 release = re.search(r"release ([0-9.]+)", subprocess.run([nvcc, "--version"], capture_output=True,
                                                           text=True).stdout).group(1)
-commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                        capture_output=True, text=True).stdout.strip()
+commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always"], capture_output=True,
+                        text=True).stdout.strip()
+if subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "csrc"]).returncode:
+    commit += " with csrc/ changed"
 print(f"# csrc/cuda/peg_stream.cuh at {commit}, sm_90 SASS, nvcc {release}, "
       f"{a.dtype}; floor: busiest SM at 4 warp instructions a cycle, {a.ghz} GHz, {a.sms} SMs; "
       f"bytes at {a.gbs:.0f} GB/s")
