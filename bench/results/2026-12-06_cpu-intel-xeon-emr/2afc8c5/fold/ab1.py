@@ -4,6 +4,11 @@ reported as ns per 32 outputs (min and median over the rounds).
 
     python ab1.py THREADS NAME VALUE...
 """
+import os as _os, sys as _sys
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "../../../.."))
+import bench_peg as _bp  # noqa: E402
+import torch as _torch  # noqa: E402
+print("# " + ", ".join(f"{k} {v}" for k, v in _bp.run_metadata(_torch.device("cpu")).items()))
 import torch, time, os, sys, cpvt_kernels as ck
 torch.set_num_threads(int(sys.argv[1])); name=sys.argv[2]; vals=sys.argv[3:]
 dtype=torch.bfloat16

@@ -4,6 +4,11 @@ L2, the loop is bound by its arithmetic; where it follows the copy, by memory.
 
     python per_output.py THREADS
 """
+import os as _os, sys as _sys
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "../../../.."))
+import bench_peg as _bp  # noqa: E402
+import torch as _torch  # noqa: E402
+print("# " + ", ".join(f"{k} {v}" for k, v in _bp.run_metadata(_torch.device("cpu")).items()))
 import torch, time, statistics, cpvt_kernels as ck, sys
 torch.set_num_threads(int(sys.argv[1]))
 for dtype in (torch.bfloat16, torch.float32):
