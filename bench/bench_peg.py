@@ -10,6 +10,8 @@ For every shape, dtype and pass it times, side by side in one process:
     <backend>             cpvt_kernels.FusedPEG(backend=...) for each fused backend of the device
     cuda-tile             the cuda backend with CPVT_CUDA_KERNELS=tile (its tiled kernels)
     cuda-stream           the cuda backend with CPVT_CUDA_KERNELS=stream (its streaming kernels)
+    cuda-pipe             the cuda backend with CPVT_CUDA_KERNELS=pipe (the experimental cp.async
+                          forward; the streaming kernels elsewhere)
     triton-stream         the triton backend with CPVT_TRITON_KERNELS=stream (3x3 streaming kernels)
 
 Passes: ``fwd`` (forward under ``torch.no_grad()``), ``bwd`` (backward of a retained graph:
@@ -539,6 +541,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 # ``cuda`` itself runs CPVT_CUDA_KERNELS=auto unless the environment says otherwise.
 VARIANTS = {"cuda-tile": ("cuda", {"CPVT_CUDA_KERNELS": "tile"}),
             "cuda-stream": ("cuda", {"CPVT_CUDA_KERNELS": "stream"}),
+            "cuda-pipe": ("cuda", {"CPVT_CUDA_KERNELS": "pipe"}),
             "triton-stream": ("triton", {"CPVT_TRITON_KERNELS": "stream"})}
 
 

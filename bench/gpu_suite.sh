@@ -20,8 +20,9 @@
 #              wherever they apply), in the same processes
 #   test-triton-stream  tests/test_triton.py again with CPVT_TRITON_KERNELS=stream
 #   sanitize   compute-sanitizer memcheck, racecheck and initcheck over bench/sanitize_small.py,
-#              once per kernel family (SANITIZE_CUDA_KERNELS, default "tile stream"; set as
-#              CPVT_CUDA_KERNELS and CPVT_TRITON_KERNELS)
+#              once per kernel family (SANITIZE_CUDA_KERNELS, default "tile stream pipe"; set
+#              as CPVT_CUDA_KERNELS and CPVT_TRITON_KERNELS; "pipe", a cuda family only, runs the
+#              cuda backend alone)
 #   checks     selfcheck, test, test-stream, test-triton-stream and sanitize side by side (none
 #              is timed), each with its own log and summary line
 #   tune       bench/tune_triton.py for the tiled and the streaming Triton kernels (TUNE_ARGS,
@@ -169,13 +170,20 @@ step_sanitize() {
         return 1
     fi
     "$cs" --version | head -n 3
-    local kernels backends=${SANITIZE_BACKENDS:-cuda,triton}
-    for kernels in ${SANITIZE_CUDA_KERNELS:-tile stream}; do
+    local kernels backends triton_kernels
+    for kernels in ${SANITIZE_CUDA_KERNELS:-tile stream pipe}; do
+        backends=${SANITIZE_BACKENDS:-cuda,triton}
+        triton_kernels=$kernels
+        if [ "$kernels" = pipe ]; then  # the cuda backend's family alone
+            backends=cuda
+            triton_kernels=tile  # not run
+        fi
         for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
             echo "--- compute-sanitizer --tool $tool, kernels $kernels, $backends"
             # Without the caching allocator every tensor is its own allocation, so an access
             # past its end is out of bounds for memcheck instead of landing in a cached neighbour.
-            CPVT_CUDA_KERNELS=$kernels CPVT_TRITON_KERNELS=$kernels PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            CPVT_CUDA_KERNELS=$kernels CPVT_TRITON_KERNELS=$triton_kernels \
+                PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
                 timeout "${SANITIZE_TIMEOUT:-1200}" \
                 "$cs" --tool "$tool" --error-exitcode 99 --print-limit 50 \
                 "$PY" bench/sanitize_small.py --backends "$backends" 2>&1 \

@@ -207,10 +207,10 @@ def test_bench_peg_helpers():
 
 
 def test_bench_peg_variants_set_their_environment(monkeypatch):
-    """cuda-stream and cuda-tile are the cuda backend timed with CPVT_CUDA_KERNELS=stream and
-    tile, restored after."""
-    assert "cuda-stream" not in bench_peg.fused_backends(torch.device("cpu"))
-    assert "cuda-tile" not in bench_peg.fused_backends(torch.device("cpu"))
+    """cuda-stream, cuda-tile and cuda-pipe are the cuda backend timed with CPVT_CUDA_KERNELS
+    stream, tile and pipe, restored after."""
+    for variant in ("cuda-stream", "cuda-tile", "cuda-pipe"):
+        assert variant not in bench_peg.fused_backends(torch.device("cpu"))
     monkeypatch.delenv("CPVT_CUDA_KERNELS", raising=False)
     with bench_peg.impl_env("cuda-tile"):
         assert "CPVT_CUDA_KERNELS" in os.environ and os.environ["CPVT_CUDA_KERNELS"] == "tile"
@@ -219,6 +219,8 @@ def test_bench_peg_variants_set_their_environment(monkeypatch):
     with bench_peg.impl_env("cuda-stream"):
         assert os.environ["CPVT_CUDA_KERNELS"] == "stream"
     assert os.environ["CPVT_CUDA_KERNELS"] == "tile"
+    with bench_peg.impl_env("cuda-pipe"):
+        assert os.environ["CPVT_CUDA_KERNELS"] == "pipe"
     monkeypatch.delenv("CPVT_CUDA_KERNELS")
     with bench_peg.impl_env("cuda-stream"):
         pass
@@ -356,8 +358,8 @@ def test_bench_peg_tiny_run_on_gpu(tmp_path):
     """The CUDA timing path: events, L2 flush, peak memory, every GPU backend and compile."""
     if not HAS_GPU:
         pytest.skip("GPU-only: no CUDA device")
-    backends = bench_peg.fused_backends(torch.device("cuda"))  # with cuda-tile and cuda-stream
-    assert ("cuda-stream" in backends and "cuda-tile" in backends) or "cuda" not in backends
+    backends = bench_peg.fused_backends(torch.device("cuda"))  # with the cuda-* variants
+    assert ({"cuda-stream", "cuda-tile", "cuda-pipe"} <= set(backends)) or "cuda" not in backends
     assert "triton-stream" in backends or "triton" not in backends
     rc = bench_peg.main(TINY + ["--device", "cuda", "--dtypes", "float32", "float16",
                                 "--passes", "fwd,bwd,fwdbwd", "--impls", "eager", "compile",
@@ -547,10 +549,11 @@ def test_triton_kernels_compile_for_sm90_without_spills():
 
 
 def test_cuda_forward_kernels_store_whole_vectors():
-    """The CUDA forward kernels (tiled and streaming; their input-gradient instances too) store
-    each output vector of the 16-bit types and float32 with one instruction of its width
-    (bench/cuda_sass.py over the built extension's sm_90 code). Assigning the Pack let nvcc split
-    them into 2- and 4-byte stores."""
+    """The CUDA forward kernels (tiled, streaming and cp.async; their input-gradient instances
+    too) store each output vector of the 16-bit types and float32 with one instruction of its
+    width (bench/cuda_sass.py over the built extension's sm_90 code). Assigning the Pack let nvcc
+    split them into 2- and 4-byte stores. The cp.async forward also copies the prefix tokens in
+    16-byte pieces."""
     import re
     from cpvt_kernels import ops
     if not ops.HAS_CUDA_KERNELS:
@@ -564,24 +567,25 @@ def test_cuda_forward_kernels_store_whole_vectors():
     if not binary:
         pytest.skip("the extension is not built in the source tree")
     rows = [r for r in cuda_sass.kernels(binary[0], 90, tool)
-            if re.search(r"peg_(stream_)?forward_kernel<", r["name"])]
+            if re.search(r"peg_(stream_|pipe_)?forward_kernel<", r["name"])]
     if not rows:
         pytest.skip("the extension has no sm_90 code (TORCH_CUDA_ARCH_LIST)")
     sizes = {"BFloat16": 2, "Half": 2, "float": 4}
     kinds = {32: "STG.E", 64: "STG.E.64", 128: "STG.E.128"}
     checked = set()
     for r in rows:
-        m = re.search(r"peg_(stream_)?forward_kernel<(?:c10::)?(\w+), (\d+),", r["name"])
+        m = re.search(r"peg_(stream_|pipe_)?forward_kernel<(?:c10::)?(\w+), (\d+),", r["name"])
         assert m, r["name"]
         # double: two 8-byte stores a vector, by choice; a single 16-bit value: one store anyway
         width = 8 * sizes.get(m.group(2), 0) * int(m.group(3))
         if width not in kinds:
             continue
         stores = set(re.findall(r"(STG[\w.]*)x\d+", r["memory"]))
-        assert stores == {kinds[width]}, (r["name"], r["memory"])
-        checked.add((bool(m.group(1)), m.group(2)))
-    # tiled and streaming, each in bfloat16, half and float32
-    assert len(checked) == 6, (checked, [r["name"] for r in rows])
+        want = {kinds[width]} | ({"STG.E.128"} if m.group(1) == "pipe_" else set())
+        assert stores == want, (r["name"], r["memory"])
+        checked.add((m.group(1), m.group(2)))
+    # tiled, streaming and cp.async, each in bfloat16, half and float32
+    assert len(checked) == 9, (checked, [r["name"] for r in rows])
 
 
 def test_cuda_micro_builds(tmp_path):

@@ -199,6 +199,7 @@ def test_fuzz_cpu_fast_paths():
 # On CUDA tensors (a GPU only): the cuda and triton backends, each kernel family, on the problems
 # of both sets above (Triton a quarter as many: each new kernel size or dtype compiles its kernels).
 CUDA_VARIANTS = [("cuda", "CPVT_CUDA_KERNELS", "tile"), ("cuda", "CPVT_CUDA_KERNELS", "stream"),
+                 ("cuda", "CPVT_CUDA_KERNELS", "pipe"),
                  ("triton", "CPVT_TRITON_KERNELS", "tile"),
                  ("triton", "CPVT_TRITON_KERNELS", "stream")]
 

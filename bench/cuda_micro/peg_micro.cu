@@ -17,7 +17,7 @@
 //       ncu --clock-control none --set full -k regex:peg_ bench/cuda_micro/peg_micro
 #include "../../csrc/cuda/peg_kernel.cuh"
 #include "../../csrc/cuda/peg_stream.cuh"
-#include "peg_pipe.cuh"
+#include "../../csrc/cuda/peg_pipe.cuh"
 
 #include <c10/util/BFloat16.h>
 #include <cuda_runtime.h>
@@ -277,18 +277,11 @@ void launch_stream_fwd(const Bufs<T>& d, const Shape& s, int64_t slots_per_sm) {
 }
 
 // The cp.async forward of peg_pipe.cuh: CV channels a thread, NS row buffers; a work item is
-// (image, CH channels), CH the largest of 256 .. 16 that divides C with W * CH / CV threads a
-// block at most 256 (0 where none does); persistent (one wave of resident blocks).
+// (image, CH channels), CH as the package picks it (pipe_channels; 0 where none fits);
+// persistent (one wave of resident blocks).
 template <typename T, int CV, int CW = 1>
 int pipe_channels(const Shape& s) {
-  if (s.K != 3) return 0;
-  for (int ch = 256; ch >= 16; ch /= 2) {
-    if (s.C % ch == 0 && (ch * int(sizeof(T))) % 16 == 0 && ch % CV == 0 &&
-        (s.H + CW - 1) / CW * (ch / CV) <= cpvt::peg_pipe::kMaxThreads) {
-      return ch;
-    }
-  }
-  return 0;
+  return s.K == 3 ? cpvt::peg_pipe::pipe_channels(s.C, s.H, int(sizeof(T)), CV, CW) : 0;
 }
 
 template <typename T, int CV, int NS, int CW = 1>

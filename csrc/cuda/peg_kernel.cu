@@ -51,15 +51,17 @@ bool vector_ok(const at::Tensor& t, int vec) {
 }
 
 // CPVT_CUDA_KERNELS: "tile" or "stream" forces one kernel family (the streaming kernels only
-// where they apply: kernel size 1 or 3 on the 16-byte vector path); "auto" or unset takes the
+// where they apply: kernel size 1 or 3 on the 16-byte vector path); "pipe" is "stream" with the
+// experimental cp.async forward where it applies (Kernels::kPipe); "auto" or unset takes the
 // faster one (Kernels::kAuto). Read at each call.
 Kernels kernels_from_env() {
   const char* env = std::getenv("CPVT_CUDA_KERNELS");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return Kernels::kAuto;
   if (std::strcmp(env, "tile") == 0) return Kernels::kTile;
+  if (std::strcmp(env, "pipe") == 0) return Kernels::kPipe;
   TORCH_CHECK(std::strcmp(env, "stream") == 0,
-              "fused_peg (cuda): CPVT_CUDA_KERNELS must be 'auto', 'tile' or 'stream', got '", env,
-              "'");
+              "fused_peg (cuda): CPVT_CUDA_KERNELS must be 'auto', 'tile', 'stream' or 'pipe', "
+              "got '", env, "'");
   return Kernels::kStream;
 }
 

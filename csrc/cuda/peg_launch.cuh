@@ -1,11 +1,12 @@
-// Launches of the CUDA kernels for one dtype: the choice between the tiled and the streaming
-// kernels, kernel-size and alignment dispatch, launch plans, shared-memory opt-in and the
+// Launches of the CUDA kernels for one dtype: the choice between the tiled, the streaming and
+// the cp.async (CPVT_CUDA_KERNELS=pipe) kernels, kernel-size and alignment dispatch, launch plans, shared-memory opt-in and the
 // weight-gradient reduction. Included by the per-dtype translation
 // units (peg_<dtype>.cu) only; each instantiates forward_typed and backward_typed for its dtype
 // with CPVT_PEG_CUDA_INSTANTIATE.
 #pragma once
 
 #include "peg_kernel.cuh"
+#include "peg_pipe.cuh"
 #include "peg_stream.cuh"
 #include "peg_typed.h"
 
@@ -280,6 +281,54 @@ bool launch_stream_backward(const at::Tensor& grad, const at::Tensor& x, const P
   return true;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The cp.async forward (peg_pipe.cuh), under CPVT_CUDA_KERNELS=pipe only: the 3x3 forward on the
+// vector path of 16-bit and float32 tokens, 4 channels a thread, 6 row buffers (up to 5 rows in
+// flight a block). False where it does not apply or fit; the caller then takes the streaming
+// kernels.
+constexpr int kPipeVec = 4, kPipeRows = 6;
+
+template <typename T>
+bool launch_pipe_forward(const at::Tensor& src, const Params<T>& p, at::Tensor& out, int64_t H,
+                         int64_t W, int64_t P, const DeviceInfo& dev, cudaStream_t stream) {
+  if constexpr (sizeof(T) > 4) {
+    return false;  // a thread's 4 channels would be more than one 16-byte piece
+  } else {
+    using namespace peg_pipe;
+    const int64_t B = src.size(0), C = src.size(2);
+    const int CH = pipe_channels(C, W, sizeof(T), kPipeVec, 1);
+    if (CH == 0) return false;
+    auto kernel = peg_pipe_forward_kernel<T, kPipeVec, kPipeRows>;
+    const int threads = static_cast<int>(W) * (CH / kPipeVec);
+    const int64_t smem = pipe_smem<T>(kPipeRows, static_cast<int>(W), CH);  // at most 24 KiB
+    const int per_sm = resident_blocks(kernel, dev.index, threads, smem, 0);
+    const int64_t items = B * (C / CH);
+    // Persistent: one wave of resident blocks, each taking every grid-th item.
+    const int64_t grid = std::min<int64_t>(items, int64_t(std::max(per_sm, 1)) * dev.sms);
+    if (per_sm < 1 || items >= (int64_t(1) << 31) ||
+        ceil_div(items, grid) * (H + 2) >= (int64_t(1) << 31)) {
+      return false;  // the positions of a block's stream are counted in int
+    }
+    PipeArgs<T> a{};
+    a.src = src.const_data_ptr<T>();
+    a.sb = src.stride(0);
+    a.st = src.stride(1);
+    a.p = p;
+    a.out = out.mutable_data_ptr<T>();
+    a.B = B;
+    a.N = src.size(1);
+    a.C = C;
+    a.P = P;
+    a.H = static_cast<int>(H);
+    a.W = static_cast<int>(W);
+    a.CH = CH;
+    a.chunks = static_cast<int>(C / CH);
+    kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+}
+
 }  // namespace launch_detail
 
 template <typename T>
@@ -289,6 +338,10 @@ void forward_typed(const at::Tensor& src, const at::Tensor& weight, const at::Te
   using namespace launch_detail;
   const int kh = static_cast<int>(weight.size(2)), kw = static_cast<int>(weight.size(3));
   const Params<T> p = params_of<T>(weight, flip ? nullptr : bias);
+  if (kernels == Kernels::kPipe && !flip && kh == 3 && kw == 3 && vec &&
+      launch_pipe_forward<T>(src, p, out, H, W, P, dev, stream)) {
+    return;
+  }
   if (kernels != Kernels::kTile && stream_fits(kh, kw, vec)) {
     const bool done =
         kh == 1 ? (flip ? launch_stream_forward<T, 1, false>(src, p, out, H, W, P, dev, stream)
@@ -314,8 +367,8 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
   T* gb = grad_b != nullptr ? grad_b->mutable_data_ptr<T>() : nullptr;
   // kAuto: the streaming backward ran at 0.99-1.17x the tiled one's speed on bfloat16 and 0.77x
   // on float32 (H100, bench/results/2026-12-05_nvidia-h100).
-  const bool stream_family =
-      kernels == Kernels::kStream || (kernels == Kernels::kAuto && sizeof(T) == 2);
+  const bool stream_family = kernels == Kernels::kStream || kernels == Kernels::kPipe ||
+                             (kernels == Kernels::kAuto && sizeof(T) == 2);
   if (stream_family && launch_detail::stream_fits(kh, kw, vec)) {
     const bool done =
         kh == 1 ? launch_detail::launch_stream_backward<T, 1>(grad, x, p, gx, gw, gb, H, W, P,

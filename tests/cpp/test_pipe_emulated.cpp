@@ -1,4 +1,4 @@
-// The experimental cp.async kernels of bench/cuda_micro/peg_pipe.cuh run on the CPU: their
+// The experimental cp.async kernels of csrc/cuda/peg_pipe.cuh run on the CPU: their
 // per-thread code (PipeForwardThread, PipeBackwardThread) is __host__ __device__, and this test
 // drives it block by block as the kernels do, every thread in turn at each stage (the copies
 // land at once, so a refill of a buffer still to be read shows). It checks the stream of items
@@ -7,7 +7,7 @@
 // (the copies landing late, barriers, speed) is bench/cuda_micro's to measure.
 #include <torch/torch.h>
 
-#include "../../bench/cuda_micro/peg_pipe.cuh"
+#include "cuda/peg_pipe.cuh"
 #include "emulated.h"
 
 #include <c10/util/BFloat16.h>
@@ -29,14 +29,14 @@ at::Tensor strided_tokens(int64_t B, int64_t N, int64_t C, at::ScalarType dt) {
 
 // The fused PEG in float64 with autograd: out, and (grad_x, grad_w, grad_b) of out * g.
 std::vector<at::Tensor> reference(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                                  const at::Tensor& g, int64_t H, int64_t P) {
+                                  const at::Tensor& g, int64_t H, int64_t W, int64_t P) {
   const int64_t B = x.size(0), C = x.size(2);
   auto x64 = x.to(at::kDouble).detach().requires_grad_(true);
   auto w64 = w.to(at::kDouble).detach().requires_grad_(true);
   auto b64 = b.to(at::kDouble).detach().requires_grad_(true);
-  const auto grid = x64.narrow(1, P, H * H).reshape({B, H, H, C}).permute({0, 3, 1, 2});
+  const auto grid = x64.narrow(1, P, H * W).reshape({B, H, W, C}).permute({0, 3, 1, 2});
   const auto y = at::conv2d(grid, w64, b64, 1, 1, 1, C) + grid;
-  const auto out = at::cat({x64.narrow(1, 0, P), y.permute({0, 2, 3, 1}).reshape({B, H * H, C})},
+  const auto out = at::cat({x64.narrow(1, 0, P), y.permute({0, 2, 3, 1}).reshape({B, H * W, C})},
                            1);
   (out * g.to(at::kDouble)).sum().backward();
   return {out.detach(), x64.grad(), w64.grad(), b64.grad()};
@@ -44,7 +44,7 @@ std::vector<at::Tensor> reference(const at::Tensor& x, const at::Tensor& w, cons
 
 template <typename T, int CV, int NS, int CW>
 at::Tensor emulate_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                           int64_t H, int64_t P, int CH, int grid) {
+                           int64_t H, int64_t W, int64_t P, int CH, int grid) {
   at::Tensor out = at::full({x.size(0), x.size(1), x.size(2)}, NAN, x.options());
   PipeArgs<T> a{};
   a.src = x.const_data_ptr<T>();
@@ -53,7 +53,7 @@ at::Tensor emulate_forward(const at::Tensor& x, const at::Tensor& w, const at::T
   a.p = params_of<T>(w, &b);
   a.out = out.mutable_data_ptr<T>();
   a.B = x.size(0); a.N = x.size(1); a.C = x.size(2); a.P = P;
-  a.H = static_cast<int>(H); a.W = static_cast<int>(H);
+  a.H = static_cast<int>(H); a.W = static_cast<int>(W);
   a.CH = CH; a.chunks = static_cast<int>(a.C / CH);
   const int nthreads = (a.W + CW - 1) / CW * (CH / CV);
   for (int block = 0; block < grid; ++block) {
@@ -77,8 +77,8 @@ at::Tensor emulate_forward(const at::Tensor& x, const at::Tensor& w, const at::T
 // grad_x, grad_w, grad_b; grid a multiple of the chunks.
 template <typename T, int CV, int NS>
 std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& x,
-                                         const at::Tensor& w, int64_t H, int64_t P, int CH,
-                                         int grid) {
+                                         const at::Tensor& w, int64_t H, int64_t W, int64_t P,
+                                         int CH, int grid) {
   using A = acc_t<T>;
   const int64_t C = x.size(2);
   const int chunks = static_cast<int>(C / CH);
@@ -95,7 +95,7 @@ std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& 
   a.grad_x = grad_x.mutable_data_ptr<T>();
   a.partials = partials.mutable_data_ptr<A>();
   a.B = x.size(0); a.N = x.size(1); a.C = C; a.P = P;
-  a.H = static_cast<int>(H); a.W = static_cast<int>(H);
+  a.H = static_cast<int>(H); a.W = static_cast<int>(W);
   a.CH = CH; a.chunks = chunks;
   const int nthreads = a.W * CH / CV;
   for (int block = 0; block < grid; ++block) {
@@ -122,30 +122,34 @@ std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& 
   return {grad_x, total.narrow(0, 0, 9).t().reshape({C, 1, 3, 3}), total.select(0, 9)};
 }
 
-// The forward with CW columns a thread; the backward too where NS >= 4 and CW == 1.
+// The forward with CW columns a thread; the backward too where NS >= 4 and CW == 1. H x W
+// pixels; CH channels an item (0: as the package's launcher picks them, pipe_channels).
 template <typename T, int CV, int NS, int CW>
-void check_case(int64_t B, int64_t C, int64_t H, int64_t P, int CH) {
-  const int64_t N = P + H * H;
+void check_case(int64_t B, int64_t C, int64_t H, int64_t W, int64_t P, int CH) {
+  if (CH == 0) CH = pipe_channels(C, W, sizeof(T), CV, CW);
+  expect(CH > 0 && C % CH == 0, "a chunk of channels for C " + std::to_string(C));
+  if (CH <= 0 || C % CH != 0) return;
+  const int64_t N = P + H * W;
   const at::ScalarType dt = scalar_type<T>();
   const at::Tensor x = strided_tokens(B, N, C, dt), g = strided_tokens(B, N, C, dt);
   const at::Tensor w = (at::randn({C, 1, 3, 3}, at::kDouble) * 0.3).to(dt);
   const at::Tensor b = at::randn({C}, at::kDouble).to(dt);
-  const auto ref = reference(x, w, b, g, H, P);
+  const auto ref = reference(x, w, b, g, H, W, P);
   const int chunks = static_cast<int>(C / CH), items = static_cast<int>(B) * chunks;
   const std::string what = std::string(c10::toString(dt)) + " CV" + std::to_string(CV) + " NS" +
                            std::to_string(NS) + " CW" + std::to_string(CW) + " B" +
-                           std::to_string(B) + " C" +
-                           std::to_string(C) + " H" + std::to_string(H) + " P" +
+                           std::to_string(B) + " C" + std::to_string(C) + " " +
+                           std::to_string(H) + "x" + std::to_string(W) + " P" +
                            std::to_string(P) + " CH" + std::to_string(CH);
   for (int grid : {1, 2, items, items + 3}) {
-    const at::Tensor out = emulate_forward<T, CV, NS, CW>(x, w, b, H, P, CH, grid);
+    const at::Tensor out = emulate_forward<T, CV, NS, CW>(x, w, b, H, W, P, CH, grid);
     const double e = rel_err(out, ref[0]);
     expect(e < tolerance<T>(), "forward " + what + " grid " + std::to_string(grid) +
                                    ": rel err " + std::to_string(e));
   }
   if constexpr (NS >= 4 && CW == 1) {
     for (int grid : {chunks, 2 * chunks, items}) {
-      const auto got = emulate_backward<T, CV, NS>(g, x, w, H, P, CH, grid);
+      const auto got = emulate_backward<T, CV, NS>(g, x, w, H, W, P, CH, grid);
       const char* names[3] = {"grad_x ", "grad_w ", "grad_b "};
       for (int k = 0; k < 3; ++k) {
         const double e = rel_err(got[k], ref[1 + k]);
@@ -158,11 +162,17 @@ void check_case(int64_t B, int64_t C, int64_t H, int64_t P, int CH) {
 
 template <typename T, int CV, int NS, int CW = 1>
 void check_all() {
-  check_case<T, CV, NS, CW>(1, 16, 1, 0, 16);
-  check_case<T, CV, NS, CW>(2, 32, 2, 1, 16);
-  check_case<T, CV, NS, CW>(3, 48, 5, 2, 16);
-  check_case<T, CV, NS, CW>(2, 64, 7, 1, 32);
-  check_case<T, CV, NS, CW>(1, 32, 9, 1, 32);
+  check_case<T, CV, NS, CW>(1, 16, 1, 1, 0, 16);
+  check_case<T, CV, NS, CW>(2, 32, 2, 2, 1, 16);
+  check_case<T, CV, NS, CW>(3, 48, 5, 5, 2, 16);
+  check_case<T, CV, NS, CW>(2, 64, 7, 7, 1, 32);
+  check_case<T, CV, NS, CW>(1, 32, 9, 9, 1, 32);
+  // Rectangular grids, with the launcher's chunks: 8 channels, one chunk of 8; 48 at W = 3,
+  // 3 chunks of 16; 128 at W = 20, chunks of 32 with 4 channels a thread and one column (64
+  // would need 320 threads), of 64 otherwise.
+  check_case<T, CV, NS, CW>(3, 8, 5, 7, 1, 0);
+  check_case<T, CV, NS, CW>(2, 48, 6, 3, 2, 0);
+  check_case<T, CV, NS, CW>(2, 128, 2, 20, 0, 0);
 }
 
 }  // namespace

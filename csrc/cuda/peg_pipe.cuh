@@ -1,26 +1,28 @@
-// Experimental fused PEG kernels for bench/cuda_micro, forward and backward: rows staged through
-// shared memory by cp.async, several rows in flight per block, so that the bytes a
-// multiprocessor keeps in flight do not depend on its registers (the streaming kernels of
-// csrc/cuda/peg_stream.cuh hold one row ahead in registers: about 5-8 KB in flight an SM, where
-// 3 TB/s at its latency wants about 20).
+// Fused PEG kernels, forward and backward, that stage rows through shared memory by cp.async,
+// several rows in flight per block, so that the bytes a multiprocessor keeps in flight do not
+// depend on its registers (the streaming kernels of peg_stream.cuh hold one row ahead in
+// registers: about 5-8 KB in flight an SM, where 3 TB/s at its latency wants about 20).
 //
 // A block takes work items (image b, chunk of CH channels) in turn, a thread for each (group of
 // CW columns, vector of CV channels) of the chunk, and streams their rows -1 .. H, one item
 // after another, through a ring of NS row buffers in shared memory (W tokens x CH channels each;
-// rows -1 and H are zeros, written by cp.async's zero fill): step q waits until its row has landed, issues the
-// row NS - 1 positions on into the buffer of row q - 1 (which step q - 1 was the last to read),
-// and adds its row to the three output rows it feeds, so that up to NS - 1 rows are in flight
-// during the arithmetic and each input value is read from shared memory once. The order of the
-// arithmetic is the package's: the bias, the taps row by row (padding columns multiplied as
-// zeros), the residual right after the centre tap. Prefix tokens are copied by the block that
-// has the item. The backward (peg_pipe_backward_kernel) streams grad_out and x the same way.
+// rows -1 and H are zeros, written by cp.async's zero fill): step q waits until its row has
+// landed, issues the row NS - 1 positions on into the buffer of row q - 1 (which step q - 1 was
+// the last to read), and adds its row to the three output rows it feeds, so that up to NS - 1
+// rows are in flight during the arithmetic and each input value is read from shared memory
+// once. The order of the arithmetic is the package's: the bias, the taps row by row (padding
+// columns multiplied as zeros), the residual right after the centre tap. Prefix tokens are
+// copied by the block that has the item. The backward (peg_pipe_backward_kernel) streams
+// grad_out and x the same way.
 //
-// Not in the package: bench/cuda_micro times them beside the streaming kernels, and
-// tests/cpp/test_pipe_emulated.cpp runs their thread code (PipeForwardThread,
+// Experimental. The package runs the forward only where CPVT_CUDA_KERNELS=pipe asks for it
+// (peg_launch.cuh: launch_pipe_forward, 3x3 on the vector path of 16-bit and float32 tokens);
+// the backward is bench/cuda_micro's alone. bench/cuda_micro times both beside the streaming
+// kernels, and tests/cpp/test_pipe_emulated.cpp runs their thread code (PipeForwardThread,
 // PipeBackwardThread: __host__ __device__) on the CPU.
 #pragma once
 
-#include "../../csrc/cuda/peg_stream.cuh"
+#include "peg_stream.cuh"
 
 #include <cstdint>
 #include <cstring>
@@ -60,6 +62,20 @@ struct PipeBackwardArgs {
   int CH, chunks;  // gridDim.x is a multiple of chunks, so that a block keeps its chunk
 };
 
+// The channels of a work item: the largest CH of 256, 128, ... that divides C in whole 16-byte
+// pieces and CV-channel vectors, with ceil(W / CW) * CH / CV threads a block at most
+// kMaxThreads; 0 where none does.
+inline int pipe_channels(int64_t C, int64_t W, int elem_bytes, int CV, int CW) {
+  const int piece = 16 / elem_bytes;
+  for (int ch = 256; ch >= piece && ch >= CV; ch /= 2) {
+    if (C % ch == 0 && ch % piece == 0 && ch % CV == 0 &&
+        (W + CW - 1) / CW * (ch / CV) <= kMaxThreads) {
+      return ch;
+    }
+  }
+  return 0;
+}
+
 // Shared memory of a block: NS row buffers of W x CH values.
 template <typename T>
 inline int64_t pipe_smem(int NS, int W, int CH) {
@@ -72,14 +88,24 @@ inline int64_t pipe_smem(int NS, int W, int CH) {
 #define PIPE_HD inline
 #endif
 
+// cp.async needs sm_80 or later; older devices (a build for them) copy at once.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define PIPE_CP_ASYNC 1
+#else
+#define PIPE_CP_ASYNC 0
+#endif
+
 // 16 bytes from global to shared memory, asynchronously (zeros when !fill). On the host, where
-// tests/cpp/test_pipe_emulated.cpp runs the kernels' thread code, at once.
+// tests/cpp/test_pipe_emulated.cpp runs the kernels' thread code, and before sm_80, at once.
 PIPE_HD void cp_async16(void* smem, const void* gmem, bool fill) {
-#if defined(__CUDA_ARCH__)
+#if PIPE_CP_ASYNC
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
                "r"(fill ? 16 : 0)
                : "memory");
+#elif defined(__CUDA_ARCH__)
+  using P16 = Pack<uint32_t, 4>;
+  *static_cast<P16*>(smem) = fill ? *static_cast<const P16*>(gmem) : P16{};
 #else
   if (fill) {
     std::memcpy(smem, gmem, 16);
@@ -478,11 +504,15 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
 #if defined(__CUDACC__)
 
 __device__ __forceinline__ void cp_async_commit() {
+#if PIPE_CP_ASYNC
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#if PIPE_CP_ASYNC
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 template <typename T, int CV, int NS, int CW = 1>
@@ -546,6 +576,7 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
 #endif  // __CUDACC__
 
 #undef PIPE_HD
+#undef PIPE_CP_ASYNC
 
 }  // namespace peg_pipe
 }  // namespace cpvt
