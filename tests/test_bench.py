@@ -588,6 +588,31 @@ def test_cuda_forward_kernels_store_whole_vectors():
     assert len(checked) == 9, (checked, [r["name"] for r in rows])
 
 
+def test_cuda_pipe_forward_fits_its_registers():
+    """The package's cp.async forward (CPVT_CUDA_KERNELS=pipe) keeps to the 96 registers it
+    asks for with no stack frame (three blocks of 224 threads an SM at CPVT-S), and is not
+    compiled away (bench/cuda_sass.py over the built extension's sm_90 code)."""
+    from cpvt_kernels import ops
+    if not ops.HAS_CUDA_KERNELS:
+        pytest.skip("the extension has no CUDA kernels")
+    import cuda_sass
+    try:
+        tool = cuda_sass.cuobjdump()
+    except SystemExit as e:
+        pytest.skip(str(e))
+    binary = sorted(glob.glob(str(BENCH.parent / "cpvt_kernels" / "_C*.so")))
+    if not binary:
+        pytest.skip("the extension is not built in the source tree")
+    rows = [r for r in cuda_sass.kernels(binary[0], 90, tool)
+            if "peg_pipe_forward_kernel<" in r["name"]]
+    if not rows:
+        pytest.skip("the extension has no sm_90 code (TORCH_CUDA_ARCH_LIST)")
+    assert len(rows) == 3, [r["name"] for r in rows]  # bfloat16, half, float32
+    for r in rows:
+        assert r["regs"] <= 96 and r["stack"] == 0, (r["name"], r["regs"], r["stack"])
+        assert r["sass"] > 200 and "LDG" in r["memory"], (r["name"], r["sass"], r["memory"])
+
+
 def test_cuda_micro_builds(tmp_path):
     """bench/cuda_micro/peg_micro.cu, which the GPU suite builds and runs on the GPU machine,
     compiles against the current kernel headers (its build.sh, nvcc for sm_90), with the variants
@@ -613,4 +638,7 @@ def test_cuda_micro_builds(tmp_path):
     pipe = [k for k in rows if re.search(r"peg_pipe_(forward|backward)_kernel", k["name"])]
     assert len(pipe) >= 12, [k["name"] for k in rows]
     assert all(k["stack"] == 0 for k in pipe), [(k["name"], k["stack"]) for k in pipe]
+    # not compiled away (a __host__ call in their thread code leaves an empty kernel)
+    assert all(k["sass"] > 200 and "LDG" in k["memory"] for k in pipe), \
+        [(k["name"], k["sass"]) for k in pipe]
     assert any("peg_stream_backward_kernel_minb" in k["name"] for k in rows)

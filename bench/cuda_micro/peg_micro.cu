@@ -290,7 +290,7 @@ void launch_pipe_fwd(const Bufs<T>& d, const Shape& s) {
   const int H = s.H, W = s.H, N = s.P + H * W, CH = pipe_channels<T, CV, CW>(s);
   auto kern = peg_pipe_forward_kernel<T, CV, NS, CW>;
   const int threads = (W + CW - 1) / CW * (CH / CV);
-  const int64_t smem = pipe_smem<T>(NS, W, CH);
+  const int64_t smem = pipe_smem<T>(NS, W, CH, CW);
   CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int per_sm = 0;
   CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, threads, smem));

@@ -1,8 +1,8 @@
 // Launches of the CUDA kernels for one dtype: the choice between the tiled, the streaming and
-// the cp.async (CPVT_CUDA_KERNELS=pipe) kernels, kernel-size and alignment dispatch, launch plans, shared-memory opt-in and the
-// weight-gradient reduction. Included by the per-dtype translation
-// units (peg_<dtype>.cu) only; each instantiates forward_typed and backward_typed for its dtype
-// with CPVT_PEG_CUDA_INSTANTIATE.
+// the cp.async (CPVT_CUDA_KERNELS=pipe) kernels, kernel-size and alignment dispatch, launch
+// plans, shared-memory opt-in and the weight-gradient reduction. Included by the per-dtype
+// translation units (peg_<dtype>.cu) only; each instantiates forward_typed and backward_typed
+// for its dtype with CPVT_PEG_CUDA_INSTANTIATE.
 #pragma once
 
 #include "peg_kernel.cuh"
@@ -300,7 +300,7 @@ bool launch_pipe_forward(const at::Tensor& src, const Params<T>& p, at::Tensor& 
     if (CH == 0) return false;
     auto kernel = peg_pipe_forward_kernel<T, kPipeVec, kPipeRows>;
     const int threads = static_cast<int>(W) * (CH / kPipeVec);
-    const int64_t smem = pipe_smem<T>(kPipeRows, static_cast<int>(W), CH);  // at most 24 KiB
+    const int64_t smem = pipe_smem<T>(kPipeRows, static_cast<int>(W), CH);  // at most 36 KiB
     const int per_sm = resident_blocks(kernel, dev.index, threads, smem, 0);
     const int64_t items = B * (C / CH);
     // Persistent: one wave of resident blocks, each taking every grid-th item.

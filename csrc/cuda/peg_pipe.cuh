@@ -5,15 +5,16 @@
 //
 // A block takes work items (image b, chunk of CH channels) in turn, a thread for each (group of
 // CW columns, vector of CV channels) of the chunk, and streams their rows -1 .. H, one item
-// after another, through a ring of NS row buffers in shared memory (W tokens x CH channels each;
-// rows -1 and H are zeros, written by cp.async's zero fill): step q waits until its row has
-// landed, issues the row NS - 1 positions on into the buffer of row q - 1 (which step q - 1 was
-// the last to read), and adds its row to the three output rows it feeds, so that up to NS - 1
-// rows are in flight during the arithmetic and each input value is read from shared memory
-// once. The order of the arithmetic is the package's: the bias, the taps row by row (padding
-// columns multiplied as zeros), the residual right after the centre tap. Prefix tokens are
-// copied by the block that has the item. The backward (peg_pipe_backward_kernel) streams
-// grad_out and x the same way.
+// after another, through a ring of NS row buffers in shared memory. A buffer holds a row's W
+// tokens x CH channels between zero tokens, so that a thread reads the columns either side of
+// its own unguarded; rows -1 and H are zeros, written by cp.async's zero fill. Step q waits
+// until its row has landed, issues the row NS - 1 positions on into the buffer of row q - 1
+// (which step q - 1 was the last to read), and adds its row to the three output rows it feeds,
+// so that up to NS - 1 rows are in flight during the arithmetic and each input value is read
+// from shared memory once. The order of the arithmetic is the package's: the bias, the taps
+// row by row (padding columns multiplied as zeros), the residual right after the centre tap.
+// Prefix tokens are copied by the block that has the item. The backward
+// (peg_pipe_backward_kernel) streams grad_out and x the same way.
 //
 // Experimental. The package runs the forward only where CPVT_CUDA_KERNELS=pipe asks for it
 // (peg_launch.cuh: launch_pipe_forward, 3x3 on the vector path of 16-bit and float32 tokens);
@@ -24,8 +25,11 @@
 
 #include "peg_stream.cuh"
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace cpvt {
 namespace peg_pipe {
@@ -76,17 +80,21 @@ inline int pipe_channels(int64_t C, int64_t W, int elem_bytes, int CV, int CW) {
   return 0;
 }
 
-// Shared memory of a block: NS row buffers of W x CH values.
-template <typename T>
-inline int64_t pipe_smem(int NS, int W, int CH) {
-  return int64_t(NS) * W * CH * static_cast<int64_t>(sizeof(T));
-}
-
 #if defined(__CUDACC__)
 #define PIPE_HD __host__ __device__ __forceinline__
 #else
 #define PIPE_HD inline
 #endif
+
+// Tokens of a row buffer: a zero token, the row's W, and zero tokens up to a whole number of
+// groups of CW columns and one more, so that every thread reads its CW + 2 tokens unguarded.
+PIPE_HD int pipe_row_tokens(int W, int CW) { return (W + CW - 1) / CW * CW + 2; }
+
+// Shared memory of a block: NS row buffers of pipe_row_tokens(W, CW) x CH values.
+template <typename T>
+inline int64_t pipe_smem(int NS, int W, int CH, int CW = 1) {
+  return int64_t(NS) * pipe_row_tokens(W, CW) * CH * static_cast<int64_t>(sizeof(T));
+}
 
 // cp.async needs sm_80 or later; older devices (a build for them) copy at once.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -95,41 +103,83 @@ inline int64_t pipe_smem(int NS, int W, int CH) {
 #define PIPE_CP_ASYNC 0
 #endif
 
-// 16 bytes from global to shared memory, asynchronously (zeros when !fill). On the host, where
-// tests/cpp/test_pipe_emulated.cpp runs the kernels' thread code, and before sm_80, at once.
-PIPE_HD void cp_async16(void* smem, const void* gmem, bool fill) {
+// The block's row buffers as a thread addresses them: a pointer (for the reads, and for the
+// host, where tests/cpp/test_pipe_emulated.cpp runs the kernels' thread code) and, on the
+// device, the shared-memory address of its start for cp.async, taken once.
+template <typename T>
+struct SmemRows {
+  T* p;
+  unsigned s;
+
+  PIPE_HD void set(T* buf) {
+    p = buf;
 #if PIPE_CP_ASYNC
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-               "r"(fill ? 16 : 0)
-               : "memory");
-#elif defined(__CUDA_ARCH__)
-  using P16 = Pack<uint32_t, 4>;
-  *static_cast<P16*>(smem) = fill ? *static_cast<const P16*>(gmem) : P16{};
+    s = static_cast<unsigned>(__cvta_generic_to_shared(buf));
 #else
-  if (fill) {
-    std::memcpy(smem, gmem, 16);
-  } else {
-    std::memset(smem, 0, 16);
+    s = 0u;
+#endif
   }
+
+  // 16 bytes from global memory to values off .. of the buffers, asynchronously (zeros when
+  // !fill); on the host and before sm_80, at once.
+  PIPE_HD void copy16(int off, const T* g, bool fill) const {
+#if PIPE_CP_ASYNC
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                     s + static_cast<unsigned>(off) * static_cast<unsigned>(sizeof(T))),
+                 "l"(g), "r"(fill ? 16 : 0)
+                 : "memory");
+#elif defined(__CUDA_ARCH__)
+    using P16 = Pack<uint32_t, 4>;
+    *reinterpret_cast<P16*>(p + off) = fill ? *reinterpret_cast<const P16*>(g) : P16{};
+#else
+    if (fill) {
+      std::memcpy(p + off, g, 16);
+    } else {
+      std::memset(p + off, 0, 16);
+    }
+#endif
+  }
+
+  // 16 bytes of zeros at values off .. of the buffers, at once.
+  PIPE_HD void zero16(int off) const {
+#if defined(__CUDA_ARCH__)
+    *reinterpret_cast<Pack<uint32_t, 4>*>(p + off) = Pack<uint32_t, 4>{};
+#else
+    std::memset(p + off, 0, 16);
+#endif
+  }
+};
+
+// A float from its bits.
+PIPE_HD float float_of_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
 #endif
 }
 
-// CV channels (one 8- or 16-byte vector) of token w of a row buffer, as accumulators; zeros
-// outside the row (the padding columns).
+// CV channels (one 8- or 16-byte vector) at p in a row buffer, as accumulators. bfloat16 is the
+// top half of a float: a word's low value shifted up, its high value masked, one instruction
+// each.
 template <typename T, int CV>
-PIPE_HD void row_vec(acc_t<T> (&v)[CV], const T* row, int w, int W, int c) {
+PIPE_HD void load_vec(acc_t<T> (&v)[CV], const T* p) {
   constexpr int NW = static_cast<int>(CV * sizeof(T) / 4);
-  uint32_t raw[NW];
-  if (static_cast<unsigned>(w) < static_cast<unsigned>(W)) {
-    const Pack<uint32_t, NW> p = *reinterpret_cast<const Pack<uint32_t, NW>*>(row + c);
+  const Pack<uint32_t, NW> w = *reinterpret_cast<const Pack<uint32_t, NW>*>(p);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
 #pragma unroll
-    for (int k = 0; k < NW; ++k) raw[k] = p.v[k];
+    for (int k = 0; k < NW; ++k) {
+      v[2 * k] = float_of_bits(w.v[k] << 16);
+      v[2 * k + 1] = float_of_bits(w.v[k] & 0xffff0000u);
+    }
   } else {
+    uint32_t raw[NW];
 #pragma unroll
-    for (int k = 0; k < NW; ++k) raw[k] = 0u;
+    for (int k = 0; k < NW; ++k) raw[k] = w.v[k];
+    peg_cuda::words_to_acc<T, CV, NW>(v, raw);
   }
-  peg_cuda::words_to_acc<T, CV, NW>(v, raw);
 }
 
 // Input row v (columns w - 1, w, w + 1) into the three output rows it feeds: acc2 (the row
@@ -198,13 +248,15 @@ PIPE_HD void copy_prefix(T* out, int64_t C, const T* src, int64_t st, int64_t P,
 }
 
 // A thread's place in a block of ceil(W / CW) * CH / CV threads: channel vector cv of columns
-// w .. w + CW - 1, and its 16-byte piece of every row (a row has W * ppt <= blockDim.x pieces:
-// token piece_tok, values piece_c on, at piece_s in a row buffer).
+// w .. w + CW - 1, whose CW + 2 tokens (columns w - 1 .. w + CW) it reads at rd, rd + CH, ... of
+// a row buffer; and its 16-byte piece of every row (a row has W * ppt <= blockDim.x pieces:
+// token piece_tok, values piece_c on, at piece_s in a row buffer). A row buffer holds
+// wp = pipe_row_tokens(W, CW) tokens, column c at token c + 1; the others stay zero.
 template <typename T, int CV, int CW = 1>
 struct PipeLayout {
   static constexpr int PIECE = 16 / static_cast<int>(sizeof(T));  // values a cp.async moves
   static_assert(CV * CW <= PIECE, "a thread issues at most one piece of a row");
-  int tid, nthreads, cv, w, ppt, row_vals;
+  int tid, nthreads, cv, w, ppt, wp, row_vals, rd;
   bool has_piece;
   int piece_tok, piece_c, piece_s;
 
@@ -212,13 +264,25 @@ struct PipeLayout {
     tid = tid_;
     nthreads = nthreads_;
     ppt = CH / PIECE;
-    row_vals = W * CH;
+    wp = pipe_row_tokens(W, CW);
+    row_vals = wp * CH;
     cv = tid % (CH / CV);
     w = tid / (CH / CV) * CW;
+    rd = w * CH + cv * CV;  // token w: column w - 1
     has_piece = tid < W * ppt;
     piece_tok = tid / ppt;
     piece_c = (tid % ppt) * PIECE;
-    piece_s = piece_tok * CH + piece_c;
+    piece_s = (piece_tok + 1) * CH + piece_c;
+  }
+
+  // The zero tokens of `rings` x NS row buffers (token 0 and W + 1 .. wp - 1 of each), which
+  // no copy writes: once, before the first barrier.
+  PIPE_HD void zero_pads(const SmemRows<T>& rows, int rings, int NS, int W, int CH) const {
+    const int per_row = (wp - W) * ppt;
+    for (int k = tid; k < rings * NS * per_row; k += nthreads) {
+      const int r = k / per_row, pad = k - r * per_row, t = pad / ppt;
+      rows.zero16(r * row_vals + (t == 0 ? 0 : W + t) * CH + (pad - t * ppt) * PIECE);
+    }
   }
 };
 
@@ -227,25 +291,33 @@ struct PipeLayout {
 // columns share the loads of the row's CW + 2 vectors). The rows of the block's items form one
 // stream, H + 2 positions an item (input rows -1 .. H), so that the next item's first rows are
 // in flight while the current one's last are computed. The kernel below runs, per thread: init;
-// issue NS - 1 times; then for each position q: begin (at a new item), wait for position q and
-// a barrier, issue, step. On the host the test runs the same calls, every thread in turn at each
-// stage.
+// zero_pads; issue NS - 1 times; then for each position: begin (at a new item), wait for the
+// position's row and a barrier, issue, step. On the host the test runs the same calls, every
+// thread in turn at each stage. The ring's slots, the source rows and the output rows advance
+// by counters and pointers, so that a step computes no index.
 template <typename T, int CV, int NS, int CW = 1>
 struct PipeForwardThread : PipeLayout<T, CV, CW> {
   static_assert(NS >= 3, "the row being read, and at least one more in flight");
   using A = acc_t<T>;
   using L = PipeLayout<T, CV, CW>;
-  using L::tid, L::nthreads, L::cv, L::w, L::ppt, L::row_vals, L::has_piece, L::piece_s;
+  using L::tid, L::nthreads, L::cv, L::w, L::ppt, L::row_vals, L::rd, L::has_piece, L::piece_s;
 
+  SmemRows<T> rows;
   int items, step_items, positions;
   int64_t piece_g;  // this thread's piece in src, from a row's first token
-  int iq, ir, iitem;  // the issuing side: position iq, input row ir of item iitem, at isrc
-  int64_t isrc, row_step;
+  // The issuing side: position iq into slot islot, input row ir of item iitem, whose piece is
+  // at isrc (row max(ir, 0)).
+  int iq, islot, ir, iitem;
+  const T* isrc;
+  int64_t row_step;
   A wt[9][CV], bias[CV];
   // Outputs ri - 1, ri, ri + 1 of each of the thread's columns (rows outside: never stored).
   A acc0[CW][CV], acc1[CW][CV], acc2[CW][CV];
-  T* out_img;
-  int ri, item;  // the computing side
+  // The computing side: position q in slot `slot`, input row ri of item `item`; output row
+  // max(ri - 1, 0) of the thread's first column at orow, rows out_row values apart.
+  T* orow;
+  int64_t out_row;
+  int q, slot, ri, item;
 
   // Item `it` (image b, channels c0 ..): the offsets of its first value in src and in out.
   struct Item {
@@ -257,49 +329,61 @@ struct PipeForwardThread : PipeLayout<T, CV, CW> {
     return {b * a.sb + c0, b * a.N * a.C + c0, c0};
   }
 
-  PIPE_HD void init(const PipeArgs<T>& a, int tid_, int nthreads_, int block, int grid) {
+  PIPE_HD const T* first_row(const PipeArgs<T>& a, int it) const {
+    return a.src + locate(a, it).src + a.P * a.st + piece_g;
+  }
+
+  PIPE_HD void init(const PipeArgs<T>& a, int tid_, int nthreads_, int block, int grid,
+                    T* buf) {
     L::place(a.W, a.CH, tid_, nthreads_);
+    rows.set(buf);
     piece_g = L::piece_tok * a.st + L::piece_c;
     items = static_cast<int>(a.B * a.chunks);  // the launcher keeps it below 2^31
     step_items = grid;
     positions = block < items ? ((items - 1 - block) / step_items + 1) * (a.H + 2) : 0;
-    iq = 0;
+    iq = islot = 0;
     ir = -1;
     iitem = block;
-    isrc = locate(a, block).src + a.P * a.st + piece_g;
+    isrc = block < items ? first_row(a, block) : a.src;
     row_step = int64_t(a.W) * a.st;
 #pragma unroll
     for (int k = 0; k < CW; ++k) {
 #pragma unroll
       for (int e = 0; e < CV; ++e) acc0[k][e] = acc1[k][e] = acc2[k][e] = A(0);
     }
-    out_img = nullptr;
+    orow = nullptr;
+    out_row = int64_t(a.W) * a.C;
+    q = slot = 0;
     ri = -1;
     item = block;
   }
 
-  // Loads position iq into buffer iq % NS (zeros for rows -1 and H), and moves on a position.
-  // The kernel commits a group after each, empty past the stream, so that every step waits for
-  // the same count.
-  PIPE_HD void issue(const PipeArgs<T>& a, T* buf) {
+  PIPE_HD void zero_pads(const PipeArgs<T>& a) const { L::zero_pads(rows, 1, NS, a.W, a.CH); }
+
+  // Loads position iq into slot islot (zeros for rows -1 and H), and moves on a position. The
+  // kernel commits a group after each, empty past the stream, so that every step waits for the
+  // same count.
+  PIPE_HD void issue(const PipeArgs<T>& a) {
     if (iq < positions && has_piece) {
-      const bool in = ir >= 0 && ir < a.H;
-      cp_async16(buf + (iq % NS) * row_vals + piece_s, a.src + isrc + (in ? ir : 0) * row_step,
-                 in);
+      const bool in = static_cast<unsigned>(ir) < static_cast<unsigned>(a.H);
+      rows.copy16(islot * row_vals + piece_s, isrc, in);
+      if (in) isrc += row_step;
     }
     ++iq;
+    islot = islot == NS - 1 ? 0 : islot + 1;
     if (++ir == a.H + 1) {
       ir = -1;
       iitem += step_items;
-      if (iitem < items) isrc = locate(a, iitem).src + a.P * a.st + piece_g;
+      if (iitem < items) isrc = first_row(a, iitem);
     }
   }
 
-  // At a new item (ri == -1): its taps, bias and prefix tokens.
+  // At a new item (ri == -1): its taps, bias and prefix tokens, and its first output row.
   PIPE_HD void begin(const PipeArgs<T>& a) {
     const Item at = locate(a, item);
     const T* img = a.src + at.src;
-    out_img = a.out + at.out;
+    T* out_img = a.out + at.out;
+    orow = out_img + (a.P + w) * a.C + cv * CV;
     load_taps<T, CV>(wt, a.p, at.c0 + cv * CV, /*flip=*/false);
 #pragma unroll
     for (int e = 0; e < CV; ++e) {
@@ -310,17 +394,16 @@ struct PipeForwardThread : PipeLayout<T, CV, CW> {
     copy_prefix(out_img, a.C, img, a.st, a.P, ppt, tid, nthreads);
   }
 
-  // Position q (input row ri, landed) into the output rows it feeds: ri + 1 (tap row 0, after
-  // the bias), ri (tap row 1, then the residual after the centre tap) and ri - 1 (tap row 2,
-  // which completes it).
-  PIPE_HD void step(const PipeArgs<T>& a, const T* buf, int q) {
-    const T* row = buf + (q % NS) * row_vals;
-    A v[CW + 2][CV];  // columns w - 1 .. w + CW
+  // The position in slot `slot` (input row ri, landed) into the output rows it feeds: ri + 1
+  // (tap row 0, after the bias), ri (tap row 1, then the residual after the centre tap) and
+  // ri - 1 (tap row 2, which completes it).
+  PIPE_HD void step(const PipeArgs<T>& a) {
+    const T* row = rows.p + slot * row_vals + rd;
+    A v[CW + 2][CV];  // columns w - 1 .. w + CW (zeros outside the row)
 #pragma unroll
-    for (int j = 0; j < CW + 2; ++j) {
-      row_vec<T, CV>(v[j], row + (w - 1 + j) * a.CH, w - 1 + j, a.W, cv * CV);
-    }
+    for (int j = 0; j < CW + 2; ++j) load_vec<T, CV>(v[j], row + j * a.CH);
     const bool all_cols[3] = {true, true, true};
+    const bool store = ri >= 1;
 #pragma unroll
     for (int k = 0; k < CW; ++k) {
       A win[3][CV];  // columns w + k - 1 .. w + k + 1
@@ -330,11 +413,12 @@ struct PipeForwardThread : PipeLayout<T, CV, CW> {
         for (int e = 0; e < CV; ++e) win[j][e] = v[k + j][e];
       }
       add_row<A, CV, false>(acc0[k], acc1[k], acc2[k], bias, wt, win, all_cols);
-      finish_row<T, CV>(ri >= 1 && w + k < a.W
-                            ? out_img + (a.P + int64_t(ri - 1) * a.W + w + k) * a.C + cv * CV
-                            : nullptr,
-                        acc0[k], acc1[k], acc2[k]);
+      finish_row<T, CV>(store && (CW == 1 || w + k < a.W) ? orow + k * a.C : nullptr, acc0[k],
+                        acc1[k], acc2[k]);
     }
+    if (store) orow += out_row;
+    ++q;
+    slot = slot == NS - 1 ? 0 : slot + 1;
     if (++ri == a.H + 1) {
       ri = -1;
       item += step_items;
@@ -356,8 +440,10 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
   static_assert(NS >= 4, "the rows being read, and at least one more in flight");
   using A = acc_t<T>;
   using L = PipeLayout<T, CV>;
-  using L::tid, L::nthreads, L::cv, L::w, L::ppt, L::row_vals, L::has_piece, L::piece_s;
+  using L::tid, L::nthreads, L::cv, L::w, L::ppt, L::row_vals, L::rd, L::has_piece, L::piece_s;
 
+  SmemRows<T> rows;  // the grad_out ring, then the x ring at xring
+  int xring;
   int positions, ib_step;
   int64_t c0;
   bool col_ok[3];
@@ -374,8 +460,10 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
   int ri, b;  // the computing side
 
   PIPE_HD void init(const PipeBackwardArgs<T>& a, int tid_, int nthreads_, int block,
-                    int grid) {
+                    int grid, T* buf) {
     L::place(a.W, a.CH, tid_, nthreads_);
+    rows.set(buf);
+    xring = NS * row_vals;
     const int piece_tok = L::piece_tok, piece_c = L::piece_c;
     const int items = static_cast<int>(a.B * a.chunks);
     positions = block < items ? ((items - 1 - block) / grid + 1) * (a.H + 3) : 0;
@@ -402,13 +490,17 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
   }
 
   // Loads position iq of both rings (zeros outside the image) and moves on a position.
-  PIPE_HD void issue(const PipeBackwardArgs<T>& a, T* gbuf, T* xbuf) {
+  PIPE_HD void zero_pads(const PipeBackwardArgs<T>& a) const {
+    L::zero_pads(rows, 2, NS, a.W, a.CH);
+  }
+
+  PIPE_HD void issue(const PipeBackwardArgs<T>& a) {
     if (iq < positions && has_piece) {
       const bool in = ir >= 0 && ir < a.H;
       const int off = (iq % NS) * row_vals + piece_s;
       const int r = in ? ir : 0;
-      cp_async16(gbuf + off, gsrc + r * g_row, in);
-      cp_async16(xbuf + off, xsrc + r * x_row, in);
+      rows.copy16(off, gsrc + r * g_row, in);
+      rows.copy16(xring + off, xsrc + r * x_row, in);
     }
     ++iq;
     if (++ir == a.H + 2) {
@@ -425,14 +517,12 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
     copy_prefix(gx_img, a.C, g_img, a.g_st, a.P, ppt, tid, nthreads);
   }
 
-  PIPE_HD void step(const PipeBackwardArgs<T>& a, const T* gbuf, const T* xbuf, int q) {
+  PIPE_HD void step(const PipeBackwardArgs<T>& a, int q) {
     const bool g_in = ri >= 0 && ri < a.H;  // grad_out row ri exists
     A G[3][CV];
-    const T* grow = gbuf + (q % NS) * row_vals;
+    const T* grow = rows.p + (q % NS) * row_vals + rd;
 #pragma unroll
-    for (int j = 0; j < 3; ++j) {
-      row_vec<T, CV>(G[j], grow + (w - 1 + j) * a.CH, w - 1 + j, a.W, cv * CV);
-    }
+    for (int j = 0; j < 3; ++j) load_vec<T, CV>(G[j], grow + j * a.CH);
     // grad_x: row ri feeds rows ri + 1 (flipped tap row 0), ri (row 1 and grad_out itself after
     // the centre tap) and ri - 1 (row 2, which completes it); rows and columns of padding skip.
     if (g_in) {
@@ -451,11 +541,9 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
     // (tap row 0), ri - 1 (1) and ri - 2 (2), those in the image.
     if (ri >= 0) {
       A X[3][CV];
-      const T* xrow = xbuf + ((q + NS - 1) % NS) * row_vals;  // position q - 1
+      const T* xrow = rows.p + xring + ((q + NS - 1) % NS) * row_vals + rd;  // position q - 1
 #pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        row_vec<T, CV>(X[j], xrow + (w - 1 + j) * a.CH, w - 1 + j, a.W, cv * CV);
-      }
+      for (int j = 0; j < 3; ++j) load_vec<T, CV>(X[j], xrow + j * a.CH);
 #pragma unroll
       for (int i = 0; i < 3; ++i) {
         const int gr = ri - i;
@@ -515,26 +603,36 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Registers of a forward thread. 4 channels of one column (the package's) fit 96 with no
+// spills (sm_90), so that three blocks of 224 threads (CPVT-S) fit an SM; ptxas takes 112 when
+// left free. Wider threads are left free.
+template <int CV, int CW>
+constexpr int pipe_forward_regs() {
+  return CV * CW == 4 ? 96 : 255;
+}
+
 template <typename T, int CV, int NS, int CW = 1>
-__global__ void __launch_bounds__(kMaxThreads) peg_pipe_forward_kernel(const PipeArgs<T> a) {
+__global__ void __maxnreg__((pipe_forward_regs<CV, CW>()))
+    peg_pipe_forward_kernel(const PipeArgs<T> a) {
   extern __shared__ __align__(16) unsigned char pipe_smem_raw[];
   T* buf = reinterpret_cast<T*>(pipe_smem_raw);
   PipeForwardThread<T, CV, NS, CW> th;
-  th.init(a, threadIdx.x, blockDim.x, blockIdx.x, gridDim.x);
+  th.init(a, threadIdx.x, blockDim.x, blockIdx.x, gridDim.x, buf);
   if (th.positions == 0) return;
+  th.zero_pads(a);  // seen by all after the first barrier below
 #pragma unroll 1
   for (int k = 0; k < NS - 1; ++k) {  // the prologue: positions 0 .. NS - 2
-    th.issue(a, buf);
+    th.issue(a);
     cp_async_commit();
   }
 #pragma unroll 1
-  for (int q = 0; q < th.positions; ++q) {
+  while (th.q < th.positions) {
     if (th.ri == -1) th.begin(a);
     cp_async_wait<NS - 2>();  // position q has landed (this thread's piece)
     __syncthreads();          // everyone's pieces; everyone done with position q - 1
-    th.issue(a, buf);         // position q + NS - 1, into the buffer of position q - 1
+    th.issue(a);              // position q + NS - 1, into the slot of position q - 1
     cp_async_commit();
-    th.step(a, buf, q);
+    th.step(a);
   }
   cp_async_wait<0>();
 }
@@ -544,13 +642,13 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
     const PipeBackwardArgs<T> a) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char pipe_smem_raw[];
-  T* gbuf = reinterpret_cast<T*>(pipe_smem_raw);
-  T* xbuf = gbuf + NS * a.W * a.CH;
   PipeBackwardThread<T, CV, NS> th;
-  th.init(a, threadIdx.x, blockDim.x, blockIdx.x, gridDim.x);
+  th.init(a, threadIdx.x, blockDim.x, blockIdx.x, gridDim.x,
+          reinterpret_cast<T*>(pipe_smem_raw));
+  th.zero_pads(a);  // seen by all after the first barrier below
 #pragma unroll 1
   for (int k = 0; k < NS - 2; ++k) {  // the prologue: positions 0 .. NS - 3
-    th.issue(a, gbuf, xbuf);
+    th.issue(a);
     cp_async_commit();
   }
 #pragma unroll 1
@@ -558,9 +656,9 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
     if (th.ri == -1) th.begin(a);
     cp_async_wait<NS - 3>();  // position q has landed (this thread's pieces)
     __syncthreads();          // everyone's pieces; everyone done with position q - 1
-    th.issue(a, gbuf, xbuf);  // position q + NS - 2, into the buffers of position q - 2
+    th.issue(a);              // position q + NS - 2, into the buffers of position q - 2
     cp_async_commit();
-    th.step(a, gbuf, xbuf, q);
+    th.step(a, q);
   }
   cp_async_wait<0>();
   A* red = reinterpret_cast<A*>(pipe_smem_raw);  // W x CH values (the rings are done)

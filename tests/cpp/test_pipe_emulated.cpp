@@ -57,18 +57,21 @@ at::Tensor emulate_forward(const at::Tensor& x, const at::Tensor& w, const at::T
   a.CH = CH; a.chunks = static_cast<int>(a.C / CH);
   const int nthreads = (a.W + CW - 1) / CW * (CH / CV);
   for (int block = 0; block < grid; ++block) {
-    std::vector<T> buf(static_cast<size_t>(NS) * a.W * CH, T(NAN));
+    // NaN where the kernel leaves shared memory unwritten: the zero tokens must be zeroed.
+    std::vector<T> buf(pipe_smem<T>(NS, a.W, CH, CW) / sizeof(T), T(NAN));
     std::vector<PipeForwardThread<T, CV, NS, CW>> th(nthreads);
-    for (int t = 0; t < nthreads; ++t) th[t].init(a, t, nthreads, block, grid);
+    for (int t = 0; t < nthreads; ++t) th[t].init(a, t, nthreads, block, grid, buf.data());
+    if (th[0].positions == 0) continue;
+    for (auto& t : th) t.zero_pads(a);
     for (int k = 0; k < NS - 1; ++k) {
-      for (auto& t : th) t.issue(a, buf.data());
+      for (auto& t : th) t.issue(a);
     }
-    for (int q = 0; q < th[0].positions; ++q) {
+    while (th[0].q < th[0].positions) {
       for (auto& t : th) {
         if (t.ri == -1) t.begin(a);
       }
-      for (auto& t : th) t.issue(a, buf.data());
-      for (auto& t : th) t.step(a, buf.data(), q);
+      for (auto& t : th) t.issue(a);
+      for (auto& t : th) t.step(a);
     }
   }
   return out;
@@ -99,18 +102,19 @@ std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& 
   a.CH = CH; a.chunks = chunks;
   const int nthreads = a.W * CH / CV;
   for (int block = 0; block < grid; ++block) {
-    std::vector<T> gbuf(static_cast<size_t>(NS) * a.W * CH, T(NAN)), xbuf(gbuf);
+    std::vector<T> buf(2 * pipe_smem<T>(NS, a.W, CH) / sizeof(T), T(NAN));
     std::vector<PipeBackwardThread<T, CV, NS>> th(nthreads);
-    for (int t = 0; t < nthreads; ++t) th[t].init(a, t, nthreads, block, grid);
+    for (int t = 0; t < nthreads; ++t) th[t].init(a, t, nthreads, block, grid, buf.data());
+    for (auto& t : th) t.zero_pads(a);
     for (int k = 0; k < NS - 2; ++k) {
-      for (auto& t : th) t.issue(a, gbuf.data(), xbuf.data());
+      for (auto& t : th) t.issue(a);
     }
     for (int q = 0; q < th[0].positions; ++q) {
       for (auto& t : th) {
         if (t.ri == -1) t.begin(a);
       }
-      for (auto& t : th) t.issue(a, gbuf.data(), xbuf.data());
-      for (auto& t : th) t.step(a, gbuf.data(), xbuf.data(), q);
+      for (auto& t : th) t.issue(a);
+      for (auto& t : th) t.step(a, q);
     }
     std::vector<A> red(size_t(a.W) * CH, A(NAN));
     for (int tap = 0; tap <= 9; ++tap) {
