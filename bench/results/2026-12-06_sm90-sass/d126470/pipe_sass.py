@@ -1,0 +1,47 @@
+"""The row loop of the package's cp.async forward kernels in sm_90 SASS, with the common path of
+a step marked: a step that starts no item (the `ri == -1` test falls through to the barrier),
+issues a row, and is not the last of its item on the issuing side. The ranges were read off the
+branches of a build of d126470 (nvcc 13.0, -O3, sm_90); another build moves the addresses.
+
+    python pipe_sass.py [binary]     # default: the built extension
+"""
+import glob
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[4]
+sys.path.insert(0, str(ROOT / "bench"))
+import cuda_sass  # noqa: E402
+
+# kernel (mangled, as cuobjdump names it) -> the address ranges of the common path
+PATHS = {
+    "_ZN4cpvt8peg_pipe23peg_pipe_forward_kernelIN3c108BFloat16ELi4ELi6ELi1EEEvNS0_8PipeArgsIT_EE":
+        [(0x18e0, 0x1900), (0x2b60, 0x2cf0), (0x3000, 0x35f0)],
+    "_ZN4cpvt8peg_pipe23peg_pipe_forward_kernelIfLi4ELi6ELi1EEEvNS0_8PipeArgsIT_EE":
+        [(0x16f0, 0x1710), (0x2830, 0x29c0), (0x2cd0, 0x31c0)],
+}
+
+binary = sys.argv[1] if len(sys.argv) > 1 else sorted(glob.glob(str(ROOT / "cpvt_kernels" / "_C*.so")))[0]
+commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                        capture_output=True, text=True).stdout.strip()
+print(f"# {binary}\n# built from {commit}; {cuda_sass.cuobjdump()}\n")
+sass = subprocess.run([cuda_sass.cuobjdump(), "-sass", "-arch", "sm_90", binary],
+                      capture_output=True, text=True, check=True).stdout
+for func in re.split(r"\n\s*Function : ", sass)[1:]:
+    name = func.split("\n")[0].strip()
+    if name not in PATHS:
+        continue
+    ins = [(int(m.group(1), 16), m.group(2).strip())
+           for m in re.finditer(r"/\*([0-9a-f]{4})\*/\s+(.*?);", func)]
+    ranges = PATHS[name]
+    lo, hi = ranges[0][0], ranges[-1][1]
+    on = [(a, t) for a, t in ins if any(x <= a <= y for x, y in ranges)]
+    fp = sum(t.startswith(("FFMA", "FADD")) for _, t in on)
+    print(f"{name}\n  common path of a step: {len(on)} instructions, {fp} FFMA/FADD")
+    for a, t in ins:
+        if lo <= a <= hi:
+            mark = "*" if any(x <= a <= y for x, y in ranges) else " "
+            print(f"  {mark} {a:#06x}  {t}")
+    print()
