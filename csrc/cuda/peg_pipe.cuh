@@ -182,6 +182,25 @@ PIPE_HD void load_vec(acc_t<T> (&v)[CV], const T* p) {
   }
 }
 
+// Values computed here, before the branches that use them: nvcc otherwise sinks a row's
+// unpacking into each branch that reads it, and the backward unpacked its x row three times.
+template <typename A, int N, int CV>
+PIPE_HD void keep_here(A (&v)[N][CV]) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+#pragma unroll
+    for (int e = 0; e < CV; ++e) {
+      if constexpr (sizeof(A) == 4) {
+        asm volatile("" : "+f"(v[j][e]));
+      } else {
+        asm volatile("" : "+d"(v[j][e]));
+      }
+    }
+  }
+#endif
+}
+
 // Input row v (columns w - 1, w, w + 1) into the three output rows it feeds: acc2 (the row
 // below, started from `start`) takes tap row 0, acc1 tap row 1 and then the centre input, acc0
 // tap row 2. SKIP: the columns outside the row (col_ok false) add nothing, rather than their
@@ -447,7 +466,9 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
   int positions, ib_step;
   int64_t c0;
   bool col_ok[3];
-  int iq, ir;  // the issuing side: position iq is row ir of the image at gsrc / xsrc
+  // The issuing side: position iq into slot islot, row ir of the image whose pieces of row
+  // max(ir, 0) are at gsrc and xsrc.
+  int iq, islot, ir;
   const T* gsrc;
   const T* xsrc;
   int64_t g_row, x_row;
@@ -455,9 +476,11 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
   A dw[9][CV], db[CV];
   A acc0[CV], acc1[CV], acc2[CV];  // grad_x of rows ri - 1, ri, ri + 1
   A g1[CV], g2[CV];                // grad_out at column w, rows ri - 1 and ri - 2
-  A zero[CV];
-  T* gx_img;
-  int ri, b;  // the computing side
+  // The computing side: position q in slot `slot` (q - 1 in pslot), grad_out row ri of image b;
+  // grad_x row max(ri - 1, 0) of the thread's column at orow, rows out_row values apart.
+  T* orow;
+  int64_t out_row;
+  int q, slot, pslot, ri, b;
 
   PIPE_HD void init(const PipeBackwardArgs<T>& a, int tid_, int nthreads_, int block,
                     int grid, T* buf) {
@@ -471,7 +494,7 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
     ib_step = grid / a.chunks;
 #pragma unroll
     for (int j = 0; j < 3; ++j) col_ok[j] = static_cast<unsigned>(w - 1 + j) < unsigned(a.W);
-    iq = 0;
+    iq = islot = 0;
     ir = -1;
     b = block / a.chunks;
     gsrc = a.grad + b * a.g_sb + (a.P + piece_tok) * a.g_st + c0 + piece_c;
@@ -483,49 +506,59 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
     for (int e = 0; e < CV; ++e) {
 #pragma unroll
       for (int t = 0; t < 9; ++t) dw[t][e] = A(0);
-      db[e] = acc0[e] = acc1[e] = acc2[e] = g1[e] = g2[e] = zero[e] = A(0);
+      db[e] = acc0[e] = acc1[e] = acc2[e] = g1[e] = g2[e] = A(0);
     }
-    gx_img = nullptr;
+    orow = nullptr;
+    out_row = int64_t(a.W) * a.C;
+    q = slot = 0;
+    pslot = NS - 1;
     ri = -1;
   }
 
-  // Loads position iq of both rings (zeros outside the image) and moves on a position.
   PIPE_HD void zero_pads(const PipeBackwardArgs<T>& a) const {
     L::zero_pads(rows, 2, NS, a.W, a.CH);
   }
 
+  // Loads position iq of both rings (zeros outside the image) and moves on a position.
   PIPE_HD void issue(const PipeBackwardArgs<T>& a) {
     if (iq < positions && has_piece) {
-      const bool in = ir >= 0 && ir < a.H;
-      const int off = (iq % NS) * row_vals + piece_s;
-      const int r = in ? ir : 0;
-      rows.copy16(off, gsrc + r * g_row, in);
-      rows.copy16(xring + off, xsrc + r * x_row, in);
+      const bool in = static_cast<unsigned>(ir) < static_cast<unsigned>(a.H);
+      const int off = islot * row_vals + piece_s;
+      rows.copy16(off, gsrc, in);
+      rows.copy16(xring + off, xsrc, in);
+      if (in) {
+        gsrc += g_row;
+        xsrc += x_row;
+      }
     }
     ++iq;
-    if (++ir == a.H + 2) {
+    islot = islot == NS - 1 ? 0 : islot + 1;
+    if (++ir == a.H + 2) {  // from row H of the image to row 0 of the block's next one
       ir = -1;
-      gsrc += ib_step * a.g_sb;
-      xsrc += ib_step * a.x_sb;
+      gsrc += ib_step * a.g_sb - a.H * g_row;
+      xsrc += ib_step * a.x_sb - a.H * x_row;
     }
   }
 
-  // At a new item (ri == -1): grad_x's prefix tokens are grad_out's.
+  // At a new item (ri == -1): grad_x's prefix tokens are grad_out's; its first row.
   PIPE_HD void begin(const PipeBackwardArgs<T>& a) {
-    gx_img = a.grad_x + b * a.N * a.C + c0;
+    T* gx_img = a.grad_x + b * a.N * a.C + c0;
+    orow = gx_img + (a.P + w) * a.C + cv * CV;
     const T* g_img = a.grad + b * a.g_sb + c0;
     copy_prefix(gx_img, a.C, g_img, a.g_st, a.P, ppt, tid, nthreads);
   }
 
-  PIPE_HD void step(const PipeBackwardArgs<T>& a, int q) {
-    const bool g_in = ri >= 0 && ri < a.H;  // grad_out row ri exists
+  PIPE_HD void step(const PipeBackwardArgs<T>& a) {
+    const bool g_in = static_cast<unsigned>(ri) < static_cast<unsigned>(a.H);  // row ri exists
     A G[3][CV];
-    const T* grow = rows.p + (q % NS) * row_vals + rd;
+    const T* grow = rows.p + slot * row_vals + rd;
 #pragma unroll
     for (int j = 0; j < 3; ++j) load_vec<T, CV>(G[j], grow + j * a.CH);
+    keep_here(G);
     // grad_x: row ri feeds rows ri + 1 (flipped tap row 0), ri (row 1 and grad_out itself after
     // the centre tap) and ri - 1 (row 2, which completes it); rows and columns of padding skip.
     if (g_in) {
+      const A zero[CV] = {};
       add_row<A, CV, true>(acc0, acc1, acc2, zero, wf, G, col_ok);
 #pragma unroll
       for (int e = 0; e < CV; ++e) db[e] += G[1][e];
@@ -533,17 +566,17 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
 #pragma unroll
       for (int e = 0; e < CV; ++e) acc2[e] = A(0);
     }
-    finish_row<T, CV>(ri >= 1 && ri - 1 < a.H
-                          ? gx_img + (a.P + int64_t(ri - 1) * a.W + w) * a.C + cv * CV
-                          : nullptr,
-                      acc0, acc1, acc2);
+    const bool store = ri >= 1 && ri <= a.H;  // grad_x row ri - 1 is complete
+    finish_row<T, CV>(store ? orow : nullptr, acc0, acc1, acc2);
+    if (store) orow += out_row;
     // The weight gradient: x row ri - 1 (zeros outside, multiplied) with grad_out rows ri
     // (tap row 0), ri - 1 (1) and ri - 2 (2), those in the image.
     if (ri >= 0) {
       A X[3][CV];
-      const T* xrow = rows.p + xring + ((q + NS - 1) % NS) * row_vals + rd;  // position q - 1
+      const T* xrow = rows.p + xring + pslot * row_vals + rd;  // position q - 1
 #pragma unroll
       for (int j = 0; j < 3; ++j) load_vec<T, CV>(X[j], xrow + j * a.CH);
+      keep_here(X);
 #pragma unroll
       for (int i = 0; i < 3; ++i) {
         const int gr = ri - i;
@@ -564,6 +597,9 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
       g2[e] = g1[e];
       g1[e] = G[1][e];
     }
+    ++q;
+    pslot = slot;
+    slot = slot == NS - 1 ? 0 : slot + 1;
     if (++ri == a.H + 2) {
       ri = -1;
       b += ib_step;
@@ -637,9 +673,17 @@ __global__ void __maxnreg__((pipe_forward_regs<CV, CW>()))
   cp_async_wait<0>();
 }
 
+// Registers of a backward thread: in 16-bit types 2 and 4 channels fit 96 and 144 with no
+// spills (sm_90), so that three and two blocks of 224 threads (CPVT-S) fit an SM; ptxas takes
+// 108 and 154 when left free. float32 is left free.
+template <typename T, int CV>
+constexpr int pipe_backward_regs() {
+  return sizeof(T) != 2 ? 255 : CV == 2 ? 96 : CV == 4 ? 144 : 255;
+}
+
 template <typename T, int CV, int NS>
-__global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
-    const PipeBackwardArgs<T> a) {
+__global__ void __maxnreg__((pipe_backward_regs<T, CV>()))
+    peg_pipe_backward_kernel(const PipeBackwardArgs<T> a) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char pipe_smem_raw[];
   PipeBackwardThread<T, CV, NS> th;
@@ -652,13 +696,13 @@ __global__ void __launch_bounds__(kMaxThreads) peg_pipe_backward_kernel(
     cp_async_commit();
   }
 #pragma unroll 1
-  for (int q = 0; q < th.positions; ++q) {
+  while (th.q < th.positions) {
     if (th.ri == -1) th.begin(a);
     cp_async_wait<NS - 3>();  // position q has landed (this thread's pieces)
     __syncthreads();          // everyone's pieces; everyone done with position q - 1
     th.issue(a);              // position q + NS - 2, into the buffers of position q - 2
     cp_async_commit();
-    th.step(a, q);
+    th.step(a);
   }
   cp_async_wait<0>();
   A* red = reinterpret_cast<A*>(pipe_smem_raw);  // W x CH values (the rings are done)

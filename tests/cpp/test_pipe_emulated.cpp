@@ -109,12 +109,12 @@ std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& 
     for (int k = 0; k < NS - 2; ++k) {
       for (auto& t : th) t.issue(a);
     }
-    for (int q = 0; q < th[0].positions; ++q) {
+    while (th[0].q < th[0].positions) {
       for (auto& t : th) {
         if (t.ri == -1) t.begin(a);
       }
       for (auto& t : th) t.issue(a);
-      for (auto& t : th) t.step(a, q);
+      for (auto& t : th) t.step(a);
     }
     std::vector<A> red(size_t(a.W) * CH, A(NAN));
     for (int tap = 0; tap <= 9; ++tap) {
