@@ -11,7 +11,7 @@ For every shape, dtype and pass it times, side by side in one process:
     cuda-tile             the cuda backend with CPVT_CUDA_KERNELS=tile (its tiled kernels)
     cuda-stream           the cuda backend with CPVT_CUDA_KERNELS=stream (its streaming kernels)
     cuda-pipe             the cuda backend with CPVT_CUDA_KERNELS=pipe (the experimental cp.async
-                          forward; the streaming kernels elsewhere)
+                          kernels; the streaming ones elsewhere)
     triton-stream         the triton backend with CPVT_TRITON_KERNELS=stream (3x3 streaming kernels)
 
 Passes: ``fwd`` (forward under ``torch.no_grad()``), ``bwd`` (backward of a retained graph:

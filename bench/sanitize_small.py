@@ -7,8 +7,8 @@ Forward and backward (all gradients, and masked subsets) on a few small shapes t
 kernels' edge cases: a 1x1 grid, one channel, odd channel counts, a strided ``x`` with a
 misaligned start, no prefix tokens, several prefix tokens, kernels up to 31x31, an empty batch
 the row strips of the streaming kernels (with CPVT_CUDA_KERNELS=stream and
-CPVT_TRITON_KERNELS=stream), and the rings of row buffers of the cp.async forward (with
-CPVT_CUDA_KERNELS=pipe: 3x3, 16-byte-aligned channels, 8 and 64 of them). Every result
+CPVT_TRITON_KERNELS=stream), and the rings of row buffers of the cp.async kernels (with
+CPVT_CUDA_KERNELS=pipe: 3x3, 16-byte-aligned channels, 8 to 64 of them). Every result
 is also compared with the float64 reference, so a kernel that reads the wrong memory without
 faulting still fails. Exits non-zero on any mismatch.
 """
@@ -38,7 +38,7 @@ SHAPES = [
     (0, 1, 2, 2, 4, 3, 3, True, False),
     (2, 1, 14, 14, 67, 7, 7, True, True),
     (2, 1, 17, 5, 64, 3, 3, True, False),   # the streaming kernels' strips (6, 6, 5 rows)
-    (3, 2, 9, 4, 48, 3, 3, True, True),     # cp.async forward: 3 chunks of 16 channels, P=2
+    (3, 2, 9, 4, 48, 3, 3, True, True),     # cp.async kernels: 3 chunks of 16 channels, P=2
     (2, 2, 9, 40, 24, 1, 1, False, False),
 ]
 MASKS = [(True, True, True), (True, False, False), (False, True, True)]

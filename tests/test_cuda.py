@@ -62,7 +62,8 @@ def device():
 def kernels(request, monkeypatch):
     """The CUDA kernels the op runs (CPVT_CUDA_KERNELS): the tiled ones, the streaming ones
     where they apply (kernel size 1 or 3, 16-byte-aligned channels), or the streaming ones with
-    the cp.async forward where it applies (3x3, 16-byte-aligned channels, 16-bit or float32)."""
+    the cp.async kernels where they apply (3x3, 16-byte-aligned channels; the forward in 16-bit
+    types and float32, the backward with the weight gradient in 16-bit types)."""
     monkeypatch.setenv("CPVT_CUDA_KERNELS", request.param)
     return request.param
 
@@ -156,11 +157,11 @@ def test_parity_layouts(device, dtype, layout, kernel):
 # (B, P, H, W, C, k, layout): strips of the streaming kernels (14 rows: 2 x 7; 17: 6, 6, 5;
 # 24: 3 x 8), several channel chunks, pixel blocks across a wide row, a 1x1 grid, strided
 # tokens; C=33 is not vector-aligned and falls back to the tiled kernels. For the cp.async
-# forward (CPVT_CUDA_KERNELS=pipe; chunks of channels as pipe_channels picks them): 3 chunks of
+# kernels (CPVT_CUDA_KERNELS=pipe; chunks of channels as pipe_channels picks them): 3 chunks of
 # 64 channels (C=192), 5 of 64 (C=320), 2 of 32 (C=64 at W=24: a chunk of 64 would need 384
 # threads), one of 8 (C=8), a row too wide for a block (W=300: the streaming kernels instead),
 # and 1024 items of 2x2 pixels (4 chunks of 256), more than one wave of blocks holds on an H100
-# (5 blocks of 128 threads an SM), so that blocks take several items.
+# (5 forward and 3 backward blocks of 128 threads an SM), so that blocks take several items.
 STREAM_CASES = [
     (4, 1, 14, 14, 192, 3, "contiguous"),
     (2, 0, 17, 5, 320, 3, "padded_tokens"),

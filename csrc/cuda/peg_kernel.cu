@@ -52,7 +52,7 @@ bool vector_ok(const at::Tensor& t, int vec) {
 
 // CPVT_CUDA_KERNELS: "tile" or "stream" forces one kernel family (the streaming kernels only
 // where they apply: kernel size 1 or 3 on the 16-byte vector path); "pipe" is "stream" with the
-// experimental cp.async forward where it applies (Kernels::kPipe); "auto" or unset takes the
+// experimental cp.async kernels where they apply (Kernels::kPipe); "auto" or unset takes the
 // faster one (Kernels::kAuto). Read at each call.
 Kernels kernels_from_env() {
   const char* env = std::getenv("CPVT_CUDA_KERNELS");

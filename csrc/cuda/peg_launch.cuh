@@ -329,6 +329,64 @@ bool launch_pipe_forward(const at::Tensor& src, const Params<T>& p, at::Tensor& 
   }
 }
 
+// The cp.async backward (peg_pipe.cuh), under CPVT_CUDA_KERNELS=pipe only: the 3x3 backward
+// with the weight gradient on the vector path of 16-bit tokens, 4 channels a thread, 6 row
+// buffers of grad_out and of x (up to 4 rows of each in flight a block). A block keeps one chunk
+// of channels (the grid is a multiple of the chunks) and its weight and bias sums over its items
+// in registers, and writes them to its slot of partials; reduce_partials adds the slots in
+// order. False where it does not apply or fit; the caller then takes the streaming kernels.
+template <typename T>
+bool launch_pipe_backward(const at::Tensor& grad, const at::Tensor& x, const Params<T>& p,
+                          T* grad_x, T* grad_w, T* grad_b, int64_t H, int64_t W, int64_t P,
+                          int device, const DeviceInfo& dev, cudaStream_t stream) {
+  if constexpr (sizeof(T) != 2) {
+    return false;  // float32 asks for more registers than two blocks an SM allow
+  } else {
+    using namespace peg_pipe;
+    using A = acc_t<T>;
+    const int64_t B = x.size(0), C = x.size(2);
+    const int CH = pipe_channels(C, W, sizeof(T), kPipeVec, 1);
+    if (CH == 0) return false;
+    auto kernel = peg_pipe_backward_kernel<T, kPipeVec, kPipeRows>;
+    const int threads = static_cast<int>(W) * (CH / kPipeVec);
+    // Both rings; the reduction at the end reuses them for W x CH sums.
+    const int64_t smem = 2 * pipe_smem<T>(kPipeRows, static_cast<int>(W), CH);  // < 48 KiB
+    const int per_sm = resident_blocks(kernel, device, threads, smem, 0);
+    const int64_t chunks = C / CH, items = B * chunks;
+    const int64_t grid = std::max<int64_t>(
+        chunks, std::min<int64_t>(items, int64_t(std::max(per_sm, 1)) * dev.sms) / chunks * chunks);
+    if (per_sm < 1 || items >= (int64_t(1) << 31) ||
+        ceil_div(items, grid) * (H + 3) >= (int64_t(1) << 31)) {
+      return false;  // the positions of a block's stream are counted in int
+    }
+    const int64_t slots = grid / chunks;
+    const at::Tensor partials = at::empty({slots, 10, C},
+                                          x.options().dtype(c10::CppTypeToScalarType<A>::value));
+    PipeBackwardArgs<T> a{};
+    a.grad = grad.const_data_ptr<T>();
+    a.g_sb = grad.stride(0);
+    a.g_st = grad.stride(1);
+    a.x = x.const_data_ptr<T>();
+    a.x_sb = x.stride(0);
+    a.x_st = x.stride(1);
+    a.p = p;
+    a.grad_x = grad_x;
+    a.partials = partials.mutable_data_ptr<A>();
+    a.B = B;
+    a.N = x.size(1);
+    a.C = C;
+    a.P = P;
+    a.H = static_cast<int>(H);
+    a.W = static_cast<int>(W);
+    a.CH = CH;
+    a.chunks = static_cast<int>(chunks);
+    kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    reduce_partials<T>(partials, slots, 9, C, grad_w, grad_b, stream);
+    return true;
+  }
+}
+
 }  // namespace launch_detail
 
 template <typename T>
@@ -367,6 +425,11 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
   T* gb = grad_b != nullptr ? grad_b->mutable_data_ptr<T>() : nullptr;
   // kAuto: the streaming backward ran at 0.99-1.17x the tiled one's speed on bfloat16 and 0.77x
   // on float32 (H100, bench/results/2026-12-05_nvidia-h100).
+  if (kernels == Kernels::kPipe && kh == 3 && kw == 3 && vec &&
+      launch_detail::launch_pipe_backward<T>(grad, x, p, gx, gw, gb, H, W, P, device, dev,
+                                             stream)) {
+    return;
+  }
   const bool stream_family = kernels == Kernels::kStream || kernels == Kernels::kPipe ||
                              (kernels == Kernels::kAuto && sizeof(T) == 2);
   if (stream_family && launch_detail::stream_fits(kh, kw, vec)) {

@@ -16,10 +16,11 @@
 // Prefix tokens are copied by the block that has the item. The backward
 // (peg_pipe_backward_kernel) streams grad_out and x the same way.
 //
-// Experimental. The package runs the forward only where CPVT_CUDA_KERNELS=pipe asks for it
-// (peg_launch.cuh: launch_pipe_forward, 3x3 on the vector path of 16-bit and float32 tokens);
-// the backward is bench/cuda_micro's alone. bench/cuda_micro times both beside the streaming
-// kernels, and tests/cpp/test_pipe_emulated.cpp runs their thread code (PipeForwardThread,
+// Experimental. The package runs them only where CPVT_CUDA_KERNELS=pipe asks for it
+// (peg_launch.cuh: launch_pipe_forward, launch_pipe_backward): the 3x3 forward on the vector
+// path of 16-bit and float32 tokens, the 3x3 backward with the weight gradient on that of 16-bit
+// tokens. bench/cuda_micro times them beside the streaming kernels, and
+// tests/cpp/test_pipe_emulated.cpp runs their thread code (PipeForwardThread,
 // PipeBackwardThread: __host__ __device__) on the CPU.
 #pragma once
 
@@ -59,7 +60,7 @@ struct PipeBackwardArgs {
   const T* x;
   int64_t x_sb, x_st;
   Params<T> p;         // the weight (its taps are flipped for grad_x)
-  T* grad_x;           // contiguous (B, N, C)
+  T* grad_x;           // contiguous (B, N, C); nullptr: not wanted
   acc_t<T>* partials;  // (gridDim.x / chunks, 10, C): a slot for each block of a chunk
   int64_t B, N, C, P;
   int H, W;
@@ -542,6 +543,7 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
 
   // At a new item (ri == -1): grad_x's prefix tokens are grad_out's; its first row.
   PIPE_HD void begin(const PipeBackwardArgs<T>& a) {
+    if (a.grad_x == nullptr) return;
     T* gx_img = a.grad_x + b * a.N * a.C + c0;
     orow = gx_img + (a.P + w) * a.C + cv * CV;
     const T* g_img = a.grad + b * a.g_sb + c0;
@@ -557,16 +559,19 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
     keep_here(G);
     // grad_x: row ri feeds rows ri + 1 (flipped tap row 0), ri (row 1 and grad_out itself after
     // the centre tap) and ri - 1 (row 2, which completes it); rows and columns of padding skip.
+    const bool want_x = a.grad_x != nullptr;
     if (g_in) {
-      const A zero[CV] = {};
-      add_row<A, CV, true>(acc0, acc1, acc2, zero, wf, G, col_ok);
+      if (want_x) {
+        const A zero[CV] = {};
+        add_row<A, CV, true>(acc0, acc1, acc2, zero, wf, G, col_ok);
+      }
 #pragma unroll
       for (int e = 0; e < CV; ++e) db[e] += G[1][e];
     } else {
 #pragma unroll
       for (int e = 0; e < CV; ++e) acc2[e] = A(0);
     }
-    const bool store = ri >= 1 && ri <= a.H;  // grad_x row ri - 1 is complete
+    const bool store = want_x && ri >= 1 && ri <= a.H;  // grad_x row ri - 1 is complete
     finish_row<T, CV>(store ? orow : nullptr, acc0, acc1, acc2);
     if (store) orow += out_row;
     // The weight gradient: x row ri - 1 (zeros outside, multiplied) with grad_out rows ri

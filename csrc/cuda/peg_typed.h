@@ -22,8 +22,9 @@ struct DeviceInfo {
 // default, takes the faster family as measured on an H100 (bench/results/2026-12-05_nvidia-h100):
 // streaming for the forward and the input gradient alone; for the fused backward, streaming for
 // the 16-bit types and tiled for float32 and float64. kPipe (experimental) takes the cp.async
-// forward of peg_pipe.cuh where it applies (3x3, vector path, 16-bit and float32) and the
-// streaming kernels elsewhere, as kStream.
+// kernels of peg_pipe.cuh where they apply (3x3 on the vector path: the forward of 16-bit and
+// float32 tokens, the backward with the weight gradient of 16-bit ones) and the streaming
+// kernels elsewhere, as kStream.
 enum class Kernels { kAuto, kTile, kStream, kPipe };
 
 // out = the fused PEG of src (bias may be nullptr); with `flip`, the input gradient of grad_out

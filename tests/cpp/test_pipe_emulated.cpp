@@ -77,11 +77,12 @@ at::Tensor emulate_forward(const at::Tensor& x, const at::Tensor& w, const at::T
   return out;
 }
 
-// grad_x, grad_w, grad_b; grid a multiple of the chunks.
+// grad_x (NaN where not wanted: the kernel then writes none), grad_w, grad_b; grid a multiple
+// of the chunks.
 template <typename T, int CV, int NS>
 std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& x,
                                          const at::Tensor& w, int64_t H, int64_t W, int64_t P,
-                                         int CH, int grid) {
+                                         int CH, int grid, bool want_x = true) {
   using A = acc_t<T>;
   const int64_t C = x.size(2);
   const int chunks = static_cast<int>(C / CH);
@@ -95,7 +96,7 @@ std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& 
   a.x_sb = x.stride(0);
   a.x_st = x.stride(1);
   a.p = params_of<T>(w, nullptr);
-  a.grad_x = grad_x.mutable_data_ptr<T>();
+  a.grad_x = want_x ? grad_x.mutable_data_ptr<T>() : nullptr;
   a.partials = partials.mutable_data_ptr<A>();
   a.B = x.size(0); a.N = x.size(1); a.C = C; a.P = P;
   a.H = static_cast<int>(H); a.W = static_cast<int>(W);
@@ -160,6 +161,14 @@ void check_case(int64_t B, int64_t C, int64_t H, int64_t W, int64_t P, int CH) {
         expect(e < tolerance<T>(), names[k] + what + " grid " + std::to_string(grid) +
                                        ": rel err " + std::to_string(e));
       }
+    }
+    // Without grad_x: the same weight and bias sums, and not a value of grad_x written.
+    const auto got = emulate_backward<T, CV, NS>(g, x, w, H, W, P, CH, chunks, false);
+    expect(got[0].isnan().all().template item<bool>(), "no grad_x wanted, some written: " + what);
+    for (int k = 1; k < 3; ++k) {
+      const double e = rel_err(got[k], ref[1 + k]);
+      expect(e < tolerance<T>(), std::string(k == 1 ? "grad_w " : "grad_b ") + what +
+                                     " without grad_x: rel err " + std::to_string(e));
     }
   }
 }
