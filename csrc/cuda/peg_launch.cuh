@@ -347,7 +347,9 @@ bool launch_pipe_backward(const at::Tensor& grad, const at::Tensor& x, const Par
     const int64_t B = x.size(0), C = x.size(2);
     const int CH = pipe_channels(C, W, sizeof(T), kPipeVec, 1);
     if (CH == 0) return false;
-    auto kernel = peg_pipe_backward_kernel<T, kPipeVec, kPipeRows>;
+    // Two kernels: with grad_x, or the sums alone.
+    auto kernel = grad_x != nullptr ? peg_pipe_backward_kernel<T, kPipeVec, kPipeRows, true>
+                                    : peg_pipe_backward_kernel<T, kPipeVec, kPipeRows, false>;
     const int threads = static_cast<int>(W) * (CH / kPipeVec);
     // Both rings; the reduction at the end reuses them for W x CH sums.
     const int64_t smem = 2 * pipe_smem<T>(kPipeRows, static_cast<int>(W), CH);  // < 48 KiB

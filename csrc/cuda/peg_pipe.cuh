@@ -454,8 +454,9 @@ struct PipeForwardThread : PipeLayout<T, CV, CW> {
 // NS - 2 rows of each in flight. x row r meets grad_out rows r + 1, r and r - 1 (tap rows 0, 1,
 // 2), the last two kept as their centre values. A block's items share its chunk (gridDim.x is a
 // multiple of chunks); at the end the kernel adds the threads' sums over the columns in shared
-// memory, in order, into the block's slot of partials (put, then sum, tap by tap).
-template <typename T, int CV, int NS>
+// memory, in order, into the block's slot of partials (put, then sum, tap by tap). GX: grad_x
+// is wanted (a.grad_x not nullptr); without, only the sums.
+template <typename T, int CV, int NS, bool GX = true>
 struct PipeBackwardThread : PipeLayout<T, CV> {
   static_assert(NS >= 4, "the rows being read, and at least one more in flight");
   using A = acc_t<T>;
@@ -543,7 +544,7 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
 
   // At a new item (ri == -1): grad_x's prefix tokens are grad_out's; its first row.
   PIPE_HD void begin(const PipeBackwardArgs<T>& a) {
-    if (a.grad_x == nullptr) return;
+    if constexpr (!GX) return;
     T* gx_img = a.grad_x + b * a.N * a.C + c0;
     orow = gx_img + (a.P + w) * a.C + cv * CV;
     const T* g_img = a.grad + b * a.g_sb + c0;
@@ -559,9 +560,8 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
     keep_here(G);
     // grad_x: row ri feeds rows ri + 1 (flipped tap row 0), ri (row 1 and grad_out itself after
     // the centre tap) and ri - 1 (row 2, which completes it); rows and columns of padding skip.
-    const bool want_x = a.grad_x != nullptr;
     if (g_in) {
-      if (want_x) {
+      if constexpr (GX) {
         const A zero[CV] = {};
         add_row<A, CV, true>(acc0, acc1, acc2, zero, wf, G, col_ok);
       }
@@ -571,7 +571,7 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
 #pragma unroll
       for (int e = 0; e < CV; ++e) acc2[e] = A(0);
     }
-    const bool store = want_x && ri >= 1 && ri <= a.H;  // grad_x row ri - 1 is complete
+    const bool store = GX && ri >= 1 && ri <= a.H;  // grad_x row ri - 1 is complete
     finish_row<T, CV>(store ? orow : nullptr, acc0, acc1, acc2);
     if (store) orow += out_row;
     // The weight gradient: x row ri - 1 (zeros outside, multiplied) with grad_out rows ri
@@ -686,12 +686,12 @@ constexpr int pipe_backward_regs() {
   return sizeof(T) != 2 ? 255 : CV == 2 ? 96 : CV == 4 ? 144 : 255;
 }
 
-template <typename T, int CV, int NS>
+template <typename T, int CV, int NS, bool GX = true>
 __global__ void __maxnreg__((pipe_backward_regs<T, CV>()))
     peg_pipe_backward_kernel(const PipeBackwardArgs<T> a) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char pipe_smem_raw[];
-  PipeBackwardThread<T, CV, NS> th;
+  PipeBackwardThread<T, CV, NS, GX> th;
   th.init(a, threadIdx.x, blockDim.x, blockIdx.x, gridDim.x,
           reinterpret_cast<T*>(pipe_smem_raw));
   th.zero_pads(a);  // seen by all after the first barrier below

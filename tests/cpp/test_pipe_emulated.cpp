@@ -79,10 +79,10 @@ at::Tensor emulate_forward(const at::Tensor& x, const at::Tensor& w, const at::T
 
 // grad_x (NaN where not wanted: the kernel then writes none), grad_w, grad_b; grid a multiple
 // of the chunks.
-template <typename T, int CV, int NS>
+template <typename T, int CV, int NS, bool GX = true>
 std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& x,
                                          const at::Tensor& w, int64_t H, int64_t W, int64_t P,
-                                         int CH, int grid, bool want_x = true) {
+                                         int CH, int grid) {
   using A = acc_t<T>;
   const int64_t C = x.size(2);
   const int chunks = static_cast<int>(C / CH);
@@ -96,7 +96,7 @@ std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& 
   a.x_sb = x.stride(0);
   a.x_st = x.stride(1);
   a.p = params_of<T>(w, nullptr);
-  a.grad_x = want_x ? grad_x.mutable_data_ptr<T>() : nullptr;
+  a.grad_x = GX ? grad_x.mutable_data_ptr<T>() : nullptr;
   a.partials = partials.mutable_data_ptr<A>();
   a.B = x.size(0); a.N = x.size(1); a.C = C; a.P = P;
   a.H = static_cast<int>(H); a.W = static_cast<int>(W);
@@ -104,7 +104,7 @@ std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& 
   const int nthreads = a.W * CH / CV;
   for (int block = 0; block < grid; ++block) {
     std::vector<T> buf(2 * pipe_smem<T>(NS, a.W, CH) / sizeof(T), T(NAN));
-    std::vector<PipeBackwardThread<T, CV, NS>> th(nthreads);
+    std::vector<PipeBackwardThread<T, CV, NS, GX>> th(nthreads);
     for (int t = 0; t < nthreads; ++t) th[t].init(a, t, nthreads, block, grid, buf.data());
     for (auto& t : th) t.zero_pads(a);
     for (int k = 0; k < NS - 2; ++k) {
@@ -163,7 +163,7 @@ void check_case(int64_t B, int64_t C, int64_t H, int64_t W, int64_t P, int CH) {
       }
     }
     // Without grad_x: the same weight and bias sums, and not a value of grad_x written.
-    const auto got = emulate_backward<T, CV, NS>(g, x, w, H, W, P, CH, chunks, false);
+    const auto got = emulate_backward<T, CV, NS, false>(g, x, w, H, W, P, CH, chunks);
     expect(got[0].isnan().all().template item<bool>(), "no grad_x wanted, some written: " + what);
     for (int k = 1; k < 3; ++k) {
       const double e = rel_err(got[k], ref[1 + k]);
