@@ -1,7 +1,9 @@
-"""The row loop of the package's cp.async forward kernels in sm_90 SASS, with the common path of
-a step marked: a step that starts no item (the `ri == -1` test falls through to the barrier),
-issues a row, and is not the last of its item on the issuing side. The ranges were read off the
-branches of a build of d126470 (nvcc 13.0, -O3, sm_90); another build moves the addresses.
+"""The row loop of the package's cp.async kernels in sm_90 SASS, with the common path of a step
+marked: a step that starts no item (the `ri == -1` test falls through to the barrier), issues a
+row, and is not the last of its item on the issuing side; in the backward, with grad_x, a
+grad_out row inside the image and all three tap rows of the weight gradient. The ranges were
+read off the branches of a build of 9726a45 (nvcc 13.0, -O3, sm_90; the forward's code is
+d126470's); another build moves the addresses.
 
     python pipe_sass.py [binary]     # default: the built extension
 """
@@ -21,6 +23,8 @@ PATHS = {
         [(0x18e0, 0x1900), (0x2b60, 0x2cf0), (0x3000, 0x35f0)],
     "_ZN4cpvt8peg_pipe23peg_pipe_forward_kernelIfLi4ELi6ELi1EEEvNS0_8PipeArgsIT_EE":
         [(0x16f0, 0x1710), (0x2830, 0x29c0), (0x2cd0, 0x31c0)],
+    "_ZN4cpvt8peg_pipe24peg_pipe_backward_kernelIN3c108BFloat16ELi4ELi6ELb1EEEvNS0_16PipeBackwardArgsIT_EE":
+        [(0x22e0, 0x2390), (0x29f0, 0x2c70), (0x2e50, 0x3a90)],
 }
 
 binary = sys.argv[1] if len(sys.argv) > 1 else sorted(glob.glob(str(ROOT / "cpvt_kernels" / "_C*.so")))[0]
@@ -38,7 +42,7 @@ for func in re.split(r"\n\s*Function : ", sass)[1:]:
     ranges = PATHS[name]
     lo, hi = ranges[0][0], ranges[-1][1]
     on = [(a, t) for a, t in ins if any(x <= a <= y for x, y in ranges)]
-    fp = sum(t.startswith(("FFMA", "FADD")) for _, t in on)
+    fp = sum(re.sub(r"^@!?U?P\w+\s+", "", t).startswith(("FFMA", "FADD")) for _, t in on)
     print(f"{name}\n  common path of a step: {len(on)} instructions, {fp} FFMA/FADD")
     for a, t in ins:
         if lo <= a <= hi:
