@@ -13,7 +13,7 @@
 #              checked and timed without torch (build with this machine's nvcc, then run)
 #   profile    ncu (Nsight Compute, clocks left alone) over peg_micro's kernels, each launched
 #              once: PROFILE_ONLY variants (default the tiled and the default streaming forward
-#              and backward, and the cp.async forward) at PROFILE_SHAPES (default 0, CPVT-S bf16)
+#              and backward, and the cp.async ones) at PROFILE_SHAPES (default 0, CPVT-S bf16)
 #   test       pytest -q tests on this machine (the CUDA and Triton tests run on CUDA tensors), in
 #              PYTEST_WORKERS processes (pytest-xdist, default 8) when pytest-xdist is installed
 #   test-stream  tests/test_cuda.py again with CPVT_CUDA_KERNELS=stream (the streaming kernels
@@ -211,7 +211,7 @@ step_profile() {
         NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc") \
             ARCH=${GPU_ARCH/./} PYTHON=$PY bash bench/cuda_micro/build.sh || return 1
     fi
-    local only="fwd tile,fwd stream v4 rh8 sl1,fwd pipe cv4 ch64 ns6,bwd tile,bwd stream v2 rh8 sl1"
+    local only="fwd tile,fwd stream v4 rh8 sl1,fwd pipe cv4 ch64 ns6,bwd tile,bwd stream v2 rh8 sl1,bwd pipe cv4 ch64 ns6"
     MICRO_PROFILE=1 MICRO_SHAPES=${PROFILE_SHAPES:-0} MICRO_ONLY=${PROFILE_ONLY:-$only} \
         "$ncu" --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section Occupancy --section LaunchStats --section WarpStateStats \
