@@ -211,7 +211,8 @@ step_profile() {
         NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc") \
             ARCH=${GPU_ARCH/./} PYTHON=$PY bash bench/cuda_micro/build.sh || return 1
     fi
-    local only="fwd tile,fwd stream v4 rh8 sl1,fwd pipe cv4 ch64 ns6,bwd tile,bwd stream v2 rh8 sl1,bwd pipe cv4 ch64 ns6"
+    local only="fwd tile,fwd stream v4 rh8 sl1,fwd pipe cv4 ch64 ns6"
+    only+=",bwd tile,bwd stream v2 rh8 sl1,bwd pipe cv4 ch64 ns6"
     MICRO_PROFILE=1 MICRO_SHAPES=${PROFILE_SHAPES:-0} MICRO_ONLY=${PROFILE_ONLY:-$only} \
         "$ncu" --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section Occupancy --section LaunchStats --section WarpStateStats \
