@@ -548,12 +548,9 @@ def test_triton_kernels_compile_for_sm90_without_spills():
             nums[(dt, "tile", "fwd", "_peg_fwd_kernel")] / 2, nums
 
 
-def test_cuda_forward_kernels_store_whole_vectors():
-    """The CUDA forward kernels (tiled, streaming and cp.async; their input-gradient instances
-    too) store each output vector of the 16-bit types and float32 with one instruction of its
-    width (bench/cuda_sass.py over the built extension's sm_90 code). Assigning the Pack let nvcc
-    split them into 2- and 4-byte stores. The cp.async forward also copies the prefix tokens in
-    16-byte pieces."""
+def _extension_sm90_kernels(pattern: str) -> list[dict]:
+    """bench/cuda_sass.py's rows for the built extension's sm_90 kernels whose names match
+    `pattern`; skips where there are none to read (no CUDA build, no cuobjdump, no sm_90)."""
     import re
     from cpvt_kernels import ops
     if not ops.HAS_CUDA_KERNELS:
@@ -566,10 +563,20 @@ def test_cuda_forward_kernels_store_whole_vectors():
     binary = sorted(glob.glob(str(BENCH.parent / "cpvt_kernels" / "_C*.so")))
     if not binary:
         pytest.skip("the extension is not built in the source tree")
-    rows = [r for r in cuda_sass.kernels(binary[0], 90, tool)
-            if re.search(r"peg_(stream_|pipe_)?forward_kernel<", r["name"])]
+    rows = [r for r in cuda_sass.kernels(binary[0], 90, tool) if re.search(pattern, r["name"])]
     if not rows:
         pytest.skip("the extension has no sm_90 code (TORCH_CUDA_ARCH_LIST)")
+    return rows
+
+
+def test_cuda_forward_kernels_store_whole_vectors():
+    """The CUDA forward kernels (tiled, streaming and cp.async; their input-gradient instances
+    too) store each output vector of the 16-bit types and float32 with one instruction of its
+    width (bench/cuda_sass.py over the built extension's sm_90 code). Assigning the Pack let nvcc
+    split them into 2- and 4-byte stores. The cp.async forward also copies the prefix tokens in
+    16-byte pieces."""
+    import re
+    rows = _extension_sm90_kernels(r"peg_(stream_|pipe_)?forward_kernel<")
     sizes = {"BFloat16": 2, "Half": 2, "float": 4}
     kinds = {32: "STG.E", 64: "STG.E.64", 128: "STG.E.128"}
     checked = set()
@@ -593,20 +600,7 @@ def test_cuda_pipe_kernels_fit_their_registers():
     for with no stack frame: the forward 96 (three blocks of 224 threads an SM at CPVT-S), the
     16-bit backward 144 (two); and are not compiled away (bench/cuda_sass.py over the built
     extension's sm_90 code)."""
-    from cpvt_kernels import ops
-    if not ops.HAS_CUDA_KERNELS:
-        pytest.skip("the extension has no CUDA kernels")
-    import cuda_sass
-    try:
-        tool = cuda_sass.cuobjdump()
-    except SystemExit as e:
-        pytest.skip(str(e))
-    binary = sorted(glob.glob(str(BENCH.parent / "cpvt_kernels" / "_C*.so")))
-    if not binary:
-        pytest.skip("the extension is not built in the source tree")
-    rows = [r for r in cuda_sass.kernels(binary[0], 90, tool) if "peg_pipe_" in r["name"]]
-    if not rows:
-        pytest.skip("the extension has no sm_90 code (TORCH_CUDA_ARCH_LIST)")
+    rows = _extension_sm90_kernels(r"peg_pipe_")
     fwd = [r for r in rows if "peg_pipe_forward_kernel<" in r["name"]]
     bwd = [r for r in rows if "peg_pipe_backward_kernel<" in r["name"]]
     # bfloat16, half (and float32); the backward with grad_x and without

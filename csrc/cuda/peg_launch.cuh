@@ -288,6 +288,25 @@ bool launch_stream_backward(const at::Tensor& grad, const at::Tensor& x, const P
 // kernels.
 constexpr int kPipeVec = 4, kPipeRows = 6;
 
+// The shape fields both cp.async kernels' arguments share, for tokens like t.
+template <typename Args>
+void set_pipe_shape(Args& a, const at::Tensor& t, int64_t H, int64_t W, int64_t P, int CH) {
+  a.B = t.size(0);
+  a.N = t.size(1);
+  a.C = t.size(2);
+  a.P = P;
+  a.H = static_cast<int>(H);
+  a.W = static_cast<int>(W);
+  a.CH = CH;
+  a.chunks = static_cast<int>(t.size(2) / CH);
+}
+
+// Whether `items` dealt to `grid` blocks, `steps` positions each, fit the int counts of the
+// kernels (and a launch).
+inline bool pipe_counts_fit(int64_t items, int64_t grid, int64_t steps) {
+  return items < (int64_t(1) << 31) && ceil_div(items, grid) * steps < (int64_t(1) << 31);
+}
+
 template <typename T>
 bool launch_pipe_forward(const at::Tensor& src, const Params<T>& p, at::Tensor& out, int64_t H,
                          int64_t W, int64_t P, const DeviceInfo& dev, cudaStream_t stream) {
@@ -305,24 +324,14 @@ bool launch_pipe_forward(const at::Tensor& src, const Params<T>& p, at::Tensor& 
     const int64_t items = B * (C / CH);
     // Persistent: one wave of resident blocks, each taking every grid-th item.
     const int64_t grid = std::min<int64_t>(items, int64_t(std::max(per_sm, 1)) * dev.sms);
-    if (per_sm < 1 || items >= (int64_t(1) << 31) ||
-        ceil_div(items, grid) * (H + 2) >= (int64_t(1) << 31)) {
-      return false;  // the positions of a block's stream are counted in int
-    }
+    if (per_sm < 1 || !pipe_counts_fit(items, grid, H + 2)) return false;
     PipeArgs<T> a{};
     a.src = src.const_data_ptr<T>();
     a.sb = src.stride(0);
     a.st = src.stride(1);
     a.p = p;
     a.out = out.mutable_data_ptr<T>();
-    a.B = B;
-    a.N = src.size(1);
-    a.C = C;
-    a.P = P;
-    a.H = static_cast<int>(H);
-    a.W = static_cast<int>(W);
-    a.CH = CH;
-    a.chunks = static_cast<int>(C / CH);
+    set_pipe_shape(a, src, H, W, P, CH);
     kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
@@ -357,10 +366,7 @@ bool launch_pipe_backward(const at::Tensor& grad, const at::Tensor& x, const Par
     const int64_t chunks = C / CH, items = B * chunks;
     const int64_t grid = std::max<int64_t>(
         chunks, std::min<int64_t>(items, int64_t(std::max(per_sm, 1)) * dev.sms) / chunks * chunks);
-    if (per_sm < 1 || items >= (int64_t(1) << 31) ||
-        ceil_div(items, grid) * (H + 3) >= (int64_t(1) << 31)) {
-      return false;  // the positions of a block's stream are counted in int
-    }
+    if (per_sm < 1 || !pipe_counts_fit(items, grid, H + 3)) return false;
     const int64_t slots = grid / chunks;
     const at::Tensor partials = at::empty({slots, 10, C},
                                           x.options().dtype(c10::CppTypeToScalarType<A>::value));
@@ -374,14 +380,7 @@ bool launch_pipe_backward(const at::Tensor& grad, const at::Tensor& x, const Par
     a.p = p;
     a.grad_x = grad_x;
     a.partials = partials.mutable_data_ptr<A>();
-    a.B = B;
-    a.N = x.size(1);
-    a.C = C;
-    a.P = P;
-    a.H = static_cast<int>(H);
-    a.W = static_cast<int>(W);
-    a.CH = CH;
-    a.chunks = static_cast<int>(chunks);
+    set_pipe_shape(a, x, H, W, P, CH);
     kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     reduce_partials<T>(partials, slots, 9, C, grad_w, grad_b, stream);
