@@ -115,7 +115,7 @@ void run_forward(const at::Tensor& src, const Params<T>& p, bool flip, at::Tenso
 }
 
 // ---------------------------------------------------------------------------------------------
-// Shared by the backward launches and the persistent streaming forward.
+// Shared by the backward launches, the persistent streaming forward and the cp.async kernels.
 
 // Resident blocks per multiprocessor of `kernel` at `threads` and `smem`, cached per
 // (kernel, device, threads, smem); after opting the kernel in, once per device, to `optin`
@@ -142,7 +142,17 @@ int resident_blocks(K* kernel, int device, int threads, int64_t smem, int64_t op
   return per_sm;
 }
 
-// The fields both backward kernels' arguments share.
+// The fields the streaming and cp.async forwards' arguments share.
+template <typename T, typename Args>
+void set_forward_io(Args& a, const at::Tensor& src, const Params<T>& p, at::Tensor& out) {
+  a.src = src.const_data_ptr<T>();
+  a.sb = src.stride(0);
+  a.st = src.stride(1);
+  a.p = p;
+  a.out = out.mutable_data_ptr<T>();
+}
+
+// The fields the backward kernels' arguments share.
 template <typename T, typename Args>
 void set_backward_io(Args& a, const at::Tensor& grad, const at::Tensor& x, const Params<T>& p,
                      T* grad_x, acc_t<T>* partials) {
@@ -240,11 +250,7 @@ bool launch_stream_forward(const at::Tensor& src, const Params<T>& p, at::Tensor
   set_row_slots(g, std::max<int64_t>(1, int64_t(per_sm) * dev.sms) /
                        (int64_t(g.chunks) * g.wblocks));
   StreamForwardArgs<T> a{};
-  a.src = src.const_data_ptr<T>();
-  a.sb = src.stride(0);
-  a.st = src.stride(1);
-  a.p = p;
-  a.out = out.mutable_data_ptr<T>();
+  set_forward_io<T>(a, src, p, out);
   a.g = g;
   const int64_t grid = g.conv_blocks + stream_prefix_blocks(g);
   kernel<<<static_cast<unsigned>(grid), dim3(g.cv, g.wb), smem, stream>>>(a);
@@ -326,11 +332,7 @@ bool launch_pipe_forward(const at::Tensor& src, const Params<T>& p, at::Tensor& 
     const int64_t grid = std::min<int64_t>(items, int64_t(std::max(per_sm, 1)) * dev.sms);
     if (per_sm < 1 || !pipe_counts_fit(items, grid, H + 2)) return false;
     PipeArgs<T> a{};
-    a.src = src.const_data_ptr<T>();
-    a.sb = src.stride(0);
-    a.st = src.stride(1);
-    a.p = p;
-    a.out = out.mutable_data_ptr<T>();
+    set_forward_io<T>(a, src, p, out);
     set_pipe_shape(a, src, H, W, P, CH);
     kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -371,15 +373,7 @@ bool launch_pipe_backward(const at::Tensor& grad, const at::Tensor& x, const Par
     const at::Tensor partials = at::empty({slots, 10, C},
                                           x.options().dtype(c10::CppTypeToScalarType<A>::value));
     PipeBackwardArgs<T> a{};
-    a.grad = grad.const_data_ptr<T>();
-    a.g_sb = grad.stride(0);
-    a.g_st = grad.stride(1);
-    a.x = x.const_data_ptr<T>();
-    a.x_sb = x.stride(0);
-    a.x_st = x.stride(1);
-    a.p = p;
-    a.grad_x = grad_x;
-    a.partials = partials.mutable_data_ptr<A>();
+    set_backward_io<T>(a, grad, x, p, grad_x, partials.mutable_data_ptr<A>());
     set_pipe_shape(a, x, H, W, P, CH);
     kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
