@@ -3,8 +3,9 @@
 // drives it block by block as the kernels do, every thread in turn at each stage (the copies
 // land at once, so a refill of a buffer still to be read shows). It checks the stream of items
 // and rows, the zero rows and columns, the prefix tokens, the output mapping and the backward's
-// sums against float64 libtorch, over strided inputs and several grids. What only a GPU shows
-// (the copies landing late, barriers, speed) is bench/cuda_micro's to measure.
+// sums against float64 libtorch, over strided inputs and several grids, with Inf and NaN too.
+// What only a GPU shows (the copies landing late, barriers, speed) is bench/cuda_micro's to
+// measure.
 #include <torch/torch.h>
 
 #include "cuda/peg_pipe.cuh"
@@ -173,6 +174,47 @@ void check_case(int64_t B, int64_t C, int64_t H, int64_t W, int64_t P, int CH) {
   }
 }
 
+// Inf and NaN in the weight, x and grad_out, next to the borders: NaN and Inf where the float64
+// reference has them (the forward multiplies the zero padding by every tap; the input gradient
+// skips the taps on padding; the weight gradient multiplies the zero padding).
+template <typename T, int CV, int NS>
+void check_nonfinite(int64_t B, int64_t C, int64_t H, int64_t W, int64_t P) {
+  const int CH = pipe_channels(C, W, sizeof(T), CV, 1);
+  const int64_t N = P + H * W;
+  const at::ScalarType dt = scalar_type<T>();
+  for (int which = 0; which < 3; ++which) {
+    at::Tensor x = strided_tokens(B, N, C, dt), g = strided_tokens(B, N, C, dt);
+    at::Tensor w = (at::randn({C, 1, 3, 3}, at::kDouble) * 0.3).to(dt);
+    const at::Tensor b = at::randn({C}, at::kDouble).to(dt);
+    const char* what = which == 0   ? "Inf/NaN taps"
+                       : which == 1 ? "Inf/NaN in x"
+                                    : "Inf/NaN in grad_out";
+    if (which == 0) {
+      w.index_put_({1, 0, 0, 0}, INFINITY);
+      w.index_put_({2, 0, 2, 1}, NAN);
+      w.index_put_({C - 1, 0, 1, 2}, -INFINITY);
+    } else {
+      at::Tensor& t = which == 1 ? x : g;
+      t.index_put_({0, P + 1, 2}, INFINITY);           // top row
+      t.index_put_({B - 1, N - 1, 0}, NAN);            // bottom right corner
+      t.index_put_({0, P + (H - 1) * W, C - 1}, -INFINITY);  // bottom left corner
+    }
+    const auto ref = reference(x, w, b, g, H, W, P);
+    const std::string name = std::string(c10::toString(dt)) + " CV" + std::to_string(CV) + " " +
+                             std::to_string(H) + "x" + std::to_string(W) + " " + what;
+    auto check = [&](const at::Tensor& got, const at::Tensor& want, const char* part) {
+      const double e = rel_err(got, want);
+      expect(e < tolerance<T>(), name + " " + part + ": rel err " + std::to_string(e) +
+                                     " (NaN: the non-finite positions differ)");
+    };
+    check(emulate_forward<T, CV, NS, 1>(x, w, b, H, W, P, CH, 2), ref[0], "forward");
+    const auto r = emulate_backward<T, CV, NS>(g, x, w, H, W, P, CH, static_cast<int>(C / CH));
+    check(r[0], ref[1], "grad_x");
+    check(r[1], ref[2], "grad_weight");
+    check(r[2], ref[3], "grad_bias");
+  }
+}
+
 template <typename T, int CV, int NS, int CW = 1>
 void check_all() {
   check_case<T, CV, NS, CW>(1, 16, 1, 1, 0, 16);
@@ -198,6 +240,9 @@ int main() {
   check_all<c10::BFloat16, 4, 6>();
   check_all<c10::BFloat16, 8, 4>();
   check_all<c10::BFloat16, 4, 6, 2>();
+  check_nonfinite<float, 4, 6>(2, 16, 5, 7, 1);
+  check_nonfinite<c10::BFloat16, 4, 6>(2, 16, 5, 7, 1);
+  check_nonfinite<c10::BFloat16, 4, 6>(3, 32, 4, 3, 0);
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }
