@@ -202,10 +202,11 @@ def pytest_terminal_summary(terminalreporter):
                                                                    "error") if c.get(k)))
 
 
-def nonfinite_case(where: str, device="cpu", C=9):
+def nonfinite_case(where: str, device="cpu", C=9, dtype=torch.float64):
     """Inputs of a small float64 PEG (C >= 8 channels) with NaN and Inf planted in `where` (x,
-    weight or grad_out), next to the grid's borders so that they meet the zero padding. Returns
-    the inputs, the output gradient and the reference output and gradients."""
+    weight or grad_out), next to the grid's borders so that they meet the zero padding, rounded
+    to `dtype`. Returns the inputs, the output gradient and the reference output and gradients
+    (float64, of the rounded inputs)."""
     H, W, P = 6, 7, 1
     (x64, w64, b64), _ = make_inputs(2, P, H, W, C, 3, 3, True, torch.float64)
     grad64 = torch.randn(x64.shape, dtype=torch.float64)
@@ -223,19 +224,20 @@ def nonfinite_case(where: str, device="cpu", C=9):
         grad64[1, P + 3 * W + 6, 1] = float("-inf")
     else:
         raise ValueError(where)
+    x64, w64, b64, grad64 = (t.to(dtype).double() for t in (x64, w64, b64, grad64))
     ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
     return (H, W, P), (x64, w64, b64, grad64), ref
 
 
-def assert_same_nonfinite(got: torch.Tensor, ref: torch.Tensor):
-    """NaN where the reference has NaN, the same infinities, and close elsewhere."""
-    got = got.detach().cpu()
+def assert_same_nonfinite(got: torch.Tensor, ref: torch.Tensor, tol=1e-12):
+    """NaN where the reference has NaN, the same infinities, and close (`tol`) elsewhere."""
+    got = got.detach().cpu().double()
     assert torch.equal(got.isnan(), ref.isnan())
     assert torch.equal(got.isinf(), ref.isinf())
     assert torch.equal(got[ref.isinf()], ref[ref.isinf()])
     finite = ref.isfinite()
     if finite.any():
-        assert rel_err(got[finite], ref[finite]) < 1e-12
+        assert rel_err(got[finite], ref[finite]) < tol
 
 
 def check_nonfinite_grad_x_only(backend: str, device, k: int, C: int):
@@ -254,19 +256,22 @@ def check_nonfinite_grad_x_only(backend: str, device, k: int, C: int):
     assert_same_nonfinite(gx, gx_ref)
 
 
-def check_nonfinite_forward(backend: str, device, where: str, C=9):
-    """fused_peg on `backend` keeps the reference's NaN and Inf (nonfinite_case)."""
-    (H, W, P), (x64, w64, b64, _), ref = nonfinite_case(where, C=C)
-    out = ck.fused_peg(x64.to(device), w64.to(device), b64.to(device), (H, W), P,
-                       backend=backend)
-    assert_same_nonfinite(out, ref[0])
+def check_nonfinite_forward(backend: str, device, where: str, C=9, dtype=torch.float64):
+    """fused_peg on `backend` keeps the reference's NaN and Inf (nonfinite_case), in `dtype`."""
+    (H, W, P), (x64, w64, b64, _), ref = nonfinite_case(where, C=C, dtype=dtype)
+    out = ck.fused_peg(x64.to(device, dtype), w64.to(device, dtype), b64.to(device, dtype),
+                       (H, W), P, backend=backend)
+    tol = 1e-12 if dtype == torch.float64 else TOLERANCE[dtype]
+    assert_same_nonfinite(out, ref[0], tol)
 
 
-def check_nonfinite_backward(backend: str, device, where: str, C=9):
-    """fused_peg on `backend` and its gradients keep the reference's NaN and Inf (nonfinite_case)."""
-    (H, W, P), (x64, w64, b64, grad64), ref = nonfinite_case(where, C=C)
-    x, w, b = (t.to(device).requires_grad_() for t in (x64, w64, b64))
+def check_nonfinite_backward(backend: str, device, where: str, C=9, dtype=torch.float64):
+    """fused_peg on `backend` and its gradients keep the reference's NaN and Inf
+    (nonfinite_case), in `dtype`."""
+    (H, W, P), (x64, w64, b64, grad64), ref = nonfinite_case(where, C=C, dtype=dtype)
+    x, w, b = (t.to(device, dtype).requires_grad_() for t in (x64, w64, b64))
     out = ck.fused_peg(x, w, b, (H, W), P, backend=backend)
-    out.backward(grad64.to(device))
+    out.backward(grad64.to(device, dtype))
+    tol = 1e-12 if dtype == torch.float64 else TOLERANCE[dtype]
     for got, want in zip((out, x.grad, w.grad, b.grad), ref):
-        assert_same_nonfinite(got, want)
+        assert_same_nonfinite(got, want, tol)

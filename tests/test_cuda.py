@@ -239,6 +239,15 @@ def test_nan_and_inf_propagate_through_backward(device, where, C, kernels):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("where", ["x", "weight", "grad_out"])
+def test_nan_and_inf_in_float32_and_bfloat16(device, dtype, where, kernels):
+    """The vector kernels at C=16 (the streaming and cp.async ones too: the float64 cases above
+    do not reach the cp.async kernels) keep the reference's NaN and Inf, forward and backward."""
+    check_nonfinite_backward("cuda", device, where, C=16, dtype=dtype)
+
+
+@gpu
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("C", [9, 10])
 def test_nonfinite_weight_grad_x_only(device, k, C, kernels):

@@ -139,6 +139,14 @@ def test_nan_and_inf_propagate_through_backward(backend, where):
     check_nonfinite_backward(backend, require_backend(backend), where)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("where", ["x", "weight", "grad_out"])
+def test_nan_and_inf_in_float32_and_bfloat16(dtype, where):
+    """The cpu backend's vector paths (C=16) keep the reference's NaN and Inf in float32 and
+    bfloat16 as well, forward and backward."""
+    check_nonfinite_backward("cpu", require_backend("cpu"), where, C=16, dtype=dtype)
+
+
 @pytest.mark.parametrize("k", [3, 5])
 def test_nonfinite_weight_grad_x_only_cpu(k):
     check_nonfinite_grad_x_only("cpu", require_backend("cpu"), k, C=10)
