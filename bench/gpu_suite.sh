@@ -18,13 +18,15 @@
 #              PYTEST_WORKERS processes (pytest-xdist, default 8) when pytest-xdist is installed
 #   test-stream  tests/test_cuda.py again with CPVT_CUDA_KERNELS=stream (the streaming kernels
 #              wherever they apply), in the same processes
+#   test-pipe  tests/test_cuda.py again with CPVT_CUDA_KERNELS=pipe (the experimental cp.async
+#              kernels wherever they apply), in the same processes
 #   test-triton-stream  tests/test_triton.py again with CPVT_TRITON_KERNELS=stream
 #   sanitize   compute-sanitizer memcheck, racecheck and initcheck over bench/sanitize_small.py,
 #              once per kernel family (SANITIZE_CUDA_KERNELS, default "tile stream pipe"; set
 #              as CPVT_CUDA_KERNELS and CPVT_TRITON_KERNELS; "pipe", a cuda family only, runs the
 #              cuda backend alone)
-#   checks     selfcheck, test, test-stream, test-triton-stream and sanitize side by side (none
-#              is timed), each with its own log and summary line
+#   checks     selfcheck, test, test-stream, test-pipe, test-triton-stream and sanitize side by
+#              side (none is timed), each with its own log and summary line
 #   tune       bench/tune_triton.py for the tiled and the streaming Triton kernels (TUNE_ARGS,
 #              default --quick: five candidates a pass; the streaming ones also with
 #              TUNE_STREAM_ARGS, default "--prefetch 0 1": each block with its rows loaded as
@@ -63,10 +65,10 @@ if [ ${#STEPS[@]} -eq 0 ]; then
 fi
 for s in "${STEPS[@]}"; do
     case "$s" in
-        build|selfcheck|micro|profile|test|test-stream|test-triton-stream|sanitize|checks|tune|\
-        bench|model) ;;
+        build|selfcheck|micro|profile|test|test-stream|test-pipe|test-triton-stream|sanitize|\
+        checks|tune|bench|model) ;;
         *) echo "gpu_suite: unknown step '$s'; expected build selfcheck micro profile test" \
-                "test-stream test-triton-stream sanitize checks tune bench model" >&2
+                "test-stream test-pipe test-triton-stream sanitize checks tune bench model" >&2
            exit 2 ;;
     esac
 done
@@ -246,6 +248,10 @@ do_step() {
               run_step test-stream env CPVT_CUDA_KERNELS=stream "$PY" -m pytest -q -ra \
                   tests/test_cuda.py --junitxml="$OUT/pytest_stream.xml" "${XDIST[@]}" \
                   "${PYTEST_EXTRA[@]}" ;;
+        test-pipe) read -r -a XDIST <<< "$(pytest_xdist)"
+              run_step test-pipe env CPVT_CUDA_KERNELS=pipe "$PY" -m pytest -q -ra \
+                  tests/test_cuda.py --junitxml="$OUT/pytest_pipe.xml" "${XDIST[@]}" \
+                  "${PYTEST_EXTRA[@]}" ;;
         test-triton-stream) read -r -a XDIST <<< "$(pytest_xdist)"
               run_step test-triton-stream env CPVT_TRITON_KERNELS=stream "$PY" -m pytest -q \
                   -ra tests/test_triton.py --junitxml="$OUT/pytest_triton_stream.xml" \
@@ -264,14 +270,14 @@ do_step() {
 }
 
 # The correctness steps side by side: none of them is timed, so they may share the GPU. The
-# whole suite gets PYTEST_WORKERS processes, the two reruns a quarter of that each. Their
+# whole suite gets PYTEST_WORKERS processes, the three reruns a quarter of that each. Their
 # consoles go to <step>.console; their logs and summary lines are as when run alone.
-CHECKS=(selfcheck test test-stream test-triton-stream sanitize)
+CHECKS=(selfcheck test test-stream test-pipe test-triton-stream sanitize)
 step_checks() {
     local s pids=() few=$(( ${PYTEST_WORKERS:-8} / 4 > 2 ? ${PYTEST_WORKERS:-8} / 4 : 2 ))
     for s in "${CHECKS[@]}"; do
         case "$s" in
-            test-stream|test-triton-stream)
+            test-stream|test-pipe|test-triton-stream)
                 ( PYTEST_WORKERS=$few do_step "$s" > "$OUT/$s.console" 2>&1 ) & ;;
             *) ( do_step "$s" > "$OUT/$s.console" 2>&1 ) & ;;
         esac
