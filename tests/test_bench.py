@@ -600,14 +600,24 @@ def test_cuda_pipe_kernels_fit_their_registers():
     for with no stack frame: the forward 96 (three blocks of 224 threads an SM at CPVT-S), the
     16-bit backward 144 (two); and are not compiled away (bench/cuda_sass.py over the built
     extension's sm_90 code)."""
+    import re
+    import shutil
     rows = _extension_sm90_kernels(r"peg_pipe_")
     fwd = [r for r in rows if "peg_pipe_forward_kernel<" in r["name"]]
     bwd = [r for r in rows if "peg_pipe_backward_kernel<" in r["name"]]
     # bfloat16, half (and float32); the backward with grad_x and without
     assert len(fwd) == 3 and len(bwd) == 4, [r["name"] for r in rows]
+    # The limits are __maxnreg__, which nvcc has from 12.4 on (before, the kernels build without).
+    home = os.environ.get("CUDA_HOME")
+    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout if nvcc \
+        and os.access(nvcc, os.X_OK) else ""
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    limits = m is not None and (int(m.group(1)), int(m.group(2))) >= (12, 4)
     for r in fwd + bwd:
         limit = 96 if r in fwd else 144
-        assert r["regs"] <= limit and r["stack"] == 0, (r["name"], r["regs"], r["stack"])
+        assert r["stack"] == 0 and (r["regs"] <= limit or not limits), \
+            (r["name"], r["regs"], r["stack"])
         assert r["sass"] > 200 and "LDG" in r["memory"], (r["name"], r["sass"], r["memory"])
 
 

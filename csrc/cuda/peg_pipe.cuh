@@ -632,6 +632,14 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
 
 #if defined(__CUDACC__)
 
+// A kernel's register limit: __maxnreg__ from CUDA 12.4 on; before, the kernels are bounded by
+// their block size alone (more registers, fewer resident blocks, the same results).
+#if __CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4)
+#define PIPE_REGS(n) __maxnreg__(n)
+#else
+#define PIPE_REGS(n) __launch_bounds__(kMaxThreads)
+#endif
+
 __device__ __forceinline__ void cp_async_commit() {
 #if PIPE_CP_ASYNC
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -653,7 +661,7 @@ constexpr int pipe_forward_regs() {
 }
 
 template <typename T, int CV, int NS, int CW = 1>
-__global__ void __maxnreg__((pipe_forward_regs<CV, CW>()))
+__global__ void PIPE_REGS((pipe_forward_regs<CV, CW>()))
     peg_pipe_forward_kernel(const PipeArgs<T> a) {
   extern __shared__ __align__(16) unsigned char pipe_smem_raw[];
   T* buf = reinterpret_cast<T*>(pipe_smem_raw);
@@ -687,7 +695,7 @@ constexpr int pipe_backward_regs() {
 }
 
 template <typename T, int CV, int NS, bool GX = true>
-__global__ void __maxnreg__((pipe_backward_regs<T, CV>()))
+__global__ void PIPE_REGS((pipe_backward_regs<T, CV>()))
     peg_pipe_backward_kernel(const PipeBackwardArgs<T> a) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char pipe_smem_raw[];
@@ -724,6 +732,7 @@ __global__ void __maxnreg__((pipe_backward_regs<T, CV>()))
 
 #undef PIPE_HD
 #undef PIPE_CP_ASYNC
+#undef PIPE_REGS
 
 }  // namespace peg_pipe
 }  // namespace cpvt
