@@ -476,8 +476,10 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
   int64_t g_row, x_row;
   A wf[9][CV];  // the flipped taps: wf[i][j] = w[2 - i][2 - j]
   A dw[9][CV], db[CV];
-  A acc0[CV], acc1[CV], acc2[CV];  // grad_x of rows ri - 1, ri, ri + 1
-  A g1[CV], g2[CV];                // grad_out at column w, rows ri - 1 and ri - 2
+  // Windows that turn with the step's phase q % 3 rather than move (step_phase): grad_x of rows
+  // ri - 1, ri, ri + 1 in acc[(q + 0, 1, 2) % 3]; grad_out at column w of rows ri - 2, ri - 1
+  // in gh[(q + 1, 2) % 3], row ri going to gh[q % 3].
+  A acc[3][CV], gh[3][CV];
   // The computing side: position q in slot `slot` (q - 1 in pslot), grad_out row ri of image b;
   // grad_x row max(ri - 1, 0) of the thread's column at orow, rows out_row values apart.
   T* orow;
@@ -508,7 +510,9 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
     for (int e = 0; e < CV; ++e) {
 #pragma unroll
       for (int t = 0; t < 9; ++t) dw[t][e] = A(0);
-      db[e] = acc0[e] = acc1[e] = acc2[e] = g1[e] = g2[e] = A(0);
+      db[e] = A(0);
+#pragma unroll
+      for (int k = 0; k < 3; ++k) acc[k][e] = gh[k][e] = A(0);
     }
     orow = nullptr;
     out_row = int64_t(a.W) * a.C;
@@ -551,7 +555,14 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
     copy_prefix(gx_img, a.C, g_img, a.g_st, a.P, ppt, tid, nthreads);
   }
 
-  PIPE_HD void step(const PipeBackwardArgs<T>& a) {
+  // The step of phase PH = q % 3 (the kernel unrolls its loop by 3; step() picks the phase).
+  template <int PH>
+  PIPE_HD void step_phase(const PipeBackwardArgs<T>& a) {
+    A (&acc0)[CV] = acc[PH];
+    A (&acc1)[CV] = acc[(PH + 1) % 3];
+    A (&acc2)[CV] = acc[(PH + 2) % 3];
+    const A (&g2)[CV] = gh[(PH + 1) % 3];
+    const A (&g1)[CV] = gh[(PH + 2) % 3];
     const bool g_in = static_cast<unsigned>(ri) < static_cast<unsigned>(a.H);  // row ri exists
     A G[3][CV];
     const T* grow = rows.p + slot * row_vals + rd;
@@ -572,8 +583,10 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
       for (int e = 0; e < CV; ++e) acc2[e] = A(0);
     }
     const bool store = GX && ri >= 1 && ri <= a.H;  // grad_x row ri - 1 is complete
-    finish_row<T, CV>(store ? orow : nullptr, acc0, acc1, acc2);
-    if (store) orow += out_row;
+    if (store) {  // acc0's slot is the next step's acc2
+      peg_cuda::store_acc<T, CV>(orow, acc0);
+      orow += out_row;
+    }
     // The weight gradient: x row ri - 1 (zeros outside, multiplied) with grad_out rows ri
     // (tap row 0), ri - 1 (1) and ri - 2 (2), those in the image.
     if (ri >= 0) {
@@ -598,16 +611,21 @@ struct PipeBackwardThread : PipeLayout<T, CV> {
       }
     }
 #pragma unroll
-    for (int e = 0; e < CV; ++e) {
-      g2[e] = g1[e];
-      g1[e] = G[1][e];
-    }
+    for (int e = 0; e < CV; ++e) gh[PH][e] = G[1][e];  // over row ri - 3's
     ++q;
     pslot = slot;
     slot = slot == NS - 1 ? 0 : slot + 1;
     if (++ri == a.H + 2) {
       ri = -1;
       b += ib_step;
+    }
+  }
+
+  PIPE_HD void step(const PipeBackwardArgs<T>& a) {
+    switch (q % 3) {
+      case 0: return step_phase<0>(a);
+      case 1: return step_phase<1>(a);
+      default: return step_phase<2>(a);
     }
   }
 
@@ -708,14 +726,22 @@ __global__ void PIPE_REGS((pipe_backward_regs<T, CV>()))
     th.issue(a);
     cp_async_commit();
   }
-#pragma unroll 1
-  while (th.q < th.positions) {
+  auto position = [&](auto phase) {
     if (th.ri == -1) th.begin(a);
     cp_async_wait<NS - 3>();  // position q has landed (this thread's pieces)
     __syncthreads();          // everyone's pieces; everyone done with position q - 1
     th.issue(a);              // position q + NS - 2, into the buffers of position q - 2
     cp_async_commit();
-    th.step(a);
+    th.template step_phase<decltype(phase)::value>(a);
+  };
+  // Unrolled by the windows' period, 3, so that they turn without moves.
+#pragma unroll 1
+  while (th.q < th.positions) {
+    position(std::integral_constant<int, 0>{});
+    if (th.q == th.positions) break;
+    position(std::integral_constant<int, 1>{});
+    if (th.q == th.positions) break;
+    position(std::integral_constant<int, 2>{});
   }
   cp_async_wait<0>();
   A* red = reinterpret_cast<A*>(pipe_smem_raw);  // W x CH values (the rings are done)
