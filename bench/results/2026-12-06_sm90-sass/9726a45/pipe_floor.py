@@ -3,9 +3,9 @@ their sm_90 SASS: the busiest SM's warp instructions at 4 a cycle and 1.755 GHz,
 time of the bytes at 2967 GB/s (forward: read x, write out; backward: read grad_out and x,
 write grad_x).
 
-Inputs read off the SASS of 9726a45 (pipe_sass.log: the common path of the row loop): the
-forward 96 registers and a step of 125 instructions in bfloat16 (109 in float32); the bfloat16
-backward 144 registers and 250. A block is W * CH / 4 threads, CH as the launcher's
+Inputs read off the SASS (pipe_sass.log: the common path of the row loop): the forward 96
+registers and a step of 125 instructions in bfloat16 (109 in float32); the bfloat16 backward
+144 registers and 221 (a364184; 250 at 9726a45). A block is W * CH / 4 threads, CH as the launcher's
 pipe_channels picks it; the resident blocks an SM are what 64 Ki registers allow (whole warps,
 2048 threads at most); the grid is one wave (for the backward, a multiple of the chunks); a
 block takes items (image, chunk) in turn, H + 2 steps each in the forward and H + 3 in the
@@ -49,7 +49,7 @@ print(f"{'shape':>12} {'pass':>13} {'CH':>4} {'thr':>4} {'blk/SM':>6} {'items':>
 for B, C, H in [(128, 192, 14), (128, 384, 14), (128, 768, 14), (64, 384, 24), (32, 768, 32)]:
     for name, elem, step, regs, bwd in [("fwd bfloat16", 2, 125, 96, False),
                                         ("fwd float32", 4, 109, 96, False),
-                                        ("bwd bfloat16", 2, 250, 144, True)]:
+                                        ("bwd bfloat16", 2, 221, 144, True)]:
         ch, thr, per_sm, items, grid, pb, us, bus = floor(B, C, H, elem, step, regs, bwd)
         print(f"{B}x{C}x{H:>2} {name:>13} {ch:>4} {thr:>4} {per_sm:>6} {items:>6} {grid:>5} "
               f"{pb:>6} {us:>8.1f} {bus:>8.1f} {us / bus:>6.2f}")
