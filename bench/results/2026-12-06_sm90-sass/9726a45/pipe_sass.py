@@ -32,8 +32,10 @@ PATHS = {
 }
 
 binary = sys.argv[1] if len(sys.argv) > 1 else sorted(glob.glob(str(ROOT / "cpvt_kernels" / "_C*.so")))[0]
-commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                         capture_output=True, text=True).stdout.strip()
+if subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "csrc"]).returncode:
+    commit += " (csrc/ modified)"  # the log being written is not the kernels' source
 print(f"# {binary}\n# built from {commit}; {cuda_sass.cuobjdump()}\n")
 sass = subprocess.run([cuda_sass.cuobjdump(), "-sass", "-arch", "sm_90", binary],
                       capture_output=True, text=True, check=True).stdout
