@@ -43,6 +43,23 @@ std::vector<at::Tensor> reference(const at::Tensor& x, const at::Tensor& w, cons
   return {out.detach(), x64.grad(), w64.grad(), b64.grad()};
 }
 
+// One block's stream, as the kernels run it: every thread in turn at each stage (zero tokens,
+// the prologue of `ahead` positions, then each position: begin at a new item, issue, step).
+template <typename Thread, typename Args>
+void run_block(std::vector<Thread>& th, const Args& a, int ahead) {
+  for (auto& t : th) t.zero_pads(a);
+  for (int k = 0; k < ahead; ++k) {
+    for (auto& t : th) t.issue(a);
+  }
+  while (th[0].q < th[0].positions) {
+    for (auto& t : th) {
+      if (t.ri == -1) t.begin(a);
+    }
+    for (auto& t : th) t.issue(a);
+    for (auto& t : th) t.step(a);
+  }
+}
+
 template <typename T, int CV, int NS, int CW>
 at::Tensor emulate_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                            int64_t H, int64_t W, int64_t P, int CH, int grid) {
@@ -62,18 +79,7 @@ at::Tensor emulate_forward(const at::Tensor& x, const at::Tensor& w, const at::T
     std::vector<T> buf(pipe_smem<T>(NS, a.W, CH, CW) / sizeof(T), T(NAN));
     std::vector<PipeForwardThread<T, CV, NS, CW>> th(nthreads);
     for (int t = 0; t < nthreads; ++t) th[t].init(a, t, nthreads, block, grid, buf.data());
-    if (th[0].positions == 0) continue;
-    for (auto& t : th) t.zero_pads(a);
-    for (int k = 0; k < NS - 1; ++k) {
-      for (auto& t : th) t.issue(a);
-    }
-    while (th[0].q < th[0].positions) {
-      for (auto& t : th) {
-        if (t.ri == -1) t.begin(a);
-      }
-      for (auto& t : th) t.issue(a);
-      for (auto& t : th) t.step(a);
-    }
+    if (th[0].positions > 0) run_block(th, a, NS - 1);
   }
   return out;
 }
@@ -107,17 +113,7 @@ std::vector<at::Tensor> emulate_backward(const at::Tensor& g, const at::Tensor& 
     std::vector<T> buf(2 * pipe_smem<T>(NS, a.W, CH) / sizeof(T), T(NAN));
     std::vector<PipeBackwardThread<T, CV, NS, GX>> th(nthreads);
     for (int t = 0; t < nthreads; ++t) th[t].init(a, t, nthreads, block, grid, buf.data());
-    for (auto& t : th) t.zero_pads(a);
-    for (int k = 0; k < NS - 2; ++k) {
-      for (auto& t : th) t.issue(a);
-    }
-    while (th[0].q < th[0].positions) {
-      for (auto& t : th) {
-        if (t.ri == -1) t.begin(a);
-      }
-      for (auto& t : th) t.issue(a);
-      for (auto& t : th) t.step(a);
-    }
+    run_block(th, a, NS - 2);
     std::vector<A> red(size_t(a.W) * CH, A(NAN));
     for (int tap = 0; tap <= 9; ++tap) {
       for (auto& t : th) t.put(a, red.data(), tap);
