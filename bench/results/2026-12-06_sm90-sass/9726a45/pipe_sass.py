@@ -36,7 +36,10 @@ commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]
                         capture_output=True, text=True).stdout.strip()
 if subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "csrc"]).returncode:
     commit += " (csrc/ modified)"  # the log being written is not the kernels' source
-print(f"# {binary}\n# built from {commit}; {cuda_sass.cuobjdump()}\n")
+nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip()
+print(f"# {binary}\n# built from {commit}; {cuda_sass.cuobjdump()}")
+release = [l for l in nvcc.splitlines() if "release" in l]
+print(f"# nvcc: {release[0] if release else 'not found'}\n")
 sass = subprocess.run([cuda_sass.cuobjdump(), "-sass", "-arch", "sm_90", binary],
                       capture_output=True, text=True, check=True).stdout
 for func in re.split(r"\n\s*Function : ", sass)[1:]:
