@@ -60,7 +60,7 @@ except ImportError as e:
 _NO_GPU = "no CUDA device is available (torch.cuda.is_available() is False)"
 
 _BUILD_HINT = ("reinstall from the source tree with `pip install --no-build-isolation -e .` "
-               "(see the README's build switches)")
+               "(see the README's build and runtime switches)")
 
 
 def _unavailable_reason(name: str, device_type: str) -> str | None:
