@@ -31,7 +31,8 @@
 #              default --quick: five candidates a pass; the streaming ones also with
 #              TUNE_STREAM_ARGS, default "--prefetch 0 1": each block with its rows loaded as
 #              they are used and an iteration ahead)
-#   bench      bench/bench_peg.py --device cuda (the full grid; BENCH_ARGS=--quick for a short one)
+#   bench      bench/bench_peg.py --device cuda (the full grid; BENCH_ARGS=--quick for a short one),
+#              then bench/goals.py over its peg.csv (goals.md: the open issues' goals, met or not)
 #   model      bench/bench_model.py --device cuda
 #
 # Every log and result lands in one folder, bench/results/<date>_<gpu>/ (or $CPVT_RESULTS_DIR),
@@ -263,7 +264,10 @@ do_step() {
               run_step tune-stream "$PY" bench/tune_triton.py --kernels stream \
                   --out "$OUT/tune-stream" "${TUNE_EXTRA[@]}" "${TUNE_STREAM_EXTRA[@]}" ;;
         bench) run_step bench "$PY" bench/bench_peg.py --device cuda --out "$OUT" \
-                   "${BENCH_EXTRA[@]}" ;;
+                   "${BENCH_EXTRA[@]}"
+               if [ -f "$OUT/peg.csv" ]; then
+                   "$PY" bench/goals.py "$OUT/peg.csv" 2>&1 | tee "$OUT/goals.md"
+               fi ;;
         model) run_step model "$PY" bench/bench_model.py --device cuda --out "$OUT" \
                    "${MODEL_EXTRA[@]}" ;;
     esac

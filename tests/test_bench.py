@@ -229,6 +229,90 @@ def test_bench_peg_variants_set_their_environment(monkeypatch):
         assert "CPVT_CUDA_KERNELS" not in os.environ
 
 
+def _goal_rows(device_type, rng, cell=None):
+    """A run's rows for bench/goals.py: every goal of ``device_type`` met by a random margin,
+    except ``cell`` = (goal index, shape index, value), whose last dtype's row gets that value."""
+    import goals
+    rows = []
+    for gi, g in enumerate(goals.GOALS[device_type]):
+        for si, (b, c, h) in enumerate(g.shapes):
+            for dt in g.dtypes:
+                v = g.least * (1.0 + float(rng.uniform(0.01, 0.5)))
+                if cell is not None and cell[:2] == (gi, si) and dt == g.dtypes[-1]:
+                    v = cell[2]
+                ms = float(rng.uniform(0.01, 1.0))
+                for impl, val in ((g.impl, v), ("triton" if g.impl == "cuda" else None, None)):
+                    if impl is None:
+                        continue
+                    r = dict.fromkeys(bench_peg.CSV_FIELDS, "")
+                    r.update({"date": "2026-12-06", "device": "dev", "device_type": device_type,
+                              "commit": "abc", "pass": g.pas, "dtype": dt, "B": b, "C": c,
+                              "H": h, "W": h, "P": 1, "k": g.k, "impl": impl, "status": "ok",
+                              # triton (2-3 ms) slower than cuda (0.01-1 ms)
+                              "median_ms": ms if impl == "cuda" else ms + 2.0,
+                              g.col: val if val is not None else g.least})
+                    rows.append(r)
+    return rows
+
+
+def _write_rows(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=bench_peg.CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_goals_report_met_and_missed(tmp_path, device_type):
+    import io
+    import numpy as np
+    import goals
+    rng = np.random.default_rng()
+    met = _write_rows(tmp_path / "met.csv", _goal_rows(device_type, rng))
+    out = io.StringIO()
+    assert goals.report(met, out)
+    assert "every goal met" in out.getvalue() and "*" not in out.getvalue()
+    # each cell in turn just under its goal (in its last dtype's row): that goal's line, and
+    # the run, miss
+    for gi, g in enumerate(goals.GOALS[device_type]):
+        for si, shape in enumerate(g.shapes):
+            missed = _write_rows(tmp_path / f"missed{gi}_{si}.csv",
+                                 _goal_rows(device_type, rng, (gi, si, g.least * 0.999)))
+            out = io.StringIO()
+            assert not goals.report(missed, out)
+            text = out.getvalue().splitlines()
+            line = [ln for ln in text if ln.startswith(f"| {g.issue} | {g.text} |")]
+            assert len(line) == 1 and line[0].endswith("| no |")
+            assert line[0].split(" | ")[-2].split(" / ")[si].endswith("*")
+            assert sum(ln.endswith("| no |") for ln in text) == 1
+            # a row the run lacks is a miss, shown as '-'
+            rows = [r for r in _goal_rows(device_type, rng)
+                    if not (r["impl"] == g.impl and r["pass"] == g.pas and r["k"] == g.k
+                            and (r["B"], r["C"], r["H"]) == shape)]
+            out = io.StringIO()
+            assert not goals.report(_write_rows(tmp_path / "lack.csv", rows), out)
+            line = [ln for ln in out.getvalue().splitlines()
+                    if ln.startswith(f"| {g.issue} | {g.text} |")]
+            assert line[0].split(" | ")[-2].split(" / ")[si] == "-"
+    assert goals.main([met, "--strict"]) == 0
+    assert goals.main([met, missed, "--strict"]) == 1
+    assert goals.main([met, missed]) == 0
+
+
+def test_goals_cuda_slower_than_triton(tmp_path):
+    import io
+    import numpy as np
+    import goals
+    rows = _goal_rows("cuda", np.random.default_rng())
+    slow = next(r for r in rows if r["impl"] == "cuda")
+    slow["median_ms"] = 3.01  # triton's rows take 2-3 ms
+    out = io.StringIO()
+    assert not goals.report(_write_rows(tmp_path / "slow.csv", rows), out)
+    line = next(ln for ln in out.getvalue().splitlines() if "as fast as triton" in ln)
+    assert line.endswith("| no |") and f"{slow['C']}x" in line
+
+
 def test_pick_device_gives_cuda_an_index(monkeypatch):
     """torch.cuda.set_device rejects a bare "cuda" device in some releases (2.11): the bench
     programs resolve it to the current device's index."""
