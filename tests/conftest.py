@@ -3,9 +3,14 @@
 Without a GPU, Triton runs on CPU tensors through its interpreter; TRITON_INTERPRET must be set
 before triton is first imported, so it is set here, before cpvt_kernels is imported.
 """
+import contextlib
+import fcntl
+import functools
+import gc
 import math
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -30,6 +35,43 @@ HAS_GPU = torch.cuda.is_available()
 # Set when the extension was built with CPVT_BUILD_CPU=0 (a GPU machine's quick build): the
 # cpu backend's tests skip instead of failing. CI never sets it.
 CPU_LEFT_OUT = os.environ.get("CPVT_BUILD_CPU", "").strip().lower() in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def exclusive_among_processes(name: str):
+    """Holds an exclusive lock on a file named ``name`` in the temporary folder: one process of
+    this machine at a time runs the body (pytest-xdist workers, and the GPU suite's test runs
+    side by side, all take the same lock)."""
+    with open(os.path.join(tempfile.gettempdir(), name), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def large_gpu_memory(need: int):
+    """For a test that allocates tens of GiB of GPU memory: it runs alone among the tests of
+    this machine that do (several at once would run out of memory, or skip each other), skips
+    when the GPU has less than ``need`` bytes free, and gives its memory back to the GPU when it
+    returns, so that the next one finds it free."""
+    def wrap(test):
+        @functools.wraps(test)
+        def run(*args, **kwargs):
+            with exclusive_among_processes("cpvt_kernels_large_gpu_tests.lock"):
+                gc.collect()
+                torch.cuda.empty_cache()
+                free = torch.cuda.mem_get_info()[0]
+                if free < need:
+                    pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, "
+                                f"{free / 2**30:.1f} GiB free")
+                try:
+                    return test(*args, **kwargs)
+                finally:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+        return run
+    return wrap
 
 
 def subnormal_spacing(a: torch.Tensor) -> float:

@@ -313,6 +313,24 @@ def test_goals_cuda_slower_than_triton(tmp_path):
     assert line.endswith("| no |") and f"{slow['C']}x" in line
 
 
+def test_large_gpu_tests_take_turns_across_processes(tmp_path):
+    """The lock behind conftest.large_gpu_memory: three processes (as xdist workers and the GPU
+    suite's side-by-side test runs are) hold it one after another, never two at once."""
+    tests = str(Path(__file__).resolve().parent)
+    code = (f"import sys, time; sys.path.insert(0, {tests!r})\n"
+            "from conftest import exclusive_among_processes\n"
+            f"with exclusive_among_processes({tmp_path.name + '.lock'!r}):\n"
+            "    t0 = time.time(); time.sleep(0.4); t1 = time.time()\n"
+            "print(t0, t1)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    spans = sorted(tuple(map(float, p.communicate(timeout=120)[0].split())) for p in procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert len(spans) == 3
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end, spans
+
+
 def test_pick_device_gives_cuda_an_index(monkeypatch):
     """torch.cuda.set_device rejects a bare "cuda" device in some releases (2.11): the bench
     programs resolve it to the current device's index."""

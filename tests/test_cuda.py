@@ -15,8 +15,9 @@ import torch
 import cpvt_kernels as ck
 from conftest import (DTYPES, GRAD_NEEDS, HAS_GPU, TOLERANCE, check_expanded_grad_out,
                       check_nonfinite_backward, check_nonfinite_forward,
-                      check_nonfinite_grad_x_only, check_only_required_grads, layout_as, leaf,
-                      make_inputs, poison_allocator, reference_with_grads, rel_err, require_backend)
+                      check_nonfinite_grad_x_only, check_only_required_grads, large_gpu_memory,
+                      layout_as, leaf, make_inputs, poison_allocator, reference_with_grads,
+                      rel_err, require_backend)
 
 gpu = pytest.mark.skipif(not HAS_GPU, reason="GPU-only: no CUDA device")
 KERNELS = [(1, 1), (3, 3), (5, 5), (7, 7), (3, 5), (9, 9), (31, 31)]
@@ -437,18 +438,17 @@ def test_matches_triton(device, dtype, B, P, H, W, C, kh, kw):
 # ---------------------------------------------------------------------------------------------
 # More than 2**31 elements
 
+BIG = (14200, 1, 14, 14, 768)  # B, P, H, W, C: 2.15e9 elements a tensor
+
+
 @gpu
 @pytest.mark.slow
+@large_gpu_memory(4 * BIG[0] * (BIG[1] + BIG[2] * BIG[3]) * BIG[4] * 2 + 6 * 2**30)
 def test_more_than_2_31_elements(device):
     """64-bit indexing: (14200, 197, 768) bfloat16 tokens, 2.15e9 elements per tensor."""
-    B, P, H, W, C = 14200, 1, 14, 14, 768
+    B, P, H, W, C = BIG
     N = P + H * W
     assert B * N * C > 2**31
-    nbytes = B * N * C * 2
-    free, _ = torch.cuda.mem_get_info()
-    if free < 4 * nbytes + 6 * 2**30:
-        pytest.skip(f"needs {(4 * nbytes + 6 * 2**30) / 2**30:.0f} GiB of free GPU memory, "
-                    f"{free / 2**30:.0f} GiB free")
     dtype = torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(B, N, C, device=device, dtype=dtype, generator=gen)

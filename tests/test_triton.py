@@ -14,8 +14,9 @@ import torch
 import cpvt_kernels as ck
 from conftest import (DTYPES, GRAD_NEEDS, HAS_GPU, TOLERANCE, check_expanded_grad_out,
                       check_nonfinite_backward, check_nonfinite_forward,
-                      check_nonfinite_grad_x_only, check_only_required_grads, layout_as, leaf,
-                      make_inputs, reference_with_grads, rel_err, require_backend)
+                      check_nonfinite_grad_x_only, check_only_required_grads, large_gpu_memory,
+                      layout_as, leaf, make_inputs, reference_with_grads, rel_err,
+                      require_backend)
 
 gpu = pytest.mark.skipif(not HAS_GPU, reason="GPU-only: no CUDA device")
 
@@ -471,6 +472,7 @@ def test_stream_prefetch_gives_the_same_results(device, dtype, poison_empty):
 
 
 @gpu
+@large_gpu_memory(3 * (1 + 1024 * 1024) * 2048 * 2 + (2 << 30))
 def test_stream_image_past_2_31_elements(monkeypatch):
     """One image of more than 2^31 elements on the streaming kernels (64-bit row offsets): the
     last rows of the grid against the reference over the last rows (the rows above the one
@@ -479,9 +481,6 @@ def test_stream_image_past_2_31_elements(monkeypatch):
     from cpvt_kernels import triton_peg as tp
     P, H, W, C = 1, 1024, 1024, 2048
     assert tp._stream_row64(H, W, C)
-    need = 3 * (P + H * W) * C * 2 + (2 << 30)
-    if torch.cuda.mem_get_info()[0] < need:
-        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory")
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(1, P + H * W, C, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = torch.randn(C, 1, 3, 3, device="cuda", dtype=torch.bfloat16, generator=gen) / 3
@@ -659,16 +658,16 @@ def test_compile_has_no_graph_break_and_keeps_the_kernels():
     assert explain.graph_break_count == 0 and explain.graph_count == 1
 
 
+BIG_B = 2**31 // (197 * 768) + 2  # (BIG_B, 197, 768): the last images past element 2**31
+
+
 @gpu
+@large_gpu_memory(4 * BIG_B * 197 * 768 * 2 + (2 << 30))
 def test_more_than_2_31_elements():
     """64-bit offsets: the last images lie past element 2**31."""
     P, H, W, C = 1, 14, 14, 768
     N = P + H * W
-    B = 2**31 // (N * C) + 2
-    itemsize = 2
-    need = 4 * B * N * C * itemsize + (2 << 30)
-    if torch.cuda.mem_get_info()[0] < need:
-        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory")
+    B = BIG_B
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(B, N, C, device="cuda", dtype=torch.bfloat16, generator=g)
     w = torch.randn(C, 1, 3, 3, device="cuda", dtype=torch.bfloat16, generator=g) / 3
