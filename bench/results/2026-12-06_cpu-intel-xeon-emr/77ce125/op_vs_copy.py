@@ -8,6 +8,13 @@ as bench_peg.py keeps it. Prints the medians over the rounds (ms) and the ratios
 import time, torch, cpvt_kernels as ck, statistics, ctypes
 libc = ctypes.CDLL("libc.so.6"); libc.mallopt(-3, 32 << 20); libc.mallopt(-1, 2**31 - 1)
 torch.set_num_threads(2)
+import platform, subprocess
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+           platform.processor())
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=__file__.rsplit("/", 1)[0] or ".").stdout.strip()
+print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+      f"python {platform.python_version()}, cpvt_kernels {ck.__version__}, commit {commit}")
 for dt in (torch.float32, torch.bfloat16):
     x = torch.randn(32, 577, 192).to(dt); w = torch.randn(192, 1, 3, 3).to(dt); b = torch.randn(192).to(dt)
     dst = torch.empty_like(x)

@@ -2,6 +2,8 @@
 // (+1), 2 threads, the buffers in the last-level cache between calls as in bench_peg.py: which
 // way of writing the output moves the bytes fastest? Median of 200 calls, 3 rounds.
 //   g++ -O3 -march=native -mcldemote -fopenmp stores.cpp -o stores && ./stores [bytes] [chunk]
+// stores.log: that run, after a header line naming the CPU, g++ and the commit (echo'd by the
+// shell from /proc/cpuinfo, g++ -dumpversion and git rev-parse).
 // Modes: AVX-512 stores (as the cpu backend's forward and torch's copy_ write); rep movsb
 // (fast strings: a full-line protocol that could skip the read for ownership); the values
 // computed into an L1 scratch row and moved out by rep movsb; non-temporal stores; memcpy;
