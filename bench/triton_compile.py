@@ -203,7 +203,7 @@ def issue_estimate(kernel, args, kwargs, grid, r: dict, sms: int, ghz: float) ->
     loop, outer, total = r["loop"] - rare, (r["outer"] or r["loop"]) - rare, r["sass"] - rare
     if "slots" in v:  # a persistent streaming kernel
         slots, items = int(v["slots"]), int(v["items"])
-        cblocks = int(grid[1]) if len(grid) > 1 else 1
+        cblocks = math.prod(int(g) for g in grid[1:])
         rows = int(v["H"]) / int(v["strips"])
         per_item = (rows + (3 if "bwd" in kernel.__name__ else 2)) * loop + (outer - loop)
         setup = total - outer

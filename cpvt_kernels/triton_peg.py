@@ -27,6 +27,7 @@ Importing this module raises ImportError when Triton cannot be used.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional, Sequence
@@ -88,14 +89,26 @@ def _fwd_row(acc, x_base, w_ptr, n64, row, col, is_grid, c, c_ok, c_off,
 
 
 @triton.jit
-def _tile_block(N, C, W, P, tiles_per_image, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _channel_block(HUGE_C: tl.constexpr):
+    """The program's block of channels: grid axis 1; with HUGE_C (see :func:`_huge_channels`)
+    continued on axis 2, and 64-bit, so that the channels' products with the kernel size stay
+    exact."""
+    cb = tl.program_id(1)
+    if HUGE_C:
+        cb = cb.to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    return cb
+
+
+@triton.jit
+def _tile_block(N, C, W, P, tiles_per_image, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                HUGE_C: tl.constexpr):
     """Tiled program pid's image b, tokens n (64-bit: n64) and channels c with their masks, and
     each token's grid row and column (0 for the prefix tokens, which is_grid leaves out)."""
     pid = tl.program_id(0)
     b = pid // tiles_per_image
     tile = pid % tiles_per_image
     n = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = _channel_block(HUGE_C) * BLOCK_C + tl.arange(0, BLOCK_C)
     n_ok = n < N
     c_ok = c < C
     t = n - P
@@ -112,9 +125,11 @@ def _peg_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
                     sxb, sxn, sxc, sw0, sw2, sw3, sb,
                     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
                     IS_F64: tl.constexpr, UNROLL: tl.constexpr, UNROLL_COLS: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HUGE_C: tl.constexpr):
+    if HUGE_C:
+        C = C.to(tl.int64)
     _, b64, n64, c, c_ok, is_grid, row, col, mask = _tile_block(N, C, W, P, tiles_per_image,
-                                                                BLOCK_T, BLOCK_C)
+                                                                BLOCK_T, BLOCK_C, HUGE_C)
     c_off = c.to(tl.int64) * sxc
     x_base = x_ptr + b64 * sxb
     center = tl.load(x_base + (n64 * sxn)[:, None] + c_off[None, :], mask=mask, other=0.0)
@@ -194,9 +209,11 @@ def _peg_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
                     KH: tl.constexpr, KW: tl.constexpr,
                     NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
                     IS_F64: tl.constexpr, UNROLL: tl.constexpr, UNROLL_COLS: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HUGE_C: tl.constexpr):
+    if HUGE_C:
+        C = C.to(tl.int64)
     pid, b64, n64, c, c_ok, is_grid, row, col, mask = _tile_block(N, C, W, P, tiles_per_image,
-                                                                  BLOCK_T, BLOCK_C)
+                                                                  BLOCK_T, BLOCK_C, HUGE_C)
     gc_off = c.to(tl.int64) * sgc
     xc_off = c.to(tl.int64) * sxc
     g_base = g_ptr + b64 * sgb
@@ -233,11 +250,11 @@ def _peg_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
 @triton.jit
 def _reduce_partials_kernel(part_ptr, gw_ptr, gb_ptr, num_tiles, C,
                             KK: tl.constexpr, ROW0: tl.constexpr,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HUGE_C: tl.constexpr):
     # Row r of the partials (r < KK: tap r of grad_weight; r == KK: grad_bias), summed over
     # tiles in a fixed order: the same inputs give bitwise the same result on every run.
     r = tl.program_id(0) + ROW0
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = _channel_block(HUGE_C) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     rows = tl.arange(0, BLOCK_R)
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=part_ptr.dtype.element_ty)
@@ -359,7 +376,7 @@ def _stream_block(pid, wblocks, strips, rh, H, W, c_ok, BLOCK_W: tl.constexpr):
 def _stream_source(ptr, b, wc, c, P, sb, sn, sc):
     """The grid rows of image b of a token tensor (row r at ``base + r * W * sn``) and the
     offsets of pixels wc, channels c in a row."""
-    base = ptr + b.to(tl.int64) * sb + P * sn
+    base = ptr + b.to(tl.int64) * sb + tl.cast(P, tl.int64) * sn
     return base, wc.to(tl.int64)[:, None] * sn + (c.to(tl.int64) * sc)[None, :]
 
 
@@ -428,13 +445,16 @@ def _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02, t10, t11, t12, t20
 @triton.jit
 def _stream_prefix(src_ptr, out_ptr, b, N, C, P, ssb, ssn, ssc, c, c_ok,
                    BLOCK_P: tl.constexpr):
-    """out[b, :P] = src[b, :P] for channels c."""
-    p = tl.arange(0, BLOCK_P)
-    m = (p < P)[:, None] & c_ok[None, :]
-    v = tl.load(src_ptr + b.to(tl.int64) * ssb + p.to(tl.int64)[:, None] * ssn
-                + (c.to(tl.int64) * ssc)[None, :], mask=m, other=0.0)
-    tl.store(out_ptr + (b.to(tl.int64) * N + p.to(tl.int64))[:, None] * C + c[None, :], v,
-             mask=m)
+    """out[b, :P] = src[b, :P] for channels c, BLOCK_P tokens at a time."""
+    p0 = 0
+    while p0 < P:
+        p = p0 + tl.arange(0, BLOCK_P)
+        m = (p < P)[:, None] & c_ok[None, :]
+        v = tl.load(src_ptr + b.to(tl.int64) * ssb + p.to(tl.int64)[:, None] * ssn
+                    + (c.to(tl.int64) * ssc)[None, :], mask=m, other=0.0)
+        tl.store(out_ptr + (b.to(tl.int64) * N + p.to(tl.int64))[:, None] * C + c[None, :], v,
+                 mask=m)
+        p0 += BLOCK_P
 
 
 @triton.jit
@@ -827,13 +847,49 @@ def kernels_from_env() -> str:
 
 def _use_stream(weight, H, W, C) -> bool:
     """The streaming kernels run 3x3 kernels on static sizes (under dynamic shapes the tiled
-    kernels run)."""
+    kernels run), for up to a million channels (more take the tiled kernels' 64-bit path)."""
     return (kernels_from_env() == "stream" and tuple(weight.shape[2:]) == (3, 3)
-            and all(isinstance(v, int) for v in (H, W, C)))
+            and all(isinstance(v, int) for v in (H, W, C)) and not _huge_channels(C, 9, 16))
 
 
 # ---------------------------------------------------------------------------------------------
 # Ops
+
+# CUDA launches at most 65535 programs along grid axes 1 and 2.
+_MAX_GRID_YZ = 65535
+
+
+def _huge_channels(C, kk: int, block_c: int) -> bool:
+    """Whether the tiled kernels need their path for millions of channels (HUGE_C): more blocks
+    of ``block_c`` channels than grid axis 1 takes, or a product of C with the kernel's
+    ``kk`` taps (the weight, the partial sums) past 2^31."""
+    return isinstance(C, int) and (triton.cdiv(C, block_c) > _MAX_GRID_YZ
+                                   or (kk + 1) * C >= 2**31)
+
+
+def _channel_grid(programs, cblocks) -> tuple:
+    """The launch grid of ``programs`` programs (axis 0) for each of ``cblocks`` channel blocks:
+    the blocks on axis 1, and past its limit on axis 2 too (read back by :func:`_channel_block`
+    under HUGE_C; blocks past the last channel are masked out)."""
+    if isinstance(cblocks, int) and cblocks > _MAX_GRID_YZ:
+        return (programs, _MAX_GRID_YZ, triton.cdiv(cblocks, _MAX_GRID_YZ))
+    return (programs, cblocks)
+
+
+def _prefix_block(P: int, block_c: int) -> int:
+    """Prefix tokens a streaming program copies at a time: all of them up to a tile of 2048
+    values, so that any number of prefix tokens fits in registers."""
+    return max(1, min(_next_pow2(max(P, 1)), 2048 // block_c))
+
+
+def _launch_device(x: torch.Tensor):
+    """Makes x's GPU the current device while the kernels launch: Triton launches on the current
+    device, on its current stream, whatever device the tensors are on."""
+    if (x.device.type == "cuda" and x.device.index is not None
+            and x.device.index != torch.cuda.current_device()):
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
 
 def _weight_strides(weight):
     s = weight.stride()
@@ -848,7 +904,7 @@ def launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     out = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
     kh, kw = int(weight.shape[2]), int(weight.shape[3])  # compile-time constants
     tiles = triton.cdiv(N, cfg["BLOCK_T"])
-    grid = (B * tiles, triton.cdiv(C, cfg["BLOCK_C"]))
+    grid = _channel_grid(B * tiles, triton.cdiv(C, cfg["BLOCK_C"]))
     if B * C == 0:
         return out
     has_bias = bias is not None
@@ -859,7 +915,8 @@ def launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         bias.stride(0) if has_bias else 0,
         KH=kh, KW=kw, HAS_BIAS=has_bias, IS_F64=x.dtype == torch.float64,
         UNROLL=kh * kw <= _MAX_UNROLLED_TAPS,
-        UNROLL_COLS=kw <= _MAX_UNROLLED_COLS, **cfg)
+        UNROLL_COLS=kw <= _MAX_UNROLLED_COLS, HUGE_C=_huge_channels(C, kh * kw, cfg["BLOCK_C"]),
+        **cfg)
     return out
 
 
@@ -927,8 +984,8 @@ def launch_stream_forward(src: torch.Tensor, weight: torch.Tensor, bias: Optiona
         bias.stride(0) if has_bias else 0,
         HAS_BIAS=has_bias, FLIP=flip, IS_F64=src.dtype == torch.float64,
         ROW64=_stream_row64(H, W, src.stride(1), C), PREFETCH=cfg.get("PREFETCH", 0),
-        BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_next_pow2(max(P, 1)),
-        num_warps=cfg["num_warps"])
+        BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"],
+        BLOCK_P=_prefix_block(P, cfg["BLOCK_C"]), num_warps=cfg["num_warps"])
     return out
 
 
@@ -938,13 +995,14 @@ def peg_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """Forward of the fused PEG; returns a new contiguous tensor."""
     # Repeated here for callers that reach the op through torch.ops.cpvt: guards memory.
     _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
-    if _use_stream(weight, H, W, x.shape[2]):
-        return launch_stream_forward(x, weight, bias, H, W, num_prefix_tokens, False,
-                                     stream_forward_config(H, W, x.shape[2], x.shape[0],
-                                                           _device_sms(x.device),
-                                                           x.element_size()))
-    return launch_forward(x, weight, bias, H, W, num_prefix_tokens,
-                          forward_config(x.shape[1], x.shape[2]))
+    with _launch_device(x):
+        if _use_stream(weight, H, W, x.shape[2]):
+            return launch_stream_forward(x, weight, bias, H, W, num_prefix_tokens, False,
+                                         stream_forward_config(H, W, x.shape[2], x.shape[0],
+                                                               _device_sms(x.device),
+                                                               x.element_size()))
+        return launch_forward(x, weight, bias, H, W, num_prefix_tokens,
+                              forward_config(x.shape[1], x.shape[2]))
 
 
 @torch.library.triton_op("cpvt::peg_backward_triton", mutates_args=())
@@ -958,13 +1016,15 @@ def peg_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     if len(output_mask) != 3:
         raise ValueError(f"fused_peg: output_mask must have 3 entries (x, weight, bias), "
                          f"got {len(output_mask)}")
-    if _use_stream(weight, H, W, x.shape[2]):
-        return launch_stream_backward(grad_out, x, weight, H, W, num_prefix_tokens, output_mask,
-                                      stream_backward_config(H, W, x.shape[2], x.shape[0],
-                                                             _device_sms(x.device),
-                                                             x.element_size()))
-    return launch_backward(grad_out, x, weight, H, W, num_prefix_tokens, output_mask,
-                           backward_config(x.shape[1], x.shape[2]))
+    with _launch_device(x):
+        if _use_stream(weight, H, W, x.shape[2]):
+            return launch_stream_backward(grad_out, x, weight, H, W, num_prefix_tokens,
+                                          output_mask,
+                                          stream_backward_config(H, W, x.shape[2], x.shape[0],
+                                                                 _device_sms(x.device),
+                                                                 x.element_size()))
+        return launch_backward(grad_out, x, weight, H, W, num_prefix_tokens, output_mask,
+                               backward_config(x.shape[1], x.shape[2]))
 
 
 def launch_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, H: int, W: int,
@@ -986,7 +1046,7 @@ def launch_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     part = (torch.empty((num_tiles, kk + 1, C), dtype=acc_dtype, device=x.device)
             if need_part else x.new_empty(0, dtype=acc_dtype))
     if num_tiles * C > 0:
-        grid = (num_tiles, triton.cdiv(C, cfg["BLOCK_C"]))
+        grid = _channel_grid(num_tiles, triton.cdiv(C, cfg["BLOCK_C"]))
         torch.library.wrap_triton(_peg_bwd_kernel)[grid](
             grad_out, x, weight, gx, part,
             N, C, H, W, num_prefix_tokens, tiles,
@@ -994,7 +1054,8 @@ def launch_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
             x.stride(0), x.stride(1), x.stride(2), *_weight_strides(weight),
             KH=kh, KW=kw, NEED_X=need_x, NEED_W=need_w, NEED_B=need_b,
             IS_F64=x.dtype == torch.float64, UNROLL=kk <= _MAX_UNROLLED_TAPS,
-            UNROLL_COLS=kw <= _MAX_UNROLLED_COLS, **cfg)
+            UNROLL_COLS=kw <= _MAX_UNROLLED_COLS, HUGE_C=_huge_channels(C, kk, cfg["BLOCK_C"]),
+            **cfg)
     if need_part and C > 0:
         _reduce_partials(part, gw, gb, num_tiles, C, kk, need_w, need_b)
     return gx, gw, gb
@@ -1017,9 +1078,11 @@ def _reduce_partials(part, gw, gb, slots: int, C: int, kk: int, need_w: bool, ne
     row0 = 0 if need_w else kk
     rows = (kk if need_w else 0) + (1 if need_b else 0)
     block_c = max(1, min(_next_pow2(C), 128)) if isinstance(C, int) else 128
-    torch.library.wrap_triton(_reduce_partials_kernel)[(rows, triton.cdiv(C, block_c))](
+    grid = _channel_grid(rows, triton.cdiv(C, block_c))
+    torch.library.wrap_triton(_reduce_partials_kernel)[grid](
         part, gw if need_w else part, gb if need_b else part, slots, C,
-        KK=kk, ROW0=row0, BLOCK_R=8, BLOCK_C=block_c, num_warps=4)
+        KK=kk, ROW0=row0, BLOCK_R=8, BLOCK_C=block_c, HUGE_C=_huge_channels(C, kk, block_c),
+        num_warps=4)
 
 
 def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, H: int,
@@ -1054,7 +1117,7 @@ def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
             NEED_X=need_x, NEED_W=need_w, NEED_B=need_b, IS_F64=x.dtype == torch.float64,
             ROW64=_stream_row64(H, W, grad_out.stride(1), x.stride(1), C),
             PREFETCH=cfg.get("PREFETCH", 0), BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"],
-            BLOCK_P=_next_pow2(max(P, 1)),
+            BLOCK_P=_prefix_block(P, cfg["BLOCK_C"]),
             num_warps=cfg["num_warps"])
     if C > 0:
         _reduce_partials(part, gw, gb, slots, C, 9, need_w, need_b)

@@ -494,6 +494,103 @@ def test_stream_image_past_2_31_elements(monkeypatch):
     assert torch.equal(out[:, :P], x[:, :P])
 
 
+@pytest.mark.parametrize("kernels", ["tile", "stream"])
+def test_prefix_tokens_2_30_elements_apart(device, kernels, poison_empty, monkeypatch):
+    """Prefix tokens 2^30 elements apart: the grid starts past element 2^31 of its image, so its
+    offset (P * token stride) takes 64 bits. The storage is only touched where x lies."""
+    monkeypatch.setenv("CPVT_TRITON_KERNELS", kernels)
+    P, H, W, C = 2, 1, 1, 16
+    step = 2**30 + 16
+    storage = torch.empty_strided((P * step + C,), (1,), dtype=torch.bfloat16, device=device)
+    x = storage.as_strided((1, P + H * W, C), (3 * step, step, 1))
+    x.copy_(torch.randn(x.shape).to(torch.bfloat16))
+    w = (torch.randn(C, 1, 3, 3) / 3).to(device=device, dtype=torch.bfloat16)
+    b = torch.randn(C).to(device=device, dtype=torch.bfloat16)
+    x64 = x.detach().cpu().double()
+    with torch.no_grad():
+        out = ck.fused_peg(x, w, b, (H, W), P, backend="triton")
+    ref = ck.peg_reference(x64, w.cpu().double(), b.cpu().double(), H, W, P)
+    assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+    del storage, x
+
+
+@pytest.mark.parametrize("P, C", [(5, 16), (300, 16), (9000, 128)])
+def test_stream_prefix_tokens_copied_in_chunks(device, stream, poison_empty, P, C):
+    """More prefix tokens than one register tile holds are copied a chunk at a time, forward
+    and backward (9000 x 128 in one tile is past Triton's largest block)."""
+    from cpvt_kernels import triton_peg as tp
+    assert tp._prefix_block(300, 16) == 128 and tp._prefix_block(5, 16) == 8
+    assert tp._prefix_block(1, 128) == 1 and tp._prefix_block(0, 128) == 1
+    B = 1 if P > 1000 else 2
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, 2, 3, C, 3, 3, True, torch.float32, device)
+    grad64 = torch.randn(x64.shape, dtype=torch.float64)
+    ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, 2, 3, P, grad64)
+    x, w, b = leaf(x), leaf(w), leaf(b)
+    out = ck.fused_peg(x, w, b, (2, 3), P, backend="triton")
+    out.backward(grad64.to(device=device, dtype=torch.float32))
+    for name, got, want in (("out", out, ref), ("grad_x", x.grad, gx_ref),
+                            ("grad_weight", w.grad, gw_ref), ("grad_bias", b.grad, gb_ref)):
+        assert rel_err(got, want) < TOLERANCE[torch.float32], name
+
+
+def test_channel_grid_spills_onto_axis_2():
+    """CUDA takes at most 65535 programs on grid axes 1 and 2: channel blocks past that go on
+    axis 2 too, and the kernels then take their HUGE_C path, as they do for products of C with
+    the kernel size past 2^31."""
+    from cpvt_kernels import triton_peg as tp
+    assert tp._channel_grid(7, 1) == (7, 1)
+    assert tp._channel_grid(7, 65535) == (7, 65535)
+    assert tp._channel_grid(7, 65536) == (7, 65535, 2)
+    assert tp._channel_grid(7, 3 * 65535 + 1) == (7, 65535, 4)
+    assert not tp._huge_channels(768, 31 * 31, 16)
+    assert not tp._huge_channels(65535 * 16, 9, 16) and tp._huge_channels(65535 * 16 + 1, 9, 16)
+    assert tp._huge_channels(2**31 // 962 + 1, 31 * 31, 2**20)  # the partial sums' offsets
+
+
+@pytest.mark.parametrize("kernels", ["tile", "stream"])
+def test_huge_channel_path(device, kernels, poison_empty, monkeypatch):
+    """The kernels' path for millions of channels (HUGE_C: channel blocks spread over grid axes
+    1 and 2, 64-bit channel offsets), run here by lowering the axis limit to 2: the forward,
+    backward and the partial sums' reduction give the reference's results, with no channel
+    block left out or done twice. The streaming kernels leave such a C to the tiled ones."""
+    from cpvt_kernels import triton_peg as tp
+    monkeypatch.setenv("CPVT_TRITON_KERNELS", kernels)
+    monkeypatch.setattr(tp, "_MAX_GRID_YZ", 2)
+    grids = []
+    real_grid = tp._channel_grid
+    monkeypatch.setattr(tp, "_channel_grid", lambda *a: grids.append(real_grid(*a)) or grids[-1])
+    B, P, H, W, C = 2, 1, 3, 4, 260  # the reduction's 128-channel blocks: 3
+    for name in ("forward_config", "backward_config"):
+        real = getattr(tp, name)
+        monkeypatch.setattr(tp, name, lambda *a, _real=real: {**_real(*a), "BLOCK_C": 16})
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float32, device)
+    grad64 = torch.randn(x64.shape, dtype=torch.float64)
+    ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
+    x, w, b = leaf(x), leaf(w), leaf(b)
+    out = ck.fused_peg(x, w, b, (H, W), P, backend="triton")
+    out.backward(grad64.to(device=device, dtype=torch.float32))
+    # forward, backward, reduction: each on axes 1 and 2 (a kernel that read axis 1 alone
+    # would leave channel blocks unwritten: NaN)
+    assert len(grids) == 3 and all(g[1] == 2 and g[2] > 1 for g in grids), grids
+    for name, got, want in (("out", out, ref), ("grad_x", x.grad, gx_ref),
+                            ("grad_weight", w.grad, gw_ref), ("grad_bias", b.grad, gb_ref)):
+        assert rel_err(got, want) < TOLERANCE[torch.float32], name
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device(device):
+    """Tensors on a GPU other than the current one: the kernels launch there (Triton launches
+    on the current device), forward and backward."""
+    (x64, w64, b64), (x, w, b) = make_inputs(2, 1, 7, 9, 64, 3, 3, True, torch.float32, "cuda:1")
+    x = leaf(x)
+    out = ck.fused_peg(x, w, b, (7, 9), 1, backend="triton")
+    assert out.device == x.device
+    assert rel_err(out, ck.peg_reference(x64, w64, b64, 7, 9, 1)) < TOLERANCE[torch.float32]
+    grad_x, = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert grad_x.device == x.device and torch.isfinite(grad_x).all()
+
+
 def test_stream_setting_is_checked_and_other_kernel_sizes_stay_tiled(device, monkeypatch):
     """A bad CPVT_TRITON_KERNELS raises; kernels other than 3x3 keep the tiled kernels."""
     from cpvt_kernels import triton_peg
