@@ -5,6 +5,8 @@ through ``torch.ops.cpvt`` directly; the messages are the same.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 MAX_KERNEL_SIZE = 31
@@ -29,10 +31,41 @@ def parse_size(size, num_tokens: int | None = None, num_prefix_tokens: int = 0) 
         H, W = size
     except (TypeError, ValueError):
         raise TypeError(f"fused_peg: size must be a pair (H, W), got {size!r}") from None
-    for name, v in (("H", H), ("W", W)):
-        if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
-            raise TypeError(f"fused_peg: size {name} must be an int, got {type(v).__name__}")
-    return H, W
+    return _size_int("H", H), _size_int("W", W)
+
+
+def _size_int(name: str, v):
+    """An int (or SymInt) of the size; numpy integers and integer 0-d tensors, which the eager
+    PEG also takes, as ints."""
+    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
+        return v
+    if not isinstance(v, (bool, float)) and hasattr(v, "__index__"):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise TypeError(f"fused_peg: size {name} must be an int, got {type(v).__name__}")
+
+
+def autocast_enabled(x) -> bool:
+    """Whether autocast is on for x's device type (False for a non-tensor, or a device type
+    autocast does not know, such as "meta")."""
+    if not isinstance(x, torch.Tensor):
+        return False
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:
+        return False
+
+
+def check_no_forward_ad(*tensors) -> None:
+    """Forward-mode AD has no formula in the fused backends: raise rather than return an output
+    without a tangent (as if the derivative were zero)."""
+    from torch.autograd.forward_ad import unpack_dual
+    if any(t is not None and unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError("fused_peg: forward-mode AD (torch.func.jvp, "
+                           "torch.autograd.forward_ad) is not supported by the fused backends; "
+                           "use backend=\"reference\"")
 
 
 def check_argument_types(x, weight, bias, num_prefix_tokens) -> None:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .ops import fused_peg_hw
+from .ops import BACKENDS, fused_peg_hw
 from .reference import peg_reference
 
 
@@ -76,7 +76,7 @@ class PEG(nn.Module):
         # Under autocast the convolution casts the parameters, so they may differ from x in dtype
         # (bfloat16 tokens with float32 parameters), as with a plain nn.Conv2d.
         _checks.check_inputs(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens,
-                             same_dtype=not torch.is_autocast_enabled(x.device.type))
+                             same_dtype=not _checks.autocast_enabled(x))
         return peg_reference(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens)
 
     def extra_repr(self) -> str:
@@ -98,6 +98,9 @@ class FusedPEG(PEG):
     def __init__(self, dim: int, kernel_size=3, num_prefix_tokens: int = 1, bias: bool = True,
                  backend: str = "auto"):
         super().__init__(dim, kernel_size, num_prefix_tokens, bias)
+        if not isinstance(backend, str) or backend.lower() not in ("auto",) + BACKENDS:
+            raise ValueError(f"FusedPEG: backend must be one of {('auto',) + BACKENDS}, "
+                             f"got {backend!r}")
         self.backend = backend
 
     def forward(self, x: torch.Tensor, H, W=None) -> torch.Tensor:

@@ -21,7 +21,10 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 # Preference order of backend="auto" per device type.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 # Environment override of backend="auto", read once at import.
+# "auto" (or unset) leaves backend="auto" to choose.
 ENV_BACKEND = os.environ.get("CPVT_PEG_BACKEND", "").strip().lower() or None
+if ENV_BACKEND == "auto":
+    ENV_BACKEND = None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _EXT_ERROR: str | None = None
@@ -125,8 +128,8 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return out
 
 
-# resolve_backend's answers that came without a warning, by (backend, device type, override):
-# what can run does not change within a process, and fused_peg asks on every call.
+# resolve_backend's answers, by (backend, device type, override): what can run does not change
+# within a process, and fused_peg asks on every call (so a fallback's warning is given once).
 _RESOLVED: dict[tuple, str] = {}
 
 
@@ -136,14 +139,14 @@ def resolve_backend(backend: str, device_type: str) -> str:
     name = _RESOLVED.get(key) if isinstance(backend, str) else None
     if name is not None:
         return name
-    name, warned = _resolve(backend, device_type)
-    if not warned:
-        _RESOLVED[key] = name
+    name = _resolve(backend, device_type)
+    if isinstance(backend, str) and not torch.compiler.is_compiling():
+        _RESOLVED[key] = name  # (not while tracing: the first eager call still warns)
     return name
 
 
-def _resolve(backend: str, device_type: str) -> tuple[str, bool]:
-    """resolve_backend's answer, and whether it warned."""
+def _resolve(backend: str, device_type: str) -> str:
+    """resolve_backend's answer."""
     if not isinstance(backend, str):
         raise TypeError(f"fused_peg: backend must be a str, got {type(backend).__name__}")
     backend = backend.lower()
@@ -152,18 +155,18 @@ def _resolve(backend: str, device_type: str) -> tuple[str, bool]:
             why = _unavailable_reason(ENV_BACKEND, device_type) if ENV_BACKEND in BACKENDS \
                 else f"unknown backend name; expected one of {BACKENDS}"
             if why is None:
-                return ENV_BACKEND, False
-            warnings.warn(f"cpvt_kernels: CPVT_PEG_BACKEND={ENV_BACKEND!r} cannot run here "
-                          f"({why}); falling back to backend='auto'", stacklevel=4)
-            return _auto(device_type), True
-        return _auto(device_type), False
+                return ENV_BACKEND
+            if not torch.compiler.is_compiling():  # a warning would break torch.compile's graph
+                warnings.warn(f"cpvt_kernels: CPVT_PEG_BACKEND={ENV_BACKEND!r} cannot run here "
+                              f"({why}); falling back to backend='auto'", stacklevel=4)
+        return _auto(device_type)
     if backend not in BACKENDS:
         raise ValueError(f"fused_peg: backend must be one of {('auto',) + BACKENDS}, "
                          f"got {backend!r}")
     why = _unavailable_reason(backend, device_type)
     if why is not None:
         raise RuntimeError(f"fused_peg: backend {backend!r} is unavailable: {why}")
-    return backend, False
+    return backend
 
 
 def _auto(device_type: str) -> str:
@@ -208,6 +211,8 @@ _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 def _run_backend(name, x, weight, bias, H, W, P):
     """The triton and reference backends (fused_peg_hw calls the C++ op itself)."""
     if name == "triton":
+        if not torch.compiler.is_compiling():
+            _checks.check_no_forward_ad(x, weight, bias)
         return _triton_peg.peg_triton(x, weight, bias, H, W, P)
     if x.dtype in (torch.float16, torch.bfloat16):
         # SPEC: half types accumulate in float32, for this backend too.
@@ -264,14 +269,19 @@ def fused_peg_hw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     the fewest operations.
     """
     device_type = "cpu" if x.is_cpu else x.device.type
+    try:
+        autocast = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know ("meta")
+        autocast = False
     # Under autocast the eager PEG runs its convolution in the autocast dtype and adds the
     # residual in x's dtype, so its output has the promotion of the two (float32 for float32
     # tokens under bfloat16 autocast). The fused op returns that dtype too, computing in it: a
     # drop-in replacement must not change the dtype of the residual stream after it (which
     # would also move every later block's elementwise work to the half type).
-    if torch.is_autocast_enabled(device_type) and x.dtype in _AUTOCAST_ELIGIBLE:
+    if autocast and x.dtype in _AUTOCAST_ELIGIBLE:
         dtype = torch.promote_types(x.dtype, torch.get_autocast_dtype(device_type))
-        x, weight = x.to(dtype), weight.to(dtype)
+        x = x.to(dtype)
+        weight = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
         bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
     name = _RESOLVED.get((backend, device_type, ENV_BACKEND)) if type(backend) is str else None
     if name is None:
@@ -283,10 +293,15 @@ def fused_peg_hw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if not (isinstance(weight, torch.Tensor) and type(num_prefix_tokens) is int
                 and (bias is None or isinstance(bias, torch.Tensor))):
             _checks.check_argument_types(x, weight, bias, num_prefix_tokens)
-        if (_PEG_FORWARD_EAGER is not None and type(H) is int and type(W) is int
-                and not torch.compiler.is_compiling()
-                and not _has_torch_function((x, weight, bias))):
-            return _PEG_FORWARD_EAGER(x, weight, bias, H, W, num_prefix_tokens)
-        return _PEG_FORWARD(x, weight, bias, H, W, num_prefix_tokens)
+        try:
+            if (_PEG_FORWARD_EAGER is not None and type(H) is int and type(W) is int
+                    and not torch.compiler.is_compiling()
+                    and not _has_torch_function((x, weight, bias))):
+                return _PEG_FORWARD_EAGER(x, weight, bias, H, W, num_prefix_tokens)
+            return _PEG_FORWARD(x, weight, bias, H, W, num_prefix_tokens)
+        except OverflowError:
+            # An int past int64 (H, W, num_prefix_tokens): the error that names it.
+            _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
+            raise
     _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
     return _run_backend(name, x, weight, bias, H, W, num_prefix_tokens)

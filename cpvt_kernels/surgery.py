@@ -16,19 +16,30 @@ class _FusedPosConv:
     """Mixed into a copy of timm's ``PosConv`` (or the Twins/CPVT authors' ``PosCNN``) class.
 
     Only ``forward`` changes; the module keeps its attributes, hooks and parameters
-    (``proj.0.weight``, ``proj.0.bias``), so checkpoints load either way.
+    (``proj.0.weight``, ``proj.0.bias``), so checkpoints load either way. Where ``proj`` or its
+    conv has forward hooks, the module's own forward runs, so that they do.
     """
 
     backend: str
 
     def forward(self, x: torch.Tensor, H, W=None) -> torch.Tensor:
-        H, W = _hw(x, H, W)
         conv = self.proj[0]
+        if _has_forward_hooks(self.proj) or _has_forward_hooks(conv):
+            # The fused op reads the conv's parameters without calling it, so hooks on it would
+            # not run (the legacy weight_norm and spectral_norm compute the weight in one): the
+            # module's own forward, which calls it.
+            base = _original_class(type(self))
+            return base.forward(self, x, H) if W is None else base.forward(self, x, H, W)
+        H, W = _hw(x, H, W)
         return fused_peg(x, conv.weight, conv.bias, (H, W), 0, self.backend)
 
     def __reduce_ex__(self, protocol):
         # Pickles name the original class, not the one generated at run time.
         return _new_fused_posconv, (_original_class(type(self)),), self.__dict__.copy()
+
+
+def _has_forward_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_pre_hooks or m._forward_hooks)
 
 
 _FUSED_CLASSES: dict[type, type] = {}

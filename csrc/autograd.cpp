@@ -4,6 +4,7 @@
 // register_autograd: the Python wrapper costs about 50 us per forward and backward (argument
 // normalization, a redispatch, a Python backward), as much as the whole op on a small input.
 // Graphs that torch.compile or torch.export trace still contain only the two ops.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -61,6 +62,12 @@ class PegFunction : public torch::autograd::Function<PegFunction> {
 at::Tensor peg_forward_autograd(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, c10::SymInt H,
                                 c10::SymInt W, int64_t num_prefix_tokens) {
+  // No forward-mode derivative (torch.func.jvp, torch.autograd.forward_ad): the op would
+  // return its output without a tangent, as if the derivative were zero.
+  TORCH_CHECK(!x._fw_grad(0).defined() && !weight._fw_grad(0).defined() &&
+                  !(bias.has_value() && bias->defined() && bias->_fw_grad(0).defined()),
+              "fused_peg: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+              "supported by the fused backends; use backend=\"reference\"");
   const bool record = at::GradMode::is_enabled() &&
                       (x.requires_grad() || weight.requires_grad() ||
                        (bias.has_value() && bias->defined() && bias->requires_grad()));
@@ -74,6 +81,11 @@ at::Tensor peg_forward_autograd(const at::Tensor& x, const at::Tensor& weight,
 }  // namespace
 }  // namespace cpvt
 
+// The backward op has no derivative of its own. Registered as not implemented, a double
+// backward through it (create_graph=True, then a gradient of a gradient) raises "derivative for
+// cpvt::peg_backward is not implemented"; without a kernel here torch's fallback would only warn
+// and treat the second-order gradients as zero.
 TORCH_LIBRARY_IMPL(cpvt, Autograd, m) {
   m.impl("peg_forward", &cpvt::peg_forward_autograd);
+  m.impl("peg_backward", torch::autograd::autogradNotImplementedFallback());
 }

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
+from conftest import rel_err
 
 B, P, H, W, C = 2, 1, 3, 4, 6
 
@@ -157,3 +158,72 @@ def test_module_bad_kernel_size():
         ck.FusedPEG(8, kernel_size=4)
     with pytest.raises(ValueError, match="num_prefix_tokens"):
         ck.PEG(8, num_prefix_tokens=-1)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_sizes_past_int64_name_the_argument(backend):
+    a = _good()
+    with pytest.raises(ValueError, match=r"x.shape\[1\] must equal"):
+        ck.fused_peg(a["x"], a["weight"], a["bias"], (2**63, 1), P, backend=backend)
+    with pytest.raises(ValueError, match=r"x.shape\[1\] must equal"):
+        ck.fused_peg(a["x"], a["weight"], a["bias"], (H, W), 2**63, backend=backend)
+
+
+def test_non_tensor_weight_under_autocast():
+    a = _good()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+            ck.fused_peg(a["x"], None, a["bias"], (H, W), P)
+        with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+            ck.fused_peg(a["x"], a["weight"].tolist(), a["bias"], (H, W), P)
+
+
+def test_module_bad_backend_raises_at_construction():
+    with pytest.raises(ValueError, match="FusedPEG: backend must be one of"):
+        ck.FusedPEG(8, backend="cudnn")
+    with pytest.raises(ValueError, match="FusedPEG: backend must be one of"):
+        ck.FusedPEG(8, backend=None)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_double_backward_raises_instead_of_zeros(backend):
+    """A gradient of a gradient: the fused backends have no second derivative and say so (the
+    reference computes it); none may return zeros."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 5, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    out = ck.fused_peg(x, w, None, (2, 2), 1, backend=backend)
+    gx, = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    if backend == "reference":
+        gw, = torch.autograd.grad(gx.sum(), w)
+        assert gw.abs().sum() > 0
+        return
+    with pytest.raises(RuntimeError, match="(not implemented|no autograd formula)"):
+        torch.autograd.grad(gx.sum(), w)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script:FutureWarning")  # torch.func's import
+@pytest.mark.parametrize("how", ["torch.func.jvp", "forward_ad"])
+@pytest.mark.parametrize("backend", _backends())
+def test_forward_mode_ad_raises_instead_of_zeros(backend, how):
+    """Forward-mode AD: the fused backends have no formula and say so (the reference computes
+    the tangent); none may return an output without one."""
+    import torch.autograd.forward_ad as fwAD
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 7, 3, dtype=torch.float64, generator=g)
+    w = torch.randn(3, 1, 3, 3, dtype=torch.float64, generator=g)
+    t = torch.randn(x.shape, dtype=torch.float64, generator=g)
+
+    def tangent():
+        if how == "torch.func.jvp":
+            return torch.func.jvp(lambda v: ck.fused_peg(v, w, None, (2, 3), 1, backend=backend),
+                                  (x,), (t,))[1]
+        with fwAD.dual_level():
+            out = ck.fused_peg(fwAD.make_dual(x, t), w, None, (2, 3), 1, backend=backend)
+            return fwAD.unpack_dual(out).tangent
+
+    if backend == "reference":  # the op is linear in x: its tangent is the op of t, less its bias
+        assert rel_err(tangent(), ck.peg_reference(t, w, None, 2, 3, 1)) < 1e-12
+    else:
+        with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
+            tangent()

@@ -405,3 +405,32 @@ def test_checkpoint_roundtrip_through_torch_save():
     x = torch.randn(2, 3, 12, 32)
     with torch.no_grad():
         assert rel_err(eager(x), fused(x)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm:FutureWarning")
+@pytest.mark.parametrize("where", ["conv", "proj"])
+def test_replaced_posconv_runs_hooks_on_its_conv(where):
+    """timm's PosConv with the legacy weight_norm on its conv (the weight is computed in a
+    forward pre-hook): after replace_peg the module still follows the weight's parameters,
+    and forward hooks on proj still fire."""
+    pytest.importorskip("timm")
+    from timm.models.twins import PosConv
+    torch.manual_seed(6)
+    swapped, eager = PosConv(8, 8), PosConv(8, 8)
+    calls = []
+    for m in (swapped, eager):
+        if where == "conv":
+            nn.utils.weight_norm(m.proj[0])
+        else:
+            m.proj.register_forward_hook(lambda mod, args, out: calls.append(1))
+    eager.load_state_dict(swapped.state_dict())
+    ck.replace_peg(swapped, backend="reference")
+    x = torch.randn(2, 12, 8)
+    if where == "conv":
+        with torch.no_grad():  # an optimizer step on the norm's parameter
+            for m in (swapped, eager):
+                m.proj[0].weight_g.mul_(2)
+    out = swapped(x, (3, 4))
+    assert rel_err(out, eager(x, (3, 4))) < TOLERANCE[torch.float32]
+    if where == "proj":
+        assert len(calls) == 2  # one each

@@ -102,12 +102,70 @@ def test_auto_prefers_fused_cpu_kernel():
 
 
 def test_env_override_falls_back_loudly(monkeypatch):
+    monkeypatch.setattr(ck.ops, "_RESOLVED", {})
     monkeypatch.setattr(ck.ops, "ENV_BACKEND", "cuda")
     with pytest.warns(UserWarning, match="CPVT_PEG_BACKEND='cuda' cannot run here"):
         name = ck.ops.resolve_backend("auto", "cpu")
     assert name == ck.available_backends("cpu")[0]
     monkeypatch.setattr(ck.ops, "ENV_BACKEND", "reference")
     assert ck.ops.resolve_backend("auto", "cpu") == "reference"
+
+
+def test_env_override_fallback_warns_once_and_compiles_whole(monkeypatch):
+    """An override that cannot run warns on the first eager call only, and torch.compile of a
+    module under it traces one graph (a warning inside it would break the graph)."""
+    import warnings
+    monkeypatch.setattr(ck.ops, "_RESOLVED", {})
+    monkeypatch.setattr(ck.ops, "ENV_BACKEND", "no-such-backend")
+    peg = ck.FusedPEG(4)
+    x = torch.randn(2, 10, 4)
+    ref = ck.peg_reference(x, peg.proj.weight, peg.proj.bias, 3, 3, 1)
+    torch._dynamo.reset()
+    out = torch.compile(lambda t: peg(t, 3, 3), fullgraph=True, backend="eager")(x)
+    assert rel_err(out, ref) < 1e-6
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            peg(x, 3, 3)
+    assert [str(w.message) for w in caught if "CPVT_PEG_BACKEND" in str(w.message)] == [
+        "cpvt_kernels: CPVT_PEG_BACKEND='no-such-backend' cannot run here (unknown backend "
+        "name; expected one of ('cuda', 'triton', 'cpu', 'reference')); falling back to "
+        "backend='auto'"]
+
+
+def test_env_override_auto_is_no_override():
+    import subprocess
+    import sys
+    code = ("import torch, cpvt_kernels as ck; assert ck.ops.ENV_BACKEND is None; "
+            "ck.fused_peg(torch.randn(1, 5, 2), torch.randn(2, 1, 3, 3), None, (2, 2))")
+    env = dict(__import__("os").environ, CPVT_PEG_BACKEND=" Auto ")
+    run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_meta_tensors(backend):
+    """Shapes without data (the meta device), for the op and both modules."""
+    x = torch.randn(2, 13, 6, device="meta")
+    w = torch.randn(6, 1, 3, 3, device="meta")
+    assert ck.fused_peg(x, w, None, (3, 4), 1, backend=backend).shape == (2, 13, 6)
+    assert ck.FusedPEG(6, backend=backend).to("meta")(x, 3, 4).shape == (2, 13, 6)
+    assert ck.PEG(6).to("meta")(x, (3, 4)).device.type == "meta"
+
+
+def test_sizes_as_numpy_ints_and_0d_tensors():
+    """What the eager PEG takes as H and W, FusedPEG takes too."""
+    np = pytest.importorskip("numpy")
+    peg, eager = ck.FusedPEG(6), ck.PEG(6)
+    eager.load_state_dict(peg.state_dict())
+    x = torch.randn(2, 13, 6)
+    for H, W in ((np.int64(3), np.int32(4)), (torch.tensor(3), torch.tensor(4))):
+        assert rel_err(peg(x, H, W), eager(x, H, W)) < 1e-6
+        assert rel_err(peg(x, (H, W)), eager(x, 3, 4)) < 1e-6
+    for bad in (3.0, True, torch.tensor(3.0)):
+        with pytest.raises(TypeError, match="size H must be an int"):
+            peg(x, bad, 4)
 
 
 def test_import_without_extension_reports_how_to_build(tmp_path):

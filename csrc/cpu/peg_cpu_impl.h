@@ -389,6 +389,8 @@ CPVT_ALWAYS_INLINE void store_out(const Vec<A>& v, T* dst, int64_t n) {
 #if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
     // One instruction (round to nearest even, NaN stays NaN) instead of ATen's integer
     // emulation of the rounding, which costs more vector operations than the taps themselves.
+    // It flushes results below float's normal range (about 1.2e-38) to zero, as the eager
+    // bfloat16 convolution does on this CPU (ATen's emulation would keep them).
     if constexpr (std::is_same_v<T, at::BFloat16> && sizeof(Vec<A>) == 64) {
       __m512 raw;
       std::memcpy(&raw, &v, sizeof(raw));
