@@ -4,6 +4,7 @@ median of 200 calls (50 for eager). Run twice: as is, and with THP_MEM_ALLOC_ENA
 makes torch's CPU allocator back allocations of 2 MB and more with transparent huge pages
 (fewer TLB misses over the 14 MB tensors)."""
 import os
+import subprocess
 import time
 
 import torch
@@ -25,8 +26,12 @@ def med(f, n=200):
 
 torch.manual_seed(0)
 B, C, H = 32, 192, 24
-print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} torch {torch.__version__} "
-      f"threads {torch.get_num_threads()}")
+cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+           if line.startswith("model name"))
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                        text=True).stdout.strip()
+print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} {cpu}, commit {commit}, "
+      f"torch {torch.__version__}, threads {torch.get_num_threads()}")
 for dt in (torch.float32, torch.bfloat16):
     x = torch.randn(B, 1 + H * H, C, dtype=dt)
     peg = ck.PEG(C).to(dt)
