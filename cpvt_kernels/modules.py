@@ -1,6 +1,8 @@
 """PEG modules: the eager reference ``PEG`` and the drop-in ``FusedPEG``."""
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -9,10 +11,34 @@ from .ops import BACKENDS, fused_peg_hw
 from .reference import peg_reference
 
 
+def _int_arg(name: str, v, low: int | None = None) -> int:
+    """``v`` as an int, >= ``low`` if given (numpy integers too; not a bool, a float or a
+    string)."""
+    try:
+        if isinstance(v, (bool, float, str)):
+            raise TypeError
+        v = operator.index(v)
+    except TypeError:
+        raise TypeError(f"PEG: {name} must be an int, got {type(v).__name__}") from None
+    if low is not None and v < low:
+        raise ValueError(f"PEG: {name} must be >= {low}, got {v}")
+    return v
+
+
 def _kernel_pair(kernel_size) -> tuple[int, int]:
-    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    if hasattr(kernel_size, "__index__"):
+        pair = (kernel_size, kernel_size)
+    else:
+        try:
+            pair = () if isinstance(kernel_size, str) else tuple(kernel_size)
+        except TypeError:
+            pair = ()
+    if len(pair) != 2:
+        raise TypeError("PEG: kernel_size must be an int or a pair (kh, kw), "
+                        f"got {type(kernel_size).__name__} {kernel_size!r}")
+    kh, kw = (_int_arg("kernel_size", k) for k in pair)
     for k in (kh, kw):
-        if not (isinstance(k, int) and k % 2 == 1 and 1 <= k <= _checks.MAX_KERNEL_SIZE):
+        if not (k % 2 == 1 and 1 <= k <= _checks.MAX_KERNEL_SIZE):
             raise ValueError(f"PEG: kernel_size must be odd and in [1, {_checks.MAX_KERNEL_SIZE}], "
                              f"got {kernel_size!r}")
     return kh, kw
@@ -65,10 +91,9 @@ class PEG(nn.Module):
 
     def __init__(self, dim: int, kernel_size=3, num_prefix_tokens: int = 1, bias: bool = True):
         super().__init__()
+        dim = _int_arg("dim", dim, 1)
         kh, kw = _kernel_pair(kernel_size)
-        if num_prefix_tokens < 0:
-            raise ValueError(f"PEG: num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
-        self.num_prefix_tokens = num_prefix_tokens
+        self.num_prefix_tokens = _int_arg("num_prefix_tokens", num_prefix_tokens, 0)
         self.proj = nn.Conv2d(dim, dim, (kh, kw), 1, (kh // 2, kw // 2), bias=bias, groups=dim)
 
     def forward(self, x: torch.Tensor, H, W=None) -> torch.Tensor:

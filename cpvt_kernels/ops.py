@@ -122,10 +122,12 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     for name in BACKENDS:
         if any(_unavailable_reason(name, t) is None for t in types):
             out.append(name)
-    if device is not None:
-        order = AUTO_ORDER.get(types[0], ())
-        out.sort(key=lambda n: order.index(n) if n in order else len(order))
-    return out
+    def rank(name):
+        # A backend's place in backend="auto"'s order, on the device where it ranks best (one
+        # that is not in any order, triton on CPU tensors under the interpreter, comes last).
+        orders = [AUTO_ORDER.get(t, ()) for t in types]
+        return min((o.index(name) for o in orders if name in o), default=len(BACKENDS))
+    return sorted(out, key=rank)
 
 
 # resolve_backend's answers, by (backend, device type, override): what can run does not change

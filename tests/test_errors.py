@@ -160,6 +160,45 @@ def test_module_bad_kernel_size():
         ck.PEG(8, num_prefix_tokens=-1)
 
 
+@pytest.mark.parametrize("cls", [ck.PEG, ck.FusedPEG])
+@pytest.mark.parametrize("kwargs,err,words", [
+    (dict(dim=0), ValueError, ["dim", ">= 1", "0"]),
+    (dict(dim=True), TypeError, ["dim", "bool"]),
+    (dict(dim=8.0), TypeError, ["dim", "float"]),
+    (dict(num_prefix_tokens=True), TypeError, ["num_prefix_tokens", "bool"]),
+    (dict(num_prefix_tokens=1.0), TypeError, ["num_prefix_tokens", "float"]),
+    (dict(kernel_size=True), TypeError, ["kernel_size", "bool"]),
+    (dict(kernel_size=(3, True)), TypeError, ["kernel_size", "bool"]),
+    (dict(kernel_size=3.0), TypeError, ["kernel_size", "float"]),
+    (dict(kernel_size="3"), TypeError, ["kernel_size", "str"]),
+    (dict(kernel_size=(3,)), TypeError, ["kernel_size", "pair"]),
+    (dict(kernel_size=(3, 3, 3)), TypeError, ["kernel_size", "pair"]),
+    (dict(kernel_size=(3, 4)), ValueError, ["kernel_size", "odd"]),
+    (dict(kernel_size=-1), ValueError, ["kernel_size", "odd"]),
+    (dict(kernel_size=33), ValueError, ["kernel_size", "odd"]),
+])
+def test_module_constructor_arguments(cls, kwargs, err, words):
+    """Constructor arguments get the error that names them (a bool is not a size: True would
+    otherwise mean one prefix token or a 1x1 kernel)."""
+    kwargs = {"dim": 8, **kwargs}
+    with pytest.raises(err) as info:
+        cls(**kwargs)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_module_constructor_takes_integer_like_sizes():
+    np = pytest.importorskip("numpy")
+    peg = ck.PEG(np.int64(8), kernel_size=(np.int32(3), torch.tensor(5)),
+                 num_prefix_tokens=np.int64(2))
+    assert peg.proj.weight.shape == (8, 1, 3, 5) and peg.proj.padding == (1, 2)
+    assert type(peg.num_prefix_tokens) is int and peg.num_prefix_tokens == 2
+    fused = ck.FusedPEG(8, kernel_size=(3, 5), num_prefix_tokens=2)
+    fused.load_state_dict(peg.state_dict())
+    x = torch.randn(2, 2 + 4 * 5, 8)
+    assert rel_err(fused(x, 4, 5), peg(x, 4, 5)) < 1e-5
+
+
 @pytest.mark.parametrize("backend", _backends())
 def test_sizes_past_int64_name_the_argument(backend):
     a = _good()

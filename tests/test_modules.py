@@ -94,6 +94,10 @@ def test_available_backends():
         assert cpu[0] == "cpu"
     if not torch.cuda.is_available():
         assert "cuda" not in names
+    # Fastest first without a device too: the fastest backend of the first device type leads
+    # (not triton, which runs CPU tensors only through its slow interpreter).
+    first = ck.available_backends("cuda" if torch.cuda.is_available() else "cpu")
+    assert names[0] == first[0]
 
 
 def test_auto_prefers_fused_cpu_kernel():

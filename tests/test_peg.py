@@ -4,10 +4,13 @@ Runs on the backends that work on this machine's default tensors: ``cpu`` and ``
 here; ``cuda`` and ``triton`` have their own files (test_cuda.py, test_triton.py).
 """
 
+import os
+
 import pytest
 import torch
 
 import cpvt_kernels as ck
+from cpvt_kernels import peg_reference
 from conftest import (CPU_LEFT_OUT, DTYPES, GRAD_NEEDS, TOLERANCE, check_expanded_grad_out,
                       check_nonfinite_backward, check_nonfinite_forward,
                       check_nonfinite_grad_x_only, check_only_required_grads, layout_as,
@@ -160,6 +163,19 @@ def test_backends_agree_with_each_other():
     assert rel_err(a, r) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ck.available_backends("cpu"))
+def test_no_channels(backend):
+    """C = 0: every backend returns x's empty shape and empty gradients (the reference's conv2d
+    takes no groups=0)."""
+    x = torch.randn(2, 1 + 3 * 4, 0, requires_grad=True)
+    w = torch.randn(0, 1, 3, 3, requires_grad=True)
+    b = torch.randn(0, requires_grad=True)
+    out = ck.fused_peg(x, w, b, (3, 4), 1, backend=backend)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), torch.randn(out.shape))
+    assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
+
+
 def test_size_forms():
     _, (x, w, b) = make_inputs(2, 1, 6, 6, 8, 3, 3, True, torch.float32, "cpu")
     ref = ck.fused_peg(x, w, b, (6, 6), 1)
@@ -193,6 +209,51 @@ def test_cpu_streaming_stores(monkeypatch, dtype, C, layout):
     assert not x.grad.isnan().any()
     for got, want in ((x.grad, gx_ref), (w.grad, gw_ref), (b.grad, gb_ref)):
         assert rel_err(got, want) < tol
+
+
+def _vm_flags(t: torch.Tensor) -> set[str]:
+    """The VmFlags (/proc/self/smaps) of this process's mapping that holds the first whole
+    2 MiB page of ``t`` (the advice for huge pages covers whole ones only)."""
+    address = (t.data_ptr() + (2 << 20) - 1) & ~((2 << 20) - 1)
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:  # a mapping's first line: "lo-hi perms ..."
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("VmFlags:"):
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"),
+                    reason="no transparent huge pages (Linux only)")
+def test_cpu_fresh_large_outputs_get_huge_pages(monkeypatch):
+    """Outputs of 32 MiB and more that are fresh memory (glibc maps every block that large anew)
+    are advised to use transparent huge pages ("hg" in the mapping's VmFlags), the forward's
+    and the backward's, with the same results as without the advice
+    (CPVT_CPU_HUGE_PAGE_BYTES=0)."""
+    require_backend("cpu")
+    B, P, H, W, C = 2, 1, 96, 92, 512  # 36 MB a tensor in float32
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float32)
+    g = torch.randn(x.shape)
+
+    def run():
+        xg = x.clone().requires_grad_()
+        out = ck.fused_peg(xg, w, b, size=(H, W), num_prefix_tokens=P, backend="cpu")
+        (gx,) = torch.autograd.grad(out, xg, g)
+        return out.detach(), gx
+
+    monkeypatch.setenv("CPVT_CPU_HUGE_PAGE_BYTES", "0")
+    out_off, gx_off = run()
+    assert out_off.numel() * 4 > 32 << 20
+    assert "hg" not in _vm_flags(out_off) | _vm_flags(gx_off)
+    monkeypatch.delenv("CPVT_CPU_HUGE_PAGE_BYTES")
+    out, gx = run()
+    assert "hg" in _vm_flags(out) and "hg" in _vm_flags(gx)
+    assert torch.equal(out, out_off) and torch.equal(gx, gx_off)
+    assert rel_err(out, peg_reference(x64, w64, b64, H, W, P)) < TOLERANCE[torch.float32]
 
 
 # bfloat16 forwards of the square kernels PEG uses can run, on CPUs with AVX512-BF16, as bfloat16
