@@ -4,13 +4,15 @@ forward+backward at the SPEC shapes whose tensors pass 32 MiB (glibc maps each s
 and below that size, where nothing should change. "kept copy" is x copied into a tensor kept
 across calls: the time of the forward's bytes without any page fault.
 
-    python hugepages.py > hugepages.log
+    python hugepages.py > run1.log
+    python hugepages.py 256x768x14 > run3.log     # float32 shapes BxCxH instead of the defaults
 """
 import os
 import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -46,6 +48,8 @@ def main():
     shapes = [(32, 768, 24, torch.float32), (64, 384, 24, torch.float32),
               (32, 384, 32, torch.float32), (32, 192, 24, torch.float32),
               (32, 768, 24, torch.bfloat16)]
+    if sys.argv[1:]:
+        shapes = [(*map(int, a.split("x")), torch.float32) for a in sys.argv[1:]]
     for B, C, H, dtype in shapes:
         x = torch.randn(B, 1 + H * H, C, dtype=dtype)
         peg = ck.FusedPEG(C, backend="cpu").to(dtype)
