@@ -12,36 +12,42 @@ from .reference import peg_reference
 
 
 def _int_arg(name: str, v, low: int | None = None) -> int:
-    """``v`` as an int, >= ``low`` if given (numpy integers too; not a bool, a float or a
-    string)."""
+    """``v`` as an int, >= ``low`` if given (numpy integers and integer 0-d tensors too; not a
+    bool, a float or a string)."""
     try:
-        if isinstance(v, (bool, float, str)):
+        if isinstance(v, (bool, float, str)) or "bool" in str(getattr(v, "dtype", "")):
             raise TypeError
         v = operator.index(v)
     except TypeError:
-        raise TypeError(f"PEG: {name} must be an int, got {type(v).__name__}") from None
+        got = type(v).__name__
+        if hasattr(v, "dtype"):
+            got += f" of {v.dtype}"
+        raise TypeError(f"PEG: {name} must be an int, got {got}") from None
     if low is not None and v < low:
         raise ValueError(f"PEG: {name} must be >= {low}, got {v}")
     return v
 
 
 def _kernel_pair(kernel_size) -> tuple[int, int]:
-    if hasattr(kernel_size, "__index__"):
-        pair = (kernel_size, kernel_size)
-    else:
-        try:
+    try:
+        pair = (_int_arg("kernel_size", kernel_size),) * 2
+    except TypeError:
+        try:  # a pair: tuple, list, torch.Size, a 1-D array or tensor of two
             pair = () if isinstance(kernel_size, str) else tuple(kernel_size)
         except TypeError:
             pair = ()
-    if len(pair) != 2:
-        raise TypeError("PEG: kernel_size must be an int or a pair (kh, kw), "
-                        f"got {type(kernel_size).__name__} {kernel_size!r}")
-    kh, kw = (_int_arg("kernel_size", k) for k in pair)
-    for k in (kh, kw):
+        if len(pair) != 2:
+            got = type(kernel_size).__name__
+            if hasattr(kernel_size, "dtype"):
+                got += f" of {kernel_size.dtype}"
+            raise TypeError("PEG: kernel_size must be an int or a pair (kh, kw), "
+                            f"got {got} {kernel_size!r}") from None
+        pair = tuple(_int_arg("kernel_size", k) for k in pair)
+    for k in pair:
         if not (k % 2 == 1 and 1 <= k <= _checks.MAX_KERNEL_SIZE):
             raise ValueError(f"PEG: kernel_size must be odd and in [1, {_checks.MAX_KERNEL_SIZE}], "
                              f"got {kernel_size!r}")
-    return kh, kw
+    return pair
 
 
 def _hw(x, H, W):

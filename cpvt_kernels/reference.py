@@ -26,6 +26,9 @@ def peg_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if C == 0:
         # conv2d takes no groups=0; with no channels the output is x's empty shape, as from the
         # fused backends, with the weight and the bias kept in the autograd graph.
+        if N != num_prefix_tokens + H * W:
+            raise ValueError(f"peg_reference: x.shape[1] must equal num_prefix_tokens + H*W = "
+                             f"{num_prefix_tokens + H * W}, got {N}")
         zero = weight.sum() * 0
         return x + (zero if bias is None else zero + bias.sum() * 0)
     P = num_prefix_tokens

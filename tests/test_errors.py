@@ -168,6 +168,9 @@ def test_module_bad_kernel_size():
     (dict(num_prefix_tokens=True), TypeError, ["num_prefix_tokens", "bool"]),
     (dict(num_prefix_tokens=1.0), TypeError, ["num_prefix_tokens", "float"]),
     (dict(kernel_size=True), TypeError, ["kernel_size", "bool"]),
+    (dict(kernel_size=torch.tensor(True)), TypeError, ["kernel_size", "bool"]),
+    (dict(num_prefix_tokens=torch.tensor(True)), TypeError, ["num_prefix_tokens", "bool"]),
+    (dict(dim=torch.tensor(True)), TypeError, ["dim", "bool"]),
     (dict(kernel_size=(3, True)), TypeError, ["kernel_size", "bool"]),
     (dict(kernel_size=3.0), TypeError, ["kernel_size", "float"]),
     (dict(kernel_size="3"), TypeError, ["kernel_size", "str"]),
@@ -193,6 +196,8 @@ def test_module_constructor_takes_integer_like_sizes():
                  num_prefix_tokens=np.int64(2))
     assert peg.proj.weight.shape == (8, 1, 3, 5) and peg.proj.padding == (1, 2)
     assert type(peg.num_prefix_tokens) is int and peg.num_prefix_tokens == 2
+    for pair in (np.array([3, 5]), torch.tensor([3, 5]), [3, 5], torch.Size([3, 5])):
+        assert ck.PEG(8, kernel_size=pair).proj.weight.shape == (8, 1, 3, 5)
     fused = ck.FusedPEG(8, kernel_size=(3, 5), num_prefix_tokens=2)
     fused.load_state_dict(peg.state_dict())
     x = torch.randn(2, 2 + 4 * 5, 8)

@@ -4,6 +4,7 @@ Runs on the backends that work on this machine's default tensors: ``cpu`` and ``
 here; ``cuda`` and ``triton`` have their own files (test_cuda.py, test_triton.py).
 """
 
+import ctypes
 import os
 
 import pytest
@@ -211,49 +212,106 @@ def test_cpu_streaming_stores(monkeypatch, dtype, C, layout):
         assert rel_err(got, want) < tol
 
 
-def _vm_flags(t: torch.Tensor) -> set[str]:
-    """The VmFlags (/proc/self/smaps) of this process's mapping that holds the first whole
-    2 MiB page of ``t`` (the advice for huge pages covers whole ones only)."""
+def _mapping(t: torch.Tensor) -> tuple[set[str], str]:
+    """The VmFlags and the name ("[heap]", "" for an anonymous mapping) of this process's
+    mapping (/proc/self/smaps) that holds the first whole 2 MiB page of ``t`` (the advice for
+    huge pages covers whole ones only)."""
     address = (t.data_ptr() + (2 << 20) - 1) & ~((2 << 20) - 1)
-    inside = False
+    inside, name = False, ""
     with open("/proc/self/smaps") as f:
         for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and ":" not in head:  # a mapping's first line: "lo-hi perms ..."
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= address < hi
+            fields = line.split()
+            if "-" in fields[0] and ":" not in fields[0]:  # a mapping's first line: "lo-hi ..."
+                lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                inside, name = lo <= address < hi, " ".join(fields[5:])
             elif inside and line.startswith("VmFlags:"):
-                return set(line.split()[1:])
+                return set(fields[1:]), name
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"),
-                    reason="no transparent huge pages (Linux only)")
+def _first_huge_page_resident(t: torch.Tensor) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    address = (t.data_ptr() + (2 << 20) - 1) & ~((2 << 20) - 1)
+    vec = ctypes.create_string_buffer(1)
+    assert libc.mincore(address, 1, vec) == 0, os.strerror(ctypes.get_errno())
+    return bool(vec.raw[0] & 1)
+
+
+# 36 MB a float32 tensor: above glibc's largest mmap threshold (32 MiB), so fresh memory.
+HUGE_CASE = (2, 1, 96, 92, 512)  # B, P, H, W, C
+
+
+def _skip_unless_fresh_plain_memory(shape):
+    """Skip where a new tensor of ``shape`` is not fresh, unadvised memory of glibc's own
+    mapping: another allocator preloaded, glibc's hugetlb tunable, no transparent huge pages."""
+    if not os.path.isdir("/sys/kernel/mm/transparent_hugepage"):
+        pytest.skip("no transparent huge pages (Linux only)")
+    if os.environ.get("LD_PRELOAD"):
+        pytest.skip("LD_PRELOAD may put another allocator in glibc's place (no advice then)")
+    probe = torch.empty(shape)
+    flags, name = _mapping(probe)
+    if "hg" in flags or name or _first_huge_page_resident(probe):
+        pytest.skip(f"a new {probe.nbytes >> 20} MiB tensor is not fresh, unadvised anonymous "
+                    f"memory here (flags {sorted(flags)}, mapping {name!r})")
+
+
+def _fused_fwd_bwd(x, w, b, g, H, W, P):
+    xg = x.clone().requires_grad_()
+    out = ck.fused_peg(xg, w, b, size=(H, W), num_prefix_tokens=P, backend="cpu")
+    (gx,) = torch.autograd.grad(out, xg, g)
+    return out.detach(), gx
+
+
 def test_cpu_fresh_large_outputs_get_huge_pages(monkeypatch):
     """Outputs of 32 MiB and more that are fresh memory (glibc maps every block that large anew)
     are advised to use transparent huge pages ("hg" in the mapping's VmFlags), the forward's
     and the backward's, with the same results as without the advice
     (CPVT_CPU_HUGE_PAGE_BYTES=0)."""
     require_backend("cpu")
-    B, P, H, W, C = 2, 1, 96, 92, 512  # 36 MB a tensor in float32
+    B, P, H, W, C = HUGE_CASE
     (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float32)
     g = torch.randn(x.shape)
-
-    def run():
-        xg = x.clone().requires_grad_()
-        out = ck.fused_peg(xg, w, b, size=(H, W), num_prefix_tokens=P, backend="cpu")
-        (gx,) = torch.autograd.grad(out, xg, g)
-        return out.detach(), gx
-
+    _skip_unless_fresh_plain_memory(x.shape)
     monkeypatch.setenv("CPVT_CPU_HUGE_PAGE_BYTES", "0")
-    out_off, gx_off = run()
+    out_off, gx_off = _fused_fwd_bwd(x, w, b, g, H, W, P)
     assert out_off.numel() * 4 > 32 << 20
-    assert "hg" not in _vm_flags(out_off) | _vm_flags(gx_off)
+    assert "hg" not in _mapping(out_off)[0] | _mapping(gx_off)[0]
     monkeypatch.delenv("CPVT_CPU_HUGE_PAGE_BYTES")
-    out, gx = run()
-    assert "hg" in _vm_flags(out) and "hg" in _vm_flags(gx)
+    out, gx = _fused_fwd_bwd(x, w, b, g, H, W, P)
+    assert "hg" in _mapping(out)[0] and "hg" in _mapping(gx)[0]
     assert torch.equal(out, out_off) and torch.equal(gx, gx_off)
     assert rel_err(out, peg_reference(x64, w64, b64, H, W, P)) < TOLERANCE[torch.float32]
+
+
+def test_cpu_heap_memory_gets_no_huge_page_advice():
+    """A large output from glibc's brk heap (no mmap: M_MMAP_MAX=0) is fresh too, but the block
+    stays in glibc's free lists after the tensor is freed, so it is not advised."""
+    require_backend("cpu")
+    B, P, H, W, C = HUGE_CASE
+    _, (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, torch.float32)
+    g = torch.randn(x.shape)
+    _skip_unless_fresh_plain_memory(x.shape)
+    mallopt = ctypes.CDLL(None).mallopt
+    M_MMAP_MAX = -4
+    assert mallopt(M_MMAP_MAX, 0)
+    try:
+        out, gx = _fused_fwd_bwd(x, w, b, g, H, W, P)
+        if _mapping(out)[1] != "[heap]":
+            pytest.skip("glibc did not take the output from its heap")
+        assert "hg" not in _mapping(out)[0] | _mapping(gx)[0]
+        ref = ck.fused_peg(x, w, b, (H, W), P, backend="reference")
+        assert rel_err(out, ref) < TOLERANCE[torch.float32]
+    finally:
+        assert mallopt(M_MMAP_MAX, 65536)  # glibc's default
+
+
+def test_cpu_huge_page_bytes_must_be_a_number(monkeypatch):
+    require_backend("cpu")
+    _, (x, w, b) = make_inputs(1, 1, 3, 3, 8, 3, 3, True, torch.float32)
+    monkeypatch.setenv("CPVT_CPU_HUGE_PAGE_BYTES", "32M")
+    with pytest.raises(RuntimeError, match="CPVT_CPU_HUGE_PAGE_BYTES must be a number of bytes"):
+        ck.fused_peg(x, w, b, (3, 3), 1, backend="cpu")
 
 
 # bfloat16 forwards of the square kernels PEG uses can run, on CPUs with AVX512-BF16, as bfloat16
