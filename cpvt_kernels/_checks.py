@@ -35,16 +35,23 @@ def parse_size(size, num_tokens: int | None = None, num_prefix_tokens: int = 0) 
 
 
 def _size_int(name: str, v):
-    """An int (or SymInt) of the size; numpy integers and integer 0-d tensors, which the eager
-    PEG also takes, as ints."""
+    """An int (or SymInt) of the size: see :func:`as_int`."""
+    return as_int(v, f"fused_peg: size {name}")
+
+
+def as_int(v, what: str):
+    """``v`` as an int: an int or SymInt, or a numpy integer or integer 0-d tensor (which the
+    eager PEG also takes); a TypeError saying ``what`` must be an int for a bool (bool arrays
+    too), a float or a string."""
     if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
         return v
-    if not isinstance(v, (bool, float)) and hasattr(v, "__index__"):
+    if not isinstance(v, (bool, float, str)) and "bool" not in str(getattr(v, "dtype", "")):
         try:
             return operator.index(v)
         except TypeError:
             pass
-    raise TypeError(f"fused_peg: size {name} must be an int, got {type(v).__name__}")
+    got = type(v).__name__ + (f" of {v.dtype}" if hasattr(v, "dtype") else "")
+    raise TypeError(f"{what} must be an int, got {got}")
 
 
 def autocast_enabled(x) -> bool:

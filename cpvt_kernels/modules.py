@@ -1,8 +1,6 @@
 """PEG modules: the eager reference ``PEG`` and the drop-in ``FusedPEG``."""
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import nn
 
@@ -12,17 +10,8 @@ from .reference import peg_reference
 
 
 def _int_arg(name: str, v, low: int | None = None) -> int:
-    """``v`` as an int, >= ``low`` if given (numpy integers and integer 0-d tensors too; not a
-    bool, a float or a string)."""
-    try:
-        if isinstance(v, (bool, float, str)) or "bool" in str(getattr(v, "dtype", "")):
-            raise TypeError
-        v = operator.index(v)
-    except TypeError:
-        got = type(v).__name__
-        if hasattr(v, "dtype"):
-            got += f" of {v.dtype}"
-        raise TypeError(f"PEG: {name} must be an int, got {got}") from None
+    """``v`` as an int (:func:`_checks.as_int`), >= ``low`` if given."""
+    v = _checks.as_int(v, f"PEG: {name}")
     if low is not None and v < low:
         raise ValueError(f"PEG: {name} must be >= {low}, got {v}")
     return v

@@ -122,12 +122,11 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     for name in BACKENDS:
         if any(_unavailable_reason(name, t) is None for t in types):
             out.append(name)
-    def rank(name):
-        # A backend's place in backend="auto"'s order, on the device where it ranks best (one
-        # that is not in any order, triton on CPU tensors under the interpreter, comes last).
-        orders = [AUTO_ORDER.get(t, ()) for t in types]
-        return min((o.index(name) for o in orders if name in o), default=len(BACKENDS))
-    return sorted(out, key=rank)
+    # Each backend's place in backend="auto"'s order, on the device type where it ranks best
+    # (one in no order, triton on CPU tensors under the interpreter, comes last).
+    orders = [AUTO_ORDER.get(t, ()) for t in types]
+    return sorted(out, key=lambda name: min((o.index(name) for o in orders if name in o),
+                                            default=len(BACKENDS)))
 
 
 # resolve_backend's answers, by (backend, device type, override): what can run does not change

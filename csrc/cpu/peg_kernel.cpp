@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
-#include <string>
 #include <tuple>
 
 #if defined(__linux__) && defined(__GLIBC__)
