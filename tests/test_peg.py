@@ -6,6 +6,8 @@ here; ``cuda`` and ``triton`` have their own files (test_cuda.py, test_triton.py
 
 import ctypes
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -306,12 +308,97 @@ def test_cpu_heap_memory_gets_no_huge_page_advice():
         assert mallopt(M_MMAP_MAX, 65536)  # glibc's default
 
 
-def test_cpu_huge_page_bytes_must_be_a_number(monkeypatch):
+@pytest.mark.parametrize("var", ["CPVT_CPU_HUGE_PAGE_BYTES", "CPVT_CPU_STREAM_BYTES",
+                                 "CPVT_CPU_PARTIALS_BYTES"])
+@pytest.mark.parametrize("value", ["32M", "-1", "1e6", " "])
+def test_cpu_byte_counts_must_be_numbers(monkeypatch, var, value):
     require_backend("cpu")
     _, (x, w, b) = make_inputs(1, 1, 3, 3, 8, 3, 3, True, torch.float32)
-    monkeypatch.setenv("CPVT_CPU_HUGE_PAGE_BYTES", "32M")
-    with pytest.raises(RuntimeError, match="CPVT_CPU_HUGE_PAGE_BYTES must be a number of bytes"):
-        ck.fused_peg(x, w, b, (3, 3), 1, backend="cpu")
+    monkeypatch.setenv(var, value)
+    with pytest.raises(RuntimeError, match=f"{var} must be a number of bytes, got '{value}'"):
+        # The forward reads the first two, the backward (of the weight) the last.
+        ck.fused_peg(x, w.requires_grad_(), b, (3, 3), 1, backend="cpu").sum().backward()
+
+
+# The cpu backward splits the rows into a fixed set of chunks, each with its own partial sums of
+# the weight and bias gradients, added in chunk order. Where those sums would pass
+# CPVT_CPU_PARTIALS_BYTES the chunks run in waves, each wave's sums added to the earlier ones':
+# the same sums in the same order, so bitwise the same gradients for any budget and thread count.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k", [3, 7])
+def test_cpu_backward_waves_match_one_pass(monkeypatch, dtype, k):
+    require_backend("cpu")
+    B, P, H, W, C = 3, 1, 9, 10, 40  # 27 rows, one chunk each
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, k, k, True, dtype)
+    grad = torch.randn(x.shape, dtype=dtype)
+    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad.double())
+    threads = torch.get_num_threads()
+    # "": one pass; 20000 bytes: waves of 12 chunks at k = 3 (1600 bytes each in float32) and
+    # of one per thread at k = 7; 1: waves of one chunk per thread.
+    budgets = ("", "20000", "1")
+    try:
+        for n in sorted({1, 2, threads}):
+            torch.set_num_threads(n)
+            for mask in ([True, True, True], [False, True, True], [False, True, False],
+                         [True, False, True], [False, False, True]):
+                runs = under_settings(
+                    monkeypatch, "CPVT_CPU_PARTIALS_BYTES", budgets,
+                    lambda: torch.ops.cpvt.peg_backward(grad, x, w, H, W, P, mask),
+                    x.shape, dtype)
+                one_pass = runs[0]
+                for want, got, ref in zip(mask, one_pass, (gx_ref, gw_ref, gb_ref)):
+                    if want:
+                        assert rel_err(got, ref) < TOLERANCE[dtype]
+                for waves in runs[1:]:
+                    for want, a, c in zip(mask, one_pass, waves):
+                        if want:
+                            assert not c.isnan().any() and torch.equal(a, c)
+    finally:
+        torch.set_num_threads(threads)
+
+
+_PARTIALS_PEAK = r"""
+import os, sys, torch
+import cpvt_kernels
+
+
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+B, H, W, C, k = 16, 8, 8, 512, 31  # 128 row chunks of 961 * 512 * 4 bytes: 240 MiB in all
+torch.manual_seed(0)
+x = torch.randn(B, 1 + H * W, C)
+w = torch.randn(C, 1, k, k)
+g = torch.randn(x.shape)
+os.environ["CPVT_CPU_PARTIALS_BYTES"] = sys.argv[1]
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak resident size (VmHWM) starts again from the current one
+before = status_kib("VmRSS")
+torch.ops.cpvt.peg_backward(g, x, w, H, W, 1, [False, True, True])
+print((status_kib("VmHWM") - before) / 1024)
+"""
+
+
+def test_cpu_backward_partial_sums_stay_within_budget():
+    """At k = 31 with C = 512 the partial sums of 128 chunks would take 240 MiB; with the
+    default budget of 64 MiB the chunks run in waves of 32 (two threads) or fewer, and the
+    backward's peak memory rises by less than 100 MiB. The same run with a budget that fits them
+    all shows that the measurement sees them."""
+    require_backend("cpu")
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident size")
+
+    def peak_rise(budget):  # MiB, in a fresh process
+        out = subprocess.run([sys.executable, "-c", _PARTIALS_PEAK, budget],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout)
+
+    waves, one_pass = peak_rise(""), peak_rise(str(1 << 40))
+    assert waves < 100, f"peak rose {waves:.0f} MiB with the default budget"
+    assert one_pass > 200, f"peak rose only {one_pass:.0f} MiB with every chunk at once"
 
 
 # bfloat16 forwards of the square kernels PEG uses can run, on CPUs with AVX512-BF16, as bfloat16

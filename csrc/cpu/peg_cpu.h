@@ -18,6 +18,10 @@ struct Geometry {
   int64_t sb, st;  // strides of the token tensor in elements (channel stride is 1)
 };
 
+// The byte count in the environment variable name, or fallback where it is unset or empty; a
+// value that is not a whole number of bytes raises an error that names the variable.
+int64_t env_bytes(const char* name, int64_t fallback);
+
 // out = PEG(x) for x of dtype T with unit channel stride; out is (B, N, C), contiguous, not
 // empty. bias may be absent.
 template <typename T>

@@ -1071,11 +1071,8 @@ inline void conv_rows_forward(const at::BFloat16* const* rows, const float* wt, 
 // whatever reads it next; above it, it would not, and streaming saves the read-for-ownership of
 // every line (a third of the traffic).
 inline int64_t stream_threshold() {
-  if (const char* env = std::getenv("CPVT_CPU_STREAM_BYTES"); env != nullptr && *env != '\0') {
-    return std::atoll(env);
-  }
   const int64_t llc = llc_bytes();
-  return llc > 0 ? llc / 4 : int64_t(8) << 20;
+  return env_bytes("CPVT_CPU_STREAM_BYTES", llc > 0 ? llc / 4 : int64_t(8) << 20);
 }
 
 // Whether the grid rows of a freshly allocated (B, N, C) output are streamed: every full vector
@@ -1900,6 +1897,19 @@ void fix_grad_x_border(const T* g_ptr, const Geometry& gg, const acc_t<T>* wt_fl
   });
 }
 
+// How many of the backward's row chunks run at once, each with its own partial sums of
+// chunk_bytes: all of them unless their partial sums together pass CPVT_CPU_PARTIALS_BYTES
+// (default 64 MiB; k = 31 with C = 4096 takes 15 MiB a chunk), else as many as fit, rounded down
+// to a multiple of the thread count, and at least one per thread. The chunks and the order in
+// which their sums are added do not depend on it, so neither do the gradients' bits.
+inline int64_t chunks_per_wave(int64_t nchunks, int64_t chunk_bytes) {
+  const int64_t budget = env_bytes("CPVT_CPU_PARTIALS_BYTES", int64_t(64) << 20);
+  if (nchunks * chunk_bytes <= budget) return nchunks;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t fit = budget / chunk_bytes / threads * threads;
+  return std::min(nchunks, std::max(threads, fit));
+}
+
 // One pass over grad_out and x: grad_x rows (flipped taps over grad_out, plus grad_out) and
 // per-chunk partial sums of grad_weight and grad_bias, then a fixed-order reduction that writes
 // grad_weight as (C, kh*kw) and grad_bias as (C,) in T.
@@ -1919,9 +1929,13 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
     return;
   }
   const int64_t per = (rows + nchunks - 1) / nchunks;
-  // Each chunk zeroes its own slice, in the thread that fills it.
-  std::unique_ptr<A[]> part_w(want_w ? new A[nchunks * kk * C] : nullptr);
-  std::unique_ptr<A[]> part_b(want_b ? new A[nchunks * C] : nullptr);
+  // The chunks run in waves of `wave` (all at once unless their partial sums would pass the
+  // budget); each chunk zeroes its own slot, in the thread that fills it.
+  const int64_t wave = chunks_per_wave(nchunks, ((want_w ? kk : 0) + 1) * C * sizeof(A));
+  std::unique_ptr<A[]> part_w(want_w ? new A[wave * kk * C] : nullptr);
+  std::unique_ptr<A[]> part_b(want_b ? new A[wave * C] : nullptr);
+  // The sums of the waves so far, where there is more than one.
+  std::unique_ptr<A[]> kept(wave < nchunks ? new A[(kk + 1) * C] : nullptr);
   const bool stream = want_x && stream_output(grad_x + gx.P * C, gx);
   // grad_out is read in place where the forward would read x in place (reads_in_place): its rows
   // need no padding for the weight gradients, and the grad_x convolution pads them as the
@@ -1938,124 +1952,131 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
   // float32 9-12% faster at 14x14 and 24x24, bfloat16 4-5%.
   const bool direct_pairs = forward_reads_in_place<T>(gg) && forward_reads_in_place<T>(gx) &&
                             (want_w || !want_b);
-  at::parallel_for(0, nchunks, 1, [&](int64_t cbeg, int64_t cend) {
-    RowRing<T> xring(gx, x_ptr, gx.kh + 1);
-    PassRows<T> grows(gg, g_ptr, g_in_place);
-    // Source rows for the direct passes (grad_out's from grows where it reads them in place).
-    std::optional<SourceRows<T>> xsrc, gsrc;
-    if (direct_pairs) {
-      xsrc.emplace(gx, x_ptr);
-      if (!g_in_place) gsrc.emplace(gg, g_ptr);
-    }
-    const GradOutRows gl{grows.block_stride(), grows.col0(), grows.col_stride()};
-    std::vector<const A*> x_rows(gx.kh + 1), g_rows(gx.kh + 1);
-    std::vector<const T*> x_src(gx.kh + 1), g_src(gx.kh + 1);
-    const bool pairs = pairs_rows(gx.kh, gx.kw);
-    const A* zero_bias = wt_flip + kk * C;  // a row of zeros after the taps
-    const int64_t nblk = (C + V - 1) / V;
-    const bool pair_w = weight_grad_pairs(gx.kh, gx.kw);
-    // The prefetch steps of the grad_x convolution: per column block in place, else per block.
-    const int64_t col_blocks = column_block_count<direct_block_cols<T>()>(W);
-    RowPrefetch pf(/*in_place_rows=*/true);
-    const int64_t thread_end = std::min(rows, cend * per);
-    for (int64_t k = cbeg; k < cend; ++k) {
-      A* pw = want_w ? part_w.get() + k * kk * C : nullptr;
-      A* pb = want_b ? part_b.get() + k * C : nullptr;
-      if (pw != nullptr) std::fill_n(pw, kk * C, A(0));
-      if (pb != nullptr) std::fill_n(pb, C, A(0));
-      const int64_t r_end = std::min(rows, (k + 1) * per);
-      for (int64_t r = k * per; r < r_end;) {
-        const int64_t b = r / gx.H, h = r % gx.H;
-        // grad_x of two rows at a time where the kernel allows; the weight gradients row by row.
-        const int64_t nr = pass_rows(pairs, r, r_end, gx.H);
-        const bool direct = direct_pairs && nr == 2;
-        for (int64_t i = 0; i < gx.kh + nr - 1; ++i) {
-          const int64_t hh = h + i - gx.ph;
-          const bool centre = i >= gx.ph && i < gx.ph + nr;
-          if (direct) {
-            x_src[i] = want_w ? xsrc->get(b, hh) : nullptr;
-            g_src[i] = !(want_x || centre) ? nullptr
-                       : g_in_place          ? grows.source(b, hh)
-                                             : gsrc->get(b, hh);
-          } else {
-            const bool valid = hh >= 0 && hh < gx.H;
-            x_rows[i] = !want_w ? nullptr : valid ? xring.get(b, hh) : xring.zeros();
-            g_rows[i] = !(want_x || centre) ? nullptr : grows.get(b, hh);
-          }
-        }
-        // The weight gradients of a pair of rows in one sweep where the kernel allows.
-        const bool pair = want_w && nr == 2 && pair_w;
-        pf.clear();
-        if (r + nr < thread_end) {  // the next pass, in this chunk or the next
-          const int64_t r2 = r + nr, b2 = r2 / gx.H, h2 = r2 % gx.H;
-          const int64_t nr2 = pass_rows(pairs, r2, std::min(rows, (r2 / per + 1) * per), gx.H);
-          // The grad_out rows of the next pass (with the halo where grad_x is wanted).
-          const int64_t halo = want_x ? gx.ph : 0;
-          const int64_t g_hi = h + nr - 1 + halo, x_hi = h + nr - 1 + gx.ph;
-          if (direct) {
-            pf.add_unread(g_ptr, gg, b, g_hi, b2, h2 - halo, h2 + nr2 - 1 + halo);
-            if (want_w) pf.add_unread(x_ptr, gx, b, x_hi, b2, h2 - gx.ph, h2 + nr2 - 1 + gx.ph);
-          } else {
-            grows.prefetch(pf, b, g_hi, b2, h2 - halo, h2 + nr2 - 1 + halo);
-            if (want_w) pf.add(xring, gx, b2, h2 - gx.ph, h2 + nr2 - 1 + gx.ph);
-          }
-          const int64_t wg_sweeps = !(want_w || want_b) ? 0 : pair ? 1 : nr;
-          const int64_t conv_steps = direct || g_in_place ? col_blocks : nblk;
-          pf.spread((want_x ? conv_steps : 0) + nblk * wg_sweeps);
-        }
-        if (want_x) {
-          T* out_row = grad_x + (b * gx.N + gx.P + h * W) * C;
-          if (direct) {
-            conv_row_dispatch_direct(g_src.data(), gx.kh, wt_flip, zero_bias, W, C, stream,
-                                     out_row, nr, W * C, pf, gg.st);
-          } else if (g_in_place) {
-            conv_row_dispatch_direct(g_rows.data(), gx.kh, wt_flip, zero_bias, W, C, stream,
-                                     out_row, nr, W * C, pf, gg.st);
-          } else {
-            conv_row_dispatch(g_rows.data(), gl.block_stride, gx.kh, gx.kw, wt_flip, zero_bias,
-                              W, C, stream, out_row, nr, W * C, pf);
-          }
-        }
-        if (pair && direct) {
-          weight_grad_pair_direct<A>(x_src.data(), g_src.data() + gx.ph, gx.st, gg.st, gx.kw, W,
-                                     C, pw, pb, pf);
-        } else if (pair) {
-          weight_grad_pair<A>(x_rows.data(), g_rows.data() + gx.ph, xring.block_stride(), gl,
-                              gx.kw, W, C, pw, pb, pf);
-        } else if (want_w || want_b) {
-          for (int64_t p = 0; p < nr; ++p) {
-            weight_grad_row<A>(x_rows.data() + p, g_rows[gx.ph + p], xring.block_stride(), gl,
-                               gx.kh, gx.kw, W, C, pw, pb, pf);
-          }
-        }
-        r += nr;
+  for (int64_t first = 0; first < nchunks; first += wave) {
+    const int64_t last = std::min(nchunks, first + wave);
+    at::parallel_for(first, last, 1, [&](int64_t cbeg, int64_t cend) {
+      RowRing<T> xring(gx, x_ptr, gx.kh + 1);
+      PassRows<T> grows(gg, g_ptr, g_in_place);
+      // Source rows for the direct passes (grad_out's from grows where it reads them in place).
+      std::optional<SourceRows<T>> xsrc, gsrc;
+      if (direct_pairs) {
+        xsrc.emplace(gx, x_ptr);
+        if (!g_in_place) gsrc.emplace(gg, g_ptr);
       }
-    }
-    if (stream) store_fence();
-  });
+      const GradOutRows gl{grows.block_stride(), grows.col0(), grows.col_stride()};
+      std::vector<const A*> x_rows(gx.kh + 1), g_rows(gx.kh + 1);
+      std::vector<const T*> x_src(gx.kh + 1), g_src(gx.kh + 1);
+      const bool pairs = pairs_rows(gx.kh, gx.kw);
+      const A* zero_bias = wt_flip + kk * C;  // a row of zeros after the taps
+      const int64_t nblk = (C + V - 1) / V;
+      const bool pair_w = weight_grad_pairs(gx.kh, gx.kw);
+      // The prefetch steps of the grad_x convolution: per column block in place, else per block.
+      const int64_t col_blocks = column_block_count<direct_block_cols<T>()>(W);
+      RowPrefetch pf(/*in_place_rows=*/true);
+      const int64_t thread_end = std::min(rows, cend * per);
+      for (int64_t k = cbeg; k < cend; ++k) {
+        A* pw = want_w ? part_w.get() + (k - first) * kk * C : nullptr;
+        A* pb = want_b ? part_b.get() + (k - first) * C : nullptr;
+        if (pw != nullptr) std::fill_n(pw, kk * C, A(0));
+        if (pb != nullptr) std::fill_n(pb, C, A(0));
+        const int64_t r_end = std::min(rows, (k + 1) * per);
+        for (int64_t r = k * per; r < r_end;) {
+          const int64_t b = r / gx.H, h = r % gx.H;
+          // grad_x of two rows at a time where the kernel allows; the weight gradients row by row.
+          const int64_t nr = pass_rows(pairs, r, r_end, gx.H);
+          const bool direct = direct_pairs && nr == 2;
+          for (int64_t i = 0; i < gx.kh + nr - 1; ++i) {
+            const int64_t hh = h + i - gx.ph;
+            const bool centre = i >= gx.ph && i < gx.ph + nr;
+            if (direct) {
+              x_src[i] = want_w ? xsrc->get(b, hh) : nullptr;
+              g_src[i] = !(want_x || centre) ? nullptr
+                         : g_in_place          ? grows.source(b, hh)
+                                               : gsrc->get(b, hh);
+            } else {
+              const bool valid = hh >= 0 && hh < gx.H;
+              x_rows[i] = !want_w ? nullptr : valid ? xring.get(b, hh) : xring.zeros();
+              g_rows[i] = !(want_x || centre) ? nullptr : grows.get(b, hh);
+            }
+          }
+          // The weight gradients of a pair of rows in one sweep where the kernel allows.
+          const bool pair = want_w && nr == 2 && pair_w;
+          pf.clear();
+          if (r + nr < thread_end) {  // the next pass, in this chunk or the next
+            const int64_t r2 = r + nr, b2 = r2 / gx.H, h2 = r2 % gx.H;
+            const int64_t nr2 = pass_rows(pairs, r2, std::min(rows, (r2 / per + 1) * per), gx.H);
+            // The grad_out rows of the next pass (with the halo where grad_x is wanted).
+            const int64_t halo = want_x ? gx.ph : 0;
+            const int64_t g_hi = h + nr - 1 + halo, x_hi = h + nr - 1 + gx.ph;
+            if (direct) {
+              pf.add_unread(g_ptr, gg, b, g_hi, b2, h2 - halo, h2 + nr2 - 1 + halo);
+              if (want_w) pf.add_unread(x_ptr, gx, b, x_hi, b2, h2 - gx.ph, h2 + nr2 - 1 + gx.ph);
+            } else {
+              grows.prefetch(pf, b, g_hi, b2, h2 - halo, h2 + nr2 - 1 + halo);
+              if (want_w) pf.add(xring, gx, b2, h2 - gx.ph, h2 + nr2 - 1 + gx.ph);
+            }
+            const int64_t wg_sweeps = !(want_w || want_b) ? 0 : pair ? 1 : nr;
+            const int64_t conv_steps = direct || g_in_place ? col_blocks : nblk;
+            pf.spread((want_x ? conv_steps : 0) + nblk * wg_sweeps);
+          }
+          if (want_x) {
+            T* out_row = grad_x + (b * gx.N + gx.P + h * W) * C;
+            if (direct) {
+              conv_row_dispatch_direct(g_src.data(), gx.kh, wt_flip, zero_bias, W, C, stream,
+                                       out_row, nr, W * C, pf, gg.st);
+            } else if (g_in_place) {
+              conv_row_dispatch_direct(g_rows.data(), gx.kh, wt_flip, zero_bias, W, C, stream,
+                                       out_row, nr, W * C, pf, gg.st);
+            } else {
+              conv_row_dispatch(g_rows.data(), gl.block_stride, gx.kh, gx.kw, wt_flip, zero_bias,
+                                W, C, stream, out_row, nr, W * C, pf);
+            }
+          }
+          if (pair && direct) {
+            weight_grad_pair_direct<A>(x_src.data(), g_src.data() + gx.ph, gx.st, gg.st, gx.kw, W,
+                                       C, pw, pb, pf);
+          } else if (pair) {
+            weight_grad_pair<A>(x_rows.data(), g_rows.data() + gx.ph, xring.block_stride(), gl,
+                                gx.kw, W, C, pw, pb, pf);
+          } else if (want_w || want_b) {
+            for (int64_t p = 0; p < nr; ++p) {
+              weight_grad_row<A>(x_rows.data() + p, g_rows[gx.ph + p], xring.block_stride(), gl,
+                                 gx.kh, gx.kw, W, C, pw, pb, pf);
+            }
+          }
+          r += nr;
+        }
+      }
+      if (stream) store_fence();
+    });
+    // The wave's partial sums added to the earlier waves' in chunk order, one tap (or the bias)
+    // per task: the same sums in the same order for any wave size.
+    at::parallel_for(0, kk + 1, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> sum(C);
+      for (int64_t t = begin; t < end; ++t) {
+        const bool is_bias = t == kk;
+        if (is_bias ? !want_b : !want_w) continue;
+        const A* src = is_bias ? part_b.get() : part_w.get() + t * C;
+        const int64_t step = is_bias ? C : kk * C;
+        A* keep = kept ? kept.get() + t * C : nullptr;
+        std::copy_n(first == 0 ? src : keep, C, sum.data());
+        for (int64_t k = first == 0 ? 1 : 0; k < last - first; ++k) {
+          const A* s = src + k * step;
+          for (int64_t c = 0; c < C; ++c) sum[c] += s[c];
+        }
+        if (last < nchunks) {
+          std::copy_n(sum.data(), C, keep);
+        } else if (is_bias) {
+          for (int64_t c = 0; c < C; ++c) gb_out[c] = static_cast<T>(sum[c]);
+        } else {
+          for (int64_t c = 0; c < C; ++c) gw_out[c * kk + t] = static_cast<T>(sum[c]);
+        }
+      }
+    });
+  }
   if (want_x && !std::all_of(wt_flip, wt_flip + kk * C, [](A v) { return std::isfinite(v); })) {
     fix_grad_x_border(g_ptr, gg, wt_flip, gx, grad_x);
   }
-  // Fixed-order reduction over chunks, one tap (or the bias) per task.
-  at::parallel_for(0, kk + 1, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> sum(C);
-    for (int64_t t = begin; t < end; ++t) {
-      const bool is_bias = t == kk;
-      if (is_bias ? !want_b : !want_w) continue;
-      const A* src = is_bias ? part_b.get() : part_w.get() + t * C;
-      const int64_t step = is_bias ? C : kk * C;
-      std::copy_n(src, C, sum.data());
-      for (int64_t k = 1; k < nchunks; ++k) {
-        const A* s = src + k * step;
-        for (int64_t c = 0; c < C; ++c) sum[c] += s[c];
-      }
-      if (is_bias) {
-        for (int64_t c = 0; c < C; ++c) gb_out[c] = static_cast<T>(sum[c]);
-      } else {
-        for (int64_t c = 0; c < C; ++c) gw_out[c * kk + t] = static_cast<T>(sum[c]);
-      }
-    }
-  });
 }
 
 }  // namespace

@@ -23,6 +23,17 @@
 
 namespace cpvt {
 namespace cpu {
+int64_t env_bytes(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  char* stop = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(env, &stop, 10);
+  TORCH_CHECK(errno == 0 && *stop == '\0' && v >= 0, name, " must be a number of bytes, got '",
+              env, "'");
+  return v;
+}
+
 namespace {
 
 Geometry make_geometry(const at::Tensor& x, const at::Tensor& weight, int64_t H, int64_t W,
@@ -38,16 +49,7 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& weight, int64_t H,
 
 // The output size from which a fresh output gets transparent huge pages (advise_huge_pages):
 // CPVT_CPU_HUGE_PAGE_BYTES (a number of bytes; 0 never), or 32 MiB.
-int64_t huge_page_threshold() {
-  const char* env = std::getenv("CPVT_CPU_HUGE_PAGE_BYTES");
-  if (env == nullptr || *env == '\0') return int64_t(32) << 20;
-  char* stop = nullptr;
-  errno = 0;
-  const long long v = std::strtoll(env, &stop, 10);
-  TORCH_CHECK(errno == 0 && *stop == '\0' && v >= 0,
-              "CPVT_CPU_HUGE_PAGE_BYTES must be a number of bytes (0: never), got '", env, "'");
-  return v;
-}
+int64_t huge_page_threshold() { return env_bytes("CPVT_CPU_HUGE_PAGE_BYTES", int64_t(32) << 20); }
 
 #if defined(__linux__) && defined(__GLIBC__) && defined(MADV_HUGEPAGE)
 // Whether c10's CPU allocator (posix_memalign) is glibc's malloc, not an allocator preloaded in
