@@ -14,7 +14,9 @@ Backward (one pass over ``grad_out`` and ``x``)::
 
 Each program writes its tile's partial sums of ``grad_weight`` and ``grad_bias`` to a
 ``(tiles, kh*kw + 1, C)`` buffer; a second kernel sums them over tiles in a fixed order, so the
-gradients are bitwise reproducible (no atomics).
+gradients are bitwise reproducible (no atomics). Where that buffer would pass
+``CPVT_TRITON_PARTIALS_BYTES`` (large kernels), the images run in waves, each wave's sums added
+to the earlier ones' in the same order (:func:`_partial_waves`).
 
 With ``CPVT_TRITON_KERNELS=stream`` (read at each call; default ``tile``), 3x3 kernels run on
 streaming kernels instead: a program walks strips of rows of BLOCK_W pixels by BLOCK_C
@@ -100,12 +102,13 @@ def _channel_block(HUGE_C: tl.constexpr):
 
 
 @triton.jit
-def _tile_block(N, C, W, P, tiles_per_image, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                HUGE_C: tl.constexpr):
+def _tile_block(N, C, W, P, tiles_per_image, image0, BLOCK_T: tl.constexpr,
+                BLOCK_C: tl.constexpr, HUGE_C: tl.constexpr):
     """Tiled program pid's image b, tokens n (64-bit: n64) and channels c with their masks, and
-    each token's grid row and column (0 for the prefix tokens, which is_grid leaves out)."""
+    each token's grid row and column (0 for the prefix tokens, which is_grid leaves out). The
+    launch's first program takes the first tile of image image0."""
     pid = tl.program_id(0)
-    b = pid // tiles_per_image
+    b = image0 + pid // tiles_per_image
     tile = pid % tiles_per_image
     n = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     c = _channel_block(HUGE_C) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -128,7 +131,7 @@ def _peg_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HUGE_C: tl.constexpr):
     if HUGE_C:
         C = C.to(tl.int64)
-    _, b64, n64, c, c_ok, is_grid, row, col, mask = _tile_block(N, C, W, P, tiles_per_image,
+    _, b64, n64, c, c_ok, is_grid, row, col, mask = _tile_block(N, C, W, P, tiles_per_image, 0,
                                                                 BLOCK_T, BLOCK_C, HUGE_C)
     c_off = c.to(tl.int64) * sxc
     x_base = x_ptr + b64 * sxb
@@ -204,7 +207,7 @@ def _bwd_row(gacc, g_base, x_base, w_ptr, part_ptr, part_row, g_grid,
 
 @triton.jit
 def _peg_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
-                    N, C, H, W, P, tiles_per_image,
+                    N, C, H, W, P, tiles_per_image, image0,
                     sgb, sgn, sgc, sxb, sxn, sxc, sw0, sw2, sw3,
                     KH: tl.constexpr, KW: tl.constexpr,
                     NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
@@ -213,7 +216,7 @@ def _peg_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
     if HUGE_C:
         C = C.to(tl.int64)
     pid, b64, n64, c, c_ok, is_grid, row, col, mask = _tile_block(N, C, W, P, tiles_per_image,
-                                                                  BLOCK_T, BLOCK_C, HUGE_C)
+                                                                  image0, BLOCK_T, BLOCK_C, HUGE_C)
     gc_off = c.to(tl.int64) * sgc
     xc_off = c.to(tl.int64) * sxc
     g_base = g_ptr + b64 * sgb
@@ -248,16 +251,24 @@ def _peg_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
 
 
 @triton.jit
-def _reduce_partials_kernel(part_ptr, gw_ptr, gb_ptr, num_tiles, C,
+def _reduce_partials_kernel(part_ptr, gw_ptr, gb_ptr, keep_ptr, num_tiles, C,
                             KK: tl.constexpr, ROW0: tl.constexpr,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HUGE_C: tl.constexpr):
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HUGE_C: tl.constexpr,
+                            FIRST: tl.constexpr, LAST: tl.constexpr):
     # Row r of the partials (r < KK: tap r of grad_weight; r == KK: grad_bias), summed over
-    # tiles in a fixed order: the same inputs give bitwise the same result on every run.
+    # tiles in a fixed order: the same inputs give bitwise the same result on every run. Tile t
+    # goes to row t % BLOCK_R of the sums, which are added up at the end. In waves (not FIRST,
+    # not LAST) those BLOCK_R rows start from and go back to keep_ptr's (KK + 1, BLOCK_R, C);
+    # a wave's first tile is a multiple of BLOCK_R, so the sums are the same as in one pass.
     r = tl.program_id(0) + ROW0
     c = _channel_block(HUGE_C) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     rows = tl.arange(0, BLOCK_R)
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=part_ptr.dtype.element_ty)
+    keep_off = (r.to(tl.int64) * BLOCK_R + rows)[:, None] * C + c[None, :]
+    if FIRST:
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=part_ptr.dtype.element_ty)
+    else:
+        acc = tl.load(keep_ptr + keep_off, mask=c_ok[None, :], other=0.0)
     # A while loop: triton 3.6's interpreter cannot take a run-time bound in range().
     t0 = 0
     while t0 < num_tiles:
@@ -266,10 +277,13 @@ def _reduce_partials_kernel(part_ptr, gw_ptr, gb_ptr, num_tiles, C,
         acc += tl.load(part_ptr + off, mask=(tiles < num_tiles)[:, None] & c_ok[None, :],
                        other=0.0)
         t0 += BLOCK_R
-    total = tl.sum(acc, axis=0)
-    is_w = r < KK
-    tl.store(gw_ptr + c * KK + r, total.to(gw_ptr.dtype.element_ty), mask=c_ok & is_w)
-    tl.store(gb_ptr + c, total.to(gb_ptr.dtype.element_ty), mask=c_ok & (r == KK))
+    if LAST:
+        total = tl.sum(acc, axis=0)
+        is_w = r < KK
+        tl.store(gw_ptr + c * KK + r, total.to(gw_ptr.dtype.element_ty), mask=c_ok & is_w)
+        tl.store(gb_ptr + c, total.to(gb_ptr.dtype.element_ty), mask=c_ok & (r == KK))
+    else:
+        tl.store(keep_ptr + keep_off, acc, mask=c_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1040,25 +1054,64 @@ def launch_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     if not (need_x or need_w or need_b):
         return gx, gw, gb
     tiles = triton.cdiv(N, cfg["BLOCK_T"])
-    num_tiles = B * tiles
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     need_part = need_w or need_b
-    part = (torch.empty((num_tiles, kk + 1, C), dtype=acc_dtype, device=x.device)
+    if B * C == 0:
+        if need_part and C > 0:  # sums over no tiles
+            _reduce_partials(x.new_empty(0, dtype=acc_dtype), gw, gb, 0, C, kk, need_w, need_b)
+        return gx, gw, gb
+    # Images a wave: all of them unless their partial sums would pass the budget.
+    per_image = tiles * (kk + 1) * C * (8 if acc_dtype == torch.float64 else 4)
+    wave = _partial_waves(B, tiles, per_image) if need_part else B
+    part = (torch.empty((wave * tiles, kk + 1, C), dtype=acc_dtype, device=x.device)
             if need_part else x.new_empty(0, dtype=acc_dtype))
-    if num_tiles * C > 0:
-        grid = _channel_grid(num_tiles, triton.cdiv(C, cfg["BLOCK_C"]))
-        torch.library.wrap_triton(_peg_bwd_kernel)[grid](
+    keep = (torch.empty((kk + 1, _REDUCE_ROWS, C), dtype=acc_dtype, device=x.device)
+            if wave < B else None)
+    grid_c = triton.cdiv(C, cfg["BLOCK_C"])
+    for b0 in range(0, B, wave):
+        images = min(wave, B - b0)
+        torch.library.wrap_triton(_peg_bwd_kernel)[_channel_grid(images * tiles, grid_c)](
             grad_out, x, weight, gx, part,
-            N, C, H, W, num_prefix_tokens, tiles,
+            N, C, H, W, num_prefix_tokens, tiles, b0,
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             x.stride(0), x.stride(1), x.stride(2), *_weight_strides(weight),
             KH=kh, KW=kw, NEED_X=need_x, NEED_W=need_w, NEED_B=need_b,
             IS_F64=x.dtype == torch.float64, UNROLL=kk <= _MAX_UNROLLED_TAPS,
             UNROLL_COLS=kw <= _MAX_UNROLLED_COLS, HUGE_C=_huge_channels(C, kk, cfg["BLOCK_C"]),
             **cfg)
-    if need_part and C > 0:
-        _reduce_partials(part, gw, gb, num_tiles, C, kk, need_w, need_b)
+        if need_part:
+            _reduce_partials(part, gw, gb, images * tiles, C, kk, need_w, need_b, keep=keep,
+                             first=b0 == 0, last=b0 + images == B)
     return gx, gw, gb
+
+
+# The partial-sum rows the reduction keeps per channel (BLOCK_R of _reduce_partials_kernel).
+_REDUCE_ROWS = 8
+# CPVT_TRITON_PARTIALS_BYTES's default: the tiled backward's partial sums take
+# tiles * (kh*kw + 1) * C * 4 bytes, 6.3 GiB at k = 31 with B = 256, 32x32 and C = 768.
+_PARTIALS_BYTES = 1 << 30
+
+
+def _partial_waves(B: int, tiles: int, per_image: int) -> int:
+    """Images a wave of the tiled backward: all ``B`` where their partial sums (``per_image``
+    bytes an image) fit ``CPVT_TRITON_PARTIALS_BYTES`` (read at each call; default 1 GiB),
+    else as many as fit, at least one, rounded to whole groups of the reduction's rows of
+    tiles so that every wave's first tile lands on row 0 (the same sums in the same order as
+    one pass)."""
+    env = os.environ.get("CPVT_TRITON_PARTIALS_BYTES", "").strip()
+    try:
+        budget = int(env) if env else _PARTIALS_BYTES
+    except ValueError:
+        budget = -1
+    if budget < 0:
+        raise ValueError(f"fused_peg (triton): CPVT_TRITON_PARTIALS_BYTES must be a number of "
+                         f"bytes, got {env!r}")
+    if B * per_image <= budget:
+        return B
+    step = 1  # images whose tiles fill whole groups of rows
+    while (step * tiles) % _REDUCE_ROWS:
+        step *= 2
+    return min(B, max(step, budget // per_image // step * step))
 
 
 def _masked_grads(x, weight, output_mask):
@@ -1073,16 +1126,19 @@ def _masked_grads(x, weight, output_mask):
     return gx, gw, gb
 
 
-def _reduce_partials(part, gw, gb, slots: int, C: int, kk: int, need_w: bool, need_b: bool):
-    """grad_weight and/or grad_bias: the partial sums' slots added in a fixed order."""
+def _reduce_partials(part, gw, gb, slots: int, C: int, kk: int, need_w: bool, need_b: bool,
+                     keep=None, first: bool = True, last: bool = True):
+    """grad_weight and/or grad_bias: the partial sums' slots added in a fixed order. In waves,
+    ``keep`` (``(kk + 1, _REDUCE_ROWS, C)``) carries the sums from one wave to the next: the
+    ``first`` wave starts them, the ``last`` writes the gradients."""
     row0 = 0 if need_w else kk
     rows = (kk if need_w else 0) + (1 if need_b else 0)
     block_c = max(1, min(_next_pow2(C), 128)) if isinstance(C, int) else 128
     grid = _channel_grid(rows, triton.cdiv(C, block_c))
     torch.library.wrap_triton(_reduce_partials_kernel)[grid](
-        part, gw if need_w else part, gb if need_b else part, slots, C,
-        KK=kk, ROW0=row0, BLOCK_R=8, BLOCK_C=block_c, HUGE_C=_huge_channels(C, kk, block_c),
-        num_warps=4)
+        part, gw if need_w else part, gb if need_b else part, part if keep is None else keep,
+        slots, C, KK=kk, ROW0=row0, BLOCK_R=_REDUCE_ROWS, BLOCK_C=block_c,
+        HUGE_C=_huge_channels(C, kk, block_c), FIRST=first, LAST=last, num_warps=4)
 
 
 def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, H: int,

@@ -577,6 +577,59 @@ def test_huge_channel_path(device, kernels, poison_empty, monkeypatch):
         assert rel_err(got, want) < TOLERANCE[torch.float32], name
 
 
+# The tiled backward's partial sums take tiles * (kh*kw + 1) * C floats; where they would pass
+# CPVT_TRITON_PARTIALS_BYTES the images run in waves, whose reductions carry their sums over in
+# the same order: bitwise the same gradients as one pass.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("block_t,k,waves", [(32, 3, [8, 1]), (16, 3, [4, 4, 1]),
+                                             (8, 1, [2, 2, 2, 2, 1])],
+                         ids=["tiles1-k3", "tiles2-k3", "tiles4-k1"])
+def test_backward_partial_waves_match_one_pass(device, dtype, block_t, k, waves, poison_empty,
+                                               monkeypatch):
+    from cpvt_kernels import triton_peg as tp
+    real = tp.backward_config
+    monkeypatch.setattr(tp, "backward_config", lambda *a: {**real(*a), "BLOCK_T": block_t})
+    seen = []
+    real_reduce = tp._reduce_partials
+    monkeypatch.setattr(tp, "_reduce_partials",
+                        lambda *a, **kw: seen.append(a[3]) or real_reduce(*a, **kw))
+    B, P, H, W, C = 9, 1, 5, 6, 20  # 31 tokens: tiles of 32, 16 or 8 tokens, 1, 2 or 4 an image
+    (x64, w64, b64), (x, w, _) = make_inputs(B, P, H, W, C, k, k, True, dtype, device)
+    grad = torch.randn(x.shape, dtype=dtype, device=device)
+    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P,
+                                                     grad.double().cpu())
+    tiles = (P + H * W + block_t - 1) // block_t
+    for mask in ([True, True, True], [False, True, False], [False, False, True]):
+        results = []
+        for budget in ("", "1"):  # one pass; the fewest images a wave
+            monkeypatch.setenv("CPVT_TRITON_PARTIALS_BYTES", budget)
+            seen.clear()
+            results.append(torch.ops.cpvt.peg_backward_triton(grad, x, w, H, W, P, mask))
+            assert seen == ([B * tiles] if budget == "" else [n * tiles for n in waves])
+        for want, one, waved, ref in zip(mask, *results, (gx_ref, gw_ref, gb_ref)):
+            if want:
+                assert not one.isnan().any() and torch.equal(one, waved)
+                assert rel_err(one, ref.to(device)) < TOLERANCE[dtype]
+
+
+def test_partial_waves_sizes(monkeypatch):
+    """Images a wave: all where they fit the budget (default 1 GiB); else as many as fit, in
+    whole groups of 8 tiles (the reduction's rows), at least one group."""
+    from cpvt_kernels import triton_peg as tp
+    per_image = 9 * 962 * 768 * 4  # k = 31, C = 768, 32x32: 9 tiles an image, 26.6 MB
+    assert tp._partial_waves(256, 2, 2 * 10 * 768 * 4) == 256  # CPVT-B 3x3: 15.7 MB in all
+    assert tp._partial_waves(256, 9, per_image) == 40  # 6.3 GiB in all; 40 images fit 1 GiB
+    monkeypatch.setenv("CPVT_TRITON_PARTIALS_BYTES", str(100 * per_image))
+    assert tp._partial_waves(256, 9, per_image) == 96
+    monkeypatch.setenv("CPVT_TRITON_PARTIALS_BYTES", "0")
+    assert tp._partial_waves(256, 9, per_image) == 8
+    assert tp._partial_waves(256, 6, per_image) == 4 and tp._partial_waves(3, 6, 1) == 3
+    for bad in ("1G", "-5", "2.5"):
+        monkeypatch.setenv("CPVT_TRITON_PARTIALS_BYTES", bad)
+        with pytest.raises(ValueError, match="CPVT_TRITON_PARTIALS_BYTES must be a number"):
+            tp._partial_waves(2, 1, 1)
+
+
 @gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_second_device(device):
