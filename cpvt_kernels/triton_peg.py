@@ -205,7 +205,9 @@ def _bwd_row(gacc, g_base, x_base, w_ptr, part_ptr, part_row, g_grid,
     return gacc
 
 
-@triton.jit
+# image0 and num_tiles vary from one wave to the next: not specialized (on 1, or on multiples of
+# 16), so that the waves share one compiled kernel.
+@triton.jit(do_not_specialize=["image0"])
 def _peg_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
                     N, C, H, W, P, tiles_per_image, image0,
                     sgb, sgn, sgc, sxb, sxn, sxc, sw0, sw2, sw3,
@@ -250,7 +252,7 @@ def _peg_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
         tl.store(gx_ptr + gx_off, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles"])
 def _reduce_partials_kernel(part_ptr, gw_ptr, gb_ptr, keep_ptr, num_tiles, C,
                             KK: tl.constexpr, ROW0: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HUGE_C: tl.constexpr,
@@ -1060,16 +1062,20 @@ def launch_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         if need_part and C > 0:  # sums over no tiles
             _reduce_partials(x.new_empty(0, dtype=acc_dtype), gw, gb, 0, C, kk, need_w, need_b)
         return gx, gw, gb
-    # Images a wave: all of them unless their partial sums would pass the budget.
-    per_image = tiles * (kk + 1) * C * (8 if acc_dtype == torch.float64 else 4)
-    wave = _partial_waves(B, tiles, per_image) if need_part else B
+    # Images a wave: all of them unless their partial sums would pass the budget. Sizes that
+    # torch.compile traces as symbols (dynamic shapes) stay symbols: one wave, no guard on them.
+    wave, in_waves = B, False
+    if need_part and all(isinstance(v, int) for v in (B, N, C)):
+        wave = _partial_waves(B, tiles, tiles * (kk + 1) * C * (8 if acc_dtype == torch.float64
+                                                                  else 4))
+        in_waves = wave < B
     part = (torch.empty((wave * tiles, kk + 1, C), dtype=acc_dtype, device=x.device)
             if need_part else x.new_empty(0, dtype=acc_dtype))
     keep = (torch.empty((kk + 1, _REDUCE_ROWS, C), dtype=acc_dtype, device=x.device)
-            if wave < B else None)
+            if in_waves else None)
     grid_c = triton.cdiv(C, cfg["BLOCK_C"])
-    for b0 in range(0, B, wave):
-        images = min(wave, B - b0)
+    for b0 in range(0, B, wave) if in_waves else (0,):
+        images = min(wave, B - b0) if in_waves else B
         torch.library.wrap_triton(_peg_bwd_kernel)[_channel_grid(images * tiles, grid_c)](
             grad_out, x, weight, gx, part,
             N, C, H, W, num_prefix_tokens, tiles, b0,
@@ -1081,7 +1087,7 @@ def launch_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
             **cfg)
         if need_part:
             _reduce_partials(part, gw, gb, images * tiles, C, kk, need_w, need_b, keep=keep,
-                             first=b0 == 0, last=b0 + images == B)
+                             first=b0 == 0, last=not in_waves or b0 + wave >= B)
     return gx, gw, gb
 
 
@@ -1098,11 +1104,8 @@ def _partial_waves(B: int, tiles: int, per_image: int) -> int:
     else as many as fit, at least one, rounded to whole groups of the reduction's rows of
     tiles so that every wave's first tile lands on row 0 (the same sums in the same order as
     one pass)."""
-    env = os.environ.get("CPVT_TRITON_PARTIALS_BYTES", "").strip()
-    try:
-        budget = int(env) if env else _PARTIALS_BYTES
-    except ValueError:
-        budget = -1
+    env = os.environ.get("CPVT_TRITON_PARTIALS_BYTES", "")
+    budget = int(env) if env.isascii() and env.isdigit() else _PARTIALS_BYTES if not env else -1
     if budget < 0:
         raise ValueError(f"fused_peg (triton): CPVT_TRITON_PARTIALS_BYTES must be a number of "
                          f"bytes, got {env!r}")

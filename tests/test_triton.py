@@ -612,6 +612,39 @@ def test_backward_partial_waves_match_one_pass(device, dtype, block_t, k, waves,
                 assert rel_err(one, ref.to(device)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("budget", ["", "1"])
+def test_tiled_backward_keeps_symbolic_sizes(monkeypatch, budget):
+    """Traced with symbolic sizes (torch.compile with dynamic shapes), the tiled backward's host
+    code puts no guard on the batch, tokens or channels, whatever the budget: one launch of each
+    kernel over all the tiles, as without waves."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
+                                                       StatelessSymbolicContext)
+    from cpvt_kernels import triton_peg as tp
+    launches = []
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: type(
+        "Recorder", (), {"__getitem__": lambda self, grid: lambda *a, **kw: launches.append(
+            (kernel, grid, kw))})())
+    monkeypatch.setenv("CPVT_TRITON_PARTIALS_BYTES", budget)
+    shape_env = ShapeEnv()
+    B, P, H, W, C, k = 5, 1, 3, 3, 8, 3
+    x, g, w = torch.randn(B, P + H * W, C), torch.randn(B, P + H * W, C), torch.randn(C, 1, k, k)
+    with FakeTensorMode(shape_env=shape_env) as mode:
+        dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 3)
+        fx = mode.from_tensor(x, symbolic_context=dynamic)
+        fg = mode.from_tensor(g, symbolic_context=dynamic)
+        fw = mode.from_tensor(w)
+        sizes = {s.node.expr for s in fx.shape}
+        tp.launch_backward(fg, fx, fw, H, W, P, [True, True, True],
+                           tp.backward_config(fx.shape[1], fx.shape[2]))
+    assert all(not isinstance(s, int) for s in fx.shape)
+    guarded = set().union(*(g.expr.free_symbols for g in shape_env.guards), shape_env.replacements)
+    assert not guarded & sizes, [g.expr for g in shape_env.guards]
+    assert [kernel for kernel, _, _ in launches] == [tp._peg_bwd_kernel,
+                                                     tp._reduce_partials_kernel]
+    assert launches[1][2]["FIRST"] and launches[1][2]["LAST"]
+
+
 def test_partial_waves_sizes(monkeypatch):
     """Images a wave: all where they fit the budget (default 1 GiB); else as many as fit, in
     whole groups of 8 tiles (the reduction's rows), at least one group."""
@@ -624,7 +657,7 @@ def test_partial_waves_sizes(monkeypatch):
     monkeypatch.setenv("CPVT_TRITON_PARTIALS_BYTES", "0")
     assert tp._partial_waves(256, 9, per_image) == 8
     assert tp._partial_waves(256, 6, per_image) == 4 and tp._partial_waves(3, 6, 1) == 3
-    for bad in ("1G", "-5", "2.5"):
+    for bad in ("1G", "-5", "2.5", "+5", " ", " 12", "1_000"):
         monkeypatch.setenv("CPVT_TRITON_PARTIALS_BYTES", bad)
         with pytest.raises(ValueError, match="CPVT_TRITON_PARTIALS_BYTES must be a number"):
             tp._partial_waves(2, 1, 1)

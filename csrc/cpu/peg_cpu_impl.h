@@ -1899,14 +1899,16 @@ void fix_grad_x_border(const T* g_ptr, const Geometry& gg, const acc_t<T>* wt_fl
 
 // How many of the backward's row chunks run at once, each with its own partial sums of
 // chunk_bytes: all of them unless their partial sums together pass CPVT_CPU_PARTIALS_BYTES
-// (default 64 MiB; k = 31 with C = 4096 takes 15 MiB a chunk), else as many as fit, rounded down
-// to a multiple of the thread count, and at least one per thread. The chunks and the order in
-// which their sums are added do not depend on it, so neither do the gradients' bits.
+// (default 64 MiB; k = 31 with C = 4096 takes 15 MiB a chunk), else as many as fit beside the
+// running sums (one chunk's size), rounded down to a multiple of the thread count, and at least
+// one per thread. The chunks and the order in which their sums are added do not depend on it,
+// so neither do the gradients' bits.
 inline int64_t chunks_per_wave(int64_t nchunks, int64_t chunk_bytes) {
+  if (chunk_bytes == 0) return nchunks;  // grad_x alone: no partial sums
   const int64_t budget = env_bytes("CPVT_CPU_PARTIALS_BYTES", int64_t(64) << 20);
   if (nchunks * chunk_bytes <= budget) return nchunks;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t fit = budget / chunk_bytes / threads * threads;
+  const int64_t fit = std::max<int64_t>(0, budget - chunk_bytes) / chunk_bytes / threads * threads;
   return std::min(nchunks, std::max(threads, fit));
 }
 
@@ -1931,11 +1933,13 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
   const int64_t per = (rows + nchunks - 1) / nchunks;
   // The chunks run in waves of `wave` (all at once unless their partial sums would pass the
   // budget); each chunk zeroes its own slot, in the thread that fills it.
-  const int64_t wave = chunks_per_wave(nchunks, ((want_w ? kk : 0) + 1) * C * sizeof(A));
+  const int64_t chunk_sums = ((want_w ? kk : 0) + (want_b ? 1 : 0)) * C;
+  const int64_t wave = chunks_per_wave(nchunks, chunk_sums * static_cast<int64_t>(sizeof(A)));
   std::unique_ptr<A[]> part_w(want_w ? new A[wave * kk * C] : nullptr);
   std::unique_ptr<A[]> part_b(want_b ? new A[wave * C] : nullptr);
-  // The sums of the waves so far, where there is more than one.
-  std::unique_ptr<A[]> kept(wave < nchunks ? new A[(kk + 1) * C] : nullptr);
+  // The sums of the waves so far (the weight's taps, then the bias), where there is more than
+  // one wave.
+  std::unique_ptr<A[]> kept(wave < nchunks ? new A[chunk_sums] : nullptr);
   const bool stream = want_x && stream_output(grad_x + gx.P * C, gx);
   // grad_out is read in place where the forward would read x in place (reads_in_place): its rows
   // need no padding for the weight gradients, and the grad_x convolution pads them as the
@@ -2058,7 +2062,7 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
         if (is_bias ? !want_b : !want_w) continue;
         const A* src = is_bias ? part_b.get() : part_w.get() + t * C;
         const int64_t step = is_bias ? C : kk * C;
-        A* keep = kept ? kept.get() + t * C : nullptr;
+        A* keep = kept ? kept.get() + (is_bias && !want_w ? 0 : t * C) : nullptr;
         std::copy_n(first == 0 ? src : keep, C, sum.data());
         for (int64_t k = first == 0 ? 1 : 0; k < last - first; ++k) {
           const A* s = src + k * step;

@@ -7,10 +7,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -26,11 +28,13 @@ namespace cpu {
 int64_t env_bytes(const char* name, int64_t fallback) {
   const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return fallback;
-  char* stop = nullptr;
+  // Digits only: strtoll alone would also take leading spaces and a sign.
+  const bool digits = std::all_of(env, env + std::strlen(env), [](char ch) {
+    return ch >= '0' && ch <= '9';
+  });
   errno = 0;
-  const long long v = std::strtoll(env, &stop, 10);
-  TORCH_CHECK(errno == 0 && *stop == '\0' && v >= 0, name, " must be a number of bytes, got '",
-              env, "'");
+  const long long v = digits ? std::strtoll(env, nullptr, 10) : -1;
+  TORCH_CHECK(digits && errno == 0, name, " must be a number of bytes, got '", env, "'");
   return v;
 }
 
