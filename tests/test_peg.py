@@ -365,6 +365,29 @@ def test_cpu_backward_waves_match_one_pass(monkeypatch, dtype, k, B, H, W, C):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("kh,kw", [(1, 1), (3, 3), (5, 5), (7, 7), (3, 5)])
+def test_cpu_gradients_do_not_depend_on_the_mask(dtype, kh, kw):
+    """Each gradient has the same bits whichever others are wanted: grad_bias alone (or with
+    grad_x) is summed in the order the weight-gradient sweeps sum it, over pairs of rows where
+    they take pairs and row by row elsewhere. Rows read in place (contiguous) and through the
+    rings (a channel slice); odd H ends an image with a single row."""
+    require_backend("cpu")
+    for B, P, H, W, C, layout in [(3, 1, 7, 14, 64, "contiguous"), (2, 0, 5, 6, 20, "contiguous"),
+                                  (2, 2, 6, 9, 32, "offset_slice")]:
+        _, (x, w, _) = make_inputs(B, P, H, W, C, kh, kw, False, dtype)
+        x = layout_as(x, layout)
+        grad = torch.randn(x.shape, dtype=dtype)
+        full = torch.ops.cpvt.peg_backward(grad, x, w, H, W, P, [True, True, True])
+        for mask in ([False, False, True], [True, False, True], [False, True, True],
+                     [False, True, False], [True, True, False], [True, False, False]):
+            got = torch.ops.cpvt.peg_backward(grad, x, w, H, W, P, mask)
+            for want, a, c in zip(mask, got, full):
+                if want:
+                    assert not a.isnan().any() and torch.equal(a, c), (B, H, W, C, mask)
+
+
 _PARTIALS_PEAK = r"""
 import os, sys, torch
 import cpvt_kernels

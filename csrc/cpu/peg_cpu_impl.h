@@ -1124,17 +1124,10 @@ CPVT_ALWAYS_INLINE void weight_grad_rows_k(const A* const* x, const A* gc, int64
                                            A* part_b) {
   constexpr int64_t V = Vec<A>::size();
   constexpr int WB = 4;
-  if (part == nullptr) {  // the bias gradient alone: four chains, so adds do not wait on adds
-    Vec<A> a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
-    int64_t w = 0;
-    for (; w + 4 <= W; w += 4) {
-      a0 = a0 + Vec<A>::loadu(gc + w * gs);
-      a1 = a1 + Vec<A>::loadu(gc + (w + 1) * gs);
-      a2 = a2 + Vec<A>::loadu(gc + (w + 2) * gs);
-      a3 = a3 + Vec<A>::loadu(gc + (w + 3) * gs);
-    }
-    for (; w < W; ++w) a0 = a0 + Vec<A>::loadu(gc + w * gs);
-    (ld<FULL>(part_b, n) + ((a0 + a1) + (a2 + a3))).store(part_b, n);
+  if (part == nullptr) {  // the bias gradient alone: the columns in order, as below
+    Vec<A> accb(A(0));
+    for (int64_t w = 0; w < W; ++w) accb = accb + Vec<A>::loadu(gc + w * gs);
+    (ld<FULL>(part_b, n) + accb).store(part_b, n);
     return;
   }
 #pragma GCC unroll 1
@@ -1313,6 +1306,37 @@ void weight_grad_pair(const A* const* x_rows, const A* const* g_rows, int64_t bl
       if (n == V) weight_grad_pair_k<1, true>(x, g, gs, W, C, n, p, pb);
       else weight_grad_pair_k<1, false>(x, g, gs, W, C, n, p, pb);
     }
+  }
+}
+
+// part_b (C,) += the bias gradient of the two grid rows whose grad_out rows are g_rows[0] and
+// g_rows[1], without the weight's: the additions of weight_grad_pair_k in the same order, so that
+// grad_bias has the same bits whether grad_weight is wanted or not.
+template <typename A>
+void bias_grad_pair(const A* const* g_rows, const GradOutRows& gl, int64_t W, int64_t C,
+                    A* part_b, RowPrefetch& pf) {
+  constexpr int64_t V = Vec<A>::size();
+  constexpr int WB = 4;  // weight_grad_pair_k's column block
+  const int64_t gs = gl.col_stride;
+  for (int64_t c0 = 0, blk = 0; c0 < C; c0 += V, ++blk) {
+    pf.step();
+    const int64_t goff = blk * gl.block_stride + gl.col0;
+    const A* g0 = g_rows[0] + goff;
+    const A* g1 = g_rows[1] + goff;
+    Vec<A> accb(A(0));
+    int64_t w = 0;
+    for (; w + WB <= W; w += WB) {
+#pragma GCC unroll 4
+      for (int q = 0; q < WB; ++q) {
+        accb = accb + (Vec<A>::loadu(g0 + (w + q) * gs) + Vec<A>::loadu(g1 + (w + q) * gs));
+      }
+    }
+    for (; w < W; ++w) {
+      accb = accb + Vec<A>::loadu(g0 + w * gs);
+      accb = accb + Vec<A>::loadu(g1 + w * gs);
+    }
+    const int64_t n = std::min<int64_t>(V, C - c0);
+    (Vec<A>::loadu(part_b + c0, n) + accb).store(part_b + c0, n);
   }
 }
 
@@ -2003,8 +2027,9 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
               g_rows[i] = !(want_x || centre) ? nullptr : grows.get(b, hh);
             }
           }
-          // The weight gradients of a pair of rows in one sweep where the kernel allows.
-          const bool pair = want_w && nr == 2 && pair_w;
+          // The weight gradients of a pair of rows in one sweep where the kernel allows (the
+          // bias's alone in the same order, so its bits do not depend on the mask).
+          const bool pair = (want_w || want_b) && nr == 2 && pair_w;
           pf.clear();
           if (r + nr < thread_end) {  // the next pass, in this chunk or the next
             const int64_t r2 = r + nr, b2 = r2 / gx.H, h2 = r2 % gx.H;
@@ -2036,7 +2061,9 @@ void peg_backward_fused(const T* g_ptr, const T* x_ptr, const Geometry& gg, cons
                                 W, C, stream, out_row, nr, W * C, pf);
             }
           }
-          if (pair && direct) {
+          if (pair && !want_w) {
+            bias_grad_pair<A>(g_rows.data() + gx.ph, gl, W, C, pb, pf);
+          } else if (pair && direct) {
             weight_grad_pair_direct<A>(x_src.data(), g_src.data() + gx.ph, gx.st, gg.st, gx.kw, W,
                                        C, pw, pb, pf);
           } else if (pair) {
