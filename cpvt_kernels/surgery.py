@@ -6,8 +6,9 @@ import warnings
 import torch
 from torch import nn
 
+from . import _checks
 from .modules import PEG, FusedPEG, _hw
-from .ops import BACKENDS, fused_peg
+from .ops import _AUTOCAST_ELIGIBLE, BACKENDS, fused_peg
 
 __all__ = ["replace_peg"]
 
@@ -31,6 +32,12 @@ class _FusedPosConv:
             base = _original_class(type(self))
             return base.forward(self, x, H) if W is None else base.forward(self, x, H, W)
         H, W = _hw(x, H, W)
+        if (_checks.autocast_enabled(x) and x.dtype in _AUTOCAST_ELIGIBLE
+                and _original_class(type(self)).__name__ == "PosConv"):
+            # timm's PosConv adds the tokens in place into its conv's output, so under autocast
+            # it returns the autocast dtype (bfloat16 from float32 tokens), where PosCNN and the
+            # eager PEG return the promotion of the two: the fused op then runs in that dtype.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         return fused_peg(x, conv.weight, conv.bias, (H, W), 0, self.backend)
 
     def __reduce_ex__(self, protocol):

@@ -364,6 +364,37 @@ def test_replace_peg_skips_strided_posconv():
     assert model[1](x, 5, 3).shape == (2, 15, 8)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_dtype,autocast_dtype", [(torch.float32, torch.bfloat16),
+                                                    (torch.float32, torch.float16),
+                                                    (torch.bfloat16, torch.float16)], ids=str)
+def test_replaced_posconv_keeps_timms_dtype_under_autocast(backend, x_dtype, autocast_dtype):
+    """timm's PosConv adds the tokens in place into its conv's output, so under autocast it
+    returns the autocast dtype, not the promotion the eager PEG returns: the swapped module
+    returns the same dtype, values and gradients (within the autocast dtype's tolerance)."""
+    pytest.importorskip("timm")
+    from timm.models.twins import PosConv
+    device = require_backend(backend)
+    torch.manual_seed(7)
+    eager = PosConv(16, 16).to(device)
+    nn.init.normal_(eager.proj[0].bias)
+    swapped = ck.replace_peg(copy.deepcopy(eager), backend=backend)
+    x = torch.randn(2, 5 * 6, 16, device=device).to(x_dtype)
+    grad = torch.randn(x.shape, device=device)
+    results = []
+    for m in (eager, swapped):
+        xl = x.clone().requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype):
+            out = m(xl, (5, 6))
+        out.backward(grad.to(out.dtype))
+        results.append((out, xl.grad, m.proj[0].weight.grad, m.proj[0].bias.grad))
+    tol = TOLERANCE[autocast_dtype]
+    assert results[1][0].dtype == results[0][0].dtype == autocast_dtype
+    for name, a, b in zip(("out", "grad_x", "grad_weight", "grad_bias"), *results):
+        assert b.dtype == a.dtype, name
+        assert rel_err(b.double(), a.double()) < 2 * tol, name
+
+
 def test_replace_peg_on_authors_poscnn():
     class PosCNN(nn.Module):  # the Twins/CPVT authors' PEG (no cls token)
         def __init__(self, in_chans, embed_dim=768, s=1):
