@@ -22,6 +22,7 @@ class _FusedPosConv:
     """
 
     backend: str
+    _autocast_dtype_out = False  # returns the autocast dtype under autocast (timm's PosConv)
 
     def forward(self, x: torch.Tensor, H, W=None) -> torch.Tensor:
         conv = self.proj[0]
@@ -32,11 +33,12 @@ class _FusedPosConv:
             base = _original_class(type(self))
             return base.forward(self, x, H) if W is None else base.forward(self, x, H, W)
         H, W = _hw(x, H, W)
-        if (_checks.autocast_enabled(x) and x.dtype in _AUTOCAST_ELIGIBLE
-                and _original_class(type(self)).__name__ == "PosConv"):
-            # timm's PosConv adds the tokens in place into its conv's output, so under autocast
-            # it returns the autocast dtype (bfloat16 from float32 tokens), where PosCNN and the
-            # eager PEG return the promotion of the two: the fused op then runs in that dtype.
+        if (self._autocast_dtype_out and _checks.autocast_enabled(x)
+                and x.dtype in _AUTOCAST_ELIGIBLE):
+            # timm's (Twins) PosConv adds the tokens in place into its conv's output, so under
+            # autocast it returns the autocast dtype (bfloat16 from float32 tokens), where
+            # PosCNN and the eager PEG return the promotion of the two: the fused op then runs
+            # in that dtype.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return fused_peg(x, conv.weight, conv.bias, (H, W), 0, self.backend)
 
@@ -55,7 +57,9 @@ _FUSED_CLASSES: dict[type, type] = {}
 def _fused_class(base: type) -> type:
     cls = _FUSED_CLASSES.get(base)
     if cls is None:
-        cls = type("Fused" + base.__name__, (_FusedPosConv, base), {"__module__": __name__})
+        timm_twins = base.__name__ == "PosConv" and base.__module__ == "timm.models.twins"
+        cls = type("Fused" + base.__name__, (_FusedPosConv, base),
+                   {"__module__": __name__, "_autocast_dtype_out": timm_twins})
         _FUSED_CLASSES[base] = cls
     return cls
 

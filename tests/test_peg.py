@@ -371,11 +371,13 @@ def test_cpu_backward_waves_match_one_pass(monkeypatch, dtype, k, B, H, W, C):
 def test_cpu_gradients_do_not_depend_on_the_mask(dtype, kh, kw):
     """Each gradient has the same bits whichever others are wanted: grad_bias alone (or with
     grad_x) is summed in the order the weight-gradient sweeps sum it, over pairs of rows where
-    they take pairs and row by row elsewhere. Rows read in place (contiguous) and through the
-    rings (a channel slice); odd H ends an image with a single row."""
+    they take pairs and row by row elsewhere. Up to 128 grid rows every chunk is a row; past it
+    (130 and 131 rows here) chunks take pairs of rows, and an odd H ends an image with a single
+    row. Rows read in place (contiguous) and through the rings (a channel slice)."""
     require_backend("cpu")
     for B, P, H, W, C, layout in [(3, 1, 7, 14, 64, "contiguous"), (2, 0, 5, 6, 20, "contiguous"),
-                                  (2, 2, 6, 9, 32, "offset_slice")]:
+                                  (2, 2, 6, 9, 32, "offset_slice"), (2, 1, 65, 9, 32, "contiguous"),
+                                  (1, 0, 131, 5, 17, "offset_slice")]:
         _, (x, w, _) = make_inputs(B, P, H, W, C, kh, kw, False, dtype)
         x = layout_as(x, layout)
         grad = torch.randn(x.shape, dtype=dtype)
