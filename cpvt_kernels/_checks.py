@@ -50,8 +50,12 @@ def as_int(v, what: str):
             return operator.index(v)
         except TypeError:
             pass
-    got = type(v).__name__ + (f" of {v.dtype}" if hasattr(v, "dtype") else "")
-    raise TypeError(f"{what} must be an int, got {got}")
+    raise TypeError(f"{what} must be an int, got {type_name(v)}")
+
+
+def type_name(v) -> str:
+    """``v``'s type for an error message, with its dtype where it has one."""
+    return type(v).__name__ + (f" of {v.dtype}" if hasattr(v, "dtype") else "")
 
 
 def autocast_enabled(x) -> bool:

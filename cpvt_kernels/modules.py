@@ -26,11 +26,8 @@ def _kernel_pair(kernel_size) -> tuple[int, int]:
         except TypeError:
             pair = ()
         if len(pair) != 2:
-            got = type(kernel_size).__name__
-            if hasattr(kernel_size, "dtype"):
-                got += f" of {kernel_size.dtype}"
             raise TypeError("PEG: kernel_size must be an int or a pair (kh, kw), "
-                            f"got {got} {kernel_size!r}") from None
+                            f"got {_checks.type_name(kernel_size)} {kernel_size!r}") from None
         pair = tuple(_int_arg("kernel_size", k) for k in pair)
     for k in pair:
         if not (k % 2 == 1 and 1 <= k <= _checks.MAX_KERNEL_SIZE):

@@ -1105,10 +1105,10 @@ def _partial_waves(B: int, tiles: int, per_image: int) -> int:
     tiles so that every wave's first tile lands on row 0 (the same sums in the same order as
     one pass)."""
     env = os.environ.get("CPVT_TRITON_PARTIALS_BYTES", "")
-    budget = int(env) if env.isascii() and env.isdigit() else _PARTIALS_BYTES if not env else -1
-    if budget < 0:
+    if env and not (env.isascii() and env.isdigit()):
         raise ValueError(f"fused_peg (triton): CPVT_TRITON_PARTIALS_BYTES must be a number of "
                          f"bytes, got {env!r}")
+    budget = int(env) if env else _PARTIALS_BYTES
     if B * per_image <= budget:
         return B
     step = 1  # images whose tiles fill whole groups of rows
