@@ -59,11 +59,22 @@ import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension is impor
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _env_flag(name):
+    """The switch in the environment variable ``name``: None where it is unset or empty, else
+    True or False; any other value stops the build with a message naming the variable (a typo
+    must not quietly leave kernels out)."""
     v = os.environ.get(name)
-    if v is None or v == "":
+    if v is None or v.strip() == "":
         return None
-    return v.strip().lower() in ("1", "true", "yes", "on")
+    v = v.strip().lower()
+    if v not in _TRUE + _FALSE:
+        sys.exit(f"cpvt_kernels build: {name} must be 1 or 0 (or one of {_TRUE + _FALSE}), "
+                 f"got {os.environ[name]!r}")
+    return v in _TRUE
 
 
 def _build_config():
@@ -108,8 +119,9 @@ def _extensions():
     print(f"  CUDA kernels: {'yes' if cuda else 'no'} ({why})")
     if cuda:
         print(f"  CUDA_HOME={_cuda_home}  TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
-    print(f"  CPU kernels: {'yes (' + arch + ')' if cpu else 'no (CPVT_BUILD_CPU=0)'}   "
-          f"debug: {debug}   MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
+    cpu_what = f"yes ({arch})" if cpu else f"no (CPVT_BUILD_CPU={os.environ['CPVT_BUILD_CPU']})"
+    print(f"  CPU kernels: {cpu_what}   debug: {debug}   "
+          f"MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
     # A toolchain that links libstdc++ statically (seen with the GCC of a GPU machine's image)
     # leaves the extension's copy of it half bound to the copy torch loaded: formatting an
     # integer into an error message then printed nothing, or crashed. Hiding the symbols of

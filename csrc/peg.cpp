@@ -7,6 +7,7 @@
 //     An output whose output_mask entry is false is returned as an empty tensor.
 #include "peg.h"
 
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <string>
@@ -15,11 +16,42 @@ namespace cpvt {
 
 namespace {
 
-// "float32", as torch prints dtypes in Python.
-std::string dtype_name(at::ScalarType t) { return std::string(c10::getDtypeNames(t).first); }
+// "torch.float32", as Python prints a dtype (the messages are those of cpvt_kernels/_checks.py).
+std::string dtype_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
+// "(4, 1, 3, 3)", "(4,)": a shape as Python prints a tuple of it.
+std::string shape_str(at::IntArrayRef shape) {
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    out += i ? ", " : "";
+    out += std::to_string(shape[i]);
+  }
+  return out + (shape.size() == 1 ? ",)" : ")");
+}
 
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// " = P + H*W" in decimal, exactly as Python prints it, for P >= 0 and H, W >= 1 (the product
+// of two int64 fits 127 bits); without 128-bit ints, only where it fits int64.
+std::string tokens_total(int64_t P, int64_t H, int64_t W) {
+#if defined(__SIZEOF_INT128__)
+  unsigned __int128 v = static_cast<unsigned __int128>(H) * static_cast<uint64_t>(W) +
+                        static_cast<uint64_t>(P);
+  std::string digits;
+  do {
+    digits.insert(digits.begin(), static_cast<char>('0' + static_cast<int>(v % 10)));
+    v /= 10;
+  } while (v != 0);
+  return " = " + digits;
+#else
+  int64_t hw = 0, total = 0;
+  if (c10::mul_overflows(H, W, &hw) || c10::add_overflows(P, hw, &total)) return "";
+  return " = " + std::to_string(total);
+#endif
 }
 
 void check_sizes(int64_t H, int64_t W, int64_t num_prefix_tokens) {
@@ -32,14 +64,16 @@ void check_sizes(int64_t H, int64_t W, int64_t num_prefix_tokens) {
 void check_tokens(const at::Tensor& t, const char* name, int64_t H, int64_t W,
                   int64_t num_prefix_tokens) {
   TORCH_CHECK_VALUE(t.dim() == 3, "fused_peg: ", name,
-                    " must be 3-D (B, num_prefix_tokens + H*W, C), got shape ", t.sizes());
+                    " must be 3-D (B, num_prefix_tokens + H*W, C), got shape ",
+                    shape_str(t.sizes()));
   TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), "fused_peg: ", name,
                    " must be float32, float64, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
   // H*W may overflow int64 for absurd sizes: compare by division.
   const int64_t grid = t.size(1) - num_prefix_tokens;
   const bool ok = grid >= 1 && grid % W == 0 && grid / W == H;
   TORCH_CHECK_VALUE(ok, "fused_peg: ", name, ".shape[1] must equal num_prefix_tokens + H*W = ",
-                    num_prefix_tokens, " + ", H, "*", W, ", got ", t.size(1));
+                    num_prefix_tokens, " + ", H, "*", W, tokens_total(num_prefix_tokens, H, W),
+                    ", got ", t.size(1));
 }
 
 }  // namespace
@@ -52,7 +86,7 @@ void check_forward_inputs(const at::Tensor& x, const at::Tensor& weight,
   const int64_t C = x.size(2);
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1,
                     "fused_peg: weight must have shape (C, 1, kh, kw) with C = ", C,
-                    " (depthwise), got ", weight.sizes());
+                    " (depthwise), got ", shape_str(weight.sizes()));
   const int64_t kh = weight.size(2), kw = weight.size(3);
   TORCH_CHECK_VALUE(kh % 2 == 1 && kw % 2 == 1 && kh >= 1 && kw >= 1 &&
                         kh <= kMaxKernelSize && kw <= kMaxKernelSize,
@@ -64,7 +98,8 @@ void check_forward_inputs(const at::Tensor& x, const at::Tensor& weight,
               x.device(), "), got ", weight.device());
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C,
-                      "fused_peg: bias must have shape (C,) with C = ", C, ", got ", bias->sizes());
+                      "fused_peg: bias must have shape (C,) with C = ", C, ", got ",
+                      shape_str(bias->sizes()));
     TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "fused_peg: bias dtype must match x (",
                    dtype_name(x.scalar_type()), "), got ", dtype_name(bias->scalar_type()));
     TORCH_CHECK(bias->device() == x.device(), "fused_peg: bias must be on the device of x (",
@@ -77,7 +112,7 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
                            int64_t num_prefix_tokens) {
   check_forward_inputs(x, weight, std::nullopt, H, W, num_prefix_tokens);
   TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "fused_peg: grad_out must have the shape of x (",
-                    x.sizes(), "), got ", grad_out.sizes());
+                    shape_str(x.sizes()), "), got ", shape_str(grad_out.sizes()));
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(),
                    "fused_peg: grad_out dtype must match x (", dtype_name(x.scalar_type()),
                    "), got ", dtype_name(grad_out.scalar_type()));

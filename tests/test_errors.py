@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
+from cpvt_kernels import _checks
 from conftest import rel_err
 
 B, P, H, W, C = 2, 1, 3, 4, 6
@@ -98,6 +99,21 @@ def test_bad_input_cpp_op(name):
     msg = str(info.value)
     for w in words:
         assert w in msg.replace("torch.", ""), f"{w!r} not in {msg!r}"
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_cpp_op_messages_are_the_python_checks(name):
+    """The C++ op's message for a bad input is word for word that of the Python checks
+    (_checks.check_inputs): the same shapes, dtypes and totals."""
+    if "cpu" not in ck.available_backends("cpu"):
+        pytest.skip(f"no cpu backend: {ck.ops._unavailable_reason('cpu', 'cpu')}")
+    args, err, _ = BAD[name]
+    call = (args["x"], args["weight"], args["bias"], args["H"], args["W"], args["P"])
+    with pytest.raises(err) as py:
+        _checks.check_inputs(*call)
+    with pytest.raises(err) as cpp:
+        torch.ops.cpvt.peg_forward(*call)
+    assert str(cpp.value) == str(py.value)
 
 
 def test_bad_backward_inputs_cpp_op():

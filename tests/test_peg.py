@@ -322,6 +322,37 @@ def test_cpu_byte_counts_must_be_numbers(monkeypatch, var, value):
         ck.fused_peg(x, w.requires_grad_(), b, (3, 3), 1, backend="cpu").sum().backward()
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+@pytest.mark.parametrize("var", ["CPVT_CPU_PREFETCH", "CPVT_CPU_NARROW_BLOCKS",
+                                 "CPVT_CPU_IN_PLACE", "CPVT_CPU_BF16_DOT"])
+@pytest.mark.parametrize("value", ["off", "true", "2", " 1", "-0"])
+def test_cpu_switches_must_be_0_or_1(monkeypatch, var, value):
+    """A switch set to anything but 0 or 1 (or empty) is an error naming it, not a guess: "off"
+    read as "not 0" would turn a path on. Each is read where its path runs: the float32 forward
+    and backward of 3x3 over whole vectors read in place (prefetch, narrow blocks, in place),
+    the bfloat16 forward where the build has the dot-product path (AVX512-BF16)."""
+    require_backend("cpu")
+    dtype = torch.float32
+    if var == "CPVT_CPU_BF16_DOT":
+        if "avx512_bf16" not in _cpu_flags():
+            pytest.skip("this CPU has no AVX512-BF16: the build has no dot-product path")
+        dtype = torch.bfloat16
+    _, (x, w, b) = make_inputs(1, 1, 4, 4, 32, 3, 3, True, dtype)
+    for ok in ("0", "1", ""):
+        monkeypatch.setenv(var, ok)
+        ck.fused_peg(x, w.requires_grad_(), b, (4, 4), 1, backend="cpu").sum().backward()
+    monkeypatch.setenv(var, value)
+    with pytest.raises(RuntimeError, match=re.escape(f"{var} must be 0 or 1, got '{value}'")):
+        ck.fused_peg(x, w.requires_grad_(), b, (4, 4), 1, backend="cpu").sum().backward()
+
+
 # The cpu backward splits the rows into a fixed set of chunks, each with its own partial sums of
 # the weight and bias gradients, added in chunk order. Where those sums would pass
 # CPVT_CPU_PARTIALS_BYTES the chunks run in waves, each wave's sums added to the earlier ones':

@@ -22,6 +22,10 @@ struct Geometry {
 // value that is not a whole number of bytes raises an error that names the variable.
 int64_t env_bytes(const char* name, int64_t fallback);
 
+// The switch in the environment variable name: true for "1", false for "0", nullopt where it
+// is unset or empty; any other value raises an error that names the variable.
+std::optional<bool> env_flag(const char* name);
+
 // out = PEG(x) for x of dtype T with unit channel stride; out is (B, N, C), contiguous, not
 // empty. bias may be absent.
 template <typename T>

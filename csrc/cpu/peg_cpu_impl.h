@@ -211,10 +211,8 @@ class RowPrefetch {
   // 14x14; on the Xeon it changed the backward alone by -5% to +5% (op alone, 10 alternating
   // rounds: faster at 14x14, slower in float32 at 24x24).
   explicit RowPrefetch(bool in_place_rows = false) {
-    const char* env = std::getenv("CPVT_CPU_PREFETCH");
-    mode_ = env == nullptr || *env == '\0' ? (in_place_rows ? 2 : 1)
-            : std::strcmp(env, "0") == 0   ? 0
-                                           : 2;
+    const std::optional<bool> on = env_flag("CPVT_CPU_PREFETCH");
+    mode_ = !on ? (in_place_rows ? 2 : 1) : *on ? 2 : 0;
   }
 
   void clear() { n_ = 0; }
@@ -849,10 +847,9 @@ constexpr int64_t forward_block_rows() {
 // shapes differ (AVX2, float and double).
 template <typename T>
 bool forward_narrow_blocks(const Geometry& g) {
+  const std::optional<bool> on = env_flag("CPVT_CPU_NARROW_BLOCKS");  // checked everywhere
   if constexpr (forward_block_cols<T>(true) == forward_block_cols<T>(false)) return false;
-  if (const char* env = std::getenv("CPVT_CPU_NARROW_BLOCKS"); env != nullptr && *env != '\0') {
-    return std::strcmp(env, "0") != 0;
-  }
+  if (on) return *on;
   const int64_t llc = llc_bytes();
   return llc > 0 && g.B * g.N * g.C * static_cast<int64_t>(sizeof(T)) > llc;
 }
@@ -1735,8 +1732,7 @@ bool forward(const at::BFloat16* src, const Geometry& g, const uint16_t* weight,
 // reading the bfloat16 rows in place is 1.3-1.4x faster (B=32, C=192, 14x14 and 24x24, 1 and 2
 // threads).
 inline bool dot_enabled() {
-  const char* env = std::getenv("CPVT_CPU_BF16_DOT");
-  if (env != nullptr && *env != '\0') return std::strcmp(env, "0") != 0;
+  if (const std::optional<bool> on = env_flag("CPVT_CPU_BF16_DOT")) return *on;
   static const bool amd = __builtin_cpu_is("amd");
   return amd;
 }
@@ -1759,8 +1755,8 @@ inline bool forward_bf16_dot(const at::BFloat16* src, const Geometry& g,
 
 // CPVT_CPU_IN_PLACE=0 turns reading rows in place off, so the row rings serve all.
 inline bool in_place_disabled() {
-  const char* env = std::getenv("CPVT_CPU_IN_PLACE");
-  return env != nullptr && std::strcmp(env, "0") == 0;
+  const std::optional<bool> on = env_flag("CPVT_CPU_IN_PLACE");
+  return on.has_value() && !*on;
 }
 
 // Whether the forward reads its input rows (the backward its grad_out rows, with this the

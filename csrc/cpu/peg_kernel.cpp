@@ -38,6 +38,14 @@ int64_t env_bytes(const char* name, int64_t fallback) {
   return v;
 }
 
+std::optional<bool> env_flag(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return std::nullopt;
+  const bool on = std::strcmp(env, "1") == 0;
+  TORCH_CHECK(on || std::strcmp(env, "0") == 0, name, " must be 0 or 1, got '", env, "'");
+  return on;
+}
+
 namespace {
 
 Geometry make_geometry(const at::Tensor& x, const at::Tensor& weight, int64_t H, int64_t W,
