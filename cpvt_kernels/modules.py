@@ -43,7 +43,9 @@ def _hw(x, H, W):
             return _checks.parse_size(tuple(H))
         raise TypeError("PEG.forward: call as forward(x, H, W) or forward(x, (H, W)), "
                         f"got H={H!r} and no W")
-    return H, W
+    if type(H) is int and type(W) is int:
+        return H, W
+    return _checks.parse_size((H, W))
 
 
 _MISSING = object()
@@ -72,8 +74,10 @@ class PEG(nn.Module):
 
     ``forward(x, H, W)`` or ``forward(x, (H, W))`` with ``x`` of shape ``(B, P + H*W, dim)``;
     returns the same shape: prefix tokens pass through, the grid gets ``proj(grid) + grid``.
-    ``proj`` is ``nn.Conv2d(dim, dim, kernel_size, padding=kernel_size//2, groups=dim)`` so
-    checkpoints of the paper's ``PosCNN`` load unchanged.
+    ``proj`` is ``nn.Conv2d(dim, dim, kernel_size, padding=kernel_size//2, groups=dim)``, as in
+    the paper's PEG (its Algorithm 1), so checkpoints of that module load unchanged. The
+    authors' ``PosCNN`` (CPVT and Twins code) keeps its convolution as ``proj.0``:
+    :func:`cpvt_kernels.replace_peg` swaps such modules in place, keeping their names.
 
     Example:
         >>> peg = PEG(192)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 import warnings
 
 import torch
@@ -159,7 +160,8 @@ def _resolve(backend: str, device_type: str) -> str:
                 return ENV_BACKEND
             if not torch.compiler.is_compiling():  # a warning would break torch.compile's graph
                 warnings.warn(f"cpvt_kernels: CPVT_PEG_BACKEND={ENV_BACKEND!r} cannot run here "
-                              f"({why}); falling back to backend='auto'", stacklevel=4)
+                              f"({why}); falling back to backend='auto'",
+                              stacklevel=_caller_stacklevel())
         return _auto(device_type)
     if backend not in BACKENDS:
         raise ValueError(f"fused_peg: backend must be one of {('auto',) + BACKENDS}, "
@@ -168,6 +170,21 @@ def _resolve(backend: str, device_type: str) -> str:
     if why is not None:
         raise RuntimeError(f"fused_peg: backend {backend!r} is unavailable: {why}")
     return backend
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_MODULE_CALL = os.path.join("torch", "nn", "modules", "module.py")
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel, for a warning given by the function that calls this, of the first frame
+    outside this package and torch's module call: the line of the caller's code that called
+    fused_peg or a module."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+                                 or frame.f_code.co_filename.endswith(_MODULE_CALL)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _auto(device_type: str) -> str:
@@ -215,6 +232,16 @@ def _run_backend(name, x, weight, bias, H, W, P):
         if not torch.compiler.is_compiling():
             _checks.check_no_forward_ad(x, weight, bias)
         return _triton_peg.peg_triton(x, weight, bias, H, W, P)
+    if _checks.autocast_enabled(x):
+        # fused_peg has cast the tensors to the dtype it returns; the reference computes in it,
+        # as the fused backends do, not in the autocast dtype its convolution would take.
+        with torch.autocast(x.device.type, enabled=False):
+            return _run_reference(x, weight, bias, H, W, P)
+    return _run_reference(x, weight, bias, H, W, P)
+
+
+def _run_reference(x, weight, bias, H, W, P):
+    """The reference backend."""
     if x.dtype in (torch.float16, torch.bfloat16):
         # SPEC: half types accumulate in float32, for this backend too.
         out = peg_reference(x.float(), weight.float(), None if bias is None else bias.float(),

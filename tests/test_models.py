@@ -114,13 +114,31 @@ def test_init_and_no_weight_decay():
     (dict(peg_positions=(0, 2)), "peg_positions"),      # depth is 2
     (dict(peg_positions=(-2,)), "peg_positions"),
     (dict(peg_positions=(1, 1)), "peg_positions"),
-    (dict(peg_kernel_size=4), "kernel_size"),
+    (dict(peg_positions="0"), "peg_positions"),
+    (dict(peg_positions=None), "peg_positions"),
+    (dict(peg_positions=(0, "a")), "peg_positions"),
+    (dict(peg_kernel_size=4), "CPVT: peg_kernel_size"),
     (dict(num_heads=5), "num_heads"),
+    (dict(num_classes="10"), "num_classes"),
+    (dict(num_classes=-1), "num_classes"),
     (dict(abs_pos_embed=True, img_size=30), "img_size"),
+    (dict(abs_pos_embed=True, img_size=224.0), "img_size"),
+    (dict(img_size=(224, 224, 3)), "img_size"),
+    (dict(img_size="big"), "img_size"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         tiny(**options)
+
+
+def test_bad_kernel_size_type_names_the_option():
+    with pytest.raises(TypeError, match="CPVT: peg_kernel_size"):
+        tiny(peg_kernel_size="3")
+
+
+def test_one_peg_position_as_an_int():
+    assert tiny(peg_positions=1).peg_positions == (1,)
+    assert list(tiny(peg_positions=1).pos_block) == ["1"]
 
 
 def test_bad_image_size():

@@ -78,10 +78,15 @@ class _Scale(torch.nn.Module):
         return 2.0 * w
 
 
-def test_forward_call_form_errors():
-    peg = ck.FusedPEG(4)
+@pytest.mark.parametrize("cls", [ck.PEG, ck.FusedPEG])
+def test_forward_call_form_errors(cls):
+    peg = cls(4)
     with pytest.raises(TypeError, match="forward"):
         peg(torch.randn(1, 5, 4), 2)
+    with pytest.raises(TypeError, match="size H must be an int, got float"):
+        peg(torch.randn(1, 5, 4), 2.0, 2)
+    with pytest.raises(TypeError, match="size W must be an int, got float"):
+        peg(torch.randn(1, 5, 4), (2, 2.0))
 
 
 def test_available_backends():
@@ -117,6 +122,20 @@ def test_env_override_falls_back_loudly(monkeypatch):
     assert name == ck.available_backends("cpu")[0]
     monkeypatch.setattr(ck.ops, "ENV_BACKEND", "reference")
     assert ck.ops.resolve_backend("auto", "cpu") == "reference"
+
+
+@pytest.mark.parametrize("call", ["function", "module"])
+def test_env_override_warning_points_at_the_callers_line(monkeypatch, call):
+    monkeypatch.setattr(ck.ops, "_RESOLVED", {})
+    monkeypatch.setattr(ck.ops, "ENV_BACKEND", "no-such-backend")
+    peg = ck.FusedPEG(4)
+    x = torch.randn(2, 10, 4)
+    with pytest.warns(UserWarning, match="CPVT_PEG_BACKEND") as record:
+        if call == "function":
+            ck.fused_peg(x, peg.proj.weight, peg.proj.bias, (3, 3))
+        else:
+            peg(x, 3, 3)
+    assert [w.filename for w in record] == [__file__]
 
 
 def test_env_override_fallback_warns_once_and_compiles_whole(monkeypatch):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import PEG, FusedPEG
+from ..modules import PEG, FusedPEG, _kernel_pair
 from ..ops import BACKENDS
 
 __all__ = ["CPVT", "cpvt_tiny", "cpvt_small", "cpvt_base"]
@@ -25,10 +25,20 @@ _PEG_IMPLS = ("eager", "fused")
 
 
 def _pair(v, name: str) -> tuple[int, int]:
-    a, b = (v, v) if isinstance(v, int) else tuple(v)
-    if not (isinstance(a, int) and isinstance(b, int) and a >= 1 and b >= 1):
+    try:
+        pair = (v, v) if isinstance(v, int) else () if isinstance(v, str) else tuple(v)
+    except TypeError:
+        pair = ()
+    if not (len(pair) == 2 and all(isinstance(a, int) and not isinstance(a, bool) and a >= 1
+                                   for a in pair)):
         raise ValueError(f"CPVT: {name} must be a positive int or a pair of them, got {v!r}")
-    return a, b
+    return pair
+
+
+def _positive_int(v, name: str, low: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"CPVT: {name} must be an int >= {low}, got {v!r}")
+    return v
 
 
 class PatchEmbed(nn.Module):
@@ -137,7 +147,7 @@ class CPVT(nn.Module):
         embed_dim, depth, num_heads, mlp_ratio: transformer size (see ``cpvt_tiny`` etc.).
         peg_positions: blocks after which a PEG runs; ``(0,)`` is the paper's default,
             ``(0, 1, 2, 3, 4, 5)`` its strongest; ``-1`` means before block 0 (right after the
-            patch embedding); ``()`` means no PEG.
+            patch embedding); ``()`` means no PEG; an int is one block.
         peg_kernel_size: the PEG convolution's kernel size (odd, up to 31; 3 in the paper).
         distilled: add DeiT's distillation token and a second head (``head_dist``).
         peg_impl: ``"eager"`` (``cpvt_kernels.PEG``) or ``"fused"`` (``FusedPEG``); both have the
@@ -176,15 +186,28 @@ class CPVT(nn.Module):
         if not isinstance(peg_backend, str) or peg_backend.lower() not in ("auto",) + BACKENDS:
             raise ValueError(f"CPVT: peg_backend must be one of {('auto',) + BACKENDS}, "
                              f"got {peg_backend!r}")
-        if not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"CPVT: depth must be a positive int, got {depth!r}")
-        given = tuple(peg_positions)
-        positions = tuple(sorted(set(given)))
-        if len(positions) != len(given) or any(
-                isinstance(p, bool) or not isinstance(p, int) or not -1 <= p < depth
-                for p in positions):
+        depth = _positive_int(depth, "depth")
+        num_classes = _positive_int(num_classes, "num_classes", 0)
+        in_chans = _positive_int(in_chans, "in_chans")
+        embed_dim = _positive_int(embed_dim, "embed_dim")
+        num_heads = _positive_int(num_heads, "num_heads")
+        # Checked whether or not a pos_embed uses it, so that a bad value never passes silently.
+        img_size = _pair(img_size, "img_size")
+        if isinstance(peg_positions, int) and not isinstance(peg_positions, bool):
+            peg_positions = (peg_positions,)  # one block
+        try:
+            given = (peg_positions,) if isinstance(peg_positions, str) else tuple(peg_positions)
+        except TypeError:
+            given = (peg_positions,)  # not a collection: the check below names it
+        if any(isinstance(p, bool) or not isinstance(p, int) or not -1 <= p < depth
+               for p in given) or len(set(given)) != len(given):
             raise ValueError(f"CPVT: peg_positions must be distinct block indices in "
                              f"[-1, depth - 1 = {depth - 1}], got {peg_positions!r}")
+        positions = tuple(sorted(given))
+        try:
+            _kernel_pair(peg_kernel_size)
+        except (TypeError, ValueError) as e:
+            raise type(e)(str(e).replace("PEG: kernel_size", "CPVT: peg_kernel_size")) from None
 
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -202,7 +225,7 @@ class CPVT(nn.Module):
             if global_pool == "token" else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         if abs_pos_embed:
-            ih, iw = _pair(img_size, "img_size")
+            ih, iw = img_size
             ph, pw = self.patch_size
             if ih % ph or iw % pw:
                 raise ValueError(f"CPVT: img_size must be divisible by patch_size {self.patch_size}"
