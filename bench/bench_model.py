@@ -55,7 +55,14 @@ def _positions(text: str) -> tuple[int, ...]:
     m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
     if m:
         return tuple(range(int(m[1]), int(m[2]) + 1))
-    return tuple(int(v) for v in text.split(",") if v.strip())
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < -1 or max(values) > 11 or len(set(values)) != len(values):
+        raise SystemExit("--peg-positions: expected distinct block indices from -1 to 11 "
+                         f"(0, 0-5 or 0,2,4), got {text!r}")
+    return values
 
 
 def build(name: str, impl: str, backend: str, positions, device, state=None):
@@ -139,7 +146,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
     on_gpu = device.type == "cuda"
-    if args.threads:
+    for flag, value in (("--threads", args.threads), ("--batch", args.batch),
+                        ("--min-reps", args.min_reps)):
+        if value is not None and value < 1:
+            raise SystemExit(f"{flag}: expected 1 or more, got {value}")
+    if args.min_time is not None and not args.min_time > 0:
+        raise SystemExit(f"--min-time: expected a number of seconds above 0, got {args.min_time}")
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     allocator = setup_allocator(args.keep_freed_memory, device)
     if on_gpu:
@@ -148,7 +161,13 @@ def main(argv=None) -> int:
     for n in names:
         if n not in MODELS:
             raise SystemExit(f"--models: expected a subset of {tuple(MODELS)}, got {n!r}")
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(s < 16 or s % 16 for s in sizes):
+        raise SystemExit(f"--sizes: expected image sizes that are multiples of the patch size 16, "
+                         f"got {args.sizes!r}")
     modes = [s for s in args.modes.split(",") if s]
     for m in modes:
         if m not in ("infer", "train"):

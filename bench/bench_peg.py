@@ -160,11 +160,23 @@ def parse_shape(text: str, prefixes, kernels) -> list[Case]:
             f"--shapes: expected BxCxH or BxCxHxW (e.g. 32x192x14), got {text!r}")
     B, C, H = int(m[1]), int(m[2]), int(m[3])
     W = int(m[4]) if m[4] else H
+    if min(B, C, H, W) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--shapes: B, C, H and W must be 1 or more (an empty tensor moves no bytes to time), "
+            f"got {text!r}")
     return [Case(B, C, H, W, P, k) for P in prefixes for k in kernels]
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in re.split(r"[,\s]+", text.strip()) if v]
+def _int_list(text: str, flag: str, ok, expected: str) -> list[int]:
+    """The comma-separated ints of ``flag``'s ``text``, each passing ``ok``; else an exit whose
+    message names the flag and says what it expected."""
+    try:
+        values = [int(v) for v in re.split(r"[,\s]+", text.strip()) if v]
+    except ValueError:
+        values = []
+    if not values or not all(ok(v) for v in values):
+        raise SystemExit(f"{flag}: expected {expected}, got {text!r}")
+    return values
 
 
 def _name_list(values) -> list[str]:
@@ -776,7 +788,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
     on_gpu = device.type == "cuda"
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads: expected 1 or more, got {args.threads}")
         torch.set_num_threads(args.threads)
     allocator = setup_allocator(args.keep_freed_memory, device)
     if on_gpu:
@@ -798,13 +812,20 @@ def main(argv=None) -> int:
         if s not in PASSES:
             raise SystemExit(f"--passes: expected a comma-separated subset of {PASSES}, got {s!r}")
     if args.shapes:
-        prefixes = _int_list(args.prefix_tokens or "1")
-        kernels = _int_list(args.kernel_sizes or "3")
+        prefixes = _int_list(args.prefix_tokens or "1", "--prefix-tokens", lambda v: v >= 0,
+                             "comma-separated ints >= 0")
+        kernels = _int_list(args.kernel_sizes or "3", "--kernel-sizes",
+                            lambda v: v % 2 == 1 and 1 <= v <= 31,
+                            "comma-separated odd ints from 1 to 31")
         try:
             cases = [c for s in args.shapes for c in parse_shape(s, prefixes, kernels)]
         except argparse.ArgumentTypeError as e:
             raise SystemExit(str(e))
     else:
+        for flag, value in (("--prefix-tokens", args.prefix_tokens),
+                            ("--kernel-sizes", args.kernel_sizes)):
+            if value is not None:
+                raise SystemExit(f"{flag}: applies to the shapes of --shapes, which was not given")
         cases = list(QUICK_CASES if args.quick else full_cases(device.type))
 
     backends = fused_backends(device)
@@ -832,6 +853,10 @@ def main(argv=None) -> int:
     min_time = args.min_time or (0.1 if on_gpu else (0.2 if args.quick else 0.5))
     if args.rounds < 1:
         raise SystemExit(f"--rounds: expected 1 or more, got {args.rounds}")
+    if args.min_reps < 1:
+        raise SystemExit(f"--min-reps: expected 1 or more, got {args.min_reps}")
+    if args.min_time is not None and not args.min_time > 0:
+        raise SystemExit(f"--min-time: expected a number of seconds above 0, got {args.min_time}")
     rounds = args.rounds
     flush = on_gpu if args.flush_cache is None else args.flush_cache
     timer = Timer(device, min_time, args.min_reps, flush_cache=flush)

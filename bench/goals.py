@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -112,8 +113,10 @@ def cuda_vs_triton(rows):
     return ratio, at, len(both)
 
 
-def report(path: str, out=sys.stdout) -> bool:
-    """Prints the goals of the run in ``path``; True when every one is met."""
+def report(path: str, out=None) -> bool:
+    """Prints the goals of the run in ``path`` to ``out`` (default: sys.stdout at the call);
+    True when every one is met."""
+    out = sys.stdout if out is None else out
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -159,6 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--strict", action="store_true",
                     help="exit with status 1 when a goal of any run is not met")
     args = ap.parse_args(argv)
+    for p in args.csv:
+        if not os.path.isfile(p):
+            ap.error(f"no such file: {p}")
     met = [report(p) for p in args.csv]
     print(f"every goal met in {sum(met)} of {len(met)} runs")
     return 1 if args.strict and not all(met) else 0

@@ -70,12 +70,20 @@ def plot_peg(rows: list[dict], path: Path) -> Path | None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: python bench/plot.py PATH/peg.csv   (writes PATH/peg.png beside it)"
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if len(argv) != 1:
-        print("usage: python bench/plot.py PATH/peg.csv", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     src = Path(argv[0])
-    with open(src, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(src, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        print(f"plot: cannot read {src}: {e.strerror}", file=sys.stderr)
+        return 2
     out = plot_peg(rows, src.with_suffix(".png"))
     if out is None:
         print("nothing plotted: matplotlib is not installed (`pip install matplotlib`) or the "

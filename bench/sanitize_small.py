@@ -97,9 +97,9 @@ def run_case(backend, dtype, shape, gen, device) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backends", default="cuda,triton",
-                   help="comma-separated subset of cuda,triton "
-                        "(default: both; a missing one fails)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated backends (default cuda,triton on a GPU, where a "
+                        "missing one fails; cpu with --device cpu)")
     p.add_argument("--dtypes", default="float32,bfloat16,float16",
                    help="comma-separated dtypes (default float32,bfloat16,float16)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -108,9 +108,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("sanitize_small: no CUDA device", file=sys.stderr)
         return 2
+    requested = (args.backends or ("cuda,triton" if args.device == "cuda" else "cpu")).split(",")
     available = ck.available_backends(args.device)
-    backends = [n for n in args.backends.split(",") if n in available]
-    skipped = [n for n in args.backends.split(",") if n and n not in available]
+    backends = [n for n in requested if n in available]
+    skipped = [n for n in requested if n and n not in available]
     for n in skipped:
         why = ck.ops._unavailable_reason(n, args.device)
         print(f"sanitize_small: backend {n} unavailable: {why}")

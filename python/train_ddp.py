@@ -75,6 +75,8 @@ def main(argv=None):
     p.add_argument("--tol", type=float, default=1e-5, help="max relative parameter difference")
     p.add_argument("--save", default=None, help="rank 0 saves the trained state dict here")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("train_ddp: --device cuda, but torch sees no CUDA device")
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

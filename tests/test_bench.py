@@ -140,6 +140,46 @@ def test_bench_peg_alternates_the_implementations_in_rounds(tmp_path, monkeypatc
         bench_peg.main(["--rounds", "0"])
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["--shapes", "2x8x5", "--kernel-sizes", "4"], "--kernel-sizes"),
+    (["--shapes", "2x8x5", "--kernel-sizes", "33"], "--kernel-sizes"),
+    (["--shapes", "2x8x5", "--prefix-tokens", "-1"], "--prefix-tokens"),
+    (["--shapes", "2x8x5", "--prefix-tokens", "one"], "--prefix-tokens"),
+    (["--kernel-sizes", "3"], "--kernel-sizes"),          # without --shapes
+    (["--shapes", "0x8x5"], "--shapes"),
+    (["--threads", "0"], "--threads"),
+    (["--min-reps", "0"], "--min-reps"),
+    (["--min-time", "0"], "--min-time"),
+])
+def test_bench_peg_bad_arguments_name_their_flag(tmp_path, argv, flag):
+    """Checked before anything is measured, with a message naming the flag."""
+    with pytest.raises(SystemExit, match=flag):
+        bench_peg.main(argv + ["--out", str(tmp_path)])
+    assert not (tmp_path / "peg.csv").exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--batch", "0"], "--batch"), (["--sizes", "20"], "--sizes"), (["--sizes", "x"], "--sizes"),
+    (["--peg-positions", "12"], "--peg-positions"), (["--threads", "0"], "--threads"),
+])
+def test_bench_model_bad_arguments_name_their_flag(tmp_path, argv, flag):
+    import bench_model
+    with pytest.raises(SystemExit, match=flag):
+        bench_model.main(argv + ["--device", "cpu", "--out", str(tmp_path)])
+    assert not (tmp_path / "model.csv").exists()
+
+
+def test_plot_and_goals_usage(tmp_path, capsys):
+    import goals
+    import plot
+    assert plot.main(["--help"]) == 0 and "usage" in capsys.readouterr().out
+    assert plot.main([str(tmp_path / "missing.csv")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        goals.main([str(tmp_path / "missing.csv")])
+    assert "no such file" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_bench_peg_quick_mode_with_compile(tmp_path):
     """--quick's implementation set (eager, torch.compile, cpu) on one tiny shape."""
