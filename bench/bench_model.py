@@ -53,10 +53,9 @@ CSV_FIELDS = ["date", "device", "device_type", "threads", "torch", "triton", "py
 
 def _positions(text: str) -> tuple[int, ...]:
     m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
-    if m:
-        return tuple(range(int(m[1]), int(m[2]) + 1))
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(range(int(m[1]), int(m[2]) + 1)) if m else tuple(
+            int(v) for v in text.split(",") if v.strip())
     except ValueError:
         values = ()
     if not values or min(values) < -1 or max(values) > 11 or len(set(values)) != len(values):

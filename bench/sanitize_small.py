@@ -98,8 +98,8 @@ def run_case(backend, dtype, shape, gen, device) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backends", default=None,
-                   help="comma-separated backends (default cuda,triton on a GPU, where a "
-                        "missing one fails; cpu with --device cpu)")
+                   help="comma-separated backends (default: cuda,triton, where a missing one "
+                        "fails; cpu with --device cpu)")
     p.add_argument("--dtypes", default="float32,bfloat16,float16",
                    help="comma-separated dtypes (default float32,bfloat16,float16)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),

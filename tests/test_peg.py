@@ -309,25 +309,36 @@ def test_cpu_heap_memory_gets_no_huge_page_advice():
         assert mallopt(M_MMAP_MAX, 65536)  # glibc's default
 
 
+# Each CPVT_CPU_* switch is read where its path runs, and checked by both ops on entry: a bad
+# value is an error on every path, also on those that never read it (and never inside a loop
+# on the worker threads).
+def _cpu_switch_paths():
+    def run(B, C, k, dtype):
+        _, (x, w, b) = make_inputs(B, 1, 4, 4, C, k, k, True, dtype)
+        out = ck.fused_peg(x.requires_grad_(), w.requires_grad_(), b, (4, 4), 1, backend="cpu")
+        return lambda: out.sum().backward()
+
+    # The forward of an empty batch; float32 7x7 over a channel tail (rings); bfloat16 3x3 over
+    # whole vectors (in place; the dot-product path where built). Each backward after.
+    return [lambda: run(0, 32, 3, torch.float32), lambda: run(1, 5, 7, torch.float32),
+            lambda: run(1, 32, 3, torch.bfloat16)]
+
+
 @pytest.mark.parametrize("var", ["CPVT_CPU_HUGE_PAGE_BYTES", "CPVT_CPU_STREAM_BYTES",
                                  "CPVT_CPU_PARTIALS_BYTES"])
 @pytest.mark.parametrize("value", ["32M", "-1", "1e6", " ", "+5", " 12"])
 def test_cpu_byte_counts_must_be_numbers(monkeypatch, var, value):
     require_backend("cpu")
-    _, (x, w, b) = make_inputs(1, 1, 3, 3, 8, 3, 3, True, torch.float32)
-    monkeypatch.setenv(var, value)
     message = re.escape(f"{var} must be a number of bytes, got '{value}'")
-    with pytest.raises(RuntimeError, match=message):
-        # The forward reads the first two, the backward (of the weight) the last.
-        ck.fused_peg(x, w.requires_grad_(), b, (3, 3), 1, backend="cpu").sum().backward()
-
-
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
+    for path in _cpu_switch_paths():
+        monkeypatch.setenv(var, value)
+        with pytest.raises(RuntimeError, match=message):
+            path()  # the forward
+        monkeypatch.setenv(var, "12345")
+        backward = path()
+        monkeypatch.setenv(var, value)
+        with pytest.raises(RuntimeError, match=message):
+            backward()
 
 
 @pytest.mark.parametrize("var", ["CPVT_CPU_PREFETCH", "CPVT_CPU_NARROW_BLOCKS",
@@ -335,22 +346,21 @@ def _cpu_flags() -> set:
 @pytest.mark.parametrize("value", ["off", "true", "2", " 1", "-0"])
 def test_cpu_switches_must_be_0_or_1(monkeypatch, var, value):
     """A switch set to anything but 0 or 1 (or empty) is an error naming it, not a guess: "off"
-    read as "not 0" would turn a path on. Each is read where its path runs: the float32 forward
-    and backward of 3x3 over whole vectors read in place (prefetch, narrow blocks, in place),
-    the bfloat16 forward where the build has the dot-product path (AVX512-BF16)."""
+    read as "not 0" would turn a path on."""
     require_backend("cpu")
-    dtype = torch.float32
-    if var == "CPVT_CPU_BF16_DOT":
-        if "avx512_bf16" not in _cpu_flags():
-            pytest.skip("this CPU has no AVX512-BF16: the build has no dot-product path")
-        dtype = torch.bfloat16
-    _, (x, w, b) = make_inputs(1, 1, 4, 4, 32, 3, 3, True, dtype)
-    for ok in ("0", "1", ""):
-        monkeypatch.setenv(var, ok)
-        ck.fused_peg(x, w.requires_grad_(), b, (4, 4), 1, backend="cpu").sum().backward()
-    monkeypatch.setenv(var, value)
-    with pytest.raises(RuntimeError, match=re.escape(f"{var} must be 0 or 1, got '{value}'")):
-        ck.fused_peg(x, w.requires_grad_(), b, (4, 4), 1, backend="cpu").sum().backward()
+    message = re.escape(f"{var} must be 0 or 1, got '{value}'")
+    for path in _cpu_switch_paths():
+        for ok in ("0", "1", ""):
+            monkeypatch.setenv(var, ok)
+            path()()
+        monkeypatch.setenv(var, value)
+        with pytest.raises(RuntimeError, match=message):
+            path()
+        monkeypatch.setenv(var, "1")
+        backward = path()
+        monkeypatch.setenv(var, value)
+        with pytest.raises(RuntimeError, match=message):
+            backward()
 
 
 # The cpu backward splits the rows into a fixed set of chunks, each with its own partial sums of

@@ -23,7 +23,8 @@ struct Geometry {
 int64_t env_bytes(const char* name, int64_t fallback);
 
 // The switch in the environment variable name: true for "1", false for "0", nullopt where it
-// is unset or empty; any other value raises an error that names the variable.
+// is unset or empty; any other value raises an error that names the variable (the ops check
+// every switch on entry, so inside the kernels this never throws).
 std::optional<bool> env_flag(const char* name);
 
 // out = PEG(x) for x of dtype T with unit channel stride; out is (B, N, C), contiguous, not

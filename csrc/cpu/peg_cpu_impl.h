@@ -847,9 +847,8 @@ constexpr int64_t forward_block_rows() {
 // shapes differ (AVX2, float and double).
 template <typename T>
 bool forward_narrow_blocks(const Geometry& g) {
-  const std::optional<bool> on = env_flag("CPVT_CPU_NARROW_BLOCKS");  // checked everywhere
   if constexpr (forward_block_cols<T>(true) == forward_block_cols<T>(false)) return false;
-  if (on) return *on;
+  if (const std::optional<bool> on = env_flag("CPVT_CPU_NARROW_BLOCKS")) return *on;
   const int64_t llc = llc_bytes();
   return llc > 0 && g.B * g.N * g.C * static_cast<int64_t>(sizeof(T)) > llc;
 }

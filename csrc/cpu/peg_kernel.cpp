@@ -111,6 +111,20 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+// Every CPVT_CPU_* variable, checked at each call before any kernel runs: a bad value is an
+// error whichever path the call takes (each path reads its own again, which then cannot fail
+// inside a parallel loop).
+void check_switches() {
+  for (const char* name : {"CPVT_CPU_PREFETCH", "CPVT_CPU_NARROW_BLOCKS", "CPVT_CPU_IN_PLACE",
+                           "CPVT_CPU_BF16_DOT"}) {
+    env_flag(name);
+  }
+  for (const char* name : {"CPVT_CPU_STREAM_BYTES", "CPVT_CPU_HUGE_PAGE_BYTES",
+                           "CPVT_CPU_PARTIALS_BYTES"}) {
+    env_bytes(name, 0);
+  }
+}
+
 // Kernels read channels contiguously; any batch and token strides are fine.
 at::Tensor channels_contiguous(const at::Tensor& t) {
   return (t.size(2) <= 1 || t.stride(2) == 1) ? t : t.contiguous();
@@ -120,6 +134,7 @@ at::Tensor peg_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, int64_t H, int64_t W,
                            int64_t P) {
   check_forward_inputs(x_in, weight, bias, H, W, P);
+  check_switches();
   const at::Tensor x = channels_contiguous(x_in);
   const Geometry g = make_geometry(x, weight, H, W, P);
   at::Tensor out = at::empty({g.B, g.N, g.C}, x.options());
@@ -135,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> peg_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight, int64_t H,
     int64_t W, int64_t P, std::array<bool, 3> output_mask) {
   check_backward_inputs(grad_out_in, x_in, weight, H, W, P);
+  check_switches();
   const at::Tensor grad_out = channels_contiguous(grad_out_in);
   const at::Tensor x = channels_contiguous(x_in);
   const Geometry gx = make_geometry(x, weight, H, W, P);
