@@ -1,4 +1,11 @@
-import os, time, statistics, torch, cpvt_kernels as ck
+# The bfloat16 forward with CPVT_CPU_BF16_DOT off and on, alternating in one process, beside
+# the eager PEG (B=32, C=192, P=1, k=3). Run from the repository root.
+import os, sys, time, statistics, torch, cpvt_kernels as ck
+sys.path.insert(0, "bench")
+from bench_peg import run_metadata  # noqa: E402
+meta = run_metadata(torch.device("cpu"))
+print(", ".join(f"{k} {meta[k]}" for k in ("date", "device", "threads", "torch", "python",
+                                          "commit")))
 torch.manual_seed(0)
 res = {}
 for H in (14, 24):
