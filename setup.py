@@ -101,8 +101,30 @@ def _build_config():
     return cuda, why, arch, cpu
 
 
+def _write_build_info(cuda, arch, cpu):
+    """cpvt_kernels/_build_info.py: the torch the extension is built against (the package
+    refuses to load the extension into another torch and says to rebuild) and what was built.
+    Not tracked; rewritten by every build."""
+    text = ('"""What cpvt_kernels._C was built against; written by setup.py, not tracked."""\n'
+            f"TORCH_VERSION = {str(torch.__version__)!r}\n"
+            f"TORCH_CUDA = {torch.version.cuda!r}\n"
+            f"CUDA_KERNELS = {cuda!r}\n"
+            f"CPU_KERNELS = {cpu!r}\n"
+            f"CPU_ARCH = {arch!r}\n")
+    path = os.path.join(ROOT, "cpvt_kernels", "_build_info.py")
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def _extensions():
     cuda, why, arch, cpu = _build_config()
+    _write_build_info(cuda, arch, cpu)
     debug = _env_flag("CPVT_DEBUG") is True
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # Python's own CFLAGS carry -g, which doubles the compile time of the CPU kernels (338 s

@@ -28,9 +28,30 @@ if ENV_BACKEND == "auto":
     ENV_BACKEND = None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+
+def _built_for_other_torch() -> str | None:
+    """Why the compiled _C must not be loaded into this process: it was built against another
+    torch (setup.py records the version in ``_build_info``), or None. An extension is tied to
+    the torch it was compiled against: with another one it fails to load on an undefined symbol,
+    or loads and misbehaves. This happens when an install step replaces torch after the build
+    (pip resolving an extra's pins, such as timm's torchvision, after building the package)."""
+    try:
+        from . import _build_info
+    except ImportError:  # a build from before the record, or a copy without it: not checked
+        return None
+    built = getattr(_build_info, "TORCH_VERSION", None)
+    if built is None or built == str(torch.__version__):
+        return None
+    return (f"it was built against torch {built}, but torch {torch.__version__} is imported; "
+            f"rebuild it against this torch")
+
+
 _EXT_ERROR: str | None = None
 if importlib.util.find_spec(f"{__package__}._C") is None:
     _EXT_ERROR = "no compiled cpvt_kernels._C next to the package"
+elif (_mismatch := _built_for_other_torch()) is not None:
+    _EXT_ERROR = _mismatch
 else:
     try:
         from . import _C  # loading the library registers torch.ops.cpvt
@@ -188,9 +209,19 @@ def _caller_stacklevel() -> int:
 
 
 def _auto(device_type: str) -> str:
+    reasons = []
     for name in AUTO_ORDER.get(device_type, ("reference",)):
-        if _unavailable_reason(name, device_type) is None:
+        why = _unavailable_reason(name, device_type)
+        if why is None:
+            if reasons and name == "reference" and not torch.compiler.is_compiling():
+                # The fused kernels were wanted and none can run: say so once (resolve_backend
+                # keeps the answer), rather than run several times slower without a word.
+                warnings.warn(f"cpvt_kernels: backend='auto' runs the unfused reference "
+                              f"(eager PyTorch) on {device_type} tensors: "
+                              + "; ".join(f"{n}: {r}" for n, r in reasons),
+                              stacklevel=_caller_stacklevel())
             return name
+        reasons.append((name, why))
     return "reference"
 
 

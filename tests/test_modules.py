@@ -220,3 +220,91 @@ def test_import_without_extension_reports_how_to_build(tmp_path):
                           cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "not built" in proc.stdout and "pip install" in proc.stdout, proc.stdout
+    # backend="auto" fell back to the reference, and said so.
+    assert "runs the unfused reference" in proc.stderr and "not built" in proc.stderr, proc.stderr
+
+
+def test_build_info_names_this_torch_and_what_was_built():
+    """setup.py records the torch the extension was built against and what it holds; the
+    package refuses an extension recorded for another torch (next test)."""
+    if ck.ops._EXT_ERROR is not None:
+        pytest.skip(f"no extension loaded: {ck.ops._EXT_ERROR}")
+    from cpvt_kernels import _build_info
+    assert _build_info.TORCH_VERSION == str(torch.__version__)
+    assert _build_info.TORCH_CUDA == torch.version.cuda
+    assert _build_info.CPU_KERNELS == ck.ops.HAS_CPU_KERNELS
+    assert _build_info.CUDA_KERNELS == ck.ops.HAS_CUDA_KERNELS
+
+
+def test_extension_built_for_another_torch_is_not_loaded(tmp_path):
+    """An extension built against another torch (pip replacing torch after the build) is not
+    loaded: the cpu backend says which torch it was built for and how to rebuild, and
+    backend="auto" runs the reference with one warning that says why."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if ck.ops._EXT_ERROR is not None:
+        pytest.skip(f"no extension loaded: {ck.ops._EXT_ERROR}")
+    src = os.path.dirname(ck.__file__)
+    dst = tmp_path / "cpvt_kernels_other"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    info = (dst / "_build_info.py").read_text()
+    (dst / "_build_info.py").write_text(
+        info.replace(repr(str(torch.__version__)), repr("1.0.0+other")))
+    code = ("import warnings, torch, cpvt_kernels_other as ck\n"
+            "so = [l for l in open('/proc/self/maps') if 'cpvt_kernels_other' in l]\n"
+            "assert not so, so\n"
+            "assert not ck.ops.HAS_CPU_KERNELS and 'cpu' not in ck.available_backends('cpu')\n"
+            "x = torch.randn(2, 13, 3); w = torch.randn(3, 1, 3, 3); b = torch.randn(3)\n"
+            "ref = ck.peg_reference(x, w, b, 3, 4, 1)\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    for _ in range(3):\n"
+            "        assert torch.allclose(ck.fused_peg(x, w, b, (3, 4)), ref)\n"
+            "print('WARNINGS', [str(m.message) for m in caught])\n"
+            "try:\n"
+            "    ck.fused_peg(x, w, b, (3, 4), backend='cpu')\n"
+            "except RuntimeError as e:\n"
+            "    print('ERROR', e)\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    warned = next(line for line in proc.stdout.splitlines() if line.startswith("WARNINGS"))
+    assert warned.count("runs the unfused reference") == 1, warned
+    assert f"built against torch 1.0.0+other, but torch {torch.__version__}" in warned, warned
+    error = next(line for line in proc.stdout.splitlines() if line.startswith("ERROR"))
+    assert "backend 'cpu' is unavailable" in error and "built against torch 1.0.0+other" in error
+    assert "pip install --no-build-isolation -e ." in error, error
+
+
+def test_auto_falling_back_to_the_reference_warns_once_and_compiles_whole(monkeypatch):
+    """With no fused kernel able to run, backend="auto" warns on the first eager call only,
+    and torch.compile of a module traces one graph (a warning inside it would break it)."""
+    import warnings
+    monkeypatch.setattr(ck.ops, "_RESOLVED", {})
+    monkeypatch.setattr(ck.ops, "ENV_BACKEND", None)
+    monkeypatch.setattr(ck.ops, "_EXT_ERROR", "simulated: no extension")
+    peg = ck.FusedPEG(4)
+    x = torch.randn(2, 10, 4)
+    ref = ck.peg_reference(x, peg.proj.weight, peg.proj.bias, 3, 3, 1)
+    torch._dynamo.reset()
+    out = torch.compile(lambda t: peg(t, 3, 3), fullgraph=True, backend="eager")(x)
+    assert rel_err(out, ref) < 1e-6
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert rel_err(peg(x, 3, 3), ref) < 1e-6
+    messages = [str(w.message) for w in caught if "unfused" in str(w.message)]
+    assert messages == [
+        "cpvt_kernels: backend='auto' runs the unfused reference (eager PyTorch) on cpu tensors: "
+        "cpu: the C++ extension cpvt_kernels._C is not built or failed to load (simulated: no "
+        "extension); " + ck.ops._BUILD_HINT]
+    assert [w.filename for w in caught if "unfused" in str(w.message)] == [__file__]
+    # An explicit choice of the reference is not a fallback.
+    monkeypatch.setattr(ck.ops, "_RESOLVED", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ck.ops.resolve_backend("reference", "cpu") == "reference"
