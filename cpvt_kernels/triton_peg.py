@@ -281,9 +281,10 @@ def _reduce_partials_kernel(part_ptr, gw_ptr, gb_ptr, keep_ptr, num_tiles, C,
         t0 += BLOCK_R
     if LAST:
         total = tl.sum(acc, axis=0)
-        is_w = r < KK
-        tl.store(gw_ptr + c * KK + r, total.to(gw_ptr.dtype.element_ty), mask=c_ok & is_w)
-        tl.store(gb_ptr + c, total.to(gb_ptr.dtype.element_ty), mask=c_ok & (r == KK))
+        tl.store(gw_ptr + c * KK + r, total.to(gw_ptr.dtype.element_ty),
+                 mask=c_ok & _rows_in(r, 0, KK, c_ok))
+        tl.store(gb_ptr + c, total.to(gb_ptr.dtype.element_ty),
+                 mask=c_ok & _rows_in(r, KK, KK + 1, c_ok))
     else:
         tl.store(keep_ptr + keep_off, acc, mask=c_ok[None, :])
 
@@ -332,9 +333,18 @@ def _stream_taps(w_ptr, c, c_ok, sw0, sw2, sw3, FLIP: tl.constexpr, ACC: tl.cons
 
 
 @triton.jit
+def _rows_in(r, lo, hi, m):
+    """Where lo <= r < hi (r a scalar), as a block of m's shape. The row becomes a block before
+    it is compared: triton 3.9's interpreter splats a scalar comparison into int32 values, which
+    it then refuses as a mask. Compiled, the kernel is the same either way."""
+    rb = tl.broadcast_to(r, m.shape)
+    return (rb >= lo) & (rb < hi)
+
+
+@triton.jit
 def _stream_masks(r, lo, hi, m_l, m_c, m_r):
     """The load masks of columns w - 1, w, w + 1 of row r, off unless lo <= r < hi."""
-    rv = (r >= lo) & (r < hi)
+    rv = _rows_in(r, lo, hi, m_c)
     return m_l & rv, m_c & rv, m_r & rv
 
 
@@ -454,7 +464,7 @@ def _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02, t10, t11, t12, t20
     acc_c += vc
     ro = r - 1
     tl.store(_grid_row(out, ro, W, C, ROW64) + out_off, acc_p.to(out.dtype.element_ty),
-             mask=(ro >= h0) & (ro < h1) & m_c)
+             mask=_rows_in(ro, h0, h1, m_c) & m_c)
     return acc_c, acc_n, init
 
 
