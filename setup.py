@@ -101,30 +101,50 @@ def _build_config():
     return cuda, why, arch, cpu
 
 
-def _write_build_info(cuda, arch, cpu):
-    """cpvt_kernels/_build_info.py: the torch the extension is built against (the package
-    refuses to load the extension into another torch and says to rebuild) and what was built.
-    Not tracked; rewritten by every build."""
-    text = ('"""What cpvt_kernels._C was built against; written by setup.py, not tracked."""\n'
+def _build_info_text(cuda, arch, cpu):
+    return ('"""What cpvt_kernels._C was built against; written by setup.py, not tracked."""\n'
             f"TORCH_VERSION = {str(torch.__version__)!r}\n"
             f"TORCH_CUDA = {torch.version.cuda!r}\n"
             f"CUDA_KERNELS = {cuda!r}\n"
             f"CPU_KERNELS = {cpu!r}\n"
             f"CPU_ARCH = {arch!r}\n")
-    path = os.path.join(ROOT, "cpvt_kernels", "_build_info.py")
+
+
+def _mtime(path):
     try:
-        with open(path) as f:
-            if f.read() == text:
-                return
+        return os.stat(path).st_mtime_ns
     except OSError:
-        pass
-    with open(path, "w") as f:
-        f.write(text)
+        return None
+
+
+class _BuildExtension(BuildExtension):
+    """torch's BuildExtension, which also writes _build_info.py next to the extension it has
+    just built: the torch it was built against (the package refuses to load the extension into
+    another torch, and says to rebuild) and what it holds. Only a build writes it; commands that
+    only read the metadata (pip's resolution, egg_info) leave it alone, as does a build that
+    left the extension as it was."""
+
+    def run(self):
+        paths = [self.get_ext_fullpath(ext.name) for ext in self.extensions]
+        before = [_mtime(p) for p in paths]
+        super().run()
+        for path, then in zip(paths, before):
+            now = _mtime(path)
+            if now is None or now == then:
+                continue
+            info = os.path.join(os.path.dirname(path), "_build_info.py")
+            with open(info, "w") as f:
+                f.write(_build_info_text(*_CONFIG))
+            print(f"cpvt_kernels build: wrote {info} (torch {torch.__version__})")
+
+
+_CONFIG = None  # (cuda, arch, cpu), set by _extensions
 
 
 def _extensions():
+    global _CONFIG
     cuda, why, arch, cpu = _build_config()
-    _write_build_info(cuda, arch, cpu)
+    _CONFIG = (cuda, arch, cpu)
     debug = _env_flag("CPVT_DEBUG") is True
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # Python's own CFLAGS carry -g, which doubles the compile time of the CPU kernels (338 s
@@ -163,5 +183,5 @@ setup(
     name="cpvt_kernels",
     packages=find_packages(include=["cpvt_kernels", "cpvt_kernels.*"]),
     ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": _BuildExtension},
 )
