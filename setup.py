@@ -20,6 +20,7 @@ import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -117,25 +118,62 @@ def _mtime(path):
         return None
 
 
-class _BuildExtension(BuildExtension):
-    """torch's BuildExtension, which also writes _build_info.py next to the extension it has
-    just built: the torch it was built against (the package refuses to load the extension into
-    another torch, and says to rebuild) and what it holds. Only a build writes it; commands that
-    only read the metadata (pip's resolution, egg_info) leave it alone, as does a build that
-    left the extension as it was."""
+def _recorded_torch(info):
+    """The torch version a build record names, or None."""
+    try:
+        with open(info) as f:
+            m = re.search(r"^TORCH_VERSION = '([^']*)'$", f.read(), re.M)
+    except OSError:
+        return None
+    return m.group(1) if m else None
 
-    def run(self):
-        paths = [self.get_ext_fullpath(ext.name) for ext in self.extensions]
-        before = [_mtime(p) for p in paths]
-        super().run()
-        for path, then in zip(paths, before):
-            now = _mtime(path)
-            if now is None or now == then:
-                continue
-            info = os.path.join(os.path.dirname(path), "_build_info.py")
+
+class _BuildExtension(BuildExtension):
+    """torch's BuildExtension, which also writes _build_info.py next to each extension it
+    compiles: the torch it was built against (the package refuses to load the extension into
+    another torch, and says to rebuild) and what it holds.
+
+    setuptools compiles into the build folder and, for an in-place build, copies the extension
+    into the source tree; the record is written beside the compiled file when the compile
+    changed it, and copied with it. Commands that only read the metadata (pip's resolution,
+    egg_info) write nothing, and an extension whose record names another torch is compiled
+    again even where its sources are older than it (torch's ninja builds always compile)."""
+
+    def build_extension(self, ext):
+        path = self.get_ext_fullpath(ext.name)
+        info = os.path.join(os.path.dirname(path), "_build_info.py")
+        recorded = _recorded_torch(info)
+        if recorded is not None and recorded != str(torch.__version__):
+            self.force = True
+        before = _mtime(path)
+        super().build_extension(ext)
+        if _mtime(path) not in (None, before):
             with open(info, "w") as f:
                 f.write(_build_info_text(*_CONFIG))
             print(f"cpvt_kernels build: wrote {info} (torch {torch.__version__})")
+
+    def run(self):
+        super().run()
+        if not self.inplace:
+            return
+        for ext in self.extensions:
+            inplace = self.get_ext_fullpath(ext.name)
+            self.inplace = False
+            built = self.get_ext_fullpath(ext.name)
+            self.inplace = True
+            src = os.path.join(os.path.dirname(built), "_build_info.py")
+            dst = os.path.join(os.path.dirname(inplace), "_build_info.py")
+            if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(dst):
+                shutil.copyfile(src, dst)
+
+
+class _BuildPy(build_py):
+    """build_py without the source tree's build record (an in-place build's): the build folder
+    keeps the record of the extension compiled there."""
+
+    def find_package_modules(self, package, package_dir):
+        return [m for m in super().find_package_modules(package, package_dir)
+                if (m[0], m[1]) != ("cpvt_kernels", "_build_info")]
 
 
 _CONFIG = None  # (cuda, arch, cpu), set by _extensions
@@ -183,5 +221,5 @@ setup(
     name="cpvt_kernels",
     packages=find_packages(include=["cpvt_kernels", "cpvt_kernels.*"]),
     ext_modules=_extensions(),
-    cmdclass={"build_ext": _BuildExtension},
+    cmdclass={"build_ext": _BuildExtension, "build_py": _BuildPy},
 )

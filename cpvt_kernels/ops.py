@@ -43,15 +43,17 @@ def _built_for_other_torch() -> str | None:
     built = getattr(_build_info, "TORCH_VERSION", None)
     if built is None or built == str(torch.__version__):
         return None
-    return (f"it was built against torch {built}, but torch {torch.__version__} is imported; "
-            f"rebuild it against this torch")
+    return (f"it was built against torch {built}, and this process has torch "
+            f"{torch.__version__}; rebuild it against this torch: "
+            f"`pip install --no-build-isolation --no-deps -e .` in the source tree")
 
 
 _EXT_ERROR: str | None = None
+_EXT_STALE = False  # _C was left unloaded: built against another torch (_EXT_ERROR says which)
 if importlib.util.find_spec(f"{__package__}._C") is None:
     _EXT_ERROR = "no compiled cpvt_kernels._C next to the package"
 elif (_mismatch := _built_for_other_torch()) is not None:
-    _EXT_ERROR = _mismatch
+    _EXT_ERROR, _EXT_STALE = _mismatch, True
 else:
     try:
         from . import _C  # loading the library registers torch.ops.cpvt
@@ -88,6 +90,14 @@ _BUILD_HINT = ("reinstall from the source tree with `pip install --no-build-isol
                "(see the README's build and runtime switches)")
 
 
+def _extension_missing() -> str:
+    """Why the C++ backends cannot run, when _EXT_ERROR is set."""
+    if _EXT_STALE:
+        return f"the C++ extension cpvt_kernels._C was not loaded: {_EXT_ERROR}"
+    return f"the C++ extension cpvt_kernels._C is not built or failed to load " \
+           f"({_EXT_ERROR}); {_BUILD_HINT}"
+
+
 def _unavailable_reason(name: str, device_type: str) -> str | None:
     """Why backend ``name`` cannot run on ``device_type`` tensors, or None if it can."""
     if name == "reference":
@@ -96,8 +106,7 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
         if device_type != "cpu":
             return f"the cpu backend runs on CPU tensors, got {device_type} tensors"
         if _EXT_ERROR is not None:
-            return f"the C++ extension cpvt_kernels._C is not built or failed to load " \
-                   f"({_EXT_ERROR}); {_BUILD_HINT}"
+            return _extension_missing()
         if not HAS_CPU_KERNELS:
             return f"the C++ extension has no CPU kernels; {_BUILD_HINT}"
         return None
@@ -105,8 +114,7 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
         if device_type != "cuda":
             return f"the cuda backend runs on CUDA tensors, got {device_type} tensors"
         if _EXT_ERROR is not None:
-            return f"the C++ extension cpvt_kernels._C is not built or failed to load " \
-                   f"({_EXT_ERROR}); {_BUILD_HINT}"
+            return _extension_missing()
         if not torch.cuda.is_available():
             return _NO_GPU
         if not HAS_CUDA_KERNELS:
@@ -158,7 +166,7 @@ _RESOLVED: dict[tuple, str] = {}
 
 def resolve_backend(backend: str, device_type: str) -> str:
     """The concrete backend for ``backend`` ("auto" or a name) on ``device_type`` tensors."""
-    key = (backend, device_type, ENV_BACKEND)
+    key = (backend.lower() if isinstance(backend, str) else backend, device_type, ENV_BACKEND)
     name = _RESOLVED.get(key) if isinstance(backend, str) else None
     if name is not None:
         return name
@@ -218,7 +226,7 @@ def _auto(device_type: str) -> str:
                 # keeps the answer), rather than run several times slower without a word.
                 warnings.warn(f"cpvt_kernels: backend='auto' runs the unfused reference "
                               f"(eager PyTorch) on {device_type} tensors: "
-                              + "; ".join(f"{n}: {r}" for n, r in reasons),
+                              + " | ".join(f"{n}: {r}" for n, r in reasons),
                               stacklevel=_caller_stacklevel())
             return name
         reasons.append((name, why))
