@@ -197,17 +197,29 @@ def test_sizes_as_numpy_ints_and_0d_tensors():
             peg(x, bad, 4)
 
 
-def test_import_without_extension_reports_how_to_build(tmp_path):
-    """A package copy without the compiled _C still imports; the cpu backend says how to build."""
+def run_package_copy(tmp_path, name, code, ignore=(), edit=None):
+    """Runs ``code`` in a fresh interpreter that imports a copy of the package as ``name`` (another
+    name, so that an editable install's import hook cannot hand back the original), leaving out
+    the files matching ``ignore``; ``edit(copy_dir)`` changes the copy first."""
     import os
     import shutil
     import subprocess
     import sys
 
-    src = os.path.dirname(ck.__file__)
-    # Another name, so that an editable install's import hook cannot hand back the original.
-    shutil.copytree(src, tmp_path / "cpvt_kernels_noext",
-                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    dst = tmp_path / name
+    shutil.copytree(os.path.dirname(ck.__file__), dst,
+                    ignore=shutil.ignore_patterns("__pycache__", *ignore))
+    if edit is not None:
+        edit(dst)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_import_without_extension_reports_how_to_build(tmp_path):
+    """A package copy without the compiled _C still imports; the cpu backend says how to build."""
     code = ("import torch, cpvt_kernels_noext as ck\n"
             "assert ck.ops._EXT_ERROR is not None\n"
             "assert 'cpu' not in ck.available_backends('cpu'), ck.available_backends('cpu')\n"
@@ -217,10 +229,7 @@ def test_import_without_extension_reports_how_to_build(tmp_path):
             "    ck.fused_peg(x, w, None, (2, 2), backend='cpu')\n"
             "except RuntimeError as e:\n"
             "    print(e)\n")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_package_copy(tmp_path, "cpvt_kernels_noext", code, ignore=("*.so", "*.pyd"))
     assert "not built" in proc.stdout and "pip install" in proc.stdout, proc.stdout
     # backend="auto" fell back to the reference, and said so.
     assert "runs the unfused reference" in proc.stderr and "not built" in proc.stderr, proc.stderr
@@ -246,17 +255,12 @@ def test_extension_built_for_another_torch_is_not_loaded(tmp_path):
     """An extension built against another torch (pip replacing torch after the build) is not
     loaded: the cpu backend says which torch it was built for and how to rebuild, and
     backend="auto" runs the reference with one warning that says why."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
     if ck.ops._EXT_ERROR is not None:
         pytest.skip(f"no extension loaded: {ck.ops._EXT_ERROR}")
-    src = os.path.dirname(ck.__file__)
-    dst = tmp_path / "cpvt_kernels_other"
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-    (dst / "_build_info.py").write_text("TORCH_VERSION = '1.0.0+other'\n")
+
+    def record_other_torch(dst):
+        (dst / "_build_info.py").write_text("TORCH_VERSION = '1.0.0+other'\n")
+
     code = ("import warnings, torch, cpvt_kernels_other as ck\n"
             "so = [l for l in open('/proc/self/maps') if 'cpvt_kernels_other' in l]\n"
             "assert not so, so\n"
@@ -272,10 +276,7 @@ def test_extension_built_for_another_torch_is_not_loaded(tmp_path):
             "    ck.fused_peg(x, w, b, (3, 4), backend='cpu')\n"
             "except RuntimeError as e:\n"
             "    print('ERROR', e)\n")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_package_copy(tmp_path, "cpvt_kernels_other", code, edit=record_other_torch)
     warned = next(line for line in proc.stdout.splitlines() if line.startswith("WARNINGS"))
     assert warned.count("runs the unfused reference") == 1, warned
     assert f"built against torch 1.0.0+other, and this process has torch {torch.__version__}" \
