@@ -29,7 +29,6 @@ if ENV_BACKEND == "auto":
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-
 def _built_for_other_torch() -> str | None:
     """Why the compiled _C must not be loaded into this process: it was built against another
     torch (setup.py records the version in ``_build_info``), or None. An extension is tied to
