@@ -23,6 +23,11 @@ streaming kernels instead: a program walks strips of rows of BLOCK_W pixels by B
 channels, loads each input row once per strip and keeps the output rows it feeds in registers
 (see the section "Streaming kernels" below). They are not yet timed on a GPU.
 
+Multiply-adds are written ``acc + x * w`` and left to the compiler to contract into FMAs, as
+Triton does by default up to 3.9; where it would not (``TRITON_DEFAULT_FP_FUSION=0``, the
+default from 3.10), the forwards' taps and the streaming kernels' sums are written as ``tl.fma``
+instead (:func:`explicit_fma`).
+
 The ops are registered with ``torch.library.triton_op`` as ``cpvt::peg_forward_triton`` and
 ``cpvt::peg_backward_triton``, so ``torch.compile(fullgraph=True)`` traces into the kernels.
 Importing this module raises ImportError when Triton cannot be used.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -60,8 +66,19 @@ _MAX_UNROLLED_COLS = 9  # larger kernels: rows looped, columns unrolled up to th
 # Kernels
 
 @triton.jit
+def _madd(acc, a, b, FMA: tl.constexpr):
+    """acc + a * b: one tl.fma with FMA, else left to the compiler to contract (see
+    :func:`explicit_fma`)."""
+    if FMA:
+        r = tl.fma(a, b, acc)
+    else:
+        r = acc + a * b
+    return r
+
+
+@triton.jit
 def _fwd_tap(acc, x_base, w_ptr, n64, col, row_ok, c, c_ok, c_off, i, j, W, sxn, sw0, sw2, sw3,
-             KH: tl.constexpr, KW: tl.constexpr):
+             KH: tl.constexpr, KW: tl.constexpr, FMA: tl.constexpr):
     di = i - KH // 2
     dj = j - KW // 2
     cc = col + dj
@@ -70,23 +87,23 @@ def _fwd_tap(acc, x_base, w_ptr, n64, col, row_ok, c, c_ok, c_off, i, j, W, sxn,
     src = (n64 + (di * W + dj)) * sxn
     xv = tl.load(x_base + src[:, None] + c_off[None, :], mask=ok[:, None] & c_ok[None, :],
                  other=0.0)
-    return acc + xv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
+    return _madd(acc, xv.to(acc.dtype), wv.to(acc.dtype)[None, :], FMA)
 
 
 @triton.jit
 def _fwd_row(acc, x_base, w_ptr, n64, row, col, is_grid, c, c_ok, c_off,
              i, H, W, sxn, sw0, sw2, sw3, KH: tl.constexpr, KW: tl.constexpr,
-             UNROLL_COLS: tl.constexpr):
+             UNROLL_COLS: tl.constexpr, FMA: tl.constexpr):
     rr = row + (i - KH // 2)
     row_ok = is_grid & (rr >= 0) & (rr < H)
     if UNROLL_COLS:
         for j in tl.static_range(KW):
             acc = _fwd_tap(acc, x_base, w_ptr, n64, col, row_ok, c, c_ok, c_off, i, j, W,
-                           sxn, sw0, sw2, sw3, KH, KW)
+                           sxn, sw0, sw2, sw3, KH, KW, FMA)
     else:
         for j in range(KW):
             acc = _fwd_tap(acc, x_base, w_ptr, n64, col, row_ok, c, c_ok, c_off, i, j, W,
-                           sxn, sw0, sw2, sw3, KH, KW)
+                           sxn, sw0, sw2, sw3, KH, KW, FMA)
     return acc
 
 
@@ -128,7 +145,8 @@ def _peg_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
                     sxb, sxn, sxc, sw0, sw2, sw3, sb,
                     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
                     IS_F64: tl.constexpr, UNROLL: tl.constexpr, UNROLL_COLS: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HUGE_C: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HUGE_C: tl.constexpr,
+                    FMA: tl.constexpr):
     if HUGE_C:
         C = C.to(tl.int64)
     _, b64, n64, c, c_ok, is_grid, row, col, mask = _tile_block(N, C, W, P, tiles_per_image, 0,
@@ -141,11 +159,11 @@ def _peg_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     if UNROLL:
         for i in tl.static_range(KH):
             acc = _fwd_row(acc, x_base, w_ptr, n64, row, col, is_grid, c, c_ok, c_off,
-                           i, H, W, sxn, sw0, sw2, sw3, KH, KW, True)
+                           i, H, W, sxn, sw0, sw2, sw3, KH, KW, True, FMA)
     else:
         for i in range(KH):
             acc = _fwd_row(acc, x_base, w_ptr, n64, row, col, is_grid, c, c_ok, c_off,
-                           i, H, W, sxn, sw0, sw2, sw3, KH, KW, UNROLL_COLS)
+                           i, H, W, sxn, sw0, sw2, sw3, KH, KW, UNROLL_COLS, FMA)
     if HAS_BIAS:
         bv = tl.load(b_ptr + c * sb, mask=c_ok, other=0.0)
         acc += bv.to(acc.dtype)[None, :]
@@ -366,7 +384,8 @@ def _stream_row(row_ptr, off, r, H, m_l, m_c, m_r, sn, ACC: tl.constexpr):
 
 
 @triton.jit
-def _stream_add(acc, t0, t1, t2, vl, vc, vr, ml, mc, mr, SKIP_PAD: tl.constexpr):
+def _stream_add(acc, t0, t1, t2, vl, vc, vr, ml, mc, mr, SKIP_PAD: tl.constexpr,
+                FMA: tl.constexpr):
     """acc + t0 * vl + t1 * vc + t2 * vr, the taps on padding skipped when SKIP_PAD (an Inf or
     NaN tap must not meet the zero of a pixel that does not exist) and multiplied otherwise."""
     if SKIP_PAD:
@@ -374,9 +393,9 @@ def _stream_add(acc, t0, t1, t2, vl, vc, vr, ml, mc, mr, SKIP_PAD: tl.constexpr)
         acc += tl.where(mc, t1 * vc, 0.0)
         acc += tl.where(mr, t2 * vr, 0.0)
     else:
-        acc += t0 * vl
-        acc += t1 * vc
-        acc += t2 * vr
+        acc = _madd(acc, t0, vl, FMA)
+        acc = _madd(acc, t1, vc, FMA)
+        acc = _madd(acc, t2, vr, FMA)
     return acc
 
 
@@ -425,11 +444,11 @@ def _grid_row(base, r, W, sn, ROW64: tl.constexpr):
 
 @triton.jit
 def _stream_add_rows(acc_p, acc_c, acc_n, t00, t01, t02, t10, t11, t12, t20, t21, t22,
-                     vl, vc, vr, ml, mc, mr, SKIP_PAD: tl.constexpr):
+                     vl, vc, vr, ml, mc, mr, SKIP_PAD: tl.constexpr, FMA: tl.constexpr):
     """The three tap rows of one input row into output rows r + 1, r and r - 1."""
-    acc_n = _stream_add(acc_n, t00, t01, t02, vl, vc, vr, ml, mc, mr, SKIP_PAD)
-    acc_c = _stream_add(acc_c, t10, t11, t12, vl, vc, vr, ml, mc, mr, SKIP_PAD)
-    acc_p = _stream_add(acc_p, t20, t21, t22, vl, vc, vr, ml, mc, mr, SKIP_PAD)
+    acc_n = _stream_add(acc_n, t00, t01, t02, vl, vc, vr, ml, mc, mr, SKIP_PAD, FMA)
+    acc_c = _stream_add(acc_c, t10, t11, t12, vl, vc, vr, ml, mc, mr, SKIP_PAD, FMA)
+    acc_p = _stream_add(acc_p, t20, t21, t22, vl, vc, vr, ml, mc, mr, SKIP_PAD, FMA)
     return acc_p, acc_c, acc_n
 
 
@@ -443,7 +462,8 @@ def _stream_nonfinite(t00, t01, t02, t10, t11, t12, t20, t21, t22):
 @triton.jit
 def _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02, t10, t11, t12, t20, t21, t22,
                     vl, vc, vr, ml, mc, mr, out, out_off, r, h0, h1, W, C, m_c,
-                    SKIP_PAD: tl.constexpr, nonfinite, ROW64: tl.constexpr):
+                    SKIP_PAD: tl.constexpr, nonfinite, ROW64: tl.constexpr,
+                    FMA: tl.constexpr):
     """Input row r into output rows r + 1 (tap row 0), r (tap row 1 and the centre input) and
     r - 1 (tap row 2); stores row r - 1, now complete, if it is one of the strip's. Returns the
     accumulators of rows r, r + 1 and r + 2. With SKIP_PAD the taps on padding are skipped only
@@ -453,14 +473,15 @@ def _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02, t10, t11, t12, t20
         if nonfinite:
             acc_p, acc_c, acc_n = _stream_add_rows(acc_p, acc_c, acc_n, t00, t01, t02, t10, t11,
                                                    t12, t20, t21, t22, vl, vc, vr, ml, mc, mr,
-                                                   True)
+                                                   True, FMA)
         else:
             acc_p, acc_c, acc_n = _stream_add_rows(acc_p, acc_c, acc_n, t00, t01, t02, t10, t11,
                                                    t12, t20, t21, t22, vl, vc, vr, ml, mc, mr,
-                                                   False)
+                                                   False, FMA)
     else:
         acc_p, acc_c, acc_n = _stream_add_rows(acc_p, acc_c, acc_n, t00, t01, t02, t10, t11, t12,
-                                               t20, t21, t22, vl, vc, vr, ml, mc, mr, False)
+                                               t20, t21, t22, vl, vc, vr, ml, mc, mr, False,
+                                               FMA)
     acc_c += vc
     ro = r - 1
     tl.store(_grid_row(out, ro, W, C, ROW64) + out_off, acc_p.to(out.dtype.element_ty),
@@ -489,7 +510,7 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
                             ssb, ssn, ssc, sw0, sw2, sw3, sb,
                             HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, IS_F64: tl.constexpr,
                             ROW64: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_W: tl.constexpr,
-                            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FMA: tl.constexpr):
     """The forward (FLIP false: taps as they are, bias, padding multiplied like the other
     kernels) or the input gradient alone (FLIP: flipped taps over grad_out, no bias, taps on
     padding skipped); both add the centre input (the residual / grad_out itself).
@@ -559,7 +580,7 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
                 acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, init, t00, t01, t02,
                                                       t10, t11, t12, t20, t21, t22, vl, vc, vr,
                                                       ml, mc, mr, out, out_off, r, h0, h1, W, C,
-                                                      m_c, FLIP, nonfinite, ROW64)
+                                                      m_c, FLIP, nonfinite, ROW64, FMA)
                 r += 1
             item += slots
     else:
@@ -567,13 +588,13 @@ def _peg_stream3_fwd_kernel(src_ptr, w_ptr, b_ptr, out_ptr,
 
 
 @triton.jit
-def _stream_dw(d0, d1, d2, g, gv, xl, xc, xr):
+def _stream_dw(d0, d1, d2, g, gv, xl, xc, xr, FMA: tl.constexpr):
     """d_j += g * x_j where the pair exists (gv: the grad_out row is one of the strip's). gv is
     one flag for the whole block, so a branch skips the row rather than a select per element."""
     if gv:
-        d0 += g * xl
-        d1 += g * xc
-        d2 += g * xr
+        d0 = _madd(d0, g, xl, FMA)
+        d1 = _madd(d1, g, xc, FMA)
+        d2 = _madd(d2, g, xr, FMA)
     return d0, d1, d2
 
 
@@ -584,7 +605,7 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
                             NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
                             IS_F64: tl.constexpr, ROW64: tl.constexpr, PREFETCH: tl.constexpr,
                             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-                            BLOCK_P: tl.constexpr):
+                            BLOCK_P: tl.constexpr, FMA: tl.constexpr):
     """grad_x of the strips (NEED_X) and the partial sums of grad_weight and grad_bias over them
     (program pid's slot of part: (slots, 10, C)). Programs pid < slots walk the strips
     ``pid, pid + slots, ...`` of the ``items`` of their channel block, summing the weight and
@@ -659,7 +680,8 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
                     acc_p, acc_c, acc_n = _stream_out_row(acc_p, acc_c, acc_n, zero, t00, t01,
                                                           t02, t10, t11, t12, t20, t21, t22, gl,
                                                           gc, gr, ml, mc, mr, gx, gx_off, r, h0,
-                                                          h1, W, C, m_c, True, nonfinite, ROW64)
+                                                          h1, W, C, m_c, True, nonfinite, ROW64,
+                                                          FMA)
                 in_strip = (r >= h0) & (r < h1)
                 g0 = tl.where(in_strip, gc, 0.0)
                 if NEED_B:
@@ -677,11 +699,11 @@ def _peg_stream3_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
                         xl, xc, xr, _ml, _mc, _mr = _stream_row(
                             _grid_row(xsrc, xr_, W, sxn, ROW64), x_off, xr_, H, m_l, m_c, m_r,
                             sxn, ACC)
-                    d00, d01, d02 = _stream_dw(d00, d01, d02, g0, in_strip, xl, xc, xr)
+                    d00, d01, d02 = _stream_dw(d00, d01, d02, g0, in_strip, xl, xc, xr, FMA)
                     v1 = (r - 1 >= h0) & (r - 1 < h1)
-                    d10, d11, d12 = _stream_dw(d10, d11, d12, g1, v1, xl, xc, xr)
+                    d10, d11, d12 = _stream_dw(d10, d11, d12, g1, v1, xl, xc, xr, FMA)
                     v2 = (r - 2 >= h0) & (r - 2 < h1)
-                    d20, d21, d22 = _stream_dw(d20, d21, d22, g2, v2, xl, xc, xr)
+                    d20, d21, d22 = _stream_dw(d20, d21, d22, g2, v2, xl, xc, xr, FMA)
                 g2 = g1
                 g1 = g0
                 r += 1
@@ -871,6 +893,33 @@ def kernels_from_env() -> str:
     return v
 
 
+def explicit_fma() -> bool:
+    """Whether the kernels write their multiply-adds as ``tl.fma`` (their ``FMA`` constant):
+    where Triton's compiler would not contract ``a * b + c`` into one FMA itself.
+
+    Triton contracts by default up to 3.9 (``TRITON_DEFAULT_FP_FUSION``, default on; 3.9 warns
+    that 3.10 turns the default off), and a launch could ask for it with ``enable_fp_fusion``,
+    but torch.compile's wrapper of user kernels does not pass that option on. Without
+    contraction the forward's instructions grow by 8% (tiled) to 46% (streaming loop) for sm_90
+    (bench/results/2026-12-06_sm90-sass). Where the compiler contracts, the kernels leave it
+    to the compiler: their code stays the code timed on the GPU. ``TRITON_FORCE_DISABLE_FP_FUSION``
+    (triton >= 3.9) is obeyed: no FMAs at all. Read at each call."""
+    lang = getattr(getattr(triton, "knobs", None), "language", None)
+    if lang is None:  # a Triton from before triton.knobs: the compiler contracts
+        return False
+    if getattr(lang, "force_disable_fp_fusion", False):
+        return False
+    default = getattr(lang, "default_fp_fusion", None)
+    if default is None:  # the knob is gone: contraction off by default from 3.10
+        return _triton_version() >= (3, 10)
+    return not default
+
+
+def _triton_version() -> tuple:
+    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
 def _use_stream(weight, H, W, C) -> bool:
     """The streaming kernels run 3x3 kernels on static sizes (under dynamic shapes the tiled
     kernels run), for up to a million channels (more take the tiled kernels' 64-bit path)."""
@@ -942,7 +991,7 @@ def launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         KH=kh, KW=kw, HAS_BIAS=has_bias, IS_F64=x.dtype == torch.float64,
         UNROLL=kh * kw <= _MAX_UNROLLED_TAPS,
         UNROLL_COLS=kw <= _MAX_UNROLLED_COLS, HUGE_C=_huge_channels(C, kh * kw, cfg["BLOCK_C"]),
-        **cfg)
+        FMA=explicit_fma(), **cfg)
     return out
 
 
@@ -1011,7 +1060,7 @@ def launch_stream_forward(src: torch.Tensor, weight: torch.Tensor, bias: Optiona
         HAS_BIAS=has_bias, FLIP=flip, IS_F64=src.dtype == torch.float64,
         ROW64=_stream_row64(H, W, src.stride(1), C), PREFETCH=cfg.get("PREFETCH", 0),
         BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"],
-        BLOCK_P=_prefix_block(P, cfg["BLOCK_C"]), num_warps=cfg["num_warps"])
+        BLOCK_P=_prefix_block(P, cfg["BLOCK_C"]), FMA=explicit_fma(), num_warps=cfg["num_warps"])
     return out
 
 
@@ -1186,7 +1235,7 @@ def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
             NEED_X=need_x, NEED_W=need_w, NEED_B=need_b, IS_F64=x.dtype == torch.float64,
             ROW64=_stream_row64(H, W, grad_out.stride(1), x.stride(1), C),
             PREFETCH=cfg.get("PREFETCH", 0), BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"],
-            BLOCK_P=_prefix_block(P, cfg["BLOCK_C"]),
+            BLOCK_P=_prefix_block(P, cfg["BLOCK_C"]), FMA=explicit_fma(),
             num_warps=cfg["num_warps"])
     if C > 0:
         _reduce_partials(part, gw, gb, slots, C, 9, need_w, need_b)

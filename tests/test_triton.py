@@ -699,6 +699,90 @@ def test_stream_setting_is_checked_and_other_kernel_sizes_stay_tiled(device, mon
 
 
 # ---------------------------------------------------------------------------------------------
+# Multiply-adds where Triton's compiler does not contract them (tl.fma)
+
+def test_explicit_fma_where_the_compiler_does_not_contract(monkeypatch):
+    """The kernels write tl.fma exactly where Triton would not contract a * b + c itself:
+    TRITON_DEFAULT_FP_FUSION=0, or a Triton whose default is off (3.10 on) and whose knob is
+    gone; never under TRITON_FORCE_DISABLE_FP_FUSION, nor with a Triton from before its knobs."""
+    from types import SimpleNamespace
+
+    import triton
+    from cpvt_kernels import triton_peg as tp
+    lang = getattr(getattr(triton, "knobs", None), "language", None)
+    if lang is not None and hasattr(lang, "default_fp_fusion"):
+        monkeypatch.delenv("TRITON_FORCE_DISABLE_FP_FUSION", raising=False)
+        monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
+        assert tp.explicit_fma() is (not lang.default_fp_fusion)
+        monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+        assert tp.explicit_fma() is True
+        monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+        assert tp.explicit_fma() is False
+    # Stand-ins for the Triton versions this one is not.
+    for version, knobs, want in (
+            ("3.3.1", None, False),
+            ("3.9.0", SimpleNamespace(default_fp_fusion=True), False),
+            ("3.9.0", SimpleNamespace(default_fp_fusion=False), True),
+            ("3.9.0", SimpleNamespace(default_fp_fusion=False, force_disable_fp_fusion=True),
+             False),
+            ("3.10.0", SimpleNamespace(), True),
+            ("3.10.0+git1234", SimpleNamespace(force_disable_fp_fusion=True), False),
+            ("3.9.2", SimpleNamespace(), False)):
+        fake = SimpleNamespace(__version__=version)
+        if knobs is not None:
+            fake.knobs = SimpleNamespace(language=knobs)
+        monkeypatch.setattr(tp, "triton", fake)
+        assert tp.explicit_fma() is want, (version, knobs)
+
+
+@pytest.fixture
+def no_fp_fusion(monkeypatch):
+    """Triton told not to contract multiply-adds (its default from 3.10), and the launches of
+    the kernels recorded: ``{kernel name: its FMA argument}``."""
+    import triton
+    lang = getattr(getattr(triton, "knobs", None), "language", None)
+    if lang is None or not hasattr(lang, "default_fp_fusion"):
+        pytest.skip(f"triton {triton.__version__} has no TRITON_DEFAULT_FP_FUSION knob")
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    monkeypatch.delenv("TRITON_FORCE_DISABLE_FP_FUSION", raising=False)
+    launched = {}
+    real_wrap = torch.library.wrap_triton
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel, self.wrapped = kernel, real_wrap(kernel)
+
+        def __getitem__(self, grid):
+            launch = self.wrapped[grid]
+
+            def run(*args, **kwargs):
+                launched[self.kernel.fn.__name__] = kwargs.get("FMA")
+                return launch(*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(torch.library, "wrap_triton", Recorded)
+    return launched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kernels, case", [
+    ("tile", (2, 1, 5, 6, 17, 3, 3, True, "contiguous")),
+    ("tile", (1, 2, 4, 5, 9, 7, 5, False, "offset_slice")),  # taps looped over rows
+    ("stream", (2, 1, 7, 5, 9, 3, 3, True, "strided_channels")),
+], ids=lambda v: v if isinstance(v, str) else _case_id(v))
+def test_kernels_with_explicit_fma(device, dtype, kernels, case, no_fp_fusion, poison_empty,
+                                   monkeypatch):
+    """The kernels' tl.fma paths (taken where the compiler does not contract) give the
+    reference's output and gradients, the input gradient alone included."""
+    monkeypatch.setenv("CPVT_TRITON_KERNELS", kernels)
+    test_parity_output_and_grads(device, dtype, case, None)
+    check_only_required_grads("triton", device, "x", H=5, W=4, C=6)
+    fma_kernels = {"tile": ["_peg_fwd_kernel"],
+                   "stream": ["_peg_stream3_fwd_kernel", "_peg_stream3_bwd_kernel"]}[kernels]
+    assert {k: no_fp_fusion.get(k) for k in fma_kernels} == dict.fromkeys(fma_kernels, True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Registration and selection
 
 def test_ops_are_registered_with_symbolic_sizes(device):
