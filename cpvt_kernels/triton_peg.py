@@ -903,7 +903,8 @@ def explicit_fma() -> bool:
     contraction the forward's instructions grow by 8% (tiled) to 46% (streaming loop) for sm_90
     (bench/results/2026-12-06_sm90-sass). Where the compiler contracts, the kernels leave it
     to the compiler: their code stays the code timed on the GPU. ``TRITON_FORCE_DISABLE_FP_FUSION``
-    (triton >= 3.9) is obeyed: no FMAs at all. Read at each call."""
+    (triton >= 3.9) is obeyed: no FMAs at all. Read at each call (under torch.compile, when it
+    traces the op)."""
     lang = getattr(getattr(triton, "knobs", None), "language", None)
     if lang is None:  # a Triton from before triton.knobs: the compiler contracts
         return False
