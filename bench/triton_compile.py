@@ -46,6 +46,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # The kernels must be compiled, not interpreted: TRITON_INTERPRET makes triton.jit return
@@ -291,8 +292,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"triton_compile: {e}")
     triton_peg._device_sms = lambda device: args.sms  # meta tensors: size for --sms SMs
     tool = cuobjdump()
-    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cpvt_triton_compile_{os.getpid()}"
-    workdir.mkdir(parents=True, exist_ok=True)
+    # The cubins cuobjdump reads, in a folder of the temporary directory removed at the end
+    with tempfile.TemporaryDirectory(prefix="cpvt_triton_compile_") as workdir:
+        return report(args, cases, dtypes, tool, Path(workdir))
+
+
+def report(args, cases, dtypes, tool: str, workdir: Path) -> int:
+    """Compiles each launch of ``cases`` x ``dtypes`` x ``args.kernels`` and prints its line;
+    returns 1 where a kernel failed, spilled (``--no-spills``) or overfilled (``--one-wave``)."""
     print(f"triton {triton.__version__}, sm_{args.arch}")
     print(f"{'shape':>14} {'dtype':>5} {'family':>6} {'pass':>6} {'kernel':<28} {'blocks':<24} "
           f"warps  regs  stack  shared  sass  loop outer  i/elem   Mwi issue_us  res  "

@@ -38,11 +38,11 @@ CPU_LEFT_OUT = os.environ.get("CPVT_BUILD_CPU", "").strip().lower() in ("0", "fa
 
 
 @contextlib.contextmanager
-def exclusive_among_processes(name: str):
-    """Holds an exclusive lock on a file named ``name`` in the temporary folder: one process of
-    this machine at a time runs the body (pytest-xdist workers, and the GPU suite's test runs
-    side by side, all take the same lock)."""
-    with open(os.path.join(tempfile.gettempdir(), name), "a") as f:
+def exclusive_among_processes(name: str, folder: str | None = None):
+    """Holds an exclusive lock on a file named ``name`` in ``folder`` (the temporary folder by
+    default): one process of this machine at a time runs the body (pytest-xdist workers, and the
+    GPU suite's test runs side by side, all take the same lock)."""
+    with open(os.path.join(folder or tempfile.gettempdir(), name), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

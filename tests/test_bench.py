@@ -359,7 +359,7 @@ def test_large_gpu_tests_take_turns_across_processes(tmp_path):
     tests = str(Path(__file__).resolve().parent)
     code = (f"import sys, time; sys.path.insert(0, {tests!r})\n"
             "from conftest import exclusive_among_processes\n"
-            f"with exclusive_among_processes({tmp_path.name + '.lock'!r}):\n"
+            f"with exclusive_among_processes('turns.lock', {str(tmp_path)!r}):\n"
             "    t0 = time.time(); time.sleep(0.4); t1 = time.time()\n"
             "print(t0, t1)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -602,7 +602,7 @@ def test_streaming_triton_kernels_fit_one_wave():
     assert all(0 < asked <= held for asked, held in fits), out
 
 
-def test_streaming_triton_loops_carry_their_rows():
+def test_streaming_triton_loops_carry_their_rows(tmp_path):
     """Compiled, the streaming kernels' walk down a strip carries the rows it keeps from one
     iteration to the next (Triton carries only names whose value the body changes; the
     interpreter runs the Python and cannot tell): the accumulators of two output rows, the row
@@ -612,11 +612,13 @@ def test_streaming_triton_loops_carry_their_rows():
     _require_triton_cuobjdump()
     from cpvt_kernels import triton_peg
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TMPDIR"] = str(tmp_path)
     proc = subprocess.run([sys.executable, str(BENCH / "triton_compile.py"), "--kernels",
                            "stream", "--shapes", "8x384x14", "--dtypes", "bfloat16",
                            "--carried"], capture_output=True, text=True, env=env, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
+    assert not list(tmp_path.iterdir()), "triton_compile.py left its cubins behind"
     carried = {}
     kernel = None
     for line in out.splitlines():

@@ -88,11 +88,12 @@ def test_autocast_model_bfloat16_forward_backward():
     assert torch.isfinite(peg.proj.weight.grad).all()
 
 
-def test_ddp_torchrun_matches_single_process():
+def test_ddp_torchrun_matches_single_process(tmp_path):
     """Two gloo processes train a few steps; parameters equal single-process training."""
     require_backend("cpu")
+    # TMPDIR: torchrun's log folders go to the test's folder, not to stay behind in /tmp
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "python", "train_ddp.py"), "--check", "--steps", "3",
            "--backend", "cpu"]
