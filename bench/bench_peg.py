@@ -842,11 +842,13 @@ def main(argv=None) -> int:
         names = ["eager"] + names  # speedups are relative to it
     # The command line, so that a committed result says how to produce it again.
     notes = ["command: python bench/bench_peg.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])]
+    missing = None
     if not backends:
-        notes.append("no fused backend is available on this device: "
-                     + "; ".join(f"{b}: {ck.ops._unavailable_reason(b, device.type)}"
-                                 for b in ("cuda", "triton", "cpu")
-                                 if ck.ops._unavailable_reason(b, device.type)))
+        missing = ("no fused backend is available on this device: "
+                   + "; ".join(f"{b}: {ck.ops._unavailable_reason(b, device.type)}"
+                               for b in ("cuda", "triton", "cpu")
+                               if ck.ops._unavailable_reason(b, device.type)))
+        notes.append(missing)
     if device.type == "cpu" and "triton" in ck.available_backends("cpu"):
         notes.append("triton is excluded on CPU (it runs there only through its interpreter)")
 
@@ -870,6 +872,10 @@ def main(argv=None) -> int:
     print(f"torch {meta['torch']}  triton {meta['triton']}  python {meta['python']}  "
           f"commit {meta['commit']}")
     print(f"implementations: {', '.join(names)}")
+    if missing:
+        # Said now, not only in the notes at the end: a run without a fused backend times only
+        # the eager PEG and torch.compile of it.
+        print(f"warning: {missing}", file=sys.stderr)
     copy_gbps, copy_stats = copy_bandwidth(device, timer)
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (dst.copy_(src), {COPY_MIB} MiB, read + write; "
           f"median of {copy_stats.reps}, p20-p80 {copy_stats.p20_ms:.2f}-"

@@ -70,7 +70,7 @@ TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp
 
 
 class Captured:
-    """The launches ``torch.library.wrap_triton(kernel)[grid](*args, **kwargs)`` asked for."""
+    """The launches ``triton_peg._wrap(kernel)[grid](*args, **kwargs)`` asked for."""
 
     def __init__(self):
         self.launches = []
@@ -91,12 +91,12 @@ class Captured:
 @contextlib.contextmanager
 def captured():
     cap = Captured()
-    real = torch.library.wrap_triton
-    torch.library.wrap_triton = cap.wrap
+    real = triton_peg._wrap
+    triton_peg._wrap = cap.wrap
     try:
         yield cap
     finally:
-        torch.library.wrap_triton = real
+        triton_peg._wrap = real
 
 
 def signature(kernel, args, kwargs):

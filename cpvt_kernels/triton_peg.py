@@ -54,6 +54,17 @@ if not (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_tri
     raise ImportError(f"the triton backend needs torch.library.triton_op (torch >= 2.6), "
                       f"got torch {torch.__version__}")
 
+
+def _wrap(kernel):
+    """``torch.library.wrap_triton(kernel)``, which lets ``torch.compile`` trace the launch. Under
+    Triton's interpreter (``TRITON_INTERPRET=1``) ``triton.jit`` gives an interpreted function,
+    which torch before 2.13 refuses to wrap (later versions hand it back as it is); it is
+    launched directly then, as those versions do."""
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 # Taps are unrolled at compile time up to these sizes and looped over at run time beyond: the
 # loads of all unrolled taps are in flight at once, which is fast for small kernels but makes
 # large ones spill registers and compile slowly (a fully unrolled 7x7 backward takes ~50 s to
@@ -984,7 +995,7 @@ def launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if B * C == 0:
         return out
     has_bias = bias is not None
-    torch.library.wrap_triton(_peg_fwd_kernel)[grid](
+    _wrap(_peg_fwd_kernel)[grid](
         x, weight, bias if has_bias else weight, out,
         N, C, H, W, num_prefix_tokens, tiles,
         x.stride(0), x.stride(1), x.stride(2), *_weight_strides(weight),
@@ -1053,7 +1064,7 @@ def launch_stream_forward(src: torch.Tensor, weight: torch.Tensor, bias: Optiona
     slots = _stream_slots(items, cblocks, cfg, src.device)
     has_bias = bias is not None and not flip
     grid = (slots + (B if P > 0 else 0), cblocks)
-    torch.library.wrap_triton(_peg_stream3_fwd_kernel)[grid](
+    _wrap(_peg_stream3_fwd_kernel)[grid](
         src, weight, bias if has_bias else weight, out,
         N, C, H, W, P, strips, cfg["RH"], wblocks, items, slots,
         src.stride(0), src.stride(1), src.stride(2), *_weight_strides(weight),
@@ -1136,7 +1147,7 @@ def launch_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     grid_c = triton.cdiv(C, cfg["BLOCK_C"])
     for b0 in range(0, B, wave) if in_waves else (0,):
         images = min(wave, B - b0) if in_waves else B
-        torch.library.wrap_triton(_peg_bwd_kernel)[_channel_grid(images * tiles, grid_c)](
+        _wrap(_peg_bwd_kernel)[_channel_grid(images * tiles, grid_c)](
             grad_out, x, weight, gx, part,
             N, C, H, W, num_prefix_tokens, tiles, b0,
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
@@ -1198,7 +1209,7 @@ def _reduce_partials(part, gw, gb, slots: int, C: int, kk: int, need_w: bool, ne
     rows = (kk if need_w else 0) + (1 if need_b else 0)
     block_c = max(1, min(_next_pow2(C), 128)) if isinstance(C, int) else 128
     grid = _channel_grid(rows, triton.cdiv(C, block_c))
-    torch.library.wrap_triton(_reduce_partials_kernel)[grid](
+    _wrap(_reduce_partials_kernel)[grid](
         part, gw if need_w else part, gb if need_b else part, part if keep is None else keep,
         slots, C, KK=kk, ROW0=row0, BLOCK_R=_REDUCE_ROWS, BLOCK_C=block_c,
         HUGE_C=_huge_channels(C, kk, block_c), FIRST=first, LAST=last, num_warps=4)
@@ -1228,7 +1239,7 @@ def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
     part = torch.empty((slots, 10, C), dtype=acc_dtype, device=x.device)
     if items * C > 0:
         grid = (slots + (B if (P > 0 and need_x) else 0), cblocks)
-        torch.library.wrap_triton(_peg_stream3_bwd_kernel)[grid](
+        _wrap(_peg_stream3_bwd_kernel)[grid](
             grad_out, x, weight, gx, part,
             N, C, H, W, P, strips, cfg["RH"], wblocks, items, slots,
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),

@@ -213,6 +213,29 @@ def test_bench_peg_reports_a_wrong_backend(tmp_path, monkeypatch, capsys):
     assert "PARITY FAILURE: cpu" in capsys.readouterr().err
 
 
+def test_bench_peg_warns_at_the_start_without_a_fused_backend(tmp_path, monkeypatch, capsys):
+    """A run with no fused backend (say, an extension built against another torch) says so
+    before it times anything, not only in the notes at the end, and names why."""
+    monkeypatch.setattr(bench_peg, "fused_backends", lambda device: [])
+    monkeypatch.setattr(cpvt_kernels.ops, "_unavailable_reason",
+                        lambda b, device_type: f"{b} is out for this test")
+    timed = []
+    real_sample = bench_peg.Timer.sample
+
+    def sample(self, *args, **kwargs):
+        timed.append(capsys.readouterr().err)
+        return real_sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench_peg.Timer, "sample", sample)
+    rc = bench_peg.main(["--shapes", "2x8x5", "--dtypes", "float32", "--passes", "fwd",
+                         "--min-time", "0.005", "--no-plot", "--device", "cpu",
+                         "--out", str(tmp_path)])
+    assert rc == 0 and timed
+    assert "warning: no fused backend is available on this device: " in timed[0]
+    assert "cpu: cpu is out for this test" in timed[0]
+    assert {r["impl"] for r in _rows(tmp_path / "peg.csv")} == {"eager", "compile", "copy"}
+
+
 def test_bench_peg_plot(tmp_path):
     pytest.importorskip("matplotlib")
     import plot

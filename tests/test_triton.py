@@ -622,7 +622,7 @@ def test_tiled_backward_keeps_symbolic_sizes(monkeypatch, budget):
                                                        StatelessSymbolicContext)
     from cpvt_kernels import triton_peg as tp
     launches = []
-    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: type(
+    monkeypatch.setattr(tp, "_wrap", lambda kernel: type(
         "Recorder", (), {"__getitem__": lambda self, grid: lambda *a, **kw: launches.append(
             (kernel, grid, kw))})())
     monkeypatch.setenv("CPVT_TRITON_PARTIALS_BYTES", budget)
@@ -746,7 +746,8 @@ def no_fp_fusion(monkeypatch):
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
     monkeypatch.delenv("TRITON_FORCE_DISABLE_FP_FUSION", raising=False)
     launched = {}
-    real_wrap = torch.library.wrap_triton
+    from cpvt_kernels import triton_peg
+    real_wrap = triton_peg._wrap
 
     class Recorded:
         def __init__(self, kernel):
@@ -760,7 +761,7 @@ def no_fp_fusion(monkeypatch):
                 return launch(*args, **kwargs)
             return run
 
-    monkeypatch.setattr(torch.library, "wrap_triton", Recorded)
+    monkeypatch.setattr(triton_peg, "_wrap", Recorded)
     return launched
 
 
