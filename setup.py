@@ -2,7 +2,8 @@
 
 Build switches (environment variables, printed when the build starts):
   CPVT_BUILD_CUDA   1: build the CUDA kernels (fails without a toolkit); 0: skip them;
-                    unset: build them when torch is a CUDA build and a CUDA toolkit is found.
+                    unset: build them when torch is a CUDA build and a CUDA toolkit of the
+                    same major version as torch's is found (torch's build refuses another).
   CUDA_HOME         the CUDA toolkit root; found from nvcc when unset.
   TORCH_CUDA_ARCH_LIST  GPU architectures for nvcc (default here: "8.0;9.0").
   CPVT_BUILD_CPU    1 (default): build the CPU kernels; 0: leave them out (a quicker build for
@@ -17,6 +18,7 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -78,21 +80,46 @@ def _env_flag(name):
     return v in _TRUE
 
 
+def _toolkit_version(root):
+    """The CUDA toolkit's version as ``nvcc --version`` prints it ("13.0"), or None."""
+    try:
+        out = subprocess.run([os.path.join(root, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def _toolkit_mismatch():
+    """Why the toolkit cannot compile against this torch, or None: torch's build refuses a
+    toolkit of another major CUDA version than torch's own (12.x against 13.x)."""
+    found = _toolkit_version(_cuda_home)
+    if found is None or found.split(".")[0] == torch.version.cuda.split(".")[0]:
+        return None
+    return (f"the CUDA toolkit at {_cuda_home} is CUDA {found} and torch {torch.__version__} "
+            f"was built with CUDA {torch.version.cuda}; torch's build needs the same major "
+            f"version: set CUDA_HOME to a CUDA {torch.version.cuda.split('.')[0]}.x toolkit, or "
+            f"install a torch built for CUDA {found.split('.')[0]}")
+
+
 def _build_config():
     want = _env_flag("CPVT_BUILD_CUDA")
     has_toolkit = _cuda_home is not None
     torch_cuda = torch.version.cuda is not None
+    mismatch = _toolkit_mismatch() if has_toolkit and torch_cuda and want is not False else None
     if want is None:
-        cuda = has_toolkit and torch_cuda
+        cuda = has_toolkit and torch_cuda and mismatch is None
         why = "auto: " + ("torch CUDA build and toolkit found" if cuda else
-                          ("no CUDA toolkit found" if not has_toolkit else "torch is a CPU build"))
+                          ("no CUDA toolkit found" if not has_toolkit else
+                           "torch is a CPU build" if not torch_cuda else mismatch))
     else:
         cuda = want
         why = "CPVT_BUILD_CUDA=" + os.environ["CPVT_BUILD_CUDA"]
-        if cuda and not (has_toolkit and torch_cuda):
+        if cuda and not (has_toolkit and torch_cuda and mismatch is None):
             sys.exit("cpvt_kernels build: CPVT_BUILD_CUDA=1 but "
                      + ("no CUDA toolkit was found (set CUDA_HOME)" if not has_toolkit
-                        else "torch is a CPU build"))
+                        else "torch is a CPU build" if not torch_cuda else mismatch))
     arch = os.environ.get("CPVT_CPU_ARCH", "native").strip().lower()
     if arch not in ("native", "generic"):
         sys.exit(f"cpvt_kernels build: CPVT_CPU_ARCH must be 'native' or 'generic', got {arch!r}")
@@ -102,11 +129,12 @@ def _build_config():
     return cuda, why, arch, cpu
 
 
-def _build_info_text(cuda, arch, cpu):
+def _build_info_text(cuda, why, arch, cpu):
     return ('"""What cpvt_kernels._C was built against; written by setup.py, not tracked."""\n'
             f"TORCH_VERSION = {str(torch.__version__)!r}\n"
             f"TORCH_CUDA = {torch.version.cuda!r}\n"
             f"CUDA_KERNELS = {cuda!r}\n"
+            f"CUDA_KERNELS_WHY = {why!r}\n"
             f"CPU_KERNELS = {cpu!r}\n"
             f"CPU_ARCH = {arch!r}\n")
 
@@ -176,13 +204,13 @@ class _BuildPy(build_py):
                 if (m[0], m[1]) != ("cpvt_kernels", "_build_info")]
 
 
-_CONFIG = None  # (cuda, arch, cpu), set by _extensions
+_CONFIG = None  # (cuda, why, arch, cpu), set by _extensions
 
 
 def _extensions():
     global _CONFIG
     cuda, why, arch, cpu = _build_config()
-    _CONFIG = (cuda, arch, cpu)
+    _CONFIG = (cuda, why, arch, cpu)
     debug = _env_flag("CPVT_DEBUG") is True
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # Python's own CFLAGS carry -g, which doubles the compile time of the CPU kernels (338 s

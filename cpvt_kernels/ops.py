@@ -89,6 +89,16 @@ _BUILD_HINT = ("reinstall from the source tree with `pip install --no-build-isol
                "(see the README's build and runtime switches)")
 
 
+def _cuda_build_note() -> str:
+    """Why the build left the CUDA kernels out, as setup.py recorded it: " (auto: ...)", or ""."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return ""
+    why = getattr(_build_info, "CUDA_KERNELS_WHY", None)
+    return f" ({why})" if why else ""
+
+
 def _extension_missing() -> str:
     """Why the C++ backends cannot run, when _EXT_ERROR is set."""
     if _EXT_STALE:
@@ -117,12 +127,14 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
         if not torch.cuda.is_available():
             return _NO_GPU
         if not HAS_CUDA_KERNELS:
-            return ("the extension was built without CUDA kernels; install a CUDA build of torch "
-                    "and the CUDA toolkit, then rebuild with CPVT_BUILD_CUDA=1 and CUDA_HOME set")
+            return (f"the extension was built without CUDA kernels{_cuda_build_note()}; install "
+                    "a CUDA build of torch and the CUDA toolkit of its major version, then "
+                    "rebuild with CPVT_BUILD_CUDA=1 and CUDA_HOME set")
         return None
     if name == "triton":
         if _TRITON_ERROR is not None:
-            return f"Triton is missing or failed to load ({_TRITON_ERROR}); `pip install triton`"
+            how = "" if "pip install" in _TRITON_ERROR else "; `pip install triton`"
+            return f"Triton is missing or failed to load ({_TRITON_ERROR}){how}"
         if device_type == "cuda":
             return None if torch.cuda.is_available() else _NO_GPU
         if device_type == "cpu" and TRITON_INTERPRET:

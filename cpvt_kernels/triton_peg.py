@@ -50,6 +50,21 @@ try:
 except Exception as e:  # a broken install can raise anything; callers expect ImportError
     raise ImportError(f"triton could not be imported: {type(e).__name__}: {e}") from e
 
+
+def _triton_version() -> tuple:
+    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
+# The oldest Triton the kernels are tested with; older ones are refused. Triton 3.2's
+# interpreter, for one, stores out of bounds in the partial-sum reduction and crashes.
+MIN_TRITON = (3, 6)
+if _triton_version() < MIN_TRITON:
+    _need = ".".join(map(str, MIN_TRITON))
+    raise ImportError(f"the triton backend needs triton >= {_need}, got triton "
+                      f"{triton.__version__}: install torch >= 2.11, which brings triton 3.6, "
+                      f"or `pip install 'triton>={_need}'`")
+
 if not (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")):
     raise ImportError(f"the triton backend needs torch.library.triton_op (torch >= 2.6), "
                       f"got torch {torch.__version__}")
@@ -925,11 +940,6 @@ def explicit_fma() -> bool:
     if default is None:  # the knob is gone: contraction off by default from 3.10
         return _triton_version() >= (3, 10)
     return not default
-
-
-def _triton_version() -> tuple:
-    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
-    return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
 def _use_stream(weight, H, W, C) -> bool:

@@ -59,3 +59,40 @@ def test_cpu_arch_must_be_native_or_generic(tree):
     proc = egg_info(tree, CPVT_CPU_ARCH="haswell")
     assert proc.returncode != 0
     assert "CPVT_CPU_ARCH must be 'native' or 'generic', got 'haswell'" in proc.stderr
+
+
+def fake_toolkit(root: Path, release: str) -> Path:
+    """A folder that looks like a CUDA toolkit of ``release`` to setup.py: an nvcc that prints
+    its version, and a libcudart."""
+    (root / "bin").mkdir(parents=True)
+    (root / "lib64").mkdir()
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f'#!/bin/sh\necho "Cuda compilation tools, release {release}, V{release}.1"\n')
+    nvcc.chmod(0o755)
+    (root / "lib64" / "libcudart.so").write_bytes(b"")
+    return root
+
+
+def test_a_toolkit_of_another_major_cuda_version_is_named(tree, tmp_path):
+    """torch's build refuses a toolkit of another major CUDA version than torch's own with a
+    message that names neither switch nor remedy. Left to choose, setup.py leaves the CUDA
+    kernels out and says why; asked for them (CPVT_BUILD_CUDA=1), it stops with the same
+    reason; a toolkit of torch's major version (any minor) is used."""
+    import torch
+    if torch.version.cuda is None:
+        pytest.skip("torch is a CPU build: setup.py never looks at a toolkit")
+    major = int(torch.version.cuda.split(".")[0])
+    other = fake_toolkit(tmp_path / "cuda-other", f"{major - 1}.4")
+    proc = egg_info(tree, CUDA_HOME=str(other))
+    assert proc.returncode == 0, proc.stderr
+    assert (f"CUDA kernels: no (auto: the CUDA toolkit at {other} is CUDA {major - 1}.4 and torch"
+            in proc.stdout), proc.stdout
+    assert f"set CUDA_HOME to a CUDA {major}.x toolkit" in proc.stdout
+    proc = egg_info(tree, CUDA_HOME=str(other), CPVT_BUILD_CUDA="1")
+    assert proc.returncode != 0
+    assert (f"CPVT_BUILD_CUDA=1 but the CUDA toolkit at {other} is CUDA {major - 1}.4"
+            in proc.stderr), proc.stderr
+    same = fake_toolkit(tmp_path / "cuda-same", f"{major}.9")
+    proc = egg_info(tree, CUDA_HOME=str(same))
+    assert proc.returncode == 0, proc.stderr
+    assert "CUDA kernels: yes (auto: torch CUDA build and toolkit found)" in proc.stdout, proc.stdout

@@ -7,7 +7,9 @@ registered them. Everything else needs a CUDA device.
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -31,11 +33,18 @@ def _cuda_build_expected():
     if torch.version.cuda is None:
         return False, "torch is a CPU build"
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    toolkit = any(h and os.path.exists(os.path.join(h, "bin", "nvcc")) for h in homes) or \
-        nvcc is not None or bool(glob.glob("/usr/local/cuda*/bin/nvcc"))
-    return toolkit, ("torch CUDA build and a CUDA toolkit found" if toolkit
-                     else "no CUDA toolkit found")
+    nvccs = ([os.path.join(h, "bin", "nvcc") for h in homes if h]
+             + [shutil.which("nvcc") or ""] + sorted(glob.glob("/usr/local/cuda*/bin/nvcc"),
+                                                     reverse=True))
+    nvcc = next((n for n in nvccs if n and os.path.exists(n)), None)
+    if nvcc is None:
+        return False, "no CUDA toolkit found"
+    # setup.py leaves the kernels out where the toolkit's major CUDA version is not torch's.
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r"release (\d+)\.", out)
+    if m and m[1] != torch.version.cuda.split(".")[0]:
+        return False, f"toolkit CUDA {m[1]}.x, torch CUDA {torch.version.cuda}"
+    return True, "torch CUDA build and a CUDA toolkit found"
 
 
 def test_cuda_kernels_compiled_and_registered():

@@ -4,6 +4,8 @@ Each case runs through the public ``fused_peg`` on every backend that runs on CP
 where the C++ extension is built, straight through ``torch.ops.cpvt`` so that callers who skip
 the Python layer are guarded too. No input tensor may be modified.
 """
+import sys
+
 import pytest
 import torch
 
@@ -141,6 +143,34 @@ def test_backend_that_cannot_run_on_device():
     a = _good()
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: .*CUDA tensors"):
         ck.fused_peg(a["x"], a["weight"], a["bias"], (H, W), P, backend="cuda")
+
+
+def test_cuda_kernels_left_out_of_the_build_say_why(monkeypatch):
+    """A GPU process whose extension has no CUDA kernels is told what the build recorded about
+    leaving them out (setup.py's CUDA_KERNELS_WHY), beside how to get them."""
+    import types
+    if ck.ops._EXT_ERROR is not None:
+        pytest.skip(f"no extension: {ck.ops._EXT_ERROR}")
+    why = "auto: the CUDA toolkit at /opt/cuda is CUDA 12.4 and torch was built with CUDA 13.0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ck.ops, "HAS_CUDA_KERNELS", False)
+    monkeypatch.setitem(sys.modules, "cpvt_kernels._build_info",
+                        types.SimpleNamespace(CUDA_KERNELS_WHY=why))
+    monkeypatch.setattr(ck, "_build_info", sys.modules["cpvt_kernels._build_info"], raising=False)
+    reason = ck.ops._unavailable_reason("cuda", "cuda")
+    assert reason.startswith(f"the extension was built without CUDA kernels ({why}); ")
+    assert "CPVT_BUILD_CUDA=1" in reason
+
+
+def test_triton_older_than_tested_is_refused(monkeypatch):
+    """The triton backend refuses a Triton older than the oldest it is tested with, at import,
+    saying which it needs; nothing is registered before the check."""
+    import importlib
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    monkeypatch.delitem(sys.modules, "cpvt_kernels.triton_peg", raising=False)
+    with pytest.raises(ImportError, match=r"needs triton >= 3\.6, got triton 3\.2\.0"):
+        importlib.import_module("cpvt_kernels.triton_peg")
 
 
 def test_triton_on_cpu_without_interpreter_says_how():
