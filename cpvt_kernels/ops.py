@@ -29,17 +29,23 @@ if ENV_BACKEND == "auto":
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _build_record(key: str):
+    """What setup.py recorded about the build (``_build_info.<key>``), or None: no record (a
+    build from before it, or a copy without it) or no such entry."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return None
+    return getattr(_build_info, key, None)
+
+
 def _built_for_other_torch() -> str | None:
     """Why the compiled _C must not be loaded into this process: it was built against another
     torch (setup.py records the version in ``_build_info``), or None. An extension is tied to
     the torch it was compiled against: with another one it fails to load on an undefined symbol,
     or loads and misbehaves. This happens when an install step replaces torch after the build
     (pip resolving an extra's pins, such as timm's torchvision, after building the package)."""
-    try:
-        from . import _build_info
-    except ImportError:  # a build from before the record, or a copy without it: not checked
-        return None
-    built = getattr(_build_info, "TORCH_VERSION", None)
+    built = _build_record("TORCH_VERSION")
     if built is None or built == str(torch.__version__):
         return None
     return (f"it was built against torch {built}, and this process has torch "
@@ -91,11 +97,7 @@ _BUILD_HINT = ("reinstall from the source tree with `pip install --no-build-isol
 
 def _cuda_build_note() -> str:
     """Why the build left the CUDA kernels out, as setup.py recorded it: " (auto: ...)", or ""."""
-    try:
-        from . import _build_info
-    except ImportError:
-        return ""
-    why = getattr(_build_info, "CUDA_KERNELS_WHY", None)
+    why = _build_record("CUDA_KERNELS_WHY")
     return f" ({why})" if why else ""
 
 
