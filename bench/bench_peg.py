@@ -1000,14 +1000,17 @@ def main(argv=None) -> int:
                             samples.extend(timer.sample(fn, n, per_call, warm=rounds > 1))
                     except Exception as e:
                         failed[name] = error_status(e)
-            for name in pass_names:
-                done += 1
+            # One estimate for the whole block, from the pace of the blocks timed so far: the
+            # block's time is spent before any of its rows is printed.
+            first, done = done + 1, done + len(pass_names)
+            eta = (time.perf_counter() - t_start) / max(done, 1) * (total - done)
+            for i, name in enumerate(pass_names, first):
                 row = dict(meta)
                 row.update({"pass": pass_name, "dtype": SHORT[dtype], "B": case.B, "C": case.C,
                             "H": case.H, "W": case.W, "P": case.P, "k": case.k, "impl": name,
                             "max_rel_err": _fmt(errors.get(name), ".3g"), "copy_gbps":
                             f"{copy_gbps:.6g}", "status": failed.get(name, "ok")})
-                prefix = f"[{done}/{total}] {pass_name} {SHORT[dtype]} {case.label()} {name}:"
+                prefix = f"[{i}/{total}] {pass_name} {SHORT[dtype]} {case.label()} {name}:"
                 if name in failed:
                     failures.append(f"{prefix} {failed[name]}")
                     print(f"{prefix} {failed[name]}", flush=True)
@@ -1030,7 +1033,6 @@ def main(argv=None) -> int:
                             "speedup_vs_eager": "",
                             "speedup_vs_compile": "", "frac_size_copy": ""})
                 group_rows.append(row)
-                eta = (time.perf_counter() - t_start) / done * (total - done)
                 print(f"{prefix} {stats.median_ms:.3f} ms ({stats.p20_ms:.3f}-{stats.p80_ms:.3f}) "
                       f"{gbps:.1f} GB/s {gbps / copy_gbps:.0%} of copy  [eta {eta:.0f} s]",
                       flush=True)

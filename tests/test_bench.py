@@ -7,6 +7,7 @@ import csv
 import glob
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,23 @@ def test_bench_peg_alternates_the_implementations_in_rounds(tmp_path, monkeypatc
         assert int(rows[name]["reps"]) == sum(per_round) >= 7
     with pytest.raises(SystemExit, match="--rounds"):
         bench_peg.main(["--rounds", "0"])
+
+
+def test_bench_peg_estimates_the_time_left_once_per_block(tmp_path, capsys):
+    """The implementations of a pass are timed together and printed after it: each row of the
+    block shows the same estimate (the first row's used to count the whole block's time as its
+    own, overestimating the run many times over), the rows count 1..total, and the last says 0."""
+    require_backend("cpu")
+    rc = bench_peg.main(["--shapes", "2x8x5", "--min-time", "0.2", "--no-plot",
+                         "--device", "cpu", "--dtypes", "float32", "--passes", "fwd,fwdbwd",
+                         "--impls", "eager", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = re.findall(r"^\[(\d+)/(\d+)\] (\w+) .*\[eta (\d+) s\]$", capsys.readouterr().out,
+                      re.MULTILINE)
+    assert [(int(i), int(n), p) for i, n, p, _ in rows] == [
+        (1, 4, "fwd"), (2, 4, "fwd"), (3, 4, "fwdbwd"), (4, 4, "fwdbwd")]
+    etas = [int(e) for *_, e in rows]
+    assert etas[0] == etas[1] and etas[2] == etas[3] == 0
 
 
 @pytest.mark.parametrize("argv, flag", [
