@@ -1,10 +1,11 @@
 """Build of cpvt_kernels and its extension cpvt_kernels._C.
 
 Build switches (environment variables, printed when the build starts):
-  CPVT_BUILD_CUDA   1: build the CUDA kernels (fails without a toolkit); 0: skip them;
+  CPVT_BUILD_CUDA   1: build the CUDA kernels (fails without a usable toolkit); 0: skip them;
                     unset: build them when torch is a CUDA build and a CUDA toolkit of the
                     same major version as torch's is found (torch's build refuses another).
-  CUDA_HOME         the CUDA toolkit root; found from nvcc when unset.
+  CUDA_HOME         the CUDA toolkit root (the folder holding bin/nvcc); when unset, CUDA_PATH,
+                    else found from the nvcc on the PATH or /usr/local/cuda*.
   TORCH_CUDA_ARCH_LIST  GPU architectures for nvcc (default here: "8.0;9.0").
   CPVT_BUILD_CPU    1 (default): build the CPU kernels; 0: leave them out (a quicker build for
                     a GPU machine that only checks the CUDA and Triton backends: the cpu backend
@@ -53,6 +54,8 @@ def _real_cuda_home():
     return None
 
 
+# The variable that named the toolkit root, if one did (rather than the search).
+_cuda_home_var = next((v for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)), None)
 _cuda_home = _real_cuda_home()
 if _cuda_home:
     os.environ["CUDA_HOME"] = _cuda_home
@@ -91,9 +94,15 @@ def _toolkit_version(root):
     return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
-def _toolkit_mismatch():
-    """Why the toolkit cannot compile against this torch, or None: torch's build refuses a
-    toolkit of another major CUDA version than torch's own (12.x against 13.x)."""
+def _toolkit_problem():
+    """Why the toolkit cannot compile against this torch, or None: a root given by CUDA_HOME or
+    CUDA_PATH without an nvcc, or a toolkit of another major CUDA version than torch's own
+    (torch's build refuses 12.x against 13.x)."""
+    nvcc = os.path.join(_cuda_home, "bin", "nvcc")
+    if not os.access(nvcc, os.X_OK):
+        where = f"{_cuda_home_var} is" if _cuda_home_var else "the toolkit found is"
+        return (f"{where} {_cuda_home}, which has no {os.path.join('bin', 'nvcc')}: set "
+                f"CUDA_HOME to the root of a CUDA toolkit (the folder that holds bin/nvcc)")
     found = _toolkit_version(_cuda_home)
     if found is None or found.split(".")[0] == torch.version.cuda.split(".")[0]:
         return None
@@ -107,19 +116,19 @@ def _build_config():
     want = _env_flag("CPVT_BUILD_CUDA")
     has_toolkit = _cuda_home is not None
     torch_cuda = torch.version.cuda is not None
-    mismatch = _toolkit_mismatch() if has_toolkit and torch_cuda and want is not False else None
+    problem = _toolkit_problem() if has_toolkit and torch_cuda and want is not False else None
     if want is None:
-        cuda = has_toolkit and torch_cuda and mismatch is None
+        cuda = has_toolkit and torch_cuda and problem is None
         why = "auto: " + ("torch CUDA build and toolkit found" if cuda else
                           ("no CUDA toolkit found" if not has_toolkit else
-                           "torch is a CPU build" if not torch_cuda else mismatch))
+                           "torch is a CPU build" if not torch_cuda else problem))
     else:
         cuda = want
         why = "CPVT_BUILD_CUDA=" + os.environ["CPVT_BUILD_CUDA"]
-        if cuda and not (has_toolkit and torch_cuda and mismatch is None):
+        if cuda and not (has_toolkit and torch_cuda and problem is None):
             sys.exit("cpvt_kernels build: CPVT_BUILD_CUDA=1 but "
                      + ("no CUDA toolkit was found (set CUDA_HOME)" if not has_toolkit
-                        else "torch is a CPU build" if not torch_cuda else mismatch))
+                        else "torch is a CPU build" if not torch_cuda else problem))
     arch = os.environ.get("CPVT_CPU_ARCH", "native").strip().lower()
     if arch not in ("native", "generic"):
         sys.exit(f"cpvt_kernels build: CPVT_CPU_ARCH must be 'native' or 'generic', got {arch!r}")

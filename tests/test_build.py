@@ -26,9 +26,10 @@ def tree(tmp_path):
     return tmp_path
 
 
-def egg_info(tree, **env):
-    # The build switches of the environment that runs the tests are not this test's.
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith("CPVT_")}
+def egg_info(tree, drop=(), **env):
+    """setup.py egg_info in ``tree`` with ``env`` added to this environment, less the
+    variables in ``drop`` and the build switches of the environment that runs the tests."""
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("CPVT_") and k not in drop}
     run_env.update(env)
     return subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base",
                            str(tree)], cwd=tree, env=run_env, capture_output=True, text=True,
@@ -96,3 +97,25 @@ def test_a_toolkit_of_another_major_cuda_version_is_named(tree, tmp_path):
     proc = egg_info(tree, CUDA_HOME=str(same))
     assert proc.returncode == 0, proc.stderr
     assert "CUDA kernels: yes (auto: torch CUDA build and toolkit found)" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("var", ["CUDA_HOME", "CUDA_PATH"])
+def test_a_toolkit_root_without_nvcc_is_named(tree, tmp_path, var):
+    """A CUDA_HOME (or CUDA_PATH) that holds no nvcc used to count as a toolkit found: the build
+    said it would compile the CUDA kernels, and torch's build then failed on the missing
+    compiler. Left to choose, setup.py leaves them out and names the variable; asked for them,
+    it stops with the same reason."""
+    import torch
+    if torch.version.cuda is None:
+        pytest.skip("torch is a CPU build: setup.py never looks at a toolkit")
+    root = tmp_path / "not-a-toolkit"
+    (root / "lib64").mkdir(parents=True)
+    env = {var: str(root)}
+    drop = ("CUDA_HOME", "CUDA_PATH")
+    why = f"{var} is {root}, which has no bin/nvcc: set CUDA_HOME to the root of a CUDA toolkit"
+    proc = egg_info(tree, drop, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"CUDA kernels: no (auto: {why}" in proc.stdout, proc.stdout
+    proc = egg_info(tree, drop, CPVT_BUILD_CUDA="1", **env)
+    assert proc.returncode != 0
+    assert f"CPVT_BUILD_CUDA=1 but {why}" in proc.stderr, proc.stderr

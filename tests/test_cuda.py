@@ -32,13 +32,17 @@ def _cuda_build_expected():
         return flag in ("1", "true", "yes", "on"), f"CPVT_BUILD_CUDA={flag}"
     if torch.version.cuda is None:
         return False, "torch is a CPU build"
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvccs = ([os.path.join(h, "bin", "nvcc") for h in homes if h]
-             + [shutil.which("nvcc") or ""] + sorted(glob.glob("/usr/local/cuda*/bin/nvcc"),
-                                                     reverse=True))
-    nvcc = next((n for n in nvccs if n and os.path.exists(n)), None)
-    if nvcc is None:
-        return False, "no CUDA toolkit found"
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:  # setup.py takes the root it is given, and needs its nvcc
+        nvcc = os.path.join(home, "bin", "nvcc")
+        if not os.access(nvcc, os.X_OK):
+            return False, f"no bin/nvcc in CUDA_HOME/CUDA_PATH {home}"
+    else:
+        nvccs = [shutil.which("nvcc") or ""] + sorted(glob.glob("/usr/local/cuda*/bin/nvcc"),
+                                                      reverse=True)
+        nvcc = next((n for n in nvccs if n and os.path.exists(n)), None)
+        if nvcc is None:
+            return False, "no CUDA toolkit found"
     # setup.py leaves the kernels out where the toolkit's major CUDA version is not torch's.
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120).stdout
     m = re.search(r"release (\d+)\.", out)
