@@ -103,7 +103,7 @@ def parse_args(argv=None):
                                                   "(default tiny,small; tiny with --quick)")
     p.add_argument("--sizes", default="224,384", help="image sizes (default 224,384)")
     p.add_argument("--batch", type=int, default=None,
-                   help="images per batch (default 64 on a GPU, 8 on a CPU, 4 with --quick)")
+                   help="images per batch (default 64 on a GPU; on a CPU 8, or 4 with --quick)")
     p.add_argument("--modes", default="infer,train", help="comma-separated: infer,train")
     p.add_argument("--precisions", default=None,
                    help="fp32 and/or bf16 (autocast); default fp32 on CPU, fp32,bf16 on a GPU")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of the fused PEG against eager PyTorch and torch.compile (SPEC section 6).
+"""Benchmark of the fused PEG against eager PyTorch and torch.compile.
 
 For every shape, dtype and pass it times, side by side in one process:
 
@@ -29,13 +29,13 @@ alternate between the implementations, so that a slow period of a shared host sl
 and the speedups, which are ratios of medians, stay steady.
 
 Before timing, every implementation's output (and gradients, when a backward pass is timed) is
-compared with the float64 reference on the same inputs; a fused backend outside the tolerance of
-SPEC section 5 is reported as a failure and not timed, and the program exits non-zero.
+compared with the float64 reference on the same inputs; a fused backend outside the tolerance
+in the README ("Using it") is reported as a failure and not timed, and the program exits non-zero.
 
 Usage::
 
     python bench/bench_peg.py --quick              # CPVT-Ti shapes, about a minute on 2 CPU cores
-    python bench/bench_peg.py                      # the shapes of SPEC section 6
+    python bench/bench_peg.py                      # CPVT-Ti/S/B at 224, 384 and 512 px
     python bench/bench_peg.py --device cuda --dtypes bfloat16 --shapes 256x384x24 --passes fwd
 
 Writes ``peg.csv`` (one row per measurement, each with device, versions, commit and date),
@@ -78,7 +78,8 @@ from cpvt_kernels.selfcheck import cpu_name, dist_version  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
-# SPEC section 5: max |out - ref| / max |ref| against the float64 reference.
+# The README's tolerances ("Using it"): max |out - ref| / max |ref| against the float64
+# reference.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3,
              torch.bfloat16: 1.6e-2}
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -134,7 +135,7 @@ QUICK_CASES = [Case(32, 192, h, h, 1, k) for h in (14, 24) for k in (3, 7)]
 
 
 def full_cases(device_type: str) -> list[Case]:
-    """SPEC section 6: CPVT-Ti/S/B (C = 192/384/768) at 224/384/512 pixels (H = W = 14/24/32),
+    """CPVT-Ti/S/B (C = 192/384/768) at 224/384/512 pixels (H = W = 14/24/32),
     P = 1 and k = 3, plus k = 7 and P = 0 at a few of them.
 
     Every shape costs two torch.compile graphs per dtype (with and without autograd), so the
@@ -901,7 +902,7 @@ def main(argv=None) -> int:
                               "not measured on CPU (PyTorch keeps no CPU allocation statistics)"),
               f"input checks: {check_us:.1f} us per call (warm caches) in Python for the eager "
               "PEG and the triton/reference backends; the cpu and cuda ops check theirs in C++",
-              "parity: every implementation vs the float64 reference before timing (SPEC 5 "
+              "parity: every implementation vs the float64 reference before timing (the README's "
               "tolerances; fused backends must pass)"]
     if allocator:
         notes.append(allocator)

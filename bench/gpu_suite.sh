@@ -273,8 +273,8 @@ do_step() {
     esac
 }
 
-# The correctness steps side by side: none of them is timed, so they may share the GPU. The
-# whole suite gets PYTEST_WORKERS processes, the three reruns a quarter of that each. Their
+# The correctness steps side by side: none of them is timed, so they may share the GPU. The whole
+# suite gets PYTEST_WORKERS processes, the three reruns a quarter of that each (at least 2). Their
 # consoles go to <step>.console; their logs and summary lines are as when run alone.
 CHECKS=(selfcheck test test-stream test-pipe test-triton-stream sanitize)
 step_checks() {

@@ -1,4 +1,4 @@
-"""Input checks of the fused PEG (SPEC section 4), run for every backend before dispatch.
+"""Input checks of the fused PEG, run for every backend before dispatch.
 
 The C++ ops repeat the checks that guard memory (csrc/peg.cpp) for callers that reach them
 through ``torch.ops.cpvt`` directly; the messages are the same.

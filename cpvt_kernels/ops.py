@@ -295,7 +295,7 @@ def _run_backend(name, x, weight, bias, H, W, P):
 def _run_reference(x, weight, bias, H, W, P):
     """The reference backend."""
     if x.dtype in (torch.float16, torch.bfloat16):
-        # SPEC: half types accumulate in float32, for this backend too.
+        # Half types accumulate in float32, for this backend too.
         out = peg_reference(x.float(), weight.float(), None if bias is None else bias.float(),
                             H, W, P)
         return out.to(x.dtype)

@@ -1,4 +1,4 @@
-"""The eager definition of CPVT's PEG (SPEC section 1); tests and benchmarks import it."""
+"""The eager definition of CPVT's PEG (README, "Using it"); tests and benchmarks import it."""
 from __future__ import annotations
 
 import torch

@@ -11,7 +11,7 @@ For every backend that ``cpvt_kernels.available_backends(device)`` lists it runs
   backend has no op of its own (``reference``, Triton through its CPU interpreter);
 - parity: output and gradients against the float64 reference (``peg_reference``) in float32 and
   bfloat16 (and float16 on a GPU) over three shapes, one of them a strided ``x``, within the
-  tolerances of SPEC section 5;
+  tolerances in the README's "Using it";
 
 and prints one line per backend with a clear PASS or FAIL. The exit status is 0 only if every
 backend passed and at least one fused backend runs on the device.
@@ -31,7 +31,8 @@ import cpvt_kernels as ck
 from cpvt_kernels import ops
 from cpvt_kernels.reference import peg_reference
 
-# SPEC section 5: max |out - ref| / max |ref| against the float64 reference.
+# The README's tolerances ("Using it"): max |out - ref| / max |ref| against the float64
+# reference.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # (B, P, H, W, C, kh, kw, bias, strided x)
 GRADCHECK_SHAPES = [(2, 1, 3, 4, 3, 3, 3, True, False), (1, 0, 3, 3, 2, 3, 5, False, True)]

@@ -12,7 +12,7 @@ namespace cpvt {
 
 constexpr int64_t kMaxKernelSize = 31;
 
-// Validates the arguments of peg_forward (SPEC section 4). Throws c10::ValueError,
+// Validates the arguments of peg_forward (README, "Using it"). Throws c10::ValueError,
 // c10::TypeError or c10::Error with a message that names the argument.
 void check_forward_inputs(const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, int64_t H,

@@ -1,4 +1,4 @@
-"""Shared test helpers: input factories, the float64 reference, tolerances (SPEC section 5).
+"""Shared test helpers: input factories, the float64 reference, tolerances (README, "Using it").
 
 Without a GPU, Triton runs on CPU tensors through its interpreter; TRITON_INTERPRET must be set
 before triton is first imported, so it is set here, before cpvt_kernels is imported.
@@ -28,7 +28,7 @@ if _WORKERS > 1:
 import cpvt_kernels as ck  # noqa: E402
 from cpvt_kernels.reference import peg_reference  # noqa: E402
 
-# max |out - ref| / max |ref| against the float64 reference (SPEC section 5)
+# max |out - ref| / max |ref| against the float64 reference (README, "Using it")
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 HAS_GPU = torch.cuda.is_available()
@@ -84,7 +84,7 @@ def subnormal_spacing(a: torch.Tensor) -> float:
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |a - ref| / max |ref| (SPEC section 5), less the spacing of a's dtype below its normal
+    """max |a - ref| / max |ref| (README), less the spacing of a's dtype below its normal
     range: a result there, rounded to that dtype, can be no closer than that, however small the
     relative bound (float16 spaces its subnormals 6e-8 apart, so a one-element gradient of 1e-5
     would otherwise fail the 2e-3 bound on the rounding alone)."""

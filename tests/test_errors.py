@@ -1,4 +1,4 @@
-"""Every bad input of SPEC section 4 raises a clear error that names the argument.
+"""Every bad input raises a clear error that names the argument.
 
 Each case runs through the public ``fused_peg`` on every backend that runs on CPU tensors, and,
 where the C++ extension is built, straight through ``torch.ops.cpvt`` so that callers who skip

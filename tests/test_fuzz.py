@@ -63,7 +63,7 @@ def _materialize(x64, dtype, layout, offset, device="cpu"):
 
 
 def _close(a, ref, ref_abs, tol) -> bool:
-    """Within ``tol`` of the reference by SPEC section 5's measure (``rel_err``), or, where that
+    """Within ``tol`` of the reference by the README's measure (``rel_err``), or, where that
     measure is ill-conditioned, element by element relative to the sum of the absolute values of
     the terms that make up each element (``ref_abs``: the reference computed on |x|, |w|, |b|,
     |grad|). A tiny draw can cancel: one channel, a 1 x 1 grid, no prefix tokens and a centre tap
@@ -117,7 +117,7 @@ def _check(backend, problem, device="cpu"):
 
 
 def test_close_takes_cancellation_but_not_a_missing_term():
-    """The cancelling draw of _close: SPEC 5's measure fails on float32 (eager PyTorch's too),
+    """The cancelling draw of _close: the README's measure fails on float32 (eager PyTorch's too),
     the element-wise bound passes; a result without the residual or with the centre tap's sign
     flipped fails both."""
     x64 = torch.randn(2, 1, 1, dtype=torch.float64).float().double()

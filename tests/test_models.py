@@ -177,7 +177,7 @@ def test_eager_fused_parity(backend, head):
     for n in g64:
         assert rel_err(g[n], g64[n]) < TOLERANCE[torch.float64], n
 
-    # float32: the fused model is as close to float64 as SPEC section 5 asks, and no farther
+    # float32: the fused model is as close to float64 as the README's tolerances, and no farther
     # from it than the eager model is
     out32e, g32e = forward_backward(eager.float(), images.float())
     out32f, g32f = forward_backward(fused.float(), images.float())
@@ -356,7 +356,7 @@ def test_replace_peg_on_timm_twins(backend):
     eager.load_state_dict(model.state_dict())
     assert rel_err(forward_backward(eager, images)[0], out_before) < TOLERANCE[torch.float64]
 
-    # float32: as close to the float64 model as SPEC section 5 asks, or as the eager model is
+    # float32: as close to the float64 model as the README's tolerances, or as the eager model is
     out32e, g32e = forward_backward(eager.float(), images.float())
     out32f, g32f = forward_backward(copy.deepcopy(model).float(), images.float())
     tol = TOLERANCE[torch.float32]

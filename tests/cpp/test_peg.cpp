@@ -1,5 +1,5 @@
 // Calls the fused PEG through the dispatcher, as a C++ user would, and checks it against
-// libtorch's own depthwise convolution (the SPEC section 1 definition), forward and backward.
+// libtorch's own depthwise convolution (the PEG's definition), forward and backward.
 #include <torch/torch.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_backward(const at::Tensor& g,
   return op.call(g, x, w, H, W, P, {true, true, true});
 }
 
-// Float64 forward and gradients of the PEG (SPEC section 1) by libtorch's autograd.
+// Float64 forward and gradients of the PEG (its definition) by libtorch's autograd.
 std::vector<at::Tensor> reference(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                   const at::Tensor& g, int64_t H, int64_t W, int64_t P) {
   auto x64 = x.to(at::kDouble).requires_grad_();
