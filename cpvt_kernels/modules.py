@@ -51,6 +51,20 @@ def _hw(x, H, W):
 _MISSING = object()
 
 
+def _has_forward_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_pre_hooks or m._forward_hooks)
+
+
+def _peg_calling_proj(x: torch.Tensor, proj: nn.Module, H: int, W: int, P: int) -> torch.Tensor:
+    """The PEG with its convolution run by calling ``proj`` (the paper's ``self.proj(feat) +
+    feat``), so that hooks on it run: the legacy ``weight_norm`` and ``spectral_norm`` compute the
+    weight in a forward pre-hook, which reading ``proj.weight`` would skip."""
+    B, N, C = x.shape
+    grid = x[:, P:].transpose(1, 2).reshape(B, C, H, W)
+    y = (proj(grid) + grid).flatten(2).transpose(1, 2)
+    return torch.cat([x[:, :P], y], dim=1)
+
+
 def _conv_parameters(proj: nn.Module):
     """``(proj.weight, proj.bias)``, read from the module's parameter dict where they are there.
 
@@ -75,8 +89,9 @@ class PEG(nn.Module):
     ``forward(x, H, W)`` or ``forward(x, (H, W))`` with ``x`` of shape ``(B, P + H*W, dim)``;
     returns the same shape: prefix tokens pass through, the grid gets ``proj(grid) + grid``.
     ``proj`` is ``nn.Conv2d(dim, dim, kernel_size, padding=kernel_size//2, groups=dim)``, as in
-    the paper's PEG (its Algorithm 1), so checkpoints of that module load unchanged. The
-    authors' ``PosCNN`` (CPVT and Twins code) keeps its convolution as ``proj.0``:
+    the paper's PEG (its Algorithm 1), so checkpoints of that module load unchanged. Where
+    ``proj`` has forward hooks (the legacy ``weight_norm`` or ``spectral_norm``), it is called,
+    so that they run. The authors' ``PosCNN`` (CPVT and Twins code) keeps its convolution as ``proj.0``:
     :func:`cpvt_kernels.replace_peg` swaps such modules in place, keeping their names.
 
     Example:
@@ -98,6 +113,8 @@ class PEG(nn.Module):
         # (bfloat16 tokens with float32 parameters), as with a plain nn.Conv2d.
         _checks.check_inputs(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens,
                              same_dtype=not _checks.autocast_enabled(x))
+        if _has_forward_hooks(self.proj):
+            return _peg_calling_proj(x, self.proj, H, W, self.num_prefix_tokens)
         return peg_reference(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens)
 
     def extra_repr(self) -> str:
@@ -108,7 +125,10 @@ class FusedPEG(PEG):
     """Drop-in replacement of :class:`PEG` that runs the fused op (``fused_peg``).
 
     Same parameters and state-dict keys as ``PEG`` (``proj.weight``, ``proj.bias``).
-    ``backend`` is any of ``available_backends()`` or ``"auto"``.
+    ``backend`` is any of ``available_backends()`` or ``"auto"``. The fused op reads ``proj``'s
+    parameters without calling it: where ``proj`` has forward hooks (the legacy ``weight_norm``
+    or ``spectral_norm``, which compute the weight in one), ``PEG``'s eager forward runs instead,
+    so that they do (``torch.nn.utils.parametrizations`` need no hooks and keep the fused op).
 
     Example:
         >>> peg = FusedPEG(192, backend="auto")
@@ -131,7 +151,10 @@ class FusedPEG(PEG):
             H, W = _checks.parse_size(_hw(x, H, W))
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"fused_peg: x must be a torch.Tensor, got {type(x).__name__}")
-        weight, bias = _conv_parameters(self._modules["proj"])
+        proj = self._modules["proj"]
+        if proj._forward_pre_hooks or proj._forward_hooks:
+            return PEG.forward(self, x, H, W)
+        weight, bias = _conv_parameters(proj)
         return fused_peg_hw(x, weight, bias, H, W, self.num_prefix_tokens, self.backend)
 
     def extra_repr(self) -> str:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .modules import PEG, FusedPEG, _hw
+from .modules import PEG, FusedPEG, _has_forward_hooks, _hw
 from .ops import _AUTOCAST_ELIGIBLE, BACKENDS, fused_peg
 
 __all__ = ["replace_peg"]
@@ -45,10 +45,6 @@ class _FusedPosConv:
     def __reduce_ex__(self, protocol):
         # Pickles name the original class, not the one generated at run time.
         return _new_fused_posconv, (_original_class(type(self)),), self.__dict__.copy()
-
-
-def _has_forward_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_pre_hooks or m._forward_hooks)
 
 
 _FUSED_CLASSES: dict[type, type] = {}

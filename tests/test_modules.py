@@ -78,6 +78,49 @@ class _Scale(torch.nn.Module):
         return 2.0 * w
 
 
+@pytest.mark.filterwarnings("ignore:.*weight_norm:FutureWarning")
+@pytest.mark.parametrize("cls", [ck.PEG, ck.FusedPEG])
+@pytest.mark.parametrize("hook", ["weight_norm", "spectral_norm", "forward_hook"])
+def test_modules_run_the_hooks_on_proj(cls, hook):
+    """The legacy weight_norm and spectral_norm compute proj.weight in a forward pre-hook of
+    proj, which the modules skipped by reading proj.weight without calling proj: the output
+    then used a stale weight, without an error. They now call proj where it has hooks, so the
+    output is the paper's proj(grid) + grid, a forward hook on proj sees the call, and the
+    gradients reach the hooked parameters."""
+    torch.manual_seed(5)
+    peg = cls(6, num_prefix_tokens=2).double()
+    calls = []
+    if hook == "weight_norm":
+        torch.nn.utils.weight_norm(peg.proj)
+        with torch.no_grad():
+            peg.proj.weight_g.mul_(3.0)  # proj.weight is stale until the hook runs
+    elif hook == "spectral_norm":
+        torch.nn.utils.spectral_norm(peg.proj)
+        peg.eval()  # no power iteration: each call of proj computes the same weight
+        with torch.no_grad():
+            peg.proj.weight_orig.add_(torch.randn_like(peg.proj.weight_orig))
+    else:
+        peg.proj.register_forward_hook(lambda m, args, out: calls.append(out.shape) or out * 2)
+    x = torch.randn(2, 2 + 12, 6, dtype=torch.float64, requires_grad=True)
+    out = peg(x, 3, 4)
+    expected = _paper_peg(peg.proj, x.detach(), 3, 4, 2)
+    assert out.dtype == x.dtype and rel_err(out, expected) < 1e-12
+    if hook == "forward_hook":
+        assert calls[0] == (2, 6, 3, 4)
+    out.pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, p in peg.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _paper_peg(proj, x, H, W, P):
+    """The paper's PEG: cls tokens kept, proj(feat) + feat on the grid (proj called)."""
+    with torch.no_grad():
+        B, _, C = x.shape
+        feat = x[:, P:].transpose(1, 2).reshape(B, C, H, W)
+        return torch.cat([x[:, :P], (proj(feat) + feat).flatten(2).transpose(1, 2)], dim=1)
+
+
 @pytest.mark.parametrize("cls", [ck.PEG, ck.FusedPEG])
 def test_forward_call_form_errors(cls):
     peg = cls(4)
