@@ -358,11 +358,15 @@ def fused_peg_hw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     # tokens under bfloat16 autocast). The fused op returns that dtype too, computing in it: a
     # drop-in replacement must not change the dtype of the residual stream after it (which
     # would also move every later block's elementwise work to the half type).
+    # Like autocast's own casts, only floating tensors other than float64 are cast: any other
+    # weight or bias meets the dtype check below.
     if autocast and x.dtype in _AUTOCAST_ELIGIBLE:
         dtype = torch.promote_types(x.dtype, torch.get_autocast_dtype(device_type))
         x = x.to(dtype)
-        weight = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
-        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
+        if isinstance(weight, torch.Tensor) and weight.dtype in _AUTOCAST_ELIGIBLE:
+            weight = weight.to(dtype)
+        if isinstance(bias, torch.Tensor) and bias.dtype in _AUTOCAST_ELIGIBLE:
+            bias = bias.to(dtype)
     name = _RESOLVED.get((backend, device_type, ENV_BACKEND)) if type(backend) is str else None
     if name is None:
         name = resolve_backend(backend, device_type)

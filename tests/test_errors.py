@@ -269,6 +269,23 @@ def test_non_tensor_weight_under_autocast():
             ck.fused_peg(a["x"], a["weight"].tolist(), a["bias"], (H, W), P)
 
 
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("arg, dtype", [("weight", torch.int64), ("weight", torch.complex64),
+                                        ("weight", torch.float64), ("bias", torch.bool),
+                                        ("bias", torch.int32)])
+def test_autocast_casts_only_floating_parameters(backend, arg, dtype):
+    """Under autocast the op casts x, weight and bias to the dtype it computes in, but, like
+    autocast itself, only floating tensors other than float64: an integer, bool or complex
+    weight or bias was cast and the op returned a result (dropping a complex weight's imaginary
+    part), where it must be refused as without autocast and as by the eager PEG."""
+    a = _good()
+    a[arg] = (torch.randn(a[arg].shape, dtype=dtype) if dtype.is_complex or dtype.is_floating_point
+              else torch.randint(-3, 3, a[arg].shape).to(dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=f"{arg} dtype must match x .*, got {dtype}"):
+            ck.fused_peg(a["x"], a["weight"], a["bias"], (H, W), P, backend=backend)
+
+
 def test_module_bad_backend_raises_at_construction():
     with pytest.raises(ValueError, match="FusedPEG: backend must be one of"):
         ck.FusedPEG(8, backend="cudnn")
