@@ -1054,7 +1054,7 @@ def _stream_slots(items: int, cblocks: int, cfg: dict, device: torch.device) -> 
     a whole program to finish), each walking every slots-th item; one per item with
     PER_SM = 0."""
     per_sm = int(cfg.get("PER_SM", 0))
-    if per_sm <= 0 or items <= 1:
+    if per_sm <= 0 or items <= 1 or cblocks < 1:  # (no channel blocks: C = 0)
         return items
     return max(1, min(items, per_sm * _device_sms(device) // cblocks))
 

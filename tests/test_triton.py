@@ -296,6 +296,19 @@ def test_stream_nonfinite_weight_grad_x_only(device, stream):
     check_nonfinite_grad_x_only("triton", device, 3, C=10)
 
 
+def test_stream_no_channels(device, stream):
+    """C = 0: the persistent programs are shared out over the channel blocks, of which there
+    are none; the backward divided by their count (ZeroDivisionError). Empty output and
+    gradients, as from every backend."""
+    x = torch.randn(2, 1 + 3 * 4, 0, device=device, requires_grad=True)
+    w = torch.randn(0, 1, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(0, device=device, requires_grad=True)
+    out = ck.fused_peg(x, w, b, (3, 4), 1, backend="triton")
+    assert out.shape == x.shape and out.dtype == x.dtype
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), torch.randn(out.shape, device=device))
+    assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
+
+
 @pytest.mark.parametrize("per_sm", [0, 1, 2, 5], ids=lambda v: f"per_sm{v}")
 def test_stream_persistent_programs_walk_every_item(device, per_sm, poison_empty, monkeypatch):
     """However many items each persistent program walks (one program per item with PER_SM = 0,
