@@ -84,11 +84,29 @@ def check_argument_types(x, weight, bias, num_prefix_tokens) -> None:
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fused_peg: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"fused_peg: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        check_dense(name, t)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError("fused_peg: bias must be a torch.Tensor or None, "
+                            f"got {type(bias).__name__}")
+        check_dense("bias", bias)
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
         raise TypeError("fused_peg: num_prefix_tokens must be an int, "
                         f"got {type(num_prefix_tokens).__name__}")
+
+
+def check_dense(name: str, t: torch.Tensor) -> None:
+    """``t`` is a dense tensor with strides: not sparse, MKL-DNN, quantized or nested (where the
+    ops have no kernel, and the dispatcher's error names neither the argument nor the remedy)."""
+    if t.is_nested:
+        got, fix = "a nested tensor", "pad it (torch.nested.to_padded_tensor) or run each one"
+    elif t.is_quantized:
+        got, fix = "a quantized tensor", "dequantize it (.dequantize())"
+    elif t.layout != torch.strided:
+        got, fix = f"layout {t.layout}", "convert it (.to_dense())"
+    else:
+        return
+    raise TypeError(f"fused_peg: {name} must be a dense (strided) tensor, got {got}: {fix}")
 
 
 def check_inputs(x, weight, bias, H, W, num_prefix_tokens, same_dtype: bool = True) -> None:

@@ -333,8 +333,10 @@ def fused_peg(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"fused_peg: x must be a torch.Tensor, got {type(x).__name__}")
-    H, W = _checks.parse_size(size, x.shape[1] if x.dim() == 3 else None, num_prefix_tokens
-                              if isinstance(num_prefix_tokens, int) else 0)
+    if size is None:  # a nested x has no shape to read: its error comes from the checks
+        _checks.check_dense("x", x)
+    H, W = _checks.parse_size(size, x.shape[1] if size is None and x.dim() == 3 else None,
+                              num_prefix_tokens if isinstance(num_prefix_tokens, int) else 0)
     return fused_peg_hw(x, weight, bias, H, W, num_prefix_tokens, backend)
 
 
@@ -383,8 +385,9 @@ def fused_peg_hw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                     and not _has_torch_function((x, weight, bias))):
                 return _PEG_FORWARD_EAGER(x, weight, bias, H, W, num_prefix_tokens)
             return _PEG_FORWARD(x, weight, bias, H, W, num_prefix_tokens)
-        except OverflowError:
-            # An int past int64 (H, W, num_prefix_tokens): the error that names it.
+        except (OverflowError, RuntimeError):
+            # An int past int64 (H, W, num_prefix_tokens), or a tensor the op has no kernel for
+            # (sparse, quantized, nested: the dispatcher's error): the error that names it.
             _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
             raise
     _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)

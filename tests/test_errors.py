@@ -269,6 +269,41 @@ def test_non_tensor_weight_under_autocast():
             ck.fused_peg(a["x"], a["weight"].tolist(), a["bias"], (H, W), P)
 
 
+def _not_dense(kind, t):
+    if kind == "sparse":
+        return t.to_sparse()
+    if kind == "mkldnn":
+        return t.to_mkldnn()
+    if kind == "quantized":
+        return torch.quantize_per_tensor(t, 0.05, 0, torch.qint8)
+    return torch.nested.nested_tensor(list(t.unbind(0)), layout=torch.jagged)
+
+
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions:UserWarning")
+@pytest.mark.parametrize("backend", ["auto"] + _backends())
+@pytest.mark.parametrize("size", [(H, W), None], ids=["size", "no_size"])
+@pytest.mark.parametrize("arg, kind", [("x", "sparse"), ("x", "mkldnn"), ("x", "quantized"),
+                                       ("x", "nested"), ("weight", "sparse"),
+                                       ("weight", "quantized"), ("bias", "sparse")])
+def test_tensors_without_strides_name_the_argument(backend, size, arg, kind):
+    """Sparse, MKL-DNN, quantized and nested tensors, which the ops have no kernel for: an error
+    naming the argument and what to do, where the cpu op gave the dispatcher's ("Could not run
+    'cpvt::peg_forward' with arguments from the 'SparseCPU' backend") and a nested x an internal
+    error. The FusedPEG and PEG modules give the same for x."""
+    a = _with(P=0, x=torch.randn(B, H * H, C)) if size is None else _good()
+    hw = (H, H) if size is None else (H, W)
+    a[arg] = _not_dense(kind, a[arg])
+    what = {"sparse": "layout torch.sparse_coo", "mkldnn": "layout torch._mkldnn",
+            "quantized": "a quantized tensor", "nested": "a nested tensor"}[kind]
+    msg = f"{arg} must be a dense \\(strided\\) tensor, got {what}"
+    with pytest.raises(TypeError, match=msg):
+        ck.fused_peg(a["x"], a["weight"], a["bias"], size, a["P"], backend=backend)
+    if arg == "x" and backend == "auto":
+        for peg in (ck.PEG(C, num_prefix_tokens=a["P"]), ck.FusedPEG(C, num_prefix_tokens=a["P"])):
+            with pytest.raises(TypeError, match=msg):
+                peg(a["x"], *hw)
+
+
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("arg, dtype", [("weight", torch.int64), ("weight", torch.complex64),
                                         ("weight", torch.float64), ("bias", torch.bool),
