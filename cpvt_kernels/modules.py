@@ -6,7 +6,7 @@ from torch import nn
 
 from . import _checks
 from .ops import BACKENDS, fused_peg_hw
-from .reference import peg_reference
+from .reference import peg_unchecked
 
 
 def _int_arg(name: str, v, low: int | None = None) -> int:
@@ -115,7 +115,7 @@ class PEG(nn.Module):
                              same_dtype=not _checks.autocast_enabled(x))
         if _has_forward_hooks(self.proj):
             return _peg_calling_proj(x, self.proj, H, W, self.num_prefix_tokens)
-        return peg_reference(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens)
+        return peg_unchecked(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens)
 
     def extra_repr(self) -> str:
         return f"num_prefix_tokens={self.num_prefix_tokens}"

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from . import _autograd, _checks
-from .reference import peg_reference
+from .reference import peg_unchecked
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 # Preference order of backend="auto" per device type.
@@ -296,10 +296,10 @@ def _run_reference(x, weight, bias, H, W, P):
     """The reference backend."""
     if x.dtype in (torch.float16, torch.bfloat16):
         # Half types accumulate in float32, for this backend too.
-        out = peg_reference(x.float(), weight.float(), None if bias is None else bias.float(),
+        out = peg_unchecked(x.float(), weight.float(), None if bias is None else bias.float(),
                             H, W, P)
         return out.to(x.dtype)
-    return peg_reference(x, weight, bias, H, W, P)
+    return peg_unchecked(x, weight, bias, H, W, P)
 
 
 def fused_peg(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -4,10 +4,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _checks
+
 
 def peg_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   H: int, W: int, num_prefix_tokens: int = 1) -> torch.Tensor:
     """PEG in eager PyTorch: split, view as a grid, depthwise conv with zero padding, add, concat.
+
+    The arguments are checked as ``fused_peg`` checks them (under autocast the weight and bias
+    may differ from ``x`` in dtype, as for a convolution).
 
     Args:
         x: ``(B, P + H*W, C)`` tokens; the first ``P = num_prefix_tokens`` pass through.
@@ -22,13 +27,22 @@ def peg_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         >>> peg_reference(x, w, None, 14, 14).shape
         torch.Size([2, 197, 64])
     """
+    H = _checks.as_int(H, "peg_reference: H")
+    W = _checks.as_int(W, "peg_reference: W")
+    num_prefix_tokens = _checks.as_int(num_prefix_tokens, "peg_reference: num_prefix_tokens")
+    _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens,
+                         same_dtype=not _checks.autocast_enabled(x))
+    return peg_unchecked(x, weight, bias, H, W, num_prefix_tokens)
+
+
+def peg_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  H: int, W: int, num_prefix_tokens: int) -> torch.Tensor:
+    """:func:`peg_reference` for arguments already checked (the PEG module, the reference
+    backend)."""
     B, N, C = x.shape
     if C == 0:
         # conv2d takes no groups=0; with no channels the output is x's empty shape, as from the
         # fused backends, with the weight and the bias kept in the autograd graph.
-        if N != num_prefix_tokens + H * W:
-            raise ValueError(f"peg_reference: x.shape[1] must equal num_prefix_tokens + H*W = "
-                             f"{num_prefix_tokens + H * W}, got {N}")
         zero = weight.sum() * 0
         return x + (zero if bias is None else zero + bias.sum() * 0)
     P = num_prefix_tokens

@@ -90,6 +90,30 @@ def test_bad_input_public_api(name, backend):
 
 
 @pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_reference_function(name):
+    """peg_reference, public as the eager definition, checks its arguments as fused_peg does:
+    it computed a negative num_prefix_tokens (passing 4 tokens through and convolving the last),
+    integer tokens, and C = 0 with any weight, without an error."""
+    args, err, words = BAD[name]
+    with pytest.raises(err) as info:
+        ck.peg_reference(args["x"], args["weight"], args["bias"], args["H"], args["W"],
+                         args["P"])
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+
+
+def test_reference_function_checks_its_ints_and_channels():
+    x, w = torch.randn(2, 5, 3), torch.randn(3, 1, 3, 3)
+    with pytest.raises(ValueError, match="num_prefix_tokens must be >= 0, got -1"):
+        ck.peg_reference(x, w, None, 1, 1, -1)
+    with pytest.raises(TypeError, match="peg_reference: H must be an int, got float"):
+        ck.peg_reference(x, w, None, 2.0, 2, 1)
+    with pytest.raises(ValueError, match=r"weight must have shape \(C, 1, kh, kw\) with C = 0"):
+        ck.peg_reference(torch.randn(2, 5, 0), torch.randn(7, 2, 2), None, 2, 2, 1)
+
+
+@pytest.mark.parametrize("name", list(BAD))
 def test_bad_input_cpp_op(name):
     """The C++ op checks its inputs itself (callers may skip the Python layer)."""
     if "cpu" not in ck.available_backends("cpu"):
