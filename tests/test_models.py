@@ -125,10 +125,29 @@ def test_init_and_no_weight_decay():
     (dict(abs_pos_embed=True, img_size=224.0), "img_size"),
     (dict(img_size=(224, 224, 3)), "img_size"),
     (dict(img_size="big"), "img_size"),
+    (dict(drop_path_rate=-0.5), r"drop_path_rate must be a number in \[0.0, 1.0\], got -0.5"),
+    (dict(drop_path_rate=1.5), "drop_path_rate"),
+    (dict(drop_rate=1.2), "drop_rate"),
+    (dict(attn_drop_rate=float("nan")), "attn_drop_rate"),
+    (dict(mlp_ratio=-1.0), r"mlp_ratio must be a number in \(0.0, inf\), got -1.0"),
+    (dict(mlp_ratio=0), "mlp_ratio"),
+    (dict(mlp_ratio="4"), "mlp_ratio"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         tiny(**options)
+
+
+def test_drop_path_rate_one_drops_every_branch():
+    """drop_path_rate = 1 (the last block's branches always dropped in training) divided by a
+    keep probability of 0: the logits were all NaN. The branches are now dropped to zero."""
+    torch.manual_seed(0)
+    m = tiny(drop_path_rate=1.0).train()
+    out = m(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(out).all()
+    block = m.blocks[-1]
+    y = torch.randn(2, 5, m.embed_dim)
+    assert torch.equal(block.drop_path(y), torch.zeros_like(y))
 
 
 def test_bad_kernel_size_type_names_the_option():

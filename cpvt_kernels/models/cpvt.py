@@ -41,6 +41,16 @@ def _positive_int(v, name: str, low: int = 1) -> int:
     return v
 
 
+def _real(v, name: str, low: float, high: float | None = None, low_open: bool = False) -> float:
+    """``v`` as a float in [low, high] (or (low, high] with ``low_open``)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    ok = ok and (v > low if low_open else v >= low) and (high is None or v <= high)
+    if not ok:
+        where = ("(" if low_open else "[") + f"{low}, " + ("inf)" if high is None else f"{high}]")
+        raise ValueError(f"CPVT: {name} must be a number in {where}, got {v!r}")
+    return float(v)
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches, linearly embedded: ``(B, C, H, W) -> (B, N, D)`` and ``(h, w)``."""
 
@@ -107,7 +117,7 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.p
         mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x * mask / keep if keep > 0 else x * mask  # (p = 1: every branch dropped)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -158,7 +168,8 @@ class CPVT(nn.Module):
             to other grid sizes (as DeiT does). With ``peg_positions=()`` this is DeiT; it exists
             to compare the two.
         drop_rate, attn_drop_rate, drop_path_rate: dropout after projections and MLP, on the
-            attention weights, and stochastic depth (linearly increasing over the blocks).
+            attention weights, and stochastic depth (linearly increasing over the blocks, to
+            ``drop_path_rate`` at the last); each in [0, 1]. ``mlp_ratio`` must be > 0.
 
     Shapes: ``forward(images (B, in_chans, H, W)) -> logits (B, num_classes)``. With
     ``distilled=True`` the logits are the average of both heads, except in training mode after
@@ -191,6 +202,10 @@ class CPVT(nn.Module):
         in_chans = _positive_int(in_chans, "in_chans")
         embed_dim = _positive_int(embed_dim, "embed_dim")
         num_heads = _positive_int(num_heads, "num_heads")
+        mlp_ratio = _real(mlp_ratio, "mlp_ratio", 0.0, low_open=True)
+        drop_rate = _real(drop_rate, "drop_rate", 0.0, 1.0)
+        attn_drop_rate = _real(attn_drop_rate, "attn_drop_rate", 0.0, 1.0)
+        drop_path_rate = _real(drop_path_rate, "drop_path_rate", 0.0, 1.0)
         # Checked whether or not a pos_embed uses it, so that a bad value never passes silently.
         img_size = _pair(img_size, "img_size")
         if isinstance(peg_positions, int) and not isinstance(peg_positions, bool):
