@@ -14,7 +14,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def parse_size(size, num_tokens: int | None = None, num_prefix_tokens: int = 0) -> tuple[int, int]:
-    """``size`` as ``(H, W)``: a pair, or ``None`` for a square grid inferred from the tokens."""
+    """``size`` as ``(H, W)``: a pair, an int (a numpy integer or an integer 0-d tensor too) for
+    a square grid, or ``None`` for a square grid inferred from the tokens."""
     if size is None:
         if num_tokens is None:
             raise ValueError("fused_peg: size must be given as (H, W), got None")
@@ -30,7 +31,12 @@ def parse_size(size, num_tokens: int | None = None, num_prefix_tokens: int = 0) 
     try:
         H, W = size
     except (TypeError, ValueError):
-        raise TypeError(f"fused_peg: size must be a pair (H, W), got {size!r}") from None
+        try:
+            side = as_int(size, "fused_peg: size")
+        except TypeError:
+            raise TypeError(f"fused_peg: size must be a pair (H, W) or an int, got "
+                            f"{type_name(size)} {size!r}") from None
+        return side, side
     return _size_int("H", H), _size_int("W", W)
 
 

@@ -333,6 +333,8 @@ def fused_peg(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"fused_peg: x must be a torch.Tensor, got {type(x).__name__}")
+    if type(num_prefix_tokens) is not int:  # a numpy integer, as the modules take
+        num_prefix_tokens = _checks.as_int(num_prefix_tokens, "fused_peg: num_prefix_tokens")
     if size is None:  # a nested x has no shape to read: its error comes from the checks
         _checks.check_dense("x", x)
     H, W = _checks.parse_size(size, x.shape[1] if size is None and x.dim() == 3 else None,

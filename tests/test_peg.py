@@ -185,6 +185,15 @@ def test_size_forms():
     ref = ck.fused_peg(x, w, b, (6, 6), 1)
     assert torch.equal(ck.fused_peg(x, w, b, 6, 1), ref)
     assert torch.equal(ck.fused_peg(x, w, b, None, 1), ref)
+    # An integer of numpy or a 0-d tensor is an int too (they were "not a pair"), for size and
+    # for num_prefix_tokens (which the modules' constructors already took)
+    np = pytest.importorskip("numpy")
+    for side in (np.int64(6), torch.tensor(6)):
+        assert torch.equal(ck.fused_peg(x, w, b, side, 1), ref)
+    assert torch.equal(ck.fused_peg(x, w, b, (6, 6), np.int64(1)), ref)
+    for bad in (6.0, True, (6,), torch.tensor([6, 6, 6])):
+        with pytest.raises(TypeError, match="size must be a pair \\(H, W\\) or an int"):
+            ck.fused_peg(x, w, b, bad, 1)
     with pytest.raises(ValueError, match="size"):
         ck.fused_peg(x[:, :-1], w, b, None, 1)
 
