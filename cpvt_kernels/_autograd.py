@@ -18,6 +18,18 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _backward(ctx, grad_out, backward_op):
+    x, weight = ctx.saved_tensors
+    H, W, P = ctx.size
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2]]
+    if not any(mask):
+        return None, None, None, None, None, None
+    gx, gw, gb = backward_op(grad_out, x, weight, H, W, P, mask)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+            None, None, None)
+
+
 def register(forward_op, backward_op) -> None:
     """``torch.library.register_autograd`` for ``forward_op`` with ``backward_op`` as backward.
 
@@ -25,14 +37,41 @@ def register(forward_op, backward_op) -> None:
     """
 
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        H, W, P = ctx.size
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                ctx.has_bias and ctx.needs_input_grad[2]]
-        if not any(mask):
-            return None, None, None, None, None, None
-        gx, gw, gb = backward_op(grad_out, x, weight, H, W, P, mask)
-        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
-                None, None, None)
+        return _backward(ctx, grad_out, backward_op)
 
     torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
+
+
+FORWARD_AD_ERROR = ("fused_peg: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is "
+                    "not supported by the fused backends; use backend=\"reference\"")
+
+
+def functorch_function(forward_op, backward_op) -> type:
+    """The same formula as an ``autograd.Function`` that ``torch.func`` transforms take (grad,
+    vjp, jacrev, and vmap of them): neither a C++ ``torch::autograd::Function`` (the C++ op's
+    autograd) nor the function ``register_autograd`` generates (no ``setup_context``; PyTorch
+    issue 170834) runs under them. The forward runs the op below autograd; the backward op has
+    no derivative of its own, so a second derivative through it is an error, as with autograd.
+    """
+
+    class PegFunction(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x, weight, bias, H, W, P):
+            with torch._C._AutoDispatchBelowAutograd():
+                return forward_op(x, weight, bias, H, W, P)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            return _backward(ctx, grad_out, backward_op)
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            raise RuntimeError(FORWARD_AD_ERROR)
+
+    return PegFunction

@@ -9,6 +9,8 @@ import operator
 
 import torch
 
+from ._autograd import FORWARD_AD_ERROR
+
 MAX_KERNEL_SIZE = 31
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -80,9 +82,7 @@ def check_no_forward_ad(*tensors) -> None:
     without a tangent (as if the derivative were zero)."""
     from torch.autograd.forward_ad import unpack_dual
     if any(t is not None and unpack_dual(t).tangent is not None for t in tensors):
-        raise RuntimeError("fused_peg: forward-mode AD (torch.func.jvp, "
-                           "torch.autograd.forward_ad) is not supported by the fused backends; "
-                           "use backend=\"reference\"")
+        raise RuntimeError(FORWARD_AD_ERROR)
 
 
 def check_argument_types(x, weight, bias, num_prefix_tokens) -> None:

@@ -272,6 +272,10 @@ if _EXT_ERROR is None:
     if not _has_kernel("cpvt::peg_forward", "Autograd"):
         _autograd.register("cpvt::peg_forward", torch.ops.cpvt.peg_backward)
 
+    # Under torch.func transforms, which the C++ autograd does not run under.
+    _FUNCTORCH_PEG = _autograd.functorch_function(torch.ops.cpvt.peg_forward,
+                                                  torch.ops.cpvt.peg_backward)
+
 
 # ---------------------------------------------------------------------------------------------
 
@@ -283,7 +287,15 @@ def _run_backend(name, x, weight, bias, H, W, P):
     if name == "triton":
         if not torch.compiler.is_compiling():
             _checks.check_no_forward_ad(x, weight, bias)
-        return _triton_peg.peg_triton(x, weight, bias, H, W, P)
+        try:
+            return _triton_peg.peg_triton(x, weight, bias, H, W, P)
+        except RuntimeError as e:
+            if not torch._C._are_functorch_transforms_active():
+                raise
+            raise RuntimeError(
+                "fused_peg (triton): torch.func's grad, vjp and jacrev are not supported by this "
+                "backend, whose autograd torch.library generates (PyTorch issue 170834; vmap of "
+                "the forward works); use backend=\"cuda\" or \"reference\"") from e
     if _checks.autocast_enabled(x):
         # fused_peg has cast the tensors to the dtype it returns; the reference computes in it,
         # as the fused backends do, not in the autocast dtype its convolution would take.
@@ -391,6 +403,9 @@ def fused_peg_hw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             # An int past int64 (H, W, num_prefix_tokens), or a tensor the op has no kernel for
             # (sparse, quantized, nested: the dispatcher's error): the error that names it.
             _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
+            # torch.func's grad, vjp, jacrev, ...: the C++ autograd refuses to run under them.
+            if torch._C._are_functorch_transforms_active():
+                return _FUNCTORCH_PEG.apply(x, weight, bias, H, W, num_prefix_tokens)
             raise
     _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
     return _run_backend(name, x, weight, bias, H, W, num_prefix_tokens)

@@ -228,3 +228,54 @@ def test_eager_binding_checks_its_arguments():
         _C.peg_forward(x, w, None, 3, 2, 1)
     assert torch.equal(_C.peg_forward(x, w, None, 2, 2, 1),
                        torch.ops.cpvt.peg_forward(x, w, None, 2, 2, 1))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # vmap's per-sample fallback for the op
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script:FutureWarning")  # torch.func's import
+@pytest.mark.parametrize("backend", ["cpu", "auto", "triton", "reference"])
+def test_torch_func_reverse_mode(backend):
+    """torch.func.grad, vjp, jacrev and vmap of grad (per-sample gradients): the C++ autograd
+    of the cpu and cuda ops refuses to run under torch.func ("cannot use C++
+    torch::autograd::Function with functorch transforms"), so under them the op runs through
+    a Python autograd.Function with the same backward op; the results are those of the
+    reference. A second derivative is an error, not zeros. The triton op's autograd, which
+    torch.library generates, cannot run under them either (PyTorch issue 170834): an error
+    that says so and names the backends that can."""
+    if backend not in ("auto", "reference"):
+        require_backend(backend)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 1 + 2 * 3, 4, dtype=torch.float64, generator=g)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64, generator=g)
+    b = torch.randn(4, dtype=torch.float64, generator=g)
+
+    def loss(fn):
+        return lambda xx, ww, bb: fn(xx, ww, bb).square().sum()
+
+    fused = lambda xx, ww, bb: ck.fused_peg(xx, ww, bb, (2, 3), 1, backend=backend)  # noqa: E731
+    ref = lambda xx, ww, bb: ck.peg_reference(xx, ww, bb, 2, 3, 1)  # noqa: E731
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match=r"triton.*torch.func's grad.*backend=\"cuda\""):
+            torch.func.grad(loss(fused), argnums=1)(x, w, b)
+        return
+    got = torch.func.grad(loss(fused), argnums=(0, 1, 2))(x, w, b)
+    want = torch.func.grad(loss(ref), argnums=(0, 1, 2))(x, w, b)
+    for a, r in zip(got, want):
+        assert rel_err(a, r) < 1e-12
+    out, vjp = torch.func.vjp(fused, x, w, b)
+    ct = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    for a, r in zip(vjp(ct), torch.func.vjp(ref, x, w, b)[1](ct)):
+        assert rel_err(a, r) < 1e-12
+    jac = torch.func.jacrev(lambda ww: fused(x, ww, b))(w)
+    assert rel_err(jac, torch.func.jacrev(lambda ww: ref(x, ww, b))(w)) < 1e-12
+
+    def per_sample(fn):
+        return torch.func.vmap(torch.func.grad(lambda xx, ww: fn(xx[None], ww, b).square().sum(),
+                                               argnums=1), in_dims=(0, None))(x, w)
+
+    assert rel_err(per_sample(fused), per_sample(ref)) < 1e-12
+    if backend == "reference":
+        return
+    with pytest.raises(RuntimeError, match="derivative for cpvt::peg_backward is not implemented"):
+        torch.func.jacrev(torch.func.jacrev(lambda ww: fused(x, ww, b).square().sum()))(w)
+    with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
+        torch.func.hessian(lambda ww: fused(x, ww, b).square().sum())(w)
