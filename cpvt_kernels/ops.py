@@ -180,12 +180,17 @@ _RESOLVED: dict[tuple, str] = {}
 def resolve_backend(backend: str, device_type: str) -> str:
     """The concrete backend for ``backend`` ("auto" or a name) on ``device_type`` tensors."""
     key = (backend.lower() if isinstance(backend, str) else backend, device_type, ENV_BACKEND)
+    if torch.compiler.is_compiling():
+        # Neither read nor filled while tracing: a read would be guarded on (the function
+        # compiled again once an eager call filled the cache), and the first eager call must
+        # still warn.
+        return _resolve(backend, device_type)
     name = _RESOLVED.get(key) if isinstance(backend, str) else None
     if name is not None:
         return name
     name = _resolve(backend, device_type)
-    if isinstance(backend, str) and not torch.compiler.is_compiling():
-        _RESOLVED[key] = name  # (not while tracing: the first eager call still warns)
+    if isinstance(backend, str):
+        _RESOLVED[key] = name
     return name
 
 
@@ -383,7 +388,11 @@ def fused_peg_hw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             weight = weight.to(dtype)
         if isinstance(bias, torch.Tensor) and bias.dtype in _AUTOCAST_ELIGIBLE:
             bias = bias.to(dtype)
-    name = _RESOLVED.get((backend, device_type, ENV_BACKEND)) if type(backend) is str else None
+    # Traced, the cache is not read: torch.compile would guard on its contents, and compile the
+    # function again once an eager call has filled it.
+    compiling = torch.compiler.is_compiling()
+    name = (_RESOLVED.get((backend, device_type, ENV_BACKEND))
+            if type(backend) is str and not compiling else None)
     if name is None:
         name = resolve_backend(backend, device_type)
     if name == "cpu" or name == "cuda":
@@ -395,7 +404,7 @@ def fused_peg_hw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             _checks.check_argument_types(x, weight, bias, num_prefix_tokens)
         try:
             if (_PEG_FORWARD_EAGER is not None and type(H) is int and type(W) is int
-                    and not torch.compiler.is_compiling()
+                    and not compiling
                     and not _has_torch_function((x, weight, bias))):
                 return _PEG_FORWARD_EAGER(x, weight, bias, H, W, num_prefix_tokens)
             return _PEG_FORWARD(x, weight, bias, H, W, num_prefix_tokens)

@@ -113,6 +113,27 @@ def test_compile_dynamic_two_resolutions_without_recompiling():
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_compile_is_not_redone_when_an_eager_call_fills_the_backend_cache(backend, monkeypatch):
+    """The name of the backend an argument resolves to is cached for eager calls. A traced call
+    read that cache, so torch.compile guarded on its contents: a function compiled before any
+    eager call was compiled again at the same shapes after the first eager call."""
+    require_backend("cpu")
+    import torch._dynamo.testing
+    monkeypatch.setattr(ck.ops, "_RESOLVED", {})
+    torch._dynamo.reset()
+    peg = ck.FusedPEG(8, 3, backend=backend)
+    counter = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(peg, backend=counter, fullgraph=True)
+    x = torch.randn(2, 1 + 4 * 4, 8)
+    first = fn(x, 4, 4)
+    assert not ck.ops._RESOLVED  # tracing neither reads nor fills it
+    assert torch.equal(peg(x, 4, 4), first)
+    assert ck.ops._RESOLVED  # the eager call did
+    assert torch.equal(fn(x, 4, 4), first)
+    assert counter.frame_count == 1
+
+
 def test_export_runs_and_matches_eager():
     require_backend("cpu")
     peg = ck.FusedPEG(8, 3, backend="cpu").eval()
