@@ -111,11 +111,14 @@ class PEG(nn.Module):
         H, W = _hw(x, H, W)
         # Under autocast the convolution casts the parameters, so they may differ from x in dtype
         # (bfloat16 tokens with float32 parameters), as with a plain nn.Conv2d.
-        _checks.check_inputs(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens,
+        # Each parameter read once: a parametrization (spectral_norm's power iteration) runs on
+        # every read.
+        weight, bias = self.proj.weight, self.proj.bias
+        _checks.check_inputs(x, weight, bias, H, W, self.num_prefix_tokens,
                              same_dtype=not _checks.autocast_enabled(x))
         if _has_forward_hooks(self.proj):
             return _peg_calling_proj(x, self.proj, H, W, self.num_prefix_tokens)
-        return peg_unchecked(x, self.proj.weight, self.proj.bias, H, W, self.num_prefix_tokens)
+        return peg_unchecked(x, weight, bias, H, W, self.num_prefix_tokens)
 
     def extra_repr(self) -> str:
         return f"num_prefix_tokens={self.num_prefix_tokens}"

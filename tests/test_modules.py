@@ -78,6 +78,26 @@ class _Scale(torch.nn.Module):
         return 2.0 * w
 
 
+class _Counted(torch.nn.Module):
+    calls = 0
+
+    def forward(self, w):
+        _Counted.calls += 1
+        return w
+
+
+@pytest.mark.parametrize("cls", [ck.PEG, ck.FusedPEG])
+def test_modules_compute_a_parametrized_weight_once_a_call(cls):
+    """A parametrization runs on every read of proj.weight (spectral_norm does a power iteration
+    and updates its state each time): PEG read it twice a call, for its checks and for the
+    convolution, so its state drifted from a plain nn.Conv2d's with the same parametrization."""
+    peg = cls(6)
+    torch.nn.utils.parametrize.register_parametrization(peg.proj, "weight", _Counted())
+    _Counted.calls = 0
+    peg(torch.randn(2, 1 + 9, 6), 3, 3)
+    assert _Counted.calls == 1
+
+
 @pytest.mark.filterwarnings("ignore:.*weight_norm:FutureWarning")
 @pytest.mark.parametrize("cls", [ck.PEG, ck.FusedPEG])
 @pytest.mark.parametrize("hook", ["weight_norm", "spectral_norm", "forward_hook"])
