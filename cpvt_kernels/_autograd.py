@@ -1,6 +1,6 @@
 """The autograd formula of a fused PEG forward op, registered from Python: for the Triton op,
 and for the C++ op of an extension built without its C++ autograd (csrc/autograd.cpp, the same
-formula without the Python wrapper's cost per call).
+formula without the Python wrapper's cost per call). Also the ops' FLOP formulas.
 
 The backward is another registered op (``peg_backward`` or ``peg_backward_triton``) called with
 an output mask, so each gradient is computed only when required and compiled graphs contain no
@@ -40,6 +40,27 @@ def register(forward_op, backward_op) -> None:
         return _backward(ctx, grad_out, backward_op)
 
     torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
+
+
+def register_flops(forward_op, backward_op) -> None:
+    """FLOP formulas for ``torch.utils.flop_counter.FlopCounterMode``: the forward one
+    convolution, the backward one per gradient of x and of the weight."""
+    try:
+        from torch.utils.flop_counter import register_flop_formula
+    except ImportError:  # pragma: no cover - an older torch
+        return
+
+    def conv(x_shape, weight_shape, H, W):  # 2 FLOPs a multiply-add, as it counts nn.Conv2d
+        return 2 * x_shape[0] * x_shape[2] * weight_shape[2] * weight_shape[3] * H * W
+
+    @register_flop_formula(forward_op)
+    def _forward_flops(x_shape, weight_shape, bias_shape, H, W, P, *args, **kwargs) -> int:
+        return conv(x_shape, weight_shape, H, W)
+
+    @register_flop_formula(backward_op)
+    def _backward_flops(grad_out_shape, x_shape, weight_shape, H, W, P, output_mask, *args,
+                        **kwargs) -> int:
+        return conv(x_shape, weight_shape, H, W) * (bool(output_mask[0]) + bool(output_mask[1]))
 
 
 FORWARD_AD_ERROR = ("fused_peg: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is "

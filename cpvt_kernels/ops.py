@@ -113,6 +113,9 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
     """Why backend ``name`` cannot run on ``device_type`` tensors, or None if it can."""
     if name == "reference":
         return None
+    if device_type == "meta" and name in ("cpu", "cuda"):
+        # Shapes without data: the op's fake kernel, which needs the extension, not its kernels.
+        return _extension_missing() if _EXT_ERROR is not None else None
     if name == "cpu":
         if device_type != "cpu":
             return f"the cpu backend runs on CPU tensors, got {device_type} tensors"
@@ -139,7 +142,7 @@ def _unavailable_reason(name: str, device_type: str) -> str | None:
             return f"Triton is missing or failed to load ({_TRITON_ERROR}){how}"
         if device_type == "cuda":
             return None if torch.cuda.is_available() else _NO_GPU
-        if device_type == "cpu" and TRITON_INTERPRET:
+        if device_type == "meta" or (device_type == "cpu" and TRITON_INTERPRET):
             return None
         return (f"the triton backend runs on CUDA tensors (CPU tensors only with "
                 f"TRITON_INTERPRET=1 set before triton is imported), got {device_type} tensors")
@@ -276,6 +279,8 @@ if _EXT_ERROR is None:
     # build without it gets the same formula from Python.
     if not _has_kernel("cpvt::peg_forward", "Autograd"):
         _autograd.register("cpvt::peg_forward", torch.ops.cpvt.peg_backward)
+
+    _autograd.register_flops(torch.ops.cpvt.peg_forward, torch.ops.cpvt.peg_backward)
 
     # Under torch.func transforms, which the C++ autograd does not run under.
     _FUNCTORCH_PEG = _autograd.functorch_function(torch.ops.cpvt.peg_forward,

@@ -1092,6 +1092,8 @@ def peg_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """Forward of the fused PEG; returns a new contiguous tensor."""
     # Repeated here for callers that reach the op through torch.ops.cpvt: guards memory.
     _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
+    if x.device.type == "meta":  # shapes without data
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     with _launch_device(x):
         if _use_stream(weight, H, W, x.shape[2]):
             return launch_stream_forward(x, weight, bias, H, W, num_prefix_tokens, False,
@@ -1113,6 +1115,8 @@ def peg_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     if len(output_mask) != 3:
         raise ValueError(f"fused_peg: output_mask must have 3 entries (x, weight, bias), "
                          f"got {len(output_mask)}")
+    if x.device.type == "meta":  # shapes without data
+        return _masked_grads(x, weight, output_mask)
     with _launch_device(x):
         if _use_stream(weight, H, W, x.shape[2]):
             return launch_stream_backward(grad_out, x, weight, H, W, num_prefix_tokens,
@@ -1265,6 +1269,7 @@ def launch_stream_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
 
 
 _autograd.register("cpvt::peg_forward_triton", torch.ops.cpvt.peg_backward_triton)
+_autograd.register_flops(torch.ops.cpvt.peg_forward_triton, torch.ops.cpvt.peg_backward_triton)
 
 
 def peg_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

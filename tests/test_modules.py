@@ -236,14 +236,60 @@ def test_env_override_auto_is_no_override():
     assert run.returncode == 0, run.stderr
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu", "cuda", "triton"])
 def test_meta_tensors(backend):
-    """Shapes without data (the meta device), for the op and both modules."""
+    """Shapes without data (the meta device), for the op and both modules, forward and backward,
+    with every backend: a model that names its backend is sized on the meta device too."""
+    missing = {"cpu": ck.ops._EXT_ERROR, "cuda": ck.ops._EXT_ERROR,
+               "triton": ck.ops._TRITON_ERROR}.get(backend)
+    if missing is not None:  # no GPU or kernels needed, only the op's registration
+        pytest.skip(f"{backend}: {missing}")
     x = torch.randn(2, 13, 6, device="meta")
     w = torch.randn(6, 1, 3, 3, device="meta")
     assert ck.fused_peg(x, w, None, (3, 4), 1, backend=backend).shape == (2, 13, 6)
-    assert ck.FusedPEG(6, backend=backend).to("meta")(x, 3, 4).shape == (2, 13, 6)
     assert ck.PEG(6).to("meta")(x, (3, 4)).device.type == "meta"
+    x.requires_grad_()
+    with torch.device("meta"):
+        peg = ck.FusedPEG(6, backend=backend)
+    y = peg(x, 3, 4)
+    assert (y.shape, y.stride(), y.dtype, y.device.type) == ((2, 13, 6), (78, 6, 1),
+                                                             torch.float32, "meta")
+    y.sum().backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+    assert peg.proj.weight.grad.shape == (6, 1, 3, 3) and peg.proj.bias.grad.shape == (6,)
+    from cpvt_kernels import models
+    with torch.device("meta"):
+        model = models.cpvt_tiny(num_classes=5, peg_impl="fused", peg_backend=backend)
+    assert model(torch.empty(2, 3, 32, 48, device="meta")).shape == (2, 5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_flop_counter_counts_the_convolution(backend):
+    """FlopCounterMode counts the fused op as the eager PEG's convolution: 2 FLOPs a
+    multiply-add, for the forward and for each gradient of x and of the weight (PyTorch's own
+    formula for a convolution's weight gradient ignores groups: C times the depthwise count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from conftest import require_backend
+    device = require_backend(backend)
+    B, C, H, W, k = 3, 10, 4, 5, 5
+    torch.manual_seed(0)
+    eager = ck.PEG(C, k).to(device)
+    x = torch.randn(B, 1 + H * W, C, device=device)
+    with FlopCounterMode(display=False) as counter:
+        eager(x, H, W)
+    conv = counter.get_total_flops()
+    assert conv == 2 * B * C * H * W * k * k
+    for need_x, need_w, need_b in ((True, True, True), (True, False, False),
+                                   (False, True, False), (False, False, True)):
+        fused = ck.FusedPEG(C, k, backend=backend).to(device)
+        fused.proj.weight.requires_grad_(need_w)
+        fused.proj.bias.requires_grad_(need_b)
+        with FlopCounterMode(display=False) as counter:
+            y = fused(x.clone().requires_grad_(need_x), H, W)
+        assert counter.get_total_flops() == conv
+        with FlopCounterMode(display=False) as counter:
+            y.sum().backward()
+        assert counter.get_total_flops() == conv * (need_x + need_w)
 
 
 def test_sizes_as_numpy_ints_and_0d_tensors():
