@@ -119,3 +119,37 @@ def test_a_toolkit_root_without_nvcc_is_named(tree, tmp_path, var):
     proc = egg_info(tree, drop, CPVT_BUILD_CUDA="1", **env)
     assert proc.returncode != 0
     assert f"CPVT_BUILD_CUDA=1 but {why}" in proc.stderr, proc.stderr
+
+
+def test_source_distribution_holds_every_tracked_source(tmp_path):
+    """The sdist (which `python -m build` builds its wheel from) has every source and header the
+    extension compiles, the CUDA ones whatever this machine builds, and the tests, programs and
+    CMake build; no build output or build record. It held only the .cpp files setup.py listed:
+    a wheel built from it failed on the first missing header."""
+    import tarfile
+    try:
+        listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    wanted = {f for f in listed if f.startswith(("csrc/", "tests/", "bench/", "python/",
+                                                 "cpvt_kernels/"))
+              and not f.startswith("bench/results/")} | {"setup.py", "pyproject.toml",
+                                                         "README.md", "CMakeLists.txt"}
+    src = tmp_path / "src"
+    for f in wanted | {"MANIFEST.in"}:
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, src / f)
+    (src / "cpvt_kernels" / "_build_info.py").write_text("TORCH_VERSION = '0'\n")
+    (src / "cpvt_kernels" / "_C.so").write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CPVT_")}
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir",
+                           str(tmp_path / "dist")], cwd=src, env=dict(env, CPVT_BUILD_CUDA="0"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert not wanted - names, sorted(wanted - names)
+    assert any(n.endswith(".cuh") for n in names)
+    assert "cpvt_kernels/_build_info.py" not in names and "cpvt_kernels/_C.so" not in names
