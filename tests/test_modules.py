@@ -430,3 +430,26 @@ def test_auto_falling_back_to_the_reference_warns_once_and_compiles_whole(monkey
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ck.ops.resolve_backend("reference", "cpu") == "reference"
+
+
+def test_docstring_examples_run():
+    """Every example in the package's docstrings runs and prints what it shows (those on CUDA
+    tensors only where there is a GPU)."""
+    import doctest
+    import importlib
+    import io
+    import pkgutil
+    from conftest import require_backend
+    require_backend("cpu")  # available_backends' example names it
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    report, ran = io.StringIO(), []
+    for info in pkgutil.walk_packages(ck.__path__, "cpvt_kernels."):
+        module = importlib.import_module(info.name)
+        for test in finder.find(module, info.name):
+            if test.examples and (torch.cuda.is_available()
+                                  or not any('"cuda"' in e.source for e in test.examples)):
+                runner.run(test, out=report.write)
+                ran.append(test.name)
+    assert runner.failures == 0, report.getvalue()
+    assert len(ran) >= 10, ran
