@@ -247,6 +247,31 @@ def test_distilled_training_returns_both_heads():
     assert not torch.allclose(cls, dist)
 
 
+def test_distilled_head_is_deits():
+    """The distilled head as timm's DeiT (VisionTransformerDistilled): dropout on both tokens'
+    features, in the same order, and their average before the heads. The distillation token's
+    features skipped the dropout, and pre_logits gave the cls token's alone."""
+    pytest.importorskip("timm")
+    from timm.models.deit import VisionTransformerDistilled
+    torch.manual_seed(0)
+    m = tiny(distilled=True, drop_rate=0.4)
+    deit = VisionTransformerDistilled(img_size=32, patch_size=4, embed_dim=24, depth=1,
+                                      num_heads=3, num_classes=7, drop_rate=0.4)
+    for name in ("head", "head_dist"):
+        getattr(deit, name).load_state_dict(getattr(m, name).state_dict())
+    tokens = torch.randn(3, 2 + 64, 24)
+    for train in (False, True):
+        m.train(train), deit.train(train)
+        m.set_distilled_training(True), deit.set_distilled_training(True)
+        for pre_logits in (False, True):
+            torch.manual_seed(1)
+            ours = m.forward_head(tokens, pre_logits=pre_logits)
+            torch.manual_seed(1)
+            theirs = deit.forward_head(tokens, pre_logits=pre_logits)
+            for a, b in zip(*(t if isinstance(t, tuple) else (t,) for t in (ours, theirs))):
+                assert torch.allclose(a, b, rtol=0, atol=1e-6), (train, pre_logits)
+
+
 # ---------------------------------------------------------------------------------------------
 # Any input size divisible by the patch size.
 

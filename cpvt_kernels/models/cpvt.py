@@ -173,7 +173,8 @@ class CPVT(nn.Module):
 
     Shapes: ``forward(images (B, in_chans, H, W)) -> logits (B, num_classes)``. With
     ``distilled=True`` the logits are the average of both heads, except in training mode after
-    ``set_distilled_training(True)``, where ``forward`` returns the pair ``(cls, dist)``.
+    ``set_distilled_training(True)``, where ``forward`` returns the pair ``(cls, dist)``;
+    ``forward_head(tokens, pre_logits=True)`` gives the average of the two tokens' features.
 
     Example:
         >>> from cpvt_kernels import models
@@ -351,12 +352,14 @@ class CPVT(nn.Module):
         else:
             feat = x[:, 0]
         feat = self.head_drop(feat)
-        if pre_logits:
-            return feat
-        out = self.head(feat)
         if self.head_dist is None:
-            return out
-        out_dist = self.head_dist(x[:, self.num_prefix_tokens - 1])
+            return feat if pre_logits else self.head(feat)
+        # As DeiT (timm's VisionTransformerDistilled): the distillation token gets the same
+        # dropout, and the features before the heads are the average of the two.
+        dist = self.head_drop(x[:, self.num_prefix_tokens - 1])
+        if pre_logits:
+            return (feat + dist) / 2
+        out, out_dist = self.head(feat), self.head_dist(dist)
         if self.distilled_training and self.training:
             return out, out_dist
         return (out + out_dist) / 2
