@@ -318,7 +318,7 @@ def _goal_rows(device_type, rng, cell=None):
     for gi, g in enumerate(goals.GOALS[device_type]):
         for si, (b, c, h) in enumerate(g.shapes):
             for dt in g.dtypes:
-                v = g.least * (1.0 + float(rng.uniform(0.01, 0.5)))
+                v = max(g.least, 0.1) * (1.0 + float(rng.uniform(0.01, 0.5)))
                 if cell is not None and cell[:2] == (gi, si) and dt == g.dtypes[-1]:
                     v = cell[2]
                 ms = float(rng.uniform(0.01, 1.0))
@@ -357,6 +357,8 @@ def test_goals_report_met_and_missed(tmp_path, device_type):
     # each cell in turn just under its goal (in its last dtype's row): that goal's line, and
     # the run, miss
     for gi, g in enumerate(goals.GOALS[device_type]):
+        if g.shown_only:
+            continue
         for si, shape in enumerate(g.shapes):
             missed = _write_rows(tmp_path / f"missed{gi}_{si}.csv",
                                  _goal_rows(device_type, rng, (gi, si, g.least * 0.999)))
@@ -376,6 +378,19 @@ def test_goals_report_met_and_missed(tmp_path, device_type):
             line = [ln for ln in out.getvalue().splitlines()
                     if ln.startswith(f"| {g.issue} | {g.text} |")]
             assert line[0].split(" | ")[-2].split(" / ")[si] == "-"
+            # so is a goal of two dtypes whose second one's row failed: the first's value alone
+            # does not meet it
+            rows = _goal_rows(device_type, rng)
+            for r in rows:
+                if (r["impl"] == g.impl and r["pass"] == g.pas and r["k"] == g.k
+                        and (r["B"], r["C"], r["H"]) == shape and r["dtype"] == g.dtypes[-1]):
+                    r["status"] = "parity failure"
+            out = io.StringIO()
+            assert not goals.report(_write_rows(tmp_path / "failed.csv", rows), out)
+            line = [ln for ln in out.getvalue().splitlines()
+                    if ln.startswith(f"| {g.issue} | {g.text} |")]
+            assert line[0].endswith("| no |")
+            assert line[0].split(" | ")[-2].split(" / ")[si] == "-"
     assert goals.main([met, "--strict"]) == 0
     assert goals.main([met, missed, "--strict"]) == 1
     assert goals.main([met, missed]) == 0
@@ -392,6 +407,26 @@ def test_goals_cuda_slower_than_triton(tmp_path):
     assert not goals.report(_write_rows(tmp_path / "slow.csv", rows), out)
     line = next(ln for ln in out.getvalue().splitlines() if "as fast as triton" in ln)
     assert line.endswith("| no |") and f"{slow['C']}x" in line
+    # a row triton ran and cuda failed is a miss too, not a row left out of the comparison
+    rows = _goal_rows("cuda", np.random.default_rng())
+    next(r for r in rows if r["impl"] == "cuda")["status"] = "error"
+    out = io.StringIO()
+    assert not goals.report(_write_rows(tmp_path / "failed.csv", rows), out)
+    line = next(ln for ln in out.getvalue().splitlines() if "as fast as triton" in ln)
+    assert line.endswith("| no |") and "1 of triton's without cuda" in line
+
+
+def test_goals_note_a_cpu_run_with_other_than_2_threads(tmp_path):
+    import io
+    import numpy as np
+    import goals
+    rows = _goal_rows("cpu", np.random.default_rng())
+    for threads, noted in (("2", False), ("16", True)):
+        for r in rows:
+            r["threads"] = threads
+        out = io.StringIO()
+        assert goals.report(_write_rows(tmp_path / "t.csv", rows), out)
+        assert ("run with 16 threads" in out.getvalue()) == noted
 
 
 def test_large_gpu_tests_take_turns_across_processes(tmp_path):
