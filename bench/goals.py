@@ -17,10 +17,10 @@ Each CSV is checked against the goals for its device type:
 
 A value is the worst of its rows, a cell per shape; '*' marks a miss and '-' where the run lacks
 a row of one of the goal's dtypes, or has it failed (a goal with a missing row is not met; so is
-"cuda at least as fast as triton" where triton has a row that cuda lacks). The benchmark's variants of a backend
-(`cuda-tile`, `cuda-stream`, `cuda-pipe`, `triton-stream`) are listed under each of its goals as
-candidates, not counted: a variant that meets a goal the default misses is one to make the
-default. Exit status 0, or with --strict 1 when a goal of any run is not met.
+"cuda at least as fast as triton" where triton has a row that cuda lacks). The benchmark's
+variants of a backend (`cuda-tile`, `cuda-stream`, `cuda-pipe`, `triton-stream`) are listed under
+each of its goals as candidates, not counted: a variant that meets a goal the default misses is
+one to make the default. Exit status 0, or with --strict 1 when a goal of any run is not met.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Goal:
     dtypes: tuple
     shapes: tuple  # ((B, C, H), ...): a cell each
     k: int
-    col: str  # "speedup_vs_eager" or "frac_copy"
+    col: str  # "speedup_vs_eager", "frac_copy" or "frac_size_copy"
     least: float
     variants: tuple = field(default=())
     shown_only: bool = False  # printed beside the goals, not one
