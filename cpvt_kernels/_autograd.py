@@ -45,10 +45,7 @@ def register(forward_op, backward_op) -> None:
 def register_flops(forward_op, backward_op) -> None:
     """FLOP formulas for ``torch.utils.flop_counter.FlopCounterMode``: the forward one
     convolution, the backward one per gradient of x and of the weight."""
-    try:
-        from torch.utils.flop_counter import register_flop_formula
-    except ImportError:  # pragma: no cover - an older torch
-        return
+    from torch.utils.flop_counter import register_flop_formula
 
     def conv(x_shape, weight_shape, H, W):  # 2 FLOPs a multiply-add, as it counts nn.Conv2d
         return 2 * x_shape[0] * x_shape[2] * weight_shape[2] * weight_shape[3] * H * W

@@ -1093,7 +1093,7 @@ def peg_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     # Repeated here for callers that reach the op through torch.ops.cpvt: guards memory.
     _checks.check_inputs(x, weight, bias, H, W, num_prefix_tokens)
     if x.device.type == "meta":  # shapes without data
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return x.new_empty(x.shape)
     with _launch_device(x):
         if _use_stream(weight, H, W, x.shape[2]):
             return launch_stream_forward(x, weight, bias, H, W, num_prefix_tokens, False,

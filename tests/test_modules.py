@@ -247,6 +247,7 @@ def test_meta_tensors(backend):
     x = torch.randn(2, 13, 6, device="meta")
     w = torch.randn(6, 1, 3, 3, device="meta")
     assert ck.fused_peg(x, w, None, (3, 4), 1, backend=backend).shape == (2, 13, 6)
+    assert ck.FusedPEG(6, backend=backend).to("meta")(x, 3, 4).shape == (2, 13, 6)
     assert ck.PEG(6).to("meta")(x, (3, 4)).device.type == "meta"
     x.requires_grad_()
     with torch.device("meta"):
