@@ -199,6 +199,30 @@ def check_expanded_grad_out(backend: str, device, C=8):
     assert rel_err(b.grad, gb_ref) < 1e-12
 
 
+# Layouts of an upstream gradient (see layout_as): tokens apart (a slice of a wider tensor), the
+# batch and token dimensions swapped, an unaligned channel-contiguous slice, channels apart.
+GRAD_LAYOUTS = ["padded_tokens", "transposed", "offset_slice", "channels_first"]
+
+
+def check_strided_grad_out(backend: str, device, layout: str, dtype=torch.float32, C=20):
+    """A grad_out in another layout than x's, with two prefix tokens: grad_x (whose prefix rows
+    are grad_out's own), grad_weight and grad_bias as the reference's."""
+    B, P, H, W = 3, 2, 5, 6
+    (x64, w64, b64), (x, w, b) = make_inputs(B, P, H, W, C, 3, 3, True, dtype, device)
+    grad64 = torch.randn(x64.shape, dtype=torch.float64).to(dtype).double()
+    _, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
+    grad = layout_as(grad64.to(device, dtype), layout)
+    for t in (x, w, b):
+        t.requires_grad_()
+    poison_allocator(x.shape, w.shape, dtype=dtype, device=device)
+    ck.fused_peg(x, w, b, (H, W), P, backend=backend).backward(grad)
+    assert torch.equal(x.grad[:, :P], grad[:, :P])
+    tol = TOLERANCE[dtype]
+    assert rel_err(x.grad, gx_ref) < tol
+    assert rel_err(w.grad, gw_ref) < tol
+    assert rel_err(b.grad, gb_ref) < tol
+
+
 def backend_device(backend: str) -> str:
     """The device of the tensors a backend's tests use. The reference runs on CPU tensors, where
     the float64 references are computed: on CUDA tensors its convolution is cuDNN's, which keeps
@@ -282,15 +306,16 @@ def assert_same_nonfinite(got: torch.Tensor, ref: torch.Tensor, tol=1e-12):
         assert rel_err(got[finite], ref[finite]) < tol
 
 
-def check_nonfinite_grad_x_only(backend: str, device, k: int, C: int):
+def check_nonfinite_grad_x_only(backend: str, device, k, C: int):
     """grad_x alone from the backward op on `backend` (the input-gradient kernel, without the
     weight sums): an Inf or NaN tap gives NaN and Inf where the reference's gradient has them,
-    and none from the zero padding."""
+    and none from the zero padding. `k` is the kernel size, or (kh, kw)."""
     H, W, P = 6, 7, 1
-    (x64, w64, b64), _ = make_inputs(2, P, H, W, C, k, k, True, torch.float64)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    (x64, w64, b64), _ = make_inputs(2, P, H, W, C, kh, kw, True, torch.float64)
     w64[2, 0, 0, 0] = float("inf")
-    w64[4, 0, k - 1, k // 2] = float("nan")
-    w64[5, 0, k // 2, k - 1] = float("-inf")
+    w64[4, 0, kh - 1, kw // 2] = float("nan")
+    w64[5, 0, kh // 2, kw - 1] = float("-inf")
     grad64 = torch.randn(x64.shape, dtype=torch.float64)
     _, gx_ref, _, _ = reference_with_grads(x64, w64, b64, H, W, P, grad64)
     op = torch.ops.cpvt.peg_backward_triton if backend == "triton" else torch.ops.cpvt.peg_backward

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import (DTYPES, GRAD_NEEDS, HAS_GPU, TOLERANCE, check_expanded_grad_out,
+from conftest import (DTYPES, GRAD_LAYOUTS, GRAD_NEEDS, HAS_GPU, TOLERANCE,
+                      check_expanded_grad_out, check_strided_grad_out,
                       check_nonfinite_backward, check_nonfinite_forward,
                       check_nonfinite_grad_x_only, check_only_required_grads, large_gpu_memory,
                       layout_as, leaf, make_inputs, poison_allocator, reference_with_grads,
@@ -212,6 +213,14 @@ def test_expanded_grad_out(device):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+def test_strided_grad_out(device, dtype, layout, kernels):
+    """A grad_out laid out otherwise than x (a transposed or sliced upstream gradient)."""
+    check_strided_grad_out("cuda", device, layout, dtype)
+
+
+@gpu
 @pytest.mark.parametrize("needs", GRAD_NEEDS)
 def test_only_required_grads(device, needs, kernels):
     check_only_required_grads("cuda", device, needs, C=12)
@@ -262,7 +271,7 @@ def test_nan_and_inf_in_float32_and_bfloat16(device, dtype, where, kernels):
 
 
 @gpu
-@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("k", [3, 5, (3, 5), (5, 3)], ids=str)
 @pytest.mark.parametrize("C", [9, 10])
 def test_nonfinite_weight_grad_x_only(device, k, C, kernels):
     check_nonfinite_grad_x_only("cuda", device, k, C)

@@ -24,6 +24,10 @@ EXAMPLES = int(os.environ.get("CPVT_FUZZ_EXAMPLES", "40"))
 BACKENDS = [b for b in ("cpu", "triton", "reference") if b in ck.available_backends("cpu")]
 
 
+# Memory layouts of x and of grad_out (see _materialize).
+LAYOUTS = ["contiguous", "channel_stride", "offset", "transposed"]
+
+
 @st.composite
 def peg_problems(draw, small=False):
     B = draw(st.integers(0, 2 if small else 3))
@@ -35,11 +39,12 @@ def peg_problems(draw, small=False):
     kw = draw(st.sampled_from([1, 3, 5, 7] + ([] if small else [9, 31])))
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
     bias = draw(st.booleans())
-    layout = draw(st.sampled_from(["contiguous", "channel_stride", "offset", "transposed"]))
+    layout = draw(st.sampled_from(LAYOUTS))
     offset = draw(st.integers(0, 7))
     seed = draw(st.integers(0, 2**31 - 1))
     needs = draw(st.sampled_from(["all", "x", "params"]))
-    return B, P, H, W, C, kh, kw, dtype, bias, layout, offset, seed, needs
+    grad_layout = draw(st.sampled_from(LAYOUTS))
+    return B, P, H, W, C, kh, kw, dtype, bias, layout, offset, seed, needs, grad_layout
 
 
 def _materialize(x64, dtype, layout, offset, device="cpu"):
@@ -79,7 +84,7 @@ def _close(a, ref, ref_abs, tol) -> bool:
 
 
 def _check(backend, problem, device="cpu"):
-    B, P, H, W, C, kh, kw, dtype, bias, layout, offset, seed, needs = problem
+    B, P, H, W, C, kh, kw, dtype, bias, layout, offset, seed, needs, grad_layout = problem
     g = torch.Generator().manual_seed(seed)
     x64 = torch.randn(B, P + H * W, C, dtype=torch.float64, generator=g).to(dtype).double()
     w64 = torch.randn(C, 1, kh, kw, dtype=torch.float64, generator=g).to(dtype).double()
@@ -102,7 +107,8 @@ def _check(backend, problem, device="cpu"):
     tol = TOLERANCE[dtype]
     assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
     assert _close(out, ref, scales[0], tol), "output"
-    grad = grad64.to(device=device, dtype=dtype)
+    # grad_out in a layout of its own, starting elsewhere than x.
+    grad = _materialize(grad64, dtype, grad_layout, (offset + 3) % 8, device)
     poison_allocator(x.shape, w.shape, (C,), dtype=dtype, device=device)
     out.backward(grad)
     if x.requires_grad:
@@ -167,7 +173,8 @@ def cpu_fast_path_problems(draw):
                draw(st.booleans()), draw(st.sampled_from(["contiguous", "contiguous", "offset",
                                                           "transposed", "channel_stride"])),
                draw(st.integers(0, 7)), draw(st.integers(0, 2**31 - 1)),
-               draw(st.sampled_from(["all", "x", "params"])))
+               draw(st.sampled_from(["all", "x", "params"])),
+               draw(st.sampled_from(["contiguous", "contiguous"] + LAYOUTS[1:])))
     switches = {name: draw(st.sampled_from((None,) + values))
                 for name, values in CPU_SWITCHES.items()}
     return problem, switches, draw(st.sampled_from([1, 2]))

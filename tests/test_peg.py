@@ -15,7 +15,8 @@ import torch
 
 import cpvt_kernels as ck
 from cpvt_kernels import peg_reference
-from conftest import (CPU_LEFT_OUT, DTYPES, GRAD_NEEDS, TOLERANCE, check_expanded_grad_out,
+from conftest import (CPU_LEFT_OUT, DTYPES, GRAD_LAYOUTS, GRAD_NEEDS, TOLERANCE,
+                      check_expanded_grad_out, check_strided_grad_out,
                       check_nonfinite_backward, check_nonfinite_forward,
                       check_nonfinite_grad_x_only, check_only_required_grads, layout_as,
                       make_inputs, poison_allocator, reference_with_grads, rel_err,
@@ -103,6 +104,14 @@ def test_expanded_grad_out(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+def test_strided_grad_out(backend, dtype, layout):
+    """A grad_out laid out otherwise than x (a transposed or sliced upstream gradient)."""
+    check_strided_grad_out(backend, require_backend(backend), layout, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("P,kh,kw,bias", [(1, 3, 3, True), (0, 3, 5, False), (2, 1, 1, True)])
 def test_gradcheck(backend, P, kh, kw, bias):
     device = require_backend(backend)
@@ -146,15 +155,19 @@ def test_nan_and_inf_propagate_through_backward(backend, where):
     check_nonfinite_backward(backend, require_backend(backend), where)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,dot", [(torch.float32, None), (torch.bfloat16, "0"),
+                                       (torch.bfloat16, "1")], ids=str)
 @pytest.mark.parametrize("where", ["x", "weight", "grad_out"])
-def test_nan_and_inf_in_float32_and_bfloat16(dtype, where):
+def test_nan_and_inf_in_float32_and_bfloat16(monkeypatch, dtype, dot, where):
     """The cpu backend's vector paths (C=16) keep the reference's NaN and Inf in float32 and
-    bfloat16 as well, forward and backward."""
+    bfloat16 as well, forward and backward; bfloat16 with the dot-product forward (below) off
+    and on."""
+    if dot is not None:
+        monkeypatch.setenv("CPVT_CPU_BF16_DOT", dot)
     check_nonfinite_backward("cpu", require_backend("cpu"), where, C=16, dtype=dtype)
 
 
-@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("k", [3, 5, (3, 5), (5, 3)], ids=str)
 def test_nonfinite_weight_grad_x_only_cpu(k):
     check_nonfinite_grad_x_only("cpu", require_backend("cpu"), k, C=10)
 
@@ -523,6 +536,10 @@ DOT_CASES = [  # (B, P, H, W, C, k, layout)
     # W * C large enough that every thread takes single rows: with 2 threads the second range
     # starts at row 5, so its row pairs have the other parity.
     (1, 1, 9, 16, 2048, 3, "contiguous"),
+    # Several images per thread, where a thread's rows cross from one image to the next and the
+    # row ring's slots must not be taken for the last image's rows.
+    (2, 0, 30, 1, 16, 3, "contiguous"),
+    (3, 1, 12, 5, 16, 3, "contiguous"),
 ]
 
 
@@ -688,13 +705,16 @@ def test_cpu_prefetch_settings_agree(monkeypatch, dtype, k):
             assert not a.isnan().any() and torch.equal(a, c)
 
 
+@pytest.mark.parametrize("dot", ["0", "1"])
 @pytest.mark.parametrize("k", [1, 3, 5, 7])
 @pytest.mark.parametrize("H,W", [(6, 5), (5, 3)])
-def test_cpu_bfloat16_forward_nonfinite_rows(k, H, W):
+def test_cpu_bfloat16_forward_nonfinite_rows(monkeypatch, k, H, W, dot):
     """An Inf or NaN in one input row reaches only the output rows whose window holds it (the
     dot-product path multiplies rows outside the window by a zero tap, so it must hand such
-    inputs to the float path), and a non-finite tap meets the zero padding as in the reference."""
+    inputs to the float path), and a non-finite tap meets the zero padding as in the reference;
+    with the dot-product path off and on (CPVT_CPU_BF16_DOT)."""
     require_backend("cpu")
+    monkeypatch.setenv("CPVT_CPU_BF16_DOT", dot)
     B, P, C = 2, 1, 18
     (x64, w64, b64), _ = make_inputs(B, P, H, W, C, k, k, True, torch.bfloat16)
     specials = [float("inf"), float("-inf"), float("nan")]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import (DTYPES, GRAD_NEEDS, HAS_GPU, TOLERANCE, check_expanded_grad_out,
+from conftest import (DTYPES, GRAD_LAYOUTS, GRAD_NEEDS, HAS_GPU, TOLERANCE,
+                      check_expanded_grad_out, check_strided_grad_out,
                       check_nonfinite_backward, check_nonfinite_forward,
                       check_nonfinite_grad_x_only, check_only_required_grads, large_gpu_memory,
                       layout_as, leaf, make_inputs, reference_with_grads, rel_err,
@@ -143,6 +144,12 @@ def test_expanded_grad_out(device):
     check_expanded_grad_out("triton", device, C=7)
 
 
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+def test_strided_grad_out(device, layout):
+    """A grad_out laid out otherwise than x (a transposed or sliced upstream gradient)."""
+    check_strided_grad_out("triton", device, layout)
+
+
 @pytest.mark.parametrize("P,kh,kw,bias,layout,fast", [(1, 3, 3, True, "contiguous", False),
                                                       (0, 3, 5, False, "channels_first", True),
                                                       (2, 1, 1, True, "offset_slice", True),
@@ -191,8 +198,9 @@ def test_nan_and_inf_propagate_through_backward(device, where):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
-def test_nonfinite_weight_grad_x_only(device):
-    check_nonfinite_grad_x_only("triton", device, 3, C=10)
+@pytest.mark.parametrize("k", [3, (3, 5)], ids=str)
+def test_nonfinite_weight_grad_x_only(device, k):
+    check_nonfinite_grad_x_only("triton", device, k, C=10)
 
 
 def test_matches_cpu_backend(device):
@@ -289,6 +297,11 @@ def test_stream_nan_and_inf_propagate_like_reference(device, where, stream):
 @pytest.mark.parametrize("where", ["x", "weight", "grad_out"])
 def test_stream_nan_and_inf_propagate_through_backward(device, where, stream):
     check_nonfinite_backward("triton", device, where)
+
+
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+def test_stream_strided_grad_out(device, layout, stream):
+    check_strided_grad_out("triton", device, layout)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
