@@ -150,16 +150,31 @@ def test_cpp_op_messages_are_the_python_checks(name):
     assert str(cpp.value).splitlines()[0] == str(py.value)
 
 
-def test_bad_backward_inputs_cpp_op():
+# name -> (grad_out made from x, error type, words the message must contain)
+BAD_GRAD_OUT = {
+    "grad_out_shape": (lambda x: x[:, :-1], ValueError, ["grad_out", "shape of x"]),
+    "grad_out_dtype": (lambda x: x.double(), TypeError, ["grad_out dtype", "float64"]),
+    "grad_out_device": (lambda x: torch.empty_like(x, device="meta"), RuntimeError,
+                        ["grad_out", "device", "meta"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_GRAD_OUT))
+def test_bad_backward_inputs_cpp_op(name):
+    """The C++ backward op and the Python checks (which its fake kernel and the Triton backward
+    use) refuse a bad grad_out alike."""
     if "cpu" not in ck.available_backends("cpu"):
         pytest.skip(f"no cpu backend: {ck.ops._unavailable_reason('cpu', 'cpu')}")
     a = _good()
-    with pytest.raises(ValueError, match="grad_out"):
-        torch.ops.cpvt.peg_backward(a["x"][:, :-1], a["x"], a["weight"], H, W, P,
-                                    [True, True, True])
-    with pytest.raises(TypeError, match="grad_out"):
-        torch.ops.cpvt.peg_backward(a["x"].double(), a["x"], a["weight"], H, W, P,
-                                    [True, True, True])
+    make, err, words = BAD_GRAD_OUT[name]
+    grad = make(a["x"])
+    with pytest.raises(err) as py:
+        _checks.check_backward_inputs(grad, a["x"], a["weight"], H, W, P)
+    with pytest.raises(err) as cpp:
+        torch.ops.cpvt.peg_backward(grad, a["x"], a["weight"], H, W, P, [True, True, True])
+    for w in words:
+        assert w in str(py.value), f"{w!r} not in {str(py.value)!r}"
+    assert str(cpp.value).splitlines()[0] == str(py.value)
 
 
 def test_unknown_backend():

@@ -823,6 +823,8 @@ def test_backward_op_checks_its_inputs(device):
     _, (x, w, _) = make_inputs(1, 1, 3, 3, 4, 3, 3, False, torch.float32, device)
     with pytest.raises(ValueError, match="grad_out"):
         torch.ops.cpvt.peg_backward_triton(x[:, :-1], x, w, 3, 3, 1, [True, True, True])
+    with pytest.raises(TypeError, match="grad_out dtype must match x"):
+        torch.ops.cpvt.peg_backward_triton(x.double(), x, w, 3, 3, 1, [True, True, True])
     with pytest.raises(ValueError, match="output_mask"):
         torch.ops.cpvt.peg_backward_triton(x, x, w, 3, 3, 1, [True, True])
     with pytest.raises(ValueError, match="x.shape"):
