@@ -150,6 +150,21 @@ def test_drop_path_rate_one_drops_every_branch():
     assert torch.equal(block.drop_path(y), torch.zeros_like(y))
 
 
+def test_drop_path_keeps_the_expected_value():
+    """In training each sample's branch is dropped (zeros) or kept and divided by the keep
+    probability, so its expected value is the branch; in eval it is the branch itself."""
+    from cpvt_kernels.models.cpvt import DropPath
+    torch.manual_seed(0)
+    p = 0.25
+    dp = DropPath(p).train()
+    x = torch.randn(4000, 3, 5)
+    y = dp(x)
+    kept = (y != 0).flatten(1).any(1)
+    assert torch.equal(y[kept], x[kept] / (1 - p)) and torch.equal(y[~kept], 0 * x[~kept])
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.03  # 4000 draws: sd 0.007
+    assert dp.eval()(x) is x
+
+
 def test_bad_kernel_size_type_names_the_option():
     with pytest.raises(TypeError, match="CPVT: peg_kernel_size"):
         tiny(peg_kernel_size="3")
@@ -485,6 +500,14 @@ def test_replace_peg_on_authors_poscnn():
     assert any("left '' (PosCNN) unchanged" in m for m in messages)
     assert any("found no PEG" in m for m in messages)
     assert type(bad) is PosCNN
+    # A kernel with an even side (padding (1, 1) is k // 2 for a 2 x 3 kernel too) is no PEG.
+    for kernel in ((2, 3), (3, 2)):
+        even = PosCNN(6, 6)
+        even.proj[0] = nn.Conv2d(6, 6, kernel, 1, (1, 1), groups=6)
+        with pytest.warns(UserWarning) as record:
+            ck.replace_peg(even)
+        assert any("left '' (PosCNN) unchanged" in str(w.message) for w in record)
+        assert type(even) is PosCNN
 
 
 def test_checkpoint_roundtrip_through_torch_save():

@@ -454,3 +454,53 @@ def test_docstring_examples_run():
                 ran.append(test.name)
     assert runner.failures == 0, report.getvalue()
     assert len(ran) >= 10, ran
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the operators that reach the kernels (below autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+# The operator each backend runs on CPU tensors (the reference: none of this package's).
+_BACKEND_OP = {"cpu": "cpvt.peg_forward", "triton": "cpvt.peg_forward_triton", "reference": None}
+
+
+@pytest.mark.parametrize("backend", ck.available_backends("cpu"))
+@pytest.mark.parametrize("form", ["function", "module", "model", "module_named_in_capitals"])
+def test_a_named_backend_is_the_one_that_runs(backend, form):
+    """fused_peg(backend=...), FusedPEG(backend=...) and a model's peg_backend run that backend,
+    not the one auto picks (whose results would pass a comparison within tolerance)."""
+    from cpvt_kernels import models
+    torch.manual_seed(0)
+    C = 16
+    x = torch.randn(2, 1 + 3 * 4, C)
+    if form == "function":
+        proj = torch.nn.Conv2d(C, C, 3, padding=1, groups=C)
+        run = lambda: ck.fused_peg(x, proj.weight, proj.bias, (3, 4), backend=backend)  # noqa: E731
+    elif form == "model":
+        model = models.CPVT(img_size=16, patch_size=4, embed_dim=C, depth=1, num_heads=2,
+                            num_classes=3, peg_impl="fused", peg_backend=backend)
+        run = lambda: model(torch.randn(2, 3, 16, 16))  # noqa: E731
+    else:
+        name = backend.upper() if form == "module_named_in_capitals" else backend
+        peg = ck.FusedPEG(C, backend=name)
+        run = lambda: peg(x, 3, 4)  # noqa: E731
+    with _RecordOps() as ops:
+        run()
+    fused = {n for n in ops.names if n.startswith("cpvt.")}
+    want = _BACKEND_OP[backend]
+    assert fused == ({want} if want else set()), ops.names
+    if want is None:
+        assert "aten.convolution" in ops.names
+
+
+def test_module_repr_names_its_backend():
+    assert "backend='reference'" in repr(ck.FusedPEG(8, backend="reference"))
+    assert "num_prefix_tokens=2" in repr(ck.FusedPEG(8, num_prefix_tokens=2))
