@@ -416,3 +416,14 @@ def test_forward_mode_ad_raises_instead_of_zeros(backend, how):
     else:
         with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
             tangent()
+
+
+@pytest.mark.parametrize("tokens, P", [(P, P), (P + 12, P), (P + 2, P + 3)],
+                         ids=["only_prefix", "not_square", "fewer_than_prefix"])
+def test_size_none_without_a_square_grid(tokens, P):
+    """size=None infers a square grid; with no grid tokens left, a count that is not a square
+    or fewer tokens than prefix tokens, the error says so and asks for size=(H, W)."""
+    a = _good()
+    x = torch.randn(B, tokens, C)
+    with pytest.raises(ValueError, match=r"size=None needs a square grid.*pass size=\(H, W\)"):
+        ck.fused_peg(x, a["weight"], a["bias"], None, P)
