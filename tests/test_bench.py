@@ -550,20 +550,26 @@ def test_selfcheck_passes_on_cpu(capsys):
     assert "PASS: all 2 backend(s) passed" in out
 
 
-def test_selfcheck_fails_loudly_on_a_wrong_backend(monkeypatch, capsys):
+@pytest.mark.parametrize("what", ["out", "grad_x"])
+def test_selfcheck_fails_loudly_on_a_wrong_backend(monkeypatch, capsys, what):
+    """A wrong output, or a right output with a wrong gradient, fails the check."""
     require_backend("cpu")
     real = ck.fused_peg
 
     def wrong(x, weight, bias=None, size=None, num_prefix_tokens=1, backend="auto"):
         out = real(x, weight, bias, size, num_prefix_tokens, backend)
-        return out + 1e-2 * out.detach().abs().max() if backend == "cpu" else out
+        if backend != "cpu":
+            return out
+        if what == "out":
+            return out + 1e-2 * out.detach().abs().max()
+        return out + 0.5 * (x - x.detach())  # the same values; grad_x gains half of grad_out
 
     monkeypatch.setattr(ck, "fused_peg", wrong)
     assert selfcheck.main(["--device", "cpu", "--backends", "cpu,reference"]) == 1
     out = capsys.readouterr().out
     lines = {line.split("|")[0].strip(): line for line in out.splitlines() if "|" in line}
     assert "FAIL" in lines["cpu"] and "PASS" in lines["reference"]
-    assert "FAIL cpu parity: out" in out and "1 of 2 backend(s) failed: cpu" in out
+    assert f"FAIL cpu parity: {what}" in out and "1 of 2 backend(s) failed: cpu" in out
 
 
 def test_selfcheck_rejects_an_unavailable_backend(capsys):

@@ -100,11 +100,15 @@ def test_init_and_no_weight_decay():
     assert torch.all(qkv.bias == 0)
     assert torch.all(m.norm.weight == 1) and torch.all(m.norm.bias == 0)
     assert 0.015 < m.cls_token.std().item() < 0.025
+    assert 0.015 < m.dist_token.std().item() < 0.025
     assert m.no_weight_decay() == {"cls_token", "dist_token"} | {
         f"pos_block.{k}.proj.{p}" for k in "012" for p in ("weight", "bias")}
     assert set(m.no_weight_decay()) <= dict(m.named_parameters()).keys()
     assert tiny(global_pool="avg").no_weight_decay() == {"pos_block.0.proj.weight",
                                                          "pos_block.0.proj.bias"}
+    with_table = tiny(abs_pos_embed=True)
+    assert "pos_embed" in with_table.no_weight_decay()
+    assert 0.015 < with_table.pos_embed.std().item() < 0.025
 
 
 @pytest.mark.parametrize("options, match", [
