@@ -310,15 +310,16 @@ def test_bench_peg_variants_set_their_environment(monkeypatch):
         assert "CPVT_CUDA_KERNELS" not in os.environ
 
 
-def _goal_rows(device_type, rng, cell=None):
-    """A run's rows for bench/goals.py: every goal of ``device_type`` met by a random margin,
-    except ``cell`` = (goal index, shape index, value), whose last dtype's row gets that value."""
+def _goal_rows(device_type, rng, cell=None, exact=False):
+    """A run's rows for bench/goals.py: every goal of ``device_type`` met by a random margin
+    (``exact``: met exactly), except ``cell`` = (goal index, shape index, value), whose last
+    dtype's row gets that value."""
     import goals
     rows = []
     for gi, g in enumerate(goals.GOALS[device_type]):
         for si, (b, c, h) in enumerate(g.shapes):
             for dt in g.dtypes:
-                v = max(g.least, 0.1) * (1.0 + float(rng.uniform(0.01, 0.5)))
+                v = g.least if exact else max(g.least, 0.1) * (1.0 + float(rng.uniform(0.01, 0.5)))
                 if cell is not None and cell[:2] == (gi, si) and dt == g.dtypes[-1]:
                     v = cell[2]
                 ms = float(rng.uniform(0.01, 1.0))
@@ -394,6 +395,34 @@ def test_goals_report_met_and_missed(tmp_path, device_type):
     assert goals.main([met, "--strict"]) == 0
     assert goals.main([met, missed, "--strict"]) == 1
     assert goals.main([met, missed]) == 0
+    # "at least": a value equal to its goal meets it
+    out = io.StringIO()
+    assert goals.report(_write_rows(tmp_path / "exact.csv",
+                                    _goal_rows(device_type, rng, exact=True)), out)
+    assert "*" not in out.getvalue()
+    # rows of other shapes (P = 0, a grid that is not square) far under the goals are not the
+    # goals' rows
+    rows = _goal_rows(device_type, rng)
+    for change in ({"P": 0}, {"W": "H+1"}):
+        for r in list(rows):
+            if r["impl"] in ("cpu", "cuda", "triton"):
+                other = dict(r, **change)
+                if change.get("W") == "H+1":
+                    other["W"] = r["H"] + 1
+                for col in ("speedup_vs_eager", "frac_copy", "frac_size_copy"):
+                    if other[col] != "":
+                        other[col] = 0.01
+                rows.append(other)
+    out = io.StringIO()
+    assert goals.report(_write_rows(tmp_path / "others.csv", rows), out), out.getvalue()
+    # a value shown beside the goals, not one: without it the run still meets every goal
+    for gi, g in enumerate(goals.GOALS[device_type]):
+        if g.shown_only:
+            out = io.StringIO()
+            assert goals.report(_write_rows(tmp_path / "shown.csv", _goal_rows(
+                device_type, rng, (gi, 0, ""))), out)
+            line = [ln for ln in out.getvalue().splitlines() if f"| {g.text} |" in ln]
+            assert len(line) == 1 and "(shown)" in line[0] and " - " in line[0]
 
 
 def test_goals_cuda_slower_than_triton(tmp_path):
