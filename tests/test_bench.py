@@ -601,6 +601,30 @@ def test_selfcheck_fails_loudly_on_a_wrong_backend(monkeypatch, capsys, what):
     assert f"FAIL cpu parity: {what}" in out and "1 of 2 backend(s) failed: cpu" in out
 
 
+def test_selfcheck_fails_a_failed_gradcheck(monkeypatch, capsys):
+    """A backend whose parity passes but whose gradcheck fails fails the check."""
+    require_backend("cpu")
+    real = selfcheck.check_gradcheck
+
+    def failing(name, device, gen):
+        return "Jacobian mismatch" if name == "cpu" else real(name, device, gen)
+
+    monkeypatch.setattr(selfcheck, "check_gradcheck", failing)
+    assert selfcheck.main(["--device", "cpu", "--backends", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL cpu gradcheck: Jacobian mismatch" in out
+    assert "1 of 1 backend(s) failed: cpu" in out
+
+
+def test_selfcheck_fails_without_a_fused_backend(monkeypatch, capsys):
+    """Where only the reference runs (no extension, no Triton), the check fails and says so:
+    the reference passing its own checks is no sign that the package works."""
+    monkeypatch.setattr(ck, "available_backends", lambda device=None: ["reference"])
+    assert selfcheck.main(["--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: no fused backend runs on cpu" in out
+
+
 def test_selfcheck_rejects_an_unavailable_backend(capsys):
     assert selfcheck.main(["--device", "cpu", "--backends", "cuda"]) == 2
     assert "cuda" in capsys.readouterr().err
