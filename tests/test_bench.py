@@ -443,6 +443,12 @@ def test_goals_cuda_slower_than_triton(tmp_path):
     assert not goals.report(_write_rows(tmp_path / "failed.csv", rows), out)
     line = next(ln for ln in out.getvalue().splitlines() if "as fast as triton" in ln)
     assert line.endswith("| no |") and "1 of triton's without cuda" in line
+    # a triton row that failed, with no time, is left out of the comparison
+    rows = _goal_rows("cuda", np.random.default_rng())
+    failed = dict(next(r for r in rows if r["impl"] == "triton"), status="error", median_ms="",
+                  C=8)
+    out = io.StringIO()
+    assert goals.report(_write_rows(tmp_path / "triton_failed.csv", rows + [failed]), out)
 
 
 def test_goals_note_a_cpu_run_with_other_than_2_threads(tmp_path):

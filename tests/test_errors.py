@@ -177,6 +177,23 @@ def test_bad_backward_inputs_cpp_op(name):
     assert str(cpp.value).splitlines()[0] == str(py.value)
 
 
+def test_tensors_on_another_gpu_are_refused():
+    """weight, bias or grad_out on another GPU than x (checked on fake tensors: no GPU needed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(B, P + H * W, C, device="cuda:0")
+        w0, w1 = (torch.empty(C, 1, 3, 3, device=f"cuda:{i}") for i in (0, 1))
+        b1 = torch.empty(C, device="cuda:1")
+        with pytest.raises(RuntimeError, match=r"weight must be on the device of x \(cuda:0\), "
+                                               r"got cuda:1"):
+            _checks.check_inputs(x, w1, None, H, W, P)
+        with pytest.raises(RuntimeError, match=r"bias must be on the device of x \(cuda:0\), "
+                                               r"got cuda:1"):
+            _checks.check_inputs(x, w0, b1, H, W, P)
+        with pytest.raises(RuntimeError, match=r"grad_out must be on the device of x"):
+            _checks.check_backward_inputs(x.to("cuda:1"), x, w0, H, W, P)
+
+
 def test_unknown_backend():
     a = _good()
     with pytest.raises(ValueError, match="backend must be one of"):

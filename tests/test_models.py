@@ -169,6 +169,28 @@ def test_drop_path_keeps_the_expected_value():
     assert dp.eval()(x) is x
 
 
+def test_gap_distilled_head_averages_patches_and_the_distillation_token():
+    """global_pool="avg" with distilled=True: one prefix token (the distillation token); the
+    features are the mean of the patch tokens and that token, averaged."""
+    torch.manual_seed(0)
+    m = tiny(global_pool="avg", distilled=True).eval()
+    P = m.num_prefix_tokens
+    assert P == 1
+    t = torch.randn(2, P + 16, m.embed_dim)
+    want = (t[:, P:].mean(dim=1) + t[:, P - 1]) / 2
+    assert torch.allclose(m.forward_head(t, pre_logits=True), want, atol=1e-6)
+
+
+def test_attention_dropout_only_in_training():
+    torch.manual_seed(0)
+    m = tiny(attn_drop_rate=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    m.train()
+    assert not torch.equal(m(x), m(x))
+
+
 def test_bad_kernel_size_type_names_the_option():
     with pytest.raises(TypeError, match="CPVT: peg_kernel_size"):
         tiny(peg_kernel_size="3")
@@ -504,14 +526,15 @@ def test_replace_peg_on_authors_poscnn():
     assert any("left '' (PosCNN) unchanged" in m for m in messages)
     assert any("found no PEG" in m for m in messages)
     assert type(bad) is PosCNN
-    # A kernel with an even side (padding (1, 1) is k // 2 for a 2 x 3 kernel too) is no PEG.
-    for kernel in ((2, 3), (3, 2)):
-        even = PosCNN(6, 6)
-        even.proj[0] = nn.Conv2d(6, 6, kernel, 1, (1, 1), groups=6)
+    # A kernel with an even side (padding (1, 1) is k // 2 for a 2 x 3 kernel too), or padding
+    # other than zeros, is no PEG.
+    for kernel, mode in (((2, 3), "zeros"), ((3, 2), "zeros"), ((3, 3), "reflect")):
+        other = PosCNN(6, 6)
+        other.proj[0] = nn.Conv2d(6, 6, kernel, 1, (1, 1), groups=6, padding_mode=mode)
         with pytest.warns(UserWarning) as record:
-            ck.replace_peg(even)
+            ck.replace_peg(other)
         assert any("left '' (PosCNN) unchanged" in str(w.message) for w in record)
-        assert type(even) is PosCNN
+        assert type(other) is PosCNN
 
 
 def test_checkpoint_roundtrip_through_torch_save():

@@ -67,7 +67,8 @@ def test_parity_output_and_grads(backend, dtype, case):
     w.requires_grad_()
     if b is not None:
         b.requires_grad_()
-    grad64 = torch.randn(x64.shape, dtype=torch.float64)
+    # (rounded through dtype, as the inputs are: the reference gets what the kernel gets)
+    grad64 = torch.randn(x64.shape, dtype=torch.float64).to(dtype).double()
     ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
 
     before = [t.detach().clone() for t in (x, w, b) if t is not None]
@@ -172,6 +173,27 @@ def test_nonfinite_weight_grad_x_only_cpu(k):
     check_nonfinite_grad_x_only("cpu", require_backend("cpu"), k, C=10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kh,kw", [(31, 1), (1, 31), (31, 31)])
+def test_largest_kernel(backend, kh, kw):
+    """Kernels 31 tall or wide, the limit, run (the limit is inclusive), as in the eager PEG."""
+    device = require_backend(backend)
+    (x64, w64, b64), (x, w, b) = make_inputs(2, 1, 5, 6, 8, kh, kw, True, torch.float32, device)
+    out = ck.fused_peg(x, w, b, (5, 6), 1, backend=backend)
+    assert rel_err(out, peg_reference(x64, w64, b64, 5, 6, 1)) < TOLERANCE[torch.float32]
+    peg = ck.PEG(8, (kh, kw))
+    peg.load_state_dict({"proj.weight": w.cpu(), "proj.bias": b.cpu()})
+    assert rel_err(peg(x.cpu(), 5, 6), out.cpu()) < TOLERANCE[torch.float32]
+
+
+def test_reference_rounds_half_types_once():
+    """The reference backend computes bfloat16 in float32 and rounds once, as the fused kernels
+    do (not a bfloat16 convolution rounded, then a bfloat16 add rounded again)."""
+    _, (x, w, b) = make_inputs(2, 1, 14, 14, 64, 3, 3, True, torch.bfloat16)
+    out = ck.fused_peg(x, w, b, (14, 14), 1, backend="reference")
+    assert torch.equal(out, peg_reference(x.float(), w.float(), b.float(), 14, 14, 1).bfloat16())
+
+
 def test_backends_agree_with_each_other():
     require_backend("cpu")
     _, (x, w, b) = make_inputs(3, 1, 9, 8, 31, 5, 3, True, torch.float32, "cpu")
@@ -224,7 +246,7 @@ def test_cpu_streaming_stores(monkeypatch, dtype, C, layout):
     x = layout_as(x, layout).requires_grad_()
     w.requires_grad_()
     b.requires_grad_()
-    grad64 = torch.randn(x64.shape, dtype=torch.float64)
+    grad64 = torch.randn(x64.shape, dtype=torch.float64).to(dtype).double()
     ref, gx_ref, gw_ref, gb_ref = reference_with_grads(x64, w64, b64, H, W, P, grad64)
     poison_allocator(x.shape, dtype=dtype)
     out = ck.fused_peg(x, w, b, size=(H, W), num_prefix_tokens=P, backend="cpu")
