@@ -164,6 +164,26 @@ def poison_allocator(*shapes, dtype, device="cpu"):
     del blocks
 
 
+class Record:
+    """A torch function or dispatch mode that records every function it sees in ``seen``."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def _record(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class RecordFunctions(Record, torch.overrides.TorchFunctionMode):
+    __torch_function__ = Record._record
+
+
+class RecordOps(Record, torch.utils._python_dispatch.TorchDispatchMode):
+    __torch_dispatch__ = Record._record
+
+
 def leaf(t):
     """A detached copy of ``t`` that requires grad (None stays None)."""
     return None if t is None else t.detach().requires_grad_()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import make_inputs, rel_err, require_backend
+from conftest import RecordFunctions, RecordOps, make_inputs, rel_err, require_backend
 
 SAMPLES = [  # (B, P, H, W, C, kh, kw, bias)
     (2, 1, 5, 6, 8, 3, 3, True),
@@ -179,26 +179,6 @@ def test_autocast_cpu_bfloat16(backend, x_dtype):
     assert rel_err(y, y_eager) < 1.6e-2
 
 
-class _Record:
-    """A torch function or dispatch mode that records every function it sees in ``seen``."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def _record(self, func, types, args=(), kwargs=None):
-        self.seen.append(func)
-        return func(*args, **(kwargs or {}))
-
-
-class _RecordFunctions(_Record, torch.overrides.TorchFunctionMode):
-    __torch_function__ = _Record._record
-
-
-class _RecordOps(_Record, torch.utils._python_dispatch.TorchDispatchMode):
-    __torch_dispatch__ = _Record._record
-
-
 def test_eager_binding_is_the_same_op(monkeypatch):
     """fused_peg calls plain tensors' op through _C.peg_forward: the same dispatcher op, so the
     same output and gradients (bitwise) as torch.ops.cpvt.peg_forward, and dispatch modes see it;
@@ -226,11 +206,11 @@ def test_eager_binding_is_the_same_op(monkeypatch):
         assert torch.equal(got, want)
     assert "PegFunction" in fused[0].grad_fn.name()
 
-    with _RecordOps() as mode:
+    with RecordOps() as mode:
         ck.fused_peg(x, w, b, (4, 5), 1, backend="cpu")
     assert len(calls) == 2 and torch.ops.cpvt.peg_forward.default in mode.seen
 
-    with _RecordFunctions() as mode:
+    with RecordFunctions() as mode:
         ck.fused_peg(x, w, b, (4, 5), 1, backend="cpu")
     assert len(calls) == 2 and torch.ops.cpvt.peg_forward.default in mode.seen
 

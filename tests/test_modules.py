@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cpvt_kernels as ck
-from conftest import rel_err
+from conftest import RecordOps, rel_err
 
 
 @pytest.mark.parametrize("kernel_size,bias,P", [(3, True, 1), (7, False, 0), ((3, 5), True, 2)])
@@ -456,18 +456,6 @@ def test_docstring_examples_run():
     assert len(ran) >= 10, ran
 
 
-class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """The names of the operators that reach the kernels (below autograd)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 # The operator each backend runs on CPU tensors (the reference: none of this package's).
 _BACKEND_OP = {"cpu": "cpvt.peg_forward", "triton": "cpvt.peg_forward_triton", "reference": None}
 
@@ -492,13 +480,14 @@ def test_a_named_backend_is_the_one_that_runs(backend, form):
         name = backend.upper() if form == "module_named_in_capitals" else backend
         peg = ck.FusedPEG(C, backend=name)
         run = lambda: peg(x, 3, 4)  # noqa: E731
-    with _RecordOps() as ops:
+    with RecordOps() as mode:  # the operators that reach the kernels (below autograd)
         run()
-    fused = {n for n in ops.names if n.startswith("cpvt.")}
+    names = {str(f.overloadpacket) for f in mode.seen}
+    fused = {n for n in names if n.startswith("cpvt.")}
     want = _BACKEND_OP[backend]
-    assert fused == ({want} if want else set()), ops.names
+    assert fused == ({want} if want else set()), names
     if want is None:
-        assert "aten.convolution" in ops.names
+        assert "aten.convolution" in names
 
 
 def test_module_repr_names_its_backend():
