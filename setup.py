@@ -11,13 +11,19 @@ Build switches (environment variables, printed when the build starts):
                     a GPU machine that only checks the CUDA and Triton backends: the cpu backend
                     is then unavailable).
   CPVT_CPU_ARCH     native (default): compile the CPU kernels for this machine's vector units;
-                    generic: a portable build.
+                    x86-64-v2, x86-64-v3 (AVX2), x86-64-v4 (AVX-512): for every x86-64 CPU of
+                    that level or later; generic: the compiler's default (any CPU).
+                    The build records the instruction sets it may use, and the package does
+                    not load it on a CPU that lacks one (rather than die on an illegal
+                    instruction).
   CPVT_DEBUG        1: build with -O0 -g.
   MAX_JOBS          parallel compile jobs (ninja).
 """
 import glob
 import os
+import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -112,6 +118,43 @@ def _toolkit_problem():
             f"install a torch built for CUDA {found.split('.')[0]}")
 
 
+CPU_ARCHES = ("native", "generic", "x86-64-v2", "x86-64-v3", "x86-64-v4")
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+# The compiler's macros for the x86 instruction-set extensions it may emit from plain C++
+# (vector, bit-manipulation and conversion instructions; x86-64's SSE and SSE2 are in every
+# such CPU), and the names Linux gives them in /proc/cpuinfo.
+_ISA_MACROS = {
+    "SSE3": "pni", "SSSE3": "ssse3", "SSE4_1": "sse4_1", "SSE4_2": "sse4_2", "POPCNT": "popcnt",
+    "AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI": "bmi1", "BMI2": "bmi2",
+    "LZCNT": "abm", "MOVBE": "movbe", "FMA4": "fma4", "XOP": "xop", "AVXVNNI": "avx_vnni",
+    "AVX512F": "avx512f", "AVX512CD": "avx512cd", "AVX512BW": "avx512bw",
+    "AVX512DQ": "avx512dq", "AVX512VL": "avx512vl", "AVX512IFMA": "avx512ifma",
+    "AVX512VBMI": "avx512vbmi", "AVX512VBMI2": "avx512_vbmi2", "AVX512VNNI": "avx512_vnni",
+    "AVX512BITALG": "avx512_bitalg", "AVX512VPOPCNTDQ": "avx512_vpopcntdq",
+    "AVX512BF16": "avx512_bf16", "AVX512FP16": "avx512_fp16", "AMX_TILE": "amx_tile",
+    "AMX_BF16": "amx_bf16", "AMX_INT8": "amx_int8",
+}
+
+
+def _cpu_features(arch):
+    """The CPU features (as /proc/cpuinfo names them) that the CPU kernels compiled for ``arch``
+    may use, from the compiler's predefined macros; None where that is not known (not x86, or
+    the compiler could not be asked)."""
+    if not _X86:
+        return None
+    cxx = shlex.split(os.environ.get("CXX") or "c++")
+    march = [] if arch == "generic" else [f"-march={arch}"]
+    try:
+        out = subprocess.run(cxx + march + ["-dM", "-E", "-x", "c++", os.devnull],
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    macros = set(re.findall(r"^#define __(\w+)__ 1$", out.stdout, re.M))
+    return tuple(sorted(flag for macro, flag in _ISA_MACROS.items() if macro in macros))
+
+
 def _build_config():
     want = _env_flag("CPVT_BUILD_CUDA")
     has_toolkit = _cuda_home is not None
@@ -130,22 +173,27 @@ def _build_config():
                      + ("no CUDA toolkit was found (set CUDA_HOME)" if not has_toolkit
                         else "torch is a CPU build" if not torch_cuda else problem))
     arch = os.environ.get("CPVT_CPU_ARCH", "native").strip().lower()
-    if arch not in ("native", "generic"):
-        sys.exit(f"cpvt_kernels build: CPVT_CPU_ARCH must be 'native' or 'generic', got {arch!r}")
+    if arch not in CPU_ARCHES:
+        sys.exit(f"cpvt_kernels build: CPVT_CPU_ARCH must be one of {', '.join(CPU_ARCHES)}, "
+                 f"got {arch!r}")
+    if arch.startswith("x86-64-") and not _X86:
+        sys.exit(f"cpvt_kernels build: CPVT_CPU_ARCH={arch} is for x86-64 CPUs, and this is "
+                 f"{platform.machine()}: use native or generic")
     cpu = _env_flag("CPVT_BUILD_CPU") is not False
     if not cpu and not cuda:
         sys.exit("cpvt_kernels build: CPVT_BUILD_CPU=0 needs the CUDA kernels (CPVT_BUILD_CUDA=1)")
     return cuda, why, arch, cpu
 
 
-def _build_info_text(cuda, why, arch, cpu):
+def _build_info_text(cuda, why, arch, cpu, features):
     return ('"""What cpvt_kernels._C was built against; written by setup.py, not tracked."""\n'
             f"TORCH_VERSION = {str(torch.__version__)!r}\n"
             f"TORCH_CUDA = {torch.version.cuda!r}\n"
             f"CUDA_KERNELS = {cuda!r}\n"
             f"CUDA_KERNELS_WHY = {why!r}\n"
             f"CPU_KERNELS = {cpu!r}\n"
-            f"CPU_ARCH = {arch!r}\n")
+            f"CPU_ARCH = {arch!r}\n"
+            f"CPU_FEATURES = {features!r}\n")
 
 
 def _mtime(path):
@@ -185,9 +233,13 @@ class _BuildExtension(BuildExtension):
         before = _mtime(path)
         super().build_extension(ext)
         if _mtime(path) not in (None, before):
+            cuda, why, arch, cpu = _CONFIG
+            features = _cpu_features(arch) if cpu else None
             with open(info, "w") as f:
-                f.write(_build_info_text(*_CONFIG))
-            print(f"cpvt_kernels build: wrote {info} (torch {torch.__version__})")
+                f.write(_build_info_text(cuda, why, arch, cpu, features))
+            print(f"cpvt_kernels build: wrote {info} (torch {torch.__version__}"
+                  + (f"; CPU kernels for {' '.join(features) or 'any x86-64 CPU'}"
+                     if features is not None else "") + ")")
 
     def run(self):
         super().run()
@@ -227,8 +279,8 @@ def _extensions():
     # extension: -g0 drops it outside debug builds. at::parallel_for is OpenMP in torch's
     # builds; without -fopenmp it silently runs serially.
     cxx = opt + ([] if debug else ["-g0"]) + ["-fvisibility=hidden", "-fopenmp"]
-    if arch == "native":
-        cxx.append("-march=native")
+    if arch != "generic":
+        cxx.append(f"-march={arch}")
     sources = (["csrc/module.cpp", "csrc/peg.cpp", "csrc/autograd.cpp"]
                + (sorted(glob.glob("csrc/cpu/*.cpp")) if cpu else []))
     print("cpvt_kernels build configuration:")

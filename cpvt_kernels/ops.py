@@ -53,11 +53,44 @@ def _built_for_other_torch() -> str | None:
             f"`pip install --no-build-isolation --no-deps -e .` in the source tree")
 
 
+def _cpu_flags() -> set[str] | None:
+    """This CPU's feature flags as Linux lists them in /proc/cpuinfo, or None where there is no
+    such list (another OS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def _built_for_other_cpu() -> str | None:
+    """Why the compiled _C must not be loaded on this CPU, or None: its CPU kernels were
+    compiled for instruction sets this CPU lacks (setup.py records them, ``CPU_FEATURES``). A
+    build for the machine it was made on (CPVT_CPU_ARCH=native, the default) copied to an older
+    or another vendor's CPU, with a shared environment or an image, would otherwise kill the
+    process with an illegal instruction at its first call, or at import."""
+    wanted = _build_record("CPU_FEATURES")
+    have = _cpu_flags() if wanted else None
+    missing = [f for f in wanted if f not in have] if have is not None else []
+    if not missing:
+        return None
+    arch = _build_record("CPU_ARCH") or "native"
+    return (f"its CPU kernels were compiled (CPVT_CPU_ARCH={arch}) for instructions this CPU "
+            f"lacks ({', '.join(missing)}); rebuild it on this machine (`pip install "
+            f"--no-build-isolation --no-deps -e .` in the source tree), or build one for many "
+            f"CPUs with CPVT_CPU_ARCH=x86-64-v3 (any with AVX2) or generic (any)")
+
+
 _EXT_ERROR: str | None = None
-_EXT_STALE = False  # _C was left unloaded: built against another torch (_EXT_ERROR says which)
+# _C was left unloaded on purpose: built against another torch, or for another CPU
+# (_EXT_ERROR says which).
+_EXT_STALE = False
 if importlib.util.find_spec(f"{__package__}._C") is None:
     _EXT_ERROR = "no compiled cpvt_kernels._C next to the package"
-elif (_mismatch := _built_for_other_torch()) is not None:
+elif (_mismatch := _built_for_other_torch() or _built_for_other_cpu()) is not None:
     _EXT_ERROR, _EXT_STALE = _mismatch, True
 else:
     try:

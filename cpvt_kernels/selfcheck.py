@@ -207,8 +207,14 @@ def main(argv=None) -> int:
     print(f"cpvt_kernels {ck.__version__} selfcheck on {device} ({where})")
     print(f"  torch {torch.__version__}, triton {dist_version('triton')}, python "
           f"{sys.version.split()[0]}, seed {seed}")
-    print(f"  package {ck.__file__.rsplit('/', 1)[0]}; extension: "
-          + ("loaded" if ops._EXT_ERROR is None else f"NOT loaded ({ops._EXT_ERROR})"))
+    if ops._EXT_ERROR is not None:
+        extension = f"NOT loaded ({ops._EXT_ERROR})"
+    elif ops.HAS_CPU_KERNELS:
+        arch = ops._build_record("CPU_ARCH") or "(not recorded)"
+        extension = f"loaded, CPU kernels for CPVT_CPU_ARCH={arch}"
+    else:
+        extension = "loaded, no CPU kernels"
+    print(f"  package {ck.__file__.rsplit('/', 1)[0]}; extension: {extension}")
     unavailable = [(n, ops._unavailable_reason(n, device)) for n in ops.BACKENDS
                    if n not in available]
     print()

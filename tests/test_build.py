@@ -4,6 +4,7 @@ Each test runs setup.py's metadata command (egg_info, which compiles nothing) in
 source tree, so the checkout's extension and build record are left alone.
 """
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -56,10 +57,19 @@ def test_unknown_switch_values_stop_the_build(tree, name, value):
     assert f"{name} must be 1 or 0" in proc.stderr and repr(value) in proc.stderr, proc.stderr
 
 
-def test_cpu_arch_must_be_native_or_generic(tree):
+def test_cpu_arch_must_be_a_known_one(tree):
     proc = egg_info(tree, CPVT_CPU_ARCH="haswell")
     assert proc.returncode != 0
-    assert "CPVT_CPU_ARCH must be 'native' or 'generic', got 'haswell'" in proc.stderr
+    assert "CPVT_CPU_ARCH must be one of native, generic, x86-64-v2, x86-64-v3, x86-64-v4, " \
+           "got 'haswell'" in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 levels are for x86-64")
+@pytest.mark.parametrize("arch", ["x86-64-v3", "GENERIC"])
+def test_cpu_arch_takes_an_x86_64_level(tree, arch):
+    proc = egg_info(tree, CPVT_CPU_ARCH=arch, CPVT_BUILD_CUDA="0")
+    assert proc.returncode == 0, proc.stderr
+    assert f"CPU kernels: yes ({arch.lower()})" in proc.stdout, proc.stdout
 
 
 def fake_toolkit(root: Path, release: str) -> Path:

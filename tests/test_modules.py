@@ -1,4 +1,7 @@
 """PEG and FusedPEG: same parameters and state dict, both call forms, same results."""
+import platform
+import re
+
 import pytest
 import torch
 
@@ -359,6 +362,72 @@ def test_build_info_names_this_torch_and_what_was_built():
     assert _build_info.TORCH_CUDA == torch.version.cuda
     assert _build_info.CPU_KERNELS == ck.ops.HAS_CPU_KERNELS
     assert _build_info.CUDA_KERNELS == ck.ops.HAS_CUDA_KERNELS
+    # The instruction sets the CPU kernels may use, which this CPU (the one they were built on,
+    # or one they were checked against when loaded) has.
+    flags = ck.ops._cpu_flags()
+    features = _build_info.CPU_FEATURES
+    if not _build_info.CPU_KERNELS or flags is None or platform.machine() != "x86_64":
+        return
+    assert isinstance(features, tuple) and set(features) <= flags, (features, flags)
+    if _build_info.CPU_ARCH == "native":
+        # Asked of the compiler for this CPU: the vector sets it has are all there.
+        vector = {"sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                  "avx512dq", "avx512_bf16"} & flags
+        assert vector <= set(features), (sorted(vector - set(features)), features)
+    elif _build_info.CPU_ARCH == "generic":
+        assert not {"avx", "avx2", "avx512f"} & set(features), features
+
+
+@pytest.mark.parametrize("record,want", [
+    (None, None),                       # a build record from before CPU_FEATURES
+    ((), None),                         # generic: nothing beyond x86-64
+    (("avx2", "fma"), None),            # all present
+    (("avx2", "cpvt_isa_a", "cpvt_isa_b"), "cpvt_isa_a, cpvt_isa_b"),
+])
+@pytest.mark.parametrize("flags", [{"avx2", "fma", "sse4_2"}, None], ids=["linux", "no_cpuinfo"])
+def test_extension_built_for_another_cpu_names_what_it_lacks(monkeypatch, record, want, flags):
+    records = {"CPU_FEATURES": record, "CPU_ARCH": "native"}
+    monkeypatch.setattr(ck.ops, "_build_record", records.get)
+    monkeypatch.setattr(ck.ops, "_cpu_flags", lambda: flags)
+    why = ck.ops._built_for_other_cpu()
+    if want is None or flags is None:  # without the CPU's flags there is nothing to check
+        assert why is None
+    else:
+        assert f"compiled (CPVT_CPU_ARCH=native) for instructions this CPU lacks ({want})" in why
+        assert "CPVT_CPU_ARCH=x86-64-v3" in why and "pip install" in why, why
+
+
+def test_extension_built_for_another_cpu_is_not_loaded(tmp_path):
+    """An extension whose build record names an instruction set this CPU lacks (a native build
+    copied to an older machine) is not loaded, where it could die on an illegal instruction:
+    the cpu backend says what is missing and how to rebuild."""
+    if ck.ops._EXT_ERROR is not None:
+        pytest.skip(f"no extension loaded: {ck.ops._EXT_ERROR}")
+    if ck.ops._cpu_flags() is None:
+        pytest.skip("no /proc/cpuinfo flags to check a build against")
+    from cpvt_kernels import _build_info
+
+    def record_other_cpu(dst):
+        text = (dst / "_build_info.py").read_text()
+        text = re.sub(r"^CPU_FEATURES = .*$", "CPU_FEATURES = ('cpvt_missing_isa',)", text,
+                      flags=re.M)
+        assert "cpvt_missing_isa" in text
+        (dst / "_build_info.py").write_text(text)
+
+    code = ("import torch, cpvt_kernels_cpu as ck\n"
+            "so = [l for l in open('/proc/self/maps') if 'cpvt_kernels_cpu' in l]\n"
+            "assert not so, so\n"
+            "assert not ck.ops.HAS_CPU_KERNELS and not ck.ops.HAS_CUDA_KERNELS\n"
+            "x = torch.randn(2, 13, 3); w = torch.randn(3, 1, 3, 3)\n"
+            "try:\n"
+            "    ck.fused_peg(x, w, None, (3, 4), backend='cpu')\n"
+            "except RuntimeError as e:\n"
+            "    print('ERROR', e)\n")
+    proc = run_package_copy(tmp_path, "cpvt_kernels_cpu", code, edit=record_other_cpu)
+    error = next(line for line in proc.stdout.splitlines() if line.startswith("ERROR"))
+    assert "backend 'cpu' is unavailable: the C++ extension cpvt_kernels._C was not loaded: its " \
+           f"CPU kernels were compiled (CPVT_CPU_ARCH={_build_info.CPU_ARCH}) for instructions " \
+           "this CPU lacks (cpvt_missing_isa); rebuild it on this machine" in error, error
 
 
 def test_extension_built_for_another_torch_is_not_loaded(tmp_path):
