@@ -279,7 +279,7 @@ def _extensions():
     # extension: -g0 drops it outside debug builds. at::parallel_for is OpenMP in torch's
     # builds; without -fopenmp it silently runs serially.
     cxx = opt + ([] if debug else ["-g0"]) + ["-fvisibility=hidden", "-fopenmp"]
-    if arch != "generic":
+    if cpu and arch != "generic":  # without the CPU kernels, nothing here needs it
         cxx.append(f"-march={arch}")
     sources = (["csrc/module.cpp", "csrc/peg.cpp", "csrc/autograd.cpp"]
                + (sorted(glob.glob("csrc/cpu/*.cpp")) if cpu else []))

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_peg import (Timer, _fmt, add_allocator_arg, cpu_load_warning,  # noqa: E402
-                       default_out_dir, faults_note, peak_memory_mib, pick_device, run_metadata,
-                       setup_allocator)
+from bench_peg import (Samples, Timer, _fmt, add_allocator_arg,  # noqa: E402
+                       cpu_load_warning, default_out_dir, faults_note, peak_memory_mib,
+                       pick_device, run_metadata, setup_allocator)
 
 import cpvt_kernels as ck  # noqa: E402
 from cpvt_kernels import models  # noqa: E402
@@ -113,6 +113,10 @@ def parse_args(argv=None):
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds of samples per measurement (default 1 on CPU, 0.5 on a GPU)")
     p.add_argument("--min-reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5, metavar="R",
+                   help="rounds the samples of each configuration are taken in, alternating "
+                        "between the eager and the fused model (default 5; 1: one after the "
+                        "other)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (torch.set_num_threads; default: PyTorch's choice)")
     add_allocator_arg(p)
@@ -146,7 +150,7 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     on_gpu = device.type == "cuda"
     for flag, value in (("--threads", args.threads), ("--batch", args.batch),
-                        ("--min-reps", args.min_reps)):
+                        ("--min-reps", args.min_reps), ("--rounds", args.rounds)):
         if value is not None and value < 1:
             raise SystemExit(f"{flag}: expected 1 or more, got {value}")
     if args.min_time is not None and not args.min_time > 0:
@@ -181,13 +185,16 @@ def main(argv=None) -> int:
     backend = ck.ops.resolve_backend(args.backend, device.type)
     min_time = args.min_time or (0.5 if on_gpu else 1.0)
     timer = Timer(device, min_time, args.min_reps)
+    rounds = args.rounds
     out_dir = args.out or default_out_dir(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = run_metadata(device)
     notes = [f"fused PEG backend: {backend}; PEG after block(s) {list(positions)}; "
              f"1000 classes; random images",
              "infer: eval mode, torch.inference_mode(); train: forward, cross-entropy, backward, "
-             "AdamW step; images/s = batch / median time",
+             "AdamW step; images/s = batch / median time"
+             + (f"; the samples taken in {rounds} rounds alternating between the eager and the "
+                "fused model" if rounds > 1 else ""),
              "bf16: torch.autocast(dtype=torch.bfloat16) over float32 weights",
              "peak MiB: " + ("torch.cuda.max_memory_allocated during one step, beyond what was "
                              "allocated before it" if on_gpu else "not measured on CPU")]
@@ -216,7 +223,17 @@ def main(argv=None) -> int:
             labels = torch.randint(0, 1000, (batch,), generator=gen).to(device)
             torch.manual_seed(0)
             state = MODELS[name](num_classes=1000, peg_positions=positions).state_dict()
-            group, logits = [], {}
+            rows_of, timed, logits = {}, {}, {}
+            prefixes = {}
+
+            def fail(impl, e):
+                msg = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                failures.append(f"{prefixes[impl]} {msg}")
+                print(f"{prefixes[impl]} {msg}", flush=True)
+                rows_of[impl].update({k: "" for k in CSV_FIELDS if k not in rows_of[impl]})
+                rows_of[impl]["status"] = msg
+                timed.pop(impl, None)
+
             for impl in ("eager", "fused"):
                 done += 1
                 row = dict(meta)
@@ -225,8 +242,9 @@ def main(argv=None) -> int:
                             "precision": precision, "impl": impl,
                             "backend": backend if impl == "fused" else "eager",
                             "status": "ok"})
-                prefix = (f"[{done}/{total}] {LABELS[name]} {size}px {mode} {precision} "
-                          f"batch {batch} {impl}:")
+                rows_of[impl] = row
+                prefixes[impl] = (f"[{done}/{total}] {LABELS[name]} {size}px {mode} {precision} "
+                                  f"batch {batch} {impl}:")
                 try:
                     model = build(name, impl, backend, positions, device, state)
                     if mode == "infer":
@@ -234,29 +252,49 @@ def main(argv=None) -> int:
                                 device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                             logits[impl] = model.eval()(images).float()
                     step = make_step(mode, model, images, labels, precision, device)
-                    stats = timer(step)
-                    peak = peak_memory_mib(device, step)
+                    timed[impl] = (step, *timer.calibrate(step), Samples([], []))
                 except Exception as e:
-                    msg = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    failures.append(f"{prefix} {msg}")
-                    print(f"{prefix} {msg}", flush=True)
-                    row.update({k: "" for k in CSV_FIELDS if k not in row})
-                    row["status"] = msg
-                    group.append(row)
-                    continue
+                    fail(impl, e)
                 finally:
                     model = step = None
-                    if on_gpu:
-                        torch.cuda.empty_cache()
+            # The samples of the two models are taken in rounds that alternate between them
+            # (each round starting with the other), so that a slow period of the host falls on
+            # both alike and the ratio stays steady.
+            order = list(timed)
+            for r in range(rounds):
+                for impl in order[r % len(order):] + order[:r % len(order)]:
+                    if impl not in timed:
+                        continue
+                    step, reps, per_call, samples = timed[impl]
+                    n = reps // rounds + (r < reps % rounds)
+                    try:
+                        if n:
+                            samples.extend(timer.sample(step, n, per_call, warm=rounds > 1))
+                    except Exception as e:
+                        fail(impl, e)
+            for impl in order:
+                if impl not in timed:
+                    continue
+                step, _, _, samples = timed[impl]
+                try:
+                    peak = peak_memory_mib(device, step)
+                except Exception as e:
+                    fail(impl, e)
+                    continue
+                stats = samples.stats()
                 ips = batch / (stats.median_ms * 1e-3)
-                row.update({"median_ms": f"{stats.median_ms:.4f}", "p20_ms": f"{stats.p20_ms:.4f}",
-                            "p80_ms": f"{stats.p80_ms:.4f}", "reps": stats.reps,
-                            "images_per_s": f"{ips:.2f}", "peak_mem_mib": _fmt(peak, ".1f"),
-                            "faults_per_call": _fmt(stats.faults_per_call, ".4g"),
-                            "speedup_vs_eager": "", "max_rel_err": ""})
-                group.append(row)
-                print(f"{prefix} {stats.median_ms:.1f} ms ({stats.p20_ms:.1f}-{stats.p80_ms:.1f}) "
-                      f"{ips:.1f} images/s", flush=True)
+                rows_of[impl].update({
+                    "median_ms": f"{stats.median_ms:.4f}", "p20_ms": f"{stats.p20_ms:.4f}",
+                    "p80_ms": f"{stats.p80_ms:.4f}", "reps": stats.reps,
+                    "images_per_s": f"{ips:.2f}", "peak_mem_mib": _fmt(peak, ".1f"),
+                    "faults_per_call": _fmt(stats.faults_per_call, ".4g"),
+                    "speedup_vs_eager": "", "max_rel_err": ""})
+                print(f"{prefixes[impl]} {stats.median_ms:.1f} ms ({stats.p20_ms:.1f}-"
+                      f"{stats.p80_ms:.1f}) {ips:.1f} images/s", flush=True)
+            timed = None
+            if on_gpu:
+                torch.cuda.empty_cache()
+            group = [rows_of["eager"], rows_of["fused"]]
             if len(logits) == 2:
                 ref = logits["eager"]
                 err = ((logits["fused"] - ref).abs().max() / ref.abs().max()).item()

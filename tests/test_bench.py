@@ -179,6 +179,7 @@ def test_bench_peg_bad_arguments_name_their_flag(tmp_path, argv, flag):
 @pytest.mark.parametrize("argv, flag", [
     (["--batch", "0"], "--batch"), (["--sizes", "20"], "--sizes"), (["--sizes", "x"], "--sizes"),
     (["--peg-positions", "12"], "--peg-positions"), (["--threads", "0"], "--threads"),
+    (["--rounds", "0"], "--rounds"),
 ])
 def test_bench_model_bad_arguments_name_their_flag(tmp_path, argv, flag):
     import bench_model
@@ -570,6 +571,35 @@ def test_bench_model_tiny_run(tmp_path):
     assert all(float(r["max_rel_err"]) < 1e-3 for r in rows
                if r["mode"] == "infer" and r["impl"] == "fused")
     assert "images/s" in (tmp_path / "model.md").read_text()
+
+
+def test_bench_model_alternates_the_models_in_rounds(tmp_path, monkeypatch):
+    """The eager and the fused model's samples are taken in rounds that alternate between them,
+    each round starting with the other model, and each row pools all its rounds' samples."""
+    require_backend("cpu")
+    import bench_model
+    sampled, calibrated = [], []
+
+    class Recording(bench_model.Timer):
+        def calibrate(self, fn):
+            calibrated.append(fn)
+            return 6, 1e-3  # 6 samples: 2 in each of 3 rounds
+
+        def sample(self, fn, reps, per_call, warm=False):
+            sampled.append((calibrated.index(fn), reps, warm))
+            return super().sample(fn, reps, per_call, warm)
+
+    monkeypatch.setattr(bench_model, "Timer", Recording)
+    rc = bench_model.main(["--quick", "--device", "cpu", "--sizes", "32", "--batch", "2",
+                           "--modes", "train", "--rounds", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    assert sampled == [(0, 2, True), (1, 2, True), (1, 2, True), (0, 2, True), (0, 2, True),
+                       (1, 2, True)]
+    rows = _rows(tmp_path / "model.csv")
+    assert [(r["impl"], r["reps"]) for r in rows] == [("eager", "6"), ("fused", "6")]
+    assert float(rows[1]["speedup_vs_eager"]) == pytest.approx(
+        float(rows[0]["median_ms"]) / float(rows[1]["median_ms"]), rel=1e-3)
+    assert "3 rounds alternating" in (tmp_path / "model.md").read_text()
 
 
 def test_selfcheck_passes_on_cpu(capsys):
