@@ -56,6 +56,13 @@ from cpvt_kernels import _build_info, ops
 work, arch = sys.argv[1:]
 assert os.path.realpath(cpvt_kernels.__file__).startswith(os.path.realpath(work)), cpvt_kernels.__file__
 assert _build_info.CPU_ARCH == arch and ops.HAS_CPU_KERNELS, (_build_info.CPU_ARCH, ops._EXT_ERROR)
+# The instruction sets the build records: those of the level, none beyond it.
+has, lacks = {"x86-64-v3": ({"avx2", "fma", "f16c"}, {"avx512f"}),
+              "x86-64-v4": ({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+                            {"avx512_bf16"}),
+              "generic": (set(), {"avx", "avx2"})}.get(arch, (set(), set()))
+features = set(_build_info.CPU_FEATURES or ())
+assert has <= features and not lacks & features, (arch, sorted(features))
 print(f"other_cpu_arch: testing {cpvt_kernels.__file__}, CPU kernels for "
       f"{' '.join(_build_info.CPU_FEATURES or ()) or 'any CPU'}")
 PY

@@ -331,6 +331,26 @@ def run_package_copy(tmp_path, name, code, ignore=(), edit=None):
     return proc
 
 
+def unloaded_extension_script(name):
+    """The start of a script for run_package_copy: imports the copy ``name`` as ``ck``, asserts
+    that its compiled _C was left out of the process and no C++ backend is offered, and draws
+    inputs x, w, b (3x4 grid, one prefix token)."""
+    return ("import warnings, torch, {0} as ck\n"
+            "so = [l for l in open('/proc/self/maps') if '{0}' in l]\n"
+            "assert not so, so\n"
+            "assert not ck.ops.HAS_CPU_KERNELS and not ck.ops.HAS_CUDA_KERNELS\n"
+            "assert 'cpu' not in ck.available_backends('cpu')\n"
+            "x = torch.randn(2, 13, 3); w = torch.randn(3, 1, 3, 3); b = torch.randn(3)\n"
+            ).format(name)
+
+
+# Prints the cpu backend's error, on a line starting with ERROR.
+CPU_BACKEND_ERROR = ("try:\n"
+                     "    ck.fused_peg(x, w, b, (3, 4), backend='cpu')\n"
+                     "except RuntimeError as e:\n"
+                     "    print('ERROR', e)\n")
+
+
 def test_import_without_extension_reports_how_to_build(tmp_path):
     """A package copy without the compiled _C still imports; the cpu backend says how to build."""
     code = ("import torch, cpvt_kernels_noext as ck\n"
@@ -414,15 +434,7 @@ def test_extension_built_for_another_cpu_is_not_loaded(tmp_path):
         assert "cpvt_missing_isa" in text
         (dst / "_build_info.py").write_text(text)
 
-    code = ("import torch, cpvt_kernels_cpu as ck\n"
-            "so = [l for l in open('/proc/self/maps') if 'cpvt_kernels_cpu' in l]\n"
-            "assert not so, so\n"
-            "assert not ck.ops.HAS_CPU_KERNELS and not ck.ops.HAS_CUDA_KERNELS\n"
-            "x = torch.randn(2, 13, 3); w = torch.randn(3, 1, 3, 3)\n"
-            "try:\n"
-            "    ck.fused_peg(x, w, None, (3, 4), backend='cpu')\n"
-            "except RuntimeError as e:\n"
-            "    print('ERROR', e)\n")
+    code = unloaded_extension_script("cpvt_kernels_cpu") + CPU_BACKEND_ERROR
     proc = run_package_copy(tmp_path, "cpvt_kernels_cpu", code, edit=record_other_cpu)
     error = next(line for line in proc.stdout.splitlines() if line.startswith("ERROR"))
     assert "backend 'cpu' is unavailable: the C++ extension cpvt_kernels._C was not loaded: its " \
@@ -440,21 +452,14 @@ def test_extension_built_for_another_torch_is_not_loaded(tmp_path):
     def record_other_torch(dst):
         (dst / "_build_info.py").write_text("TORCH_VERSION = '1.0.0+other'\n")
 
-    code = ("import warnings, torch, cpvt_kernels_other as ck\n"
-            "so = [l for l in open('/proc/self/maps') if 'cpvt_kernels_other' in l]\n"
-            "assert not so, so\n"
-            "assert not ck.ops.HAS_CPU_KERNELS and 'cpu' not in ck.available_backends('cpu')\n"
-            "x = torch.randn(2, 13, 3); w = torch.randn(3, 1, 3, 3); b = torch.randn(3)\n"
-            "ref = ck.peg_reference(x, w, b, 3, 4, 1)\n"
+    code = (unloaded_extension_script("cpvt_kernels_other")
+            + "ref = ck.peg_reference(x, w, b, 3, 4, 1)\n"
             "with warnings.catch_warnings(record=True) as caught:\n"
             "    warnings.simplefilter('always')\n"
             "    for _ in range(3):\n"
             "        assert torch.allclose(ck.fused_peg(x, w, b, (3, 4)), ref)\n"
             "print('WARNINGS', [str(m.message) for m in caught])\n"
-            "try:\n"
-            "    ck.fused_peg(x, w, b, (3, 4), backend='cpu')\n"
-            "except RuntimeError as e:\n"
-            "    print('ERROR', e)\n")
+            + CPU_BACKEND_ERROR)
     proc = run_package_copy(tmp_path, "cpvt_kernels_other", code, edit=record_other_torch)
     warned = next(line for line in proc.stdout.splitlines() if line.startswith("WARNINGS"))
     assert warned.count("runs the unfused reference") == 1, warned
