@@ -126,13 +126,16 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64")
 _ISA_MACROS = {
     "SSE3": "pni", "SSSE3": "ssse3", "SSE4_1": "sse4_1", "SSE4_2": "sse4_2", "POPCNT": "popcnt",
     "AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI": "bmi1", "BMI2": "bmi2",
-    "LZCNT": "abm", "MOVBE": "movbe", "FMA4": "fma4", "XOP": "xop", "AVXVNNI": "avx_vnni",
+    "LZCNT": "abm", "MOVBE": "movbe", "SSE4A": "sse4a", "TBM": "tbm", "FMA4": "fma4",
+    "XOP": "xop", "AVXVNNI": "avx_vnni",
     "AVX512F": "avx512f", "AVX512CD": "avx512cd", "AVX512BW": "avx512bw",
     "AVX512DQ": "avx512dq", "AVX512VL": "avx512vl", "AVX512IFMA": "avx512ifma",
     "AVX512VBMI": "avx512vbmi", "AVX512VBMI2": "avx512_vbmi2", "AVX512VNNI": "avx512_vnni",
     "AVX512BITALG": "avx512_bitalg", "AVX512VPOPCNTDQ": "avx512_vpopcntdq",
     "AVX512BF16": "avx512_bf16", "AVX512FP16": "avx512_fp16", "AMX_TILE": "amx_tile",
-    "AMX_BF16": "amx_bf16", "AMX_INT8": "amx_int8",
+    "AVX512VP2INTERSECT": "avx512_vp2intersect", "AVXIFMA": "avx_ifma",
+    "AVXVNNIINT8": "avx_vnni_int8", "AVXNECONVERT": "avx_ne_convert",
+    "AMX_BF16": "amx_bf16", "AMX_INT8": "amx_int8", "AMX_FP16": "amx_fp16",
 }
 
 
