@@ -133,9 +133,7 @@ _ISA_MACROS = {
     "AVX512VBMI": "avx512vbmi", "AVX512VBMI2": "avx512_vbmi2", "AVX512VNNI": "avx512_vnni",
     "AVX512BITALG": "avx512_bitalg", "AVX512VPOPCNTDQ": "avx512_vpopcntdq",
     "AVX512BF16": "avx512_bf16", "AVX512FP16": "avx512_fp16", "AMX_TILE": "amx_tile",
-    "AVX512VP2INTERSECT": "avx512_vp2intersect", "AVXIFMA": "avx_ifma",
-    "AVXVNNIINT8": "avx_vnni_int8", "AVXNECONVERT": "avx_ne_convert",
-    "AMX_BF16": "amx_bf16", "AMX_INT8": "amx_int8", "AMX_FP16": "amx_fp16",
+    "AVX512VP2INTERSECT": "avx512_vp2intersect", "AMX_BF16": "amx_bf16", "AMX_INT8": "amx_int8",
 }
 
 
@@ -155,7 +153,19 @@ def _cpu_features(arch):
     if out.returncode != 0:
         return None
     macros = set(re.findall(r"^#define __(\w+)__ 1$", out.stdout, re.M))
-    return tuple(sorted(flag for macro, flag in _ISA_MACROS.items() if macro in macros))
+    features = {flag for macro, flag in _ISA_MACROS.items() if macro in macros}
+    if arch == "native":
+        # Only what this machine's /proc/cpuinfo shows, which is what the package checks
+        # against: some kernels leave a flag out of it, and the build would then refuse the
+        # very machine it was made on.
+        try:
+            with open("/proc/cpuinfo") as f:
+                shown = re.search(r"^flags\s*:(.*)$", f.read(), re.M)
+        except OSError:
+            shown = None
+        if shown:
+            features &= set(shown.group(1).split())
+    return tuple(sorted(features))
 
 
 def _build_config():
