@@ -255,8 +255,6 @@ def main(argv=None) -> int:
                     timed[impl] = (step, *timer.calibrate(step), Samples([], []))
                 except Exception as e:
                     fail(impl, e)
-                finally:
-                    model = step = None
             # The samples of the two models are taken in rounds that alternate between them
             # (each round starting with the other), so that a slow period of the host falls on
             # both alike and the ratio stays steady.
@@ -291,7 +289,7 @@ def main(argv=None) -> int:
                     "speedup_vs_eager": "", "max_rel_err": ""})
                 print(f"{prefixes[impl]} {stats.median_ms:.1f} ms ({stats.p20_ms:.1f}-"
                       f"{stats.p80_ms:.1f}) {ips:.1f} images/s", flush=True)
-            timed = None
+            timed = model = step = None  # both models freed before the next configuration
             if on_gpu:
                 torch.cuda.empty_cache()
             group = [rows_of["eager"], rows_of["fused"]]
