@@ -37,6 +37,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -843,14 +844,21 @@ constexpr int64_t forward_block_rows() {
   return sizeof(T) >= 4 ? 4 : 3;
 }
 // Whether the forward of g takes the narrow column blocks: the input is larger than the
-// last-level cache (see above), or CPVT_CPU_NARROW_BLOCKS=1 (0: never). Only where the two
-// shapes differ (AVX2, float and double).
+// last-level cache or than 10 MiB, whichever is less, or CPVT_CPU_NARROW_BLOCKS=1 (0: never).
+// Only where the two shapes differ (AVX2, float and double). The 10 MiB: on a 2-core Zen 3
+// guest with 32 MiB of L3 (shared with other guests' cores) the narrow blocks were the faster
+// from 10-12 MB of input up (B=24..32 at 24x24: 1.0-1.4 against 1.3-2.1 ms, B=96 at 14x14;
+// medians of the fastest samples of 5 alternating rounds, 2 threads, without streaming stores),
+// the wide ones up to 9-10 MB (B=16 and 20 at 24x24, B=64 at 14x14), as in the Zen 1 runs
+// above, whose 8 MB of L3 set the limit there (bench/results/2026-12-07_cpu-amd-epyc-zen3).
 template <typename T>
 bool forward_narrow_blocks(const Geometry& g) {
   if constexpr (forward_block_cols<T>(true) == forward_block_cols<T>(false)) return false;
   if (const std::optional<bool> on = env_flag("CPVT_CPU_NARROW_BLOCKS")) return *on;
+  constexpr int64_t kMostWide = int64_t(10) << 20;
   const int64_t llc = llc_bytes();
-  return llc > 0 && g.B * g.N * g.C * static_cast<int64_t>(sizeof(T)) > llc;
+  const int64_t limit = llc > 0 ? std::min(llc, kMostWide) : kMostWide;
+  return g.B * g.N * g.C * static_cast<int64_t>(sizeof(T)) > limit;
 }
 // The most rows of any forward pass over rows read in place (float's blocks are the tallest).
 constexpr int64_t kDirectRows = forward_block_rows<float>();
@@ -1066,9 +1074,22 @@ inline void conv_rows_forward(const at::BFloat16* const* rows, const float* wt, 
 // last-level cache (8 MiB where its size is unknown). Below it the output stays in cache for
 // whatever reads it next; above it, it would not, and streaming saves the read-for-ownership of
 // every line (a third of the traffic).
+// That holds where a vector is a whole cache line (AVX-512): each non-temporal store then writes
+// a line at once. A narrower vector (AVX2's 32 bytes) fills a line in two stores, and the
+// passes interleave the stores of RB x WB output tokens between them, so as many lines wait
+// half written in the core's write-combining buffers; where there are fewer buffers than that,
+// they are flushed half full. On a 2-core Zen 3 (AVX2, 32 MiB of L3) a copy with non-temporal
+// stores ran 7x slower with 8 lines open at once than with 4 (2.9 against 0.4 ms for 14 MB),
+// and the float32 forward was 1.1-1.9x slower streamed than cached from 7 to 113 MB of output
+// (B=8..256, 24x24 and 32x32, 2 threads; bench/results/2026-12-07_cpu-amd-epyc-zen3). So builds
+// with narrower vectors never stream unless told to.
 inline int64_t stream_threshold() {
+  constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
   const int64_t llc = llc_bytes();
-  return env_bytes("CPVT_CPU_STREAM_BYTES", llc > 0 ? llc / 4 : int64_t(8) << 20);
+  const int64_t fallback = sizeof(Vec<float>) < 64 ? kNever
+                           : llc > 0                ? llc / 4
+                                                    : int64_t(8) << 20;
+  return env_bytes("CPVT_CPU_STREAM_BYTES", fallback);
 }
 
 // Whether the grid rows of a freshly allocated (B, N, C) output are streamed: every full vector
