@@ -847,9 +847,9 @@ constexpr int64_t forward_block_rows() {
 // last-level cache or than 10 MiB, whichever is less, or CPVT_CPU_NARROW_BLOCKS=1 (0: never).
 // Only where the two shapes differ (AVX2, float and double). The 10 MiB: on a 2-core Zen 3
 // guest with 32 MiB of L3 (shared with other guests' cores) the narrow blocks were the faster
-// from 10-12 MB of input up (B=24..32 at 24x24: 1.0-1.4 against 1.3-2.1 ms, B=96 at 14x14;
+// from 10.6 MB of input up (B=24..32 at 24x24: 1.0-1.4 against 1.3-2.1 ms, B=96 at 14x14;
 // medians of the fastest samples of 5 alternating rounds, 2 threads, without streaming stores),
-// the wide ones up to 9-10 MB (B=16 and 20 at 24x24, B=64 at 14x14), as in the Zen 1 runs
+// the wide ones up to 9.7 MB (B=16..20 at 24x24, B=64 at 14x14; 8 rounds), as in the Zen 1 runs
 // above, whose 8 MB of L3 set the limit there (bench/results/2026-12-07_cpu-amd-epyc-zen3).
 template <typename T>
 bool forward_narrow_blocks(const Geometry& g) {
