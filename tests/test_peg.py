@@ -238,8 +238,8 @@ def test_size_forms():
 def test_cpu_streaming_stores(monkeypatch, dtype, C, layout):
     """The cpu kernels write large outputs with non-temporal stores when every vector store is
     aligned (by default with AVX-512 only); CPVT_CPU_STREAM_BYTES=0 takes that path at any size,
-    with any vector width. Aligned (C=32, 48), unaligned
-    channel counts (C=20) and half types (which never stream) must all give the same results."""
+    with any vector width. Aligned (C=32, 48), unaligned channel counts (C=20) and half types
+    (which never stream) must all give the same results."""
     require_backend("cpu")
     monkeypatch.setenv("CPVT_CPU_STREAM_BYTES", "0")
     B, P, H, W, k = 2, 1, 5, 7, 3
@@ -675,8 +675,9 @@ def test_cpu_in_place_matches_ring(monkeypatch, dtype, case):
 
 # AVX2 builds run the float32 and float64 forwards over rows read in place in narrow column
 # blocks (4 rows x 1 column) where the input is larger than the last-level cache or 10 MiB, and
-# in 4 x 2 blocks below that; CPVT_CPU_NARROW_BLOCKS=1 / 0 forces either (no effect where the two shapes
-# are the same, as with AVX-512). The same operations in the same order: bitwise the same.
+# in 4 x 2 blocks below that; CPVT_CPU_NARROW_BLOCKS=1 / 0 forces either (no effect where the
+# two shapes are the same, as with AVX-512). The same operations in the same order: bitwise the
+# same.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", [c for c in IN_PLACE_CASES if c[6] != "offset_slice"],
                          ids=lambda c: "B{}-P{}-{}x{}-C{}-k{}-{}".format(*c))
