@@ -20,6 +20,7 @@ Build switches (environment variables, printed when the build starts):
   MAX_JOBS          parallel compile jobs (ninja).
 """
 import glob
+import importlib.util
 import os
 import platform
 import re
@@ -156,16 +157,22 @@ def _cpu_features(arch):
     features = {flag for macro, flag in _ISA_MACROS.items() if macro in macros}
     if arch == "native":
         # Only what this machine's /proc/cpuinfo shows, which is what the package checks
-        # against: some kernels leave a flag out of it, and the build would then refuse the
-        # very machine it was made on.
-        try:
-            with open("/proc/cpuinfo") as f:
-                shown = re.search(r"^flags\s*:(.*)$", f.read(), re.M)
-        except OSError:
-            shown = None
-        if shown:
-            features &= set(shown.group(1).split())
+        # against (the same reader): some kernels leave a flag out of it, and the build would
+        # then refuse the very machine it was made on.
+        shown = _package_cpu_flags()
+        if shown is not None:
+            features &= shown
     return tuple(sorted(features))
+
+
+def _package_cpu_flags():
+    """cpvt_kernels._cpuinfo.cpu_flags(), loaded by path: the package itself needs torch and
+    its built extension."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpvt_kernels", "_cpuinfo.py")
+    spec = importlib.util.spec_from_file_location("_cpvt_kernels_cpuinfo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cpu_flags()
 
 
 def _build_config():

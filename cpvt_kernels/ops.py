@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from . import _autograd, _checks
+from . import _autograd, _checks, _cpuinfo
 from .reference import peg_unchecked
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
@@ -53,17 +53,7 @@ def _built_for_other_torch() -> str | None:
             f"`pip install --no-build-isolation --no-deps -e .` in the source tree")
 
 
-def _cpu_flags() -> set[str] | None:
-    """This CPU's feature flags as Linux lists them in /proc/cpuinfo, or None where there is no
-    such list (another OS)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return None
+_cpu_flags = _cpuinfo.cpu_flags
 
 
 def _built_for_other_cpu() -> str | None:
