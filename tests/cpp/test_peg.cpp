@@ -1,6 +1,11 @@
 // Calls the fused PEG through the dispatcher, as a C++ user would, and checks it against
 // libtorch's own depthwise convolution (the PEG's definition), forward and backward.
-#include <torch/torch.h>
+#include <ATen/Context.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/randn.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -44,10 +49,10 @@ void run_case(int64_t B, int64_t P, int64_t H, int64_t W, int64_t C, int64_t k, 
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
                             c10::SymInt, int64_t, std::array<bool, 3>)>();
   auto opts = at::TensorOptions().dtype(at::kDouble);
-  auto x64 = torch::randn({B, P + H * W, C}, opts).to(dt).to(at::kDouble).requires_grad_();
-  auto w64 = (torch::randn({C, 1, k, k}, opts) / k).to(dt).to(at::kDouble).requires_grad_();
-  auto b64 = torch::randn({C}, opts).to(dt).to(at::kDouble).requires_grad_();
-  auto g64 = torch::randn({B, P + H * W, C}, opts).to(dt).to(at::kDouble);
+  auto x64 = at::randn({B, P + H * W, C}, opts).to(dt).to(at::kDouble).requires_grad_();
+  auto w64 = (at::randn({C, 1, k, k}, opts) / k).to(dt).to(at::kDouble).requires_grad_();
+  auto b64 = at::randn({C}, opts).to(dt).to(at::kDouble).requires_grad_();
+  auto g64 = at::randn({B, P + H * W, C}, opts).to(dt).to(at::kDouble);
   auto ref = reference(x64, w64, b64, H, W, P);
   ref.backward(g64);
 
@@ -66,7 +71,7 @@ void run_case(int64_t B, int64_t P, int64_t H, int64_t W, int64_t C, int64_t k, 
 }  // namespace
 
 int main() {
-  torch::manual_seed(0);
+  at::manual_seed(0);
   run_case(2, 1, 14, 14, 192, 3, at::kFloat, 1e-5);
   run_case(3, 0, 7, 9, 33, 7, at::kFloat, 1e-5);
   run_case(1, 2, 5, 5, 17, 5, at::kDouble, 1e-12);
@@ -74,8 +79,8 @@ int main() {
   // Bad input reaches the C++ checks, which throw a ValueError naming the argument.
   bool threw = false;
   try {
-    auto x = torch::randn({2, 10, 4});
-    auto w = torch::randn({4, 1, 3, 3});
+    auto x = at::randn({2, 10, 4});
+    auto w = at::randn({4, 1, 3, 3});
     c10::Dispatcher::singleton()
         .findSchemaOrThrow("cpvt::peg_forward", "")
         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,

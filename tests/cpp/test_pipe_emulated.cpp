@@ -6,8 +6,6 @@
 // sums against float64 libtorch, over strided inputs and several grids, with Inf and NaN too.
 // What only a GPU shows (the copies landing late, barriers, speed) is bench/cuda_micro's to
 // measure.
-#include <torch/torch.h>
-
 #include "cuda/peg_pipe.cuh"
 #include "emulated.h"
 

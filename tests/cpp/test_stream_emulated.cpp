@@ -5,8 +5,6 @@
 // and border handling, prefix copy and partial sums against float64 libtorch and, for Inf and
 // NaN, against the cpu backend through the dispatcher. It cannot check what only a GPU shows
 // (races, the read-only cache, registers, speed): tests/test_cuda.py does that on a GPU.
-#include <torch/torch.h>
-
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "cuda/peg_stream.cuh"
@@ -297,7 +295,7 @@ void run_dtype() {
 }  // namespace
 
 int main() {
-  torch::manual_seed(0);
+  at::manual_seed(0);
   run_dtype<float>();
   run_dtype<double>();
   run_dtype<c10::BFloat16>();
