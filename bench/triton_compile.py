@@ -11,7 +11,8 @@ the kernel launch intercepted, compiles the kernel it would have launched (same 
 ``num_warps``) for ``--arch`` with Triton's own compiler and ptxas, and reads the resource usage
 with the ``cuobjdump`` that Triton's package carries. A non-zero stack frame is local memory:
 spilled registers. Exits non-zero if a kernel fails to compile or (with ``--no-spills``) has a
-stack frame. Compiling needs no GPU; running the kernels does.
+stack frame. Compiling needs no GPU; running the kernels does. ``--resources-only`` stops
+there (no disassembly: several times faster).
 
 From the SASS it also counts the instructions: ``sass`` in all, ``loop`` in the body of the
 kernel's innermost loop (a backward branch; the streaming kernels' walk down the rows, the
@@ -40,7 +41,10 @@ rows, 528 programs a channel block. Last, the kernel's global memory instruction
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -156,25 +160,41 @@ def loop_carried(ttir: str) -> list:
     return loops
 
 
-def compile_launch(kernel, args, kwargs, arch: int, tool: str, workdir: Path) -> dict:
+def compile_launch(kernel, args, kwargs, arch: int, tool: str, workdir: Path,
+                   name: str | None = None) -> dict:
+    """Compiles a launch and reads its resources and SASS counts (``compile_resources``, then
+    ``disassemble``)."""
+    return disassemble(compile_resources(kernel, args, kwargs, arch, tool, workdir, name), tool)
+
+
+def compile_resources(kernel, args, kwargs, arch: int, tool: str, workdir: Path,
+                      name: str | None = None) -> dict:
+    """Compiles a launch into ``workdir/<name or kernel name>.cubin`` and reads its registers,
+    stack frame and shared memory (fast); ``disassemble`` adds the SASS counts (about a second
+    a kernel: nvdisasm)."""
     k = compile_kernel(kernel, args, kwargs, arch)
-    path = workdir / f"{kernel.__name__}.cubin"
+    path = workdir / f"{name or kernel.__name__}.cubin"
     path.write_bytes(k.asm["cubin"])
     out = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True,
                          text=True, check=True).stdout
     line = next(l for l in out.splitlines() if "REG:" in l)
     fields = dict(f.split(":", 1) for f in line.split() if ":" in f)
-    sass = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True,
-                          check=True).stdout
     config = {name: kwargs[name] for name in ("BLOCK_T", "BLOCK_W", "BLOCK_R", "BLOCK_C")
               if name in kwargs}
-    num_warps = kwargs.get("num_warps", 4)
+    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]),
+            "shared": int(fields["SHARED"]), "num_warps": kwargs.get("num_warps", 4),
+            "config": config, "carried": loop_carried(k.asm["ttir"]), "cubin": path}
+
+
+def disassemble(r: dict, tool: str) -> dict:
+    """``r`` with the SASS counts of its cubin (``sass_counts``) and ``per_elem``; safe to run
+    in a thread beside the next compilation."""
+    sass = subprocess.run([tool, "-sass", str(r["cubin"])], capture_output=True, text=True,
+                          check=True).stdout
     counts = sass_counts(sass)
     per = counts["loop"] or counts["sass"]
-    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]),
-            "shared": int(fields["SHARED"]), "num_warps": num_warps, "config": config,
-            "carried": loop_carried(k.asm["ttir"]),
-            **counts, "per_elem": per * num_warps / max(1, math.prod(config.values()))}
+    return {**r, **counts,
+            "per_elem": per * r["num_warps"] / max(1, math.prod(r["config"].values()))}
 
 
 def resident(regs: int, warps: int, shared: int) -> int:
@@ -183,6 +203,15 @@ def resident(regs: int, warps: int, shared: int) -> int:
     per_program = -(-max(regs, 1) // 8) * 8 * 32 * warps
     return max(0, min(65536 // per_program, 64 // warps, 32,
                       228 * 1024 // shared if shared else 32))
+
+
+def programs_on_sm(kernel, args, kwargs, grid, sms: int):
+    """Persistent programs a launch of a streaming kernel asks of its busiest SM (its
+    ``slots * cblocks`` programs spread evenly over ``sms`` SMs); None for other kernels."""
+    v = dict(zip(kernel.arg_names, args), **kwargs)
+    if "slots" not in v:
+        return None
+    return math.ceil(int(v["slots"]) * math.prod(int(g) for g in grid[1:]) / sms)
 
 
 def issue_estimate(kernel, args, kwargs, grid, r: dict, sms: int, ghz: float) -> tuple:
@@ -210,9 +239,8 @@ def issue_estimate(kernel, args, kwargs, grid, r: dict, sms: int, ghz: float) ->
         setup = total - outer
         walk = items * cblocks * per_item
         busiest = math.ceil(items / slots) * per_item + setup
-        conv = slots * cblocks
         mwi = (walk + programs * setup) * warps / 1e6
-        on_sm = math.ceil(conv / sms)
+        on_sm = programs_on_sm(kernel, args, kwargs, grid, sms)
         crit = busiest * on_sm * warps
     else:
         trips = math.ceil(int(v.get("num_tiles", 1)) / int(v.get("BLOCK_R", 1)))
@@ -276,6 +304,9 @@ def parse_args(argv=None):
                         "iteration to the next (see loop_carried)")
     p.add_argument("--no-spills", action="store_true",
                    help="exit non-zero if a kernel has a stack frame (spilled registers)")
+    p.add_argument("--resources-only", action="store_true",
+                   help="skip the disassembly: registers, stack, shared memory and residency "
+                        "only (the SASS columns print '-'); several times faster")
     p.add_argument("--one-wave", action="store_true",
                    help="exit non-zero if a persistent streaming kernel asks an SM for more "
                         "programs than its registers let it hold (the rest would wait for "
@@ -299,57 +330,84 @@ def main(argv=None) -> int:
 
 def report(args, cases, dtypes, tool: str, workdir: Path) -> int:
     """Compiles each launch of ``cases`` x ``dtypes`` x ``args.kernels`` and prints its line;
-    returns 1 where a kernel failed, spilled (``--no-spills``) or overfilled (``--one-wave``)."""
+    returns 1 where a kernel failed, spilled (``--no-spills``) or overfilled (``--one-wave``).
+    The kernels compile one after another; their disassembly (nvdisasm, about a second each)
+    runs in threads beside the next compilations, and the lines come out in launch order."""
     print(f"triton {triton.__version__}, sm_{args.arch}")
     print(f"{'shape':>14} {'dtype':>5} {'family':>6} {'pass':>6} {'kernel':<28} {'blocks':<24} "
           f"warps  regs  stack  shared  sass  loop outer  i/elem   Mwi issue_us  res  "
           f"global memory")
     bad = 0
-    for case in cases:
-        for dtype in dtypes:
-            for family in args.kernels:
-                for pass_name in ("fwd", "grad_x", "bwd"):
-                    for kernel, kargs, kwargs, grid in launches(family, pass_name, case, dtype,
-                                                                with_grid=True):
-                        name = kernel.__name__
-                        try:
-                            r = compile_launch(kernel, kargs, kwargs, args.arch, tool, workdir)
-                        except Exception as e:  # report and go on: one kernel must not hide others
-                            print(f"{case.label():>14} {bench_peg.SHORT[dtype]:>5} {family:>6} "
-                                  f"{pass_name:>6} {name:<28} FAILED: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}")
-                            bad += 1
-                            continue
-                        mwi, issue_us, on_sm = issue_estimate(kernel, kargs, kwargs, grid, r,
-                                                              args.sms, args.ghz)
-                        fits = resident(r["regs"], r["num_warps"], r["shared"])
-                        waves = on_sm is not None and on_sm > fits
-                        bad += waves and args.one_wave
-                        res = "-" if on_sm is None else f"{on_sm}/{fits}"
-                        blocks = "x".join(str(v) for v in r["config"].values())
-                        named = dict(zip(kernel.arg_names, kargs))
-                        if "rh" in named:  # streaming: strip height, programs a channel block
-                            blocks += f",rh{named['rh']},slots{named['slots']}"
-                        spill = r["stack"] > 0
-                        bad += spill and args.no_spills
-                        print(f"{case.label():>14} {bench_peg.SHORT[dtype]:>5} {family:>6} "
-                              f"{pass_name:>6} {name:<28} {blocks:<24} {r['num_warps']:>5} "
-                              f"{r['regs']:>5} {r['stack']:>6} {r['shared']:>7} {r['sass']:>5} "
-                              f"{r['loop']:>5} {r['outer'] or '-':>5} {r['per_elem']:>7.2f} "
-                              f"{mwi:>5.1f} {issue_us:>8.1f} {res:>5}  "
-                              f"{r['memory']}"
-                              + ("  (spills)" if spill else "")
-                              + ("  (more programs than fit)" if waves else ""), flush=True)
-                        if args.carried:
-                            for depth, names in enumerate(r["carried"]):
-                                print(f"{'':>14} loop {depth} carries: {' '.join(names)}")
-                        if args.branches:
-                            for then, other in r["branches"]:
-                                print(f"{'':>14} if/else in the loop: then {then}, else {other} "
-                                      f"instructions (an iteration on the else side runs "
-                                      f"{r['loop'] - then}, on the then side "
-                                      f"{r['loop'] - other})")
+    pending = collections.deque()  # (label, launch, resources, disassembly future) in order
+    compiled = itertools.count()  # names the cubins, which stay until the end (the threads')
+
+    def flush(wait: bool) -> int:
+        n = 0
+        while pending and (wait or pending[0][3] is None or pending[0][3].done()):
+            label, launch, r, job = pending.popleft()
+            n += print_row(args, label, launch, r if job is None else job.result())
+        return n
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for case in cases:
+            for dtype in dtypes:
+                for family in args.kernels:
+                    for pass_name in ("fwd", "grad_x", "bwd"):
+                        for kernel, kargs, kwargs, grid in launches(family, pass_name, case,
+                                                                    dtype, with_grid=True):
+                            label = (f"{case.label():>14} {bench_peg.SHORT[dtype]:>5} "
+                                     f"{family:>6} {pass_name:>6} {kernel.__name__:<28}")
+                            try:
+                                r = compile_resources(kernel, kargs, kwargs, args.arch, tool,
+                                                      workdir, f"launch{next(compiled)}")
+                            except Exception as e:  # report and go on: one kernel must not
+                                bad += flush(True)  # hide others
+                                print(f"{label} FAILED: {type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+                                bad += 1
+                                continue
+                            job = None if args.resources_only else pool.submit(disassemble, r,
+                                                                               tool)
+                            pending.append((label, (kernel, kargs, kwargs, grid), r, job))
+                            bad += flush(False)
+        bad += flush(True)
     return 1 if bad else 0
+
+
+def print_row(args, label: str, launch, r: dict) -> int:
+    """Prints a compiled launch's line (and its --carried / --branches lines); returns 1 where
+    it spilled (``--no-spills``) or overfilled an SM (``--one-wave``), else 0."""
+    kernel, kargs, kwargs, grid = launch
+    on_sm = programs_on_sm(kernel, kargs, kwargs, grid, args.sms)
+    fits = resident(r["regs"], r["num_warps"], r["shared"])
+    waves = on_sm is not None and on_sm > fits
+    res = "-" if on_sm is None else f"{on_sm}/{fits}"
+    blocks = "x".join(str(v) for v in r["config"].values())
+    named = dict(zip(kernel.arg_names, kargs))
+    if "rh" in named:  # streaming: strip height, programs a channel block
+        blocks += f",rh{named['rh']},slots{named['slots']}"
+    spill = r["stack"] > 0
+    if "sass" in r:
+        mwi, issue_us, _ = issue_estimate(kernel, kargs, kwargs, grid, r, args.sms, args.ghz)
+        counts = (f"{r['sass']:>5} {r['loop']:>5} {r['outer'] or '-':>5} {r['per_elem']:>7.2f} "
+                  f"{mwi:>5.1f} {issue_us:>8.1f}")
+        memory = r["memory"]
+    else:  # --resources-only
+        counts = f"{'-':>5} {'-':>5} {'-':>5} {'-':>7} {'-':>5} {'-':>8}"
+        memory = "-"
+    print(f"{label} {blocks:<24} {r['num_warps']:>5} {r['regs']:>5} {r['stack']:>6} "
+          f"{r['shared']:>7} {counts} {res:>5}  {memory}"
+          + ("  (spills)" if spill else "")
+          + ("  (more programs than fit)" if waves else ""), flush=True)
+    if args.carried:
+        for depth, names in enumerate(r["carried"]):
+            print(f"{'':>14} loop {depth} carries: {' '.join(names)}")
+    if args.branches and "branches" in r:
+        for then, other in r["branches"]:
+            print(f"{'':>14} if/else in the loop: then {then}, else {other} instructions (an "
+                  f"iteration on the else side runs {r['loop'] - then}, on the then side "
+                  f"{r['loop'] - other})")
+    return int(spill and args.no_spills) + int(waves and args.one_wave)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,8 @@ def parse_args(argv=None):
                    metavar="TxCxW", help="backward candidates instead of the built-in grid")
     p.add_argument("--min-time", type=float, default=0.05, metavar="SECONDS",
                    help="seconds of samples per configuration (default 0.05)")
+    p.add_argument("--min-reps", type=int, default=3, metavar="N",
+                   help="fewest samples per configuration (default 3)")
     p.add_argument("--top", type=int, default=5, help="configurations printed per case")
     p.add_argument("--out", type=Path, default=None, metavar="DIR")
     return p.parse_args(argv)
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
     else:
         grids = {"fwd": args.fwd_configs or (QUICK_FWD if args.quick else FWD_GRID),
                  "bwd": args.bwd_configs or (QUICK_BWD if args.quick else BWD_GRID)}
-    timer = bench_peg.Timer(device, args.min_time, 3, flush_cache=on_gpu)
+    timer = bench_peg.Timer(device, args.min_time, max(1, args.min_reps), flush_cache=on_gpu)
     copy_gbps, _ = bench_peg.copy_bandwidth(device, timer)
     meta = bench_peg.run_metadata(device)
     out_dir = args.out or bench_peg.default_out_dir(device) / "tune-triton"

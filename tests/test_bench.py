@@ -4,6 +4,7 @@ They run the programs' ``main`` with tiny shapes: the point is that every path w
 rows and that a wrong backend is reported, not the timings.
 """
 import csv
+import functools
 import glob
 import os
 import platform
@@ -698,7 +699,7 @@ def test_tune_triton_tiny_sweep(tmp_path):
     require_backend("triton")
     import tune_triton
     rc = tune_triton.main(["--shapes", "2x12x3x4", "--fwd-configs", "8x8x1", "8x16x1",
-                           "--bwd-configs", "16x8x1", "--min-time", "0.001",
+                           "--bwd-configs", "16x8x1", "--min-time", "0.001", "--min-reps", "1",
                            "--out", str(tmp_path)])
     assert rc == 0
     rows = _rows(tmp_path / "tune.csv")
@@ -724,7 +725,8 @@ def test_tune_triton_streaming_kernels(tmp_path):
     from cpvt_kernels import triton_peg
     rc = tune_triton.main(["--kernels", "stream", "--shapes", "1x8x9x5", "--fwd-configs",
                            "4x8x1", "--bwd-configs", "4x8x1", "--per-sm", "0", "1",
-                           "--rh", "5", "--min-time", "0.001", "--out", str(tmp_path)])
+                           "--rh", "5", "--min-time", "0.001", "--min-reps", "1",
+                           "--out", str(tmp_path)])
     assert rc == 0
     rows = _rows(tmp_path / "tune.csv")
     assert [(r["pass"], r["default"]) for r in rows] == [
@@ -742,7 +744,7 @@ def test_tune_triton_streaming_kernels(tmp_path):
         assert float(r["max_rel_err"]) <= 1.6e-2
     # without --per-sm and --rh: the model's for the candidate block
     rc = tune_triton.main(["--kernels", "stream", "--shapes", "2x8x9x5", "--passes", "fwd",
-                           "--fwd-configs", "2x8x1", "--min-time", "0.001",
+                           "--fwd-configs", "2x8x1", "--min-time", "0.001", "--min-reps", "1",
                            "--out", str(tmp_path / "model")])
     assert rc == 0
     rows = _rows(tmp_path / "model" / "tune.csv")
@@ -760,7 +762,8 @@ def test_streaming_triton_kernels_fit_one_wave():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(BENCH / "triton_compile.py"), "--kernels",
                            "stream", "--dtypes", "bfloat16", "float32", "float64", "--shapes",
-                           "128x192x14", "128x384x14", "64x384x24", "32x768x32", "--one-wave"],
+                           "128x192x14", "128x384x14", "64x384x24", "32x768x32", "--one-wave",
+                           "--resources-only"],
                           capture_output=True, text=True, env=env, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
@@ -783,7 +786,8 @@ def test_streaming_triton_loops_carry_their_rows(tmp_path):
     env["TMPDIR"] = str(tmp_path)
     proc = subprocess.run([sys.executable, str(BENCH / "triton_compile.py"), "--kernels",
                            "stream", "--shapes", "8x384x14", "--dtypes", "bfloat16",
-                           "--carried"], capture_output=True, text=True, env=env, timeout=600)
+                           "--carried", "--resources-only"], capture_output=True, text=True,
+                          env=env, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert not list(tmp_path.iterdir()), "triton_compile.py left its cubins behind"
@@ -877,10 +881,19 @@ def _extension_sm90_kernels(pattern: str) -> list[dict]:
     binary = sorted(glob.glob(str(BENCH.parent / "cpvt_kernels" / "_C*.so")))
     if not binary:
         pytest.skip("the extension is not built in the source tree")
-    rows = [r for r in cuda_sass.kernels(binary[0], 90, tool) if re.search(pattern, r["name"])]
+    rows = [r for r in _sm90_rows(binary[0], os.path.getmtime(binary[0]), tool)
+            if re.search(pattern, r["name"])]
     if not rows:
         pytest.skip("the extension has no sm_90 code (TORCH_CUDA_ARCH_LIST)")
     return rows
+
+
+@functools.lru_cache(maxsize=2)
+def _sm90_rows(binary: str, mtime: float, tool: str) -> tuple:
+    """cuda_sass.kernels(binary, 90), read once for the tests that share it (about 15 s on 2
+    cores: the disassembly of every kernel); `mtime` keys a rebuilt extension apart."""
+    import cuda_sass
+    return tuple(cuda_sass.kernels(binary, 90, tool))
 
 
 def test_cuda_forward_kernels_store_whole_vectors():

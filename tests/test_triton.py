@@ -410,7 +410,7 @@ def test_stream_geometry_prefers_fewer_halo_rows_and_full_waves():
 # (B, P, H, W, C, cfg): blocks of 1 to 32 pixels, one pixel block or several with a partial
 # last one, strips of 1 to H rows with a short last one, one program per item or persistent.
 STREAM_GEOMETRIES = [
-    (2, 1, 7, 5, 20, dict(BLOCK_W=1, BLOCK_C=16, RH=2, num_warps=1, PER_SM=3, PREFETCH=2)),
+    (2, 1, 5, 3, 20, dict(BLOCK_W=1, BLOCK_C=16, RH=2, num_warps=1, PER_SM=3, PREFETCH=2)),
     (2, 1, 7, 5, 20, dict(BLOCK_W=2, BLOCK_C=32, RH=3, num_warps=1, PER_SM=1, PREFETCH=0)),
     (1, 2, 6, 9, 8, dict(BLOCK_W=4, BLOCK_C=16, RH=6, num_warps=1, PER_SM=0, PREFETCH=1)),
     (2, 0, 5, 3, 24, dict(BLOCK_W=32, BLOCK_C=16, RH=1, num_warps=2, PER_SM=2, PREFETCH=1)),
