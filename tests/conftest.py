@@ -267,6 +267,71 @@ def require_backend(backend: str) -> str:
     return device
 
 
+# bench/cuda_micro's build (a minute and a half of nvcc on 2 cores) for test_cuda_micro_builds:
+# started when the tests are collected, at low priority, so that it compiles beside the tests
+# that run before it; the test then waits for it.
+_MICRO_BUILD = {}
+
+
+def cuda_micro_nvcc() -> str | None:
+    """The nvcc that builds bench/cuda_micro: $NVCC, else the PATH's, else $CUDA_HOME's."""
+    import shutil
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if not nvcc and os.environ.get("CUDA_HOME"):
+        nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+    return nvcc if nvcc and os.access(nvcc, os.X_OK) else None
+
+
+def _start_cuda_micro_build():
+    import subprocess
+    nvcc = cuda_micro_nvcc()
+    if nvcc is None or _MICRO_BUILD:
+        return
+    folder = tempfile.mkdtemp(prefix="cpvt_cuda_micro_")
+    log = open(os.path.join(folder, "build.log"), "w+")
+    build = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                         "cuda_micro", "build.sh")
+    proc = subprocess.Popen(
+        ["nice", "-n", "10", "bash", build], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "OUT": os.path.join(folder, "peg_micro"), "NVCC": nvcc,
+             "PYTHON": sys.executable})
+    _MICRO_BUILD.update(proc=proc, folder=folder, log=log)
+
+
+def cuda_micro_build(timeout: float) -> tuple[int, str, str]:
+    """(exit status, output, binary) of bench/cuda_micro/build.sh: the build started at
+    collection, waited for, or one started now (a test run by itself under pytest-xdist)."""
+    _start_cuda_micro_build()
+    b = _MICRO_BUILD
+    rc = b["proc"].wait(timeout=timeout)
+    b["log"].seek(0)
+    return rc, b["log"].read(), os.path.join(b["folder"], "peg_micro")
+
+
+def pytest_collection_finish(session):
+    """Starts bench/cuda_micro's build when test_cuda_micro_builds is to run (not under
+    pytest-xdist, whose workers each collect every test; there the test builds it itself)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and any(
+            item.name == "test_cuda_micro_builds" for item in session.items):
+        _start_cuda_micro_build()
+
+
+def pytest_unconfigure(config):
+    """Stops an unfinished cuda_micro build and removes its folder."""
+    import shutil
+    b = _MICRO_BUILD
+    if not b:
+        return
+    if b["proc"].poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(b["proc"].pid, 9)
+        b["proc"].wait()
+    b["log"].close()
+    shutil.rmtree(b["folder"], ignore_errors=True)
+    b.clear()
+
+
 def pytest_terminal_summary(terminalreporter):
     """Cases run per category (test file), so CI logs show what was covered."""
     counts = {}

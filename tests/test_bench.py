@@ -948,27 +948,22 @@ def test_cuda_pipe_kernels_fit_their_registers():
         assert r["sass"] > 200 and "LDG" in r["memory"], (r["name"], r["sass"], r["memory"])
 
 
-def test_cuda_micro_builds(tmp_path):
+def test_cuda_micro_builds():
     """bench/cuda_micro/peg_micro.cu, which the GPU suite builds and runs on the GPU machine,
     compiles against the current kernel headers (its build.sh, nvcc for sm_90), with the variants
-    a GPU run is to time in it; the cp.async kernels keep their registers (no stack frame)."""
+    a GPU run is to time in it; the cp.async kernels keep their registers (no stack frame). The
+    build starts when the tests are collected (conftest.cuda_micro_build)."""
     import re
-    import shutil
-    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
-    if not nvcc and os.environ.get("CUDA_HOME"):
-        nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
-    if not nvcc or not os.access(nvcc, os.X_OK):
+    from conftest import cuda_micro_build, cuda_micro_nvcc
+    if cuda_micro_nvcc() is None:
         pytest.skip("no nvcc")
     import cuda_sass
     try:
         tool = cuda_sass.cuobjdump()
     except SystemExit as e:
         pytest.skip(str(e))
-    out = tmp_path / "peg_micro"
-    r = subprocess.run(["bash", str(BENCH / "cuda_micro" / "build.sh")], capture_output=True,
-                       text=True, timeout=1200,
-                       env={**os.environ, "OUT": str(out), "NVCC": nvcc, "PYTHON": sys.executable})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rc, log, out = cuda_micro_build(timeout=1200)
+    assert rc == 0, log[-6000:]
     rows = cuda_sass.kernels(str(out), 90, tool)
     pipe = [k for k in rows if re.search(r"peg_pipe_(forward|backward)_kernel", k["name"])]
     assert len(pipe) >= 12, [k["name"] for k in rows]
