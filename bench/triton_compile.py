@@ -160,20 +160,13 @@ def loop_carried(ttir: str) -> list:
     return loops
 
 
-def compile_launch(kernel, args, kwargs, arch: int, tool: str, workdir: Path,
-                   name: str | None = None) -> dict:
-    """Compiles a launch and reads its resources and SASS counts (``compile_resources``, then
-    ``disassemble``)."""
-    return disassemble(compile_resources(kernel, args, kwargs, arch, tool, workdir, name), tool)
-
-
 def compile_resources(kernel, args, kwargs, arch: int, tool: str, workdir: Path,
-                      name: str | None = None) -> dict:
-    """Compiles a launch into ``workdir/<name or kernel name>.cubin`` and reads its registers,
+                      name: str) -> dict:
+    """Compiles a launch into ``workdir/<name>.cubin`` and reads its registers,
     stack frame and shared memory (fast); ``disassemble`` adds the SASS counts (about a second
     a kernel: nvdisasm)."""
     k = compile_kernel(kernel, args, kwargs, arch)
-    path = workdir / f"{name or kernel.__name__}.cubin"
+    path = workdir / f"{name}.cubin"
     path.write_bytes(k.asm["cubin"])
     out = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True,
                          text=True, check=True).stdout
@@ -216,8 +209,7 @@ def programs_on_sm(kernel, args, kwargs, grid, sms: int):
 
 def issue_estimate(kernel, args, kwargs, grid, r: dict, sms: int, ghz: float) -> tuple:
     """(million warp instructions the launch issues, microseconds the busiest SM needs to issue
-    its share at 4 a cycle, persistent programs asked of the busiest SM or None): a floor on the
-    kernel's time from its instruction count alone.
+    its share at 4 a cycle): a floor on the kernel's time from its instruction count alone.
 
     The persistent streaming kernels: each of the ``slots * cblocks`` programs walks up to
     ``ceil(items / slots)`` items, an item ``rows + 2`` iterations of the innermost loop (the
@@ -240,15 +232,13 @@ def issue_estimate(kernel, args, kwargs, grid, r: dict, sms: int, ghz: float) ->
         walk = items * cblocks * per_item
         busiest = math.ceil(items / slots) * per_item + setup
         mwi = (walk + programs * setup) * warps / 1e6
-        on_sm = programs_on_sm(kernel, args, kwargs, grid, sms)
-        crit = busiest * on_sm * warps
+        crit = busiest * programs_on_sm(kernel, args, kwargs, grid, sms) * warps
     else:
         trips = math.ceil(int(v.get("num_tiles", 1)) / int(v.get("BLOCK_R", 1)))
         per_program = (trips * loop + total - loop) if loop else total
         mwi = programs * per_program * warps / 1e6
         crit = mwi * 1e6 / sms
-        on_sm = None
-    return mwi, crit / (4 * ghz * 1e3), on_sm
+    return mwi, crit / (4 * ghz * 1e3)
 
 
 def launches(family: str, pass_name: str, case, dtype, with_grid: bool = False):
@@ -388,7 +378,7 @@ def print_row(args, label: str, launch, r: dict) -> int:
         blocks += f",rh{named['rh']},slots{named['slots']}"
     spill = r["stack"] > 0
     if "sass" in r:
-        mwi, issue_us, _ = issue_estimate(kernel, kargs, kwargs, grid, r, args.sms, args.ghz)
+        mwi, issue_us = issue_estimate(kernel, kargs, kwargs, grid, r, args.sms, args.ghz)
         counts = (f"{r['sass']:>5} {r['loop']:>5} {r['outer'] or '-':>5} {r['per_elem']:>7.2f} "
                   f"{mwi:>5.1f} {issue_us:>8.1f}")
         memory = r["memory"]
