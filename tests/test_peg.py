@@ -674,10 +674,10 @@ def test_cpu_in_place_matches_ring(monkeypatch, dtype, case):
 
 
 # AVX2 builds run the float32 and float64 forwards over rows read in place in narrow column
-# blocks (4 rows x 1 column) where the input is larger than the last-level cache or 10 MiB, and
+# blocks (6 rows x 1 column) where the input is larger than the last-level cache or 10 MiB, and
 # in 4 x 2 blocks below that; CPVT_CPU_NARROW_BLOCKS=1 / 0 forces either (no effect where the
 # two shapes are the same, as with AVX-512). The same operations in the same order: bitwise the
-# same.
+# same. A thread that takes a whole 14-row image runs narrow passes of 6, 6 and 2 rows.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", [c for c in IN_PLACE_CASES if c[6] != "offset_slice"],
                          ids=lambda c: "B{}-P{}-{}x{}-C{}-k{}-{}".format(*c))

@@ -805,8 +805,8 @@ void conv_row_dispatch_direct(const S* const* rows, int64_t k, const A* wt, cons
   return conv_row_direct<3, 1, WB>(rows, wt, bias, W, C, stream, 0, out, pf, cs);
 }
 
-// The forward's passes over rows read in place: up to forward_block_rows<T>() output rows at a
-// time (fewer where an image or a thread's range ends), in column blocks of
+// The forward's passes over rows read in place: up to forward_block_rows<T>(narrow) output rows
+// at a time (fewer where an image or a thread's range ends), in column blocks of
 // forward_block_cols<T>(narrow). Taller blocks than the backward's grad_x (2 rows x
 // direct_block_cols<T>()): each input row is read by fewer passes.
 // The block's accumulators, its nine taps (k = 3), the zero vector of the padding and the input
@@ -833,65 +833,88 @@ void conv_row_dispatch_direct(const S* const* rows, int64_t k, const A* wt, cons
 // B=96, 14x14 (14.5 MB) 2.66-2.83 against 2.15-2.21, B=32, 24x24 (14 MB) 2.49-2.67 against
 // 1.85-1.88, B=32, 32x32 (25 MB) 4.44-4.65 against 3.22-3.24 (streaming stores on or off alike).
 // 3 x 2 and 2 x 2 were no better in cache and slower beyond it.
+// The narrow blocks are now 6 x 1 (6 accumulators): 4 x 1 leaves each FMA pipe waiting on the
+// latency of 4 dependent chains (a 2-core Zen 3 guest, one thread, B=1 in cache: 0.062 ms at
+// 24x24 against 0.041-0.043 for 4 x 2 and 6 x 1). Beyond the cache, 2 threads, C=192, medians
+// of 6 alternating rounds' fastest samples, 6 x 1 against 4 x 1: B=32 at 24x24 (14 MB) 1.17
+// against 1.36 ms, B=24 (10.6 MB) 0.67 against 1.03, B=96 at 14x14 1.13 against 1.60, B=32
+// at 32x32 2.56 against 2.89; 5 x 1 and 8 x 1 within the noise of 6 x 1; below 10 MB the wide
+// 4 x 2 blocks stay the faster (B=16 at 24x24: 0.32 against 0.36;
+// bench/results/2026-12-07_cpu-amd-epyc-zen3/ab/block_rows_*).
 template <typename T>
 constexpr int forward_block_cols(bool narrow) {
   if constexpr (sizeof(Vec<float>) >= 64) return sizeof(T) >= 4 ? 1 : 4;
   return sizeof(T) >= 4 ? (narrow ? 1 : 2) : 2;
 }
 template <typename T>
-constexpr int64_t forward_block_rows() {
+constexpr int64_t forward_block_rows(bool narrow) {
   if constexpr (sizeof(Vec<float>) >= 64) return sizeof(T) >= 4 ? 8 : 4;
-  return sizeof(T) >= 4 ? 4 : 3;
+  return sizeof(T) >= 4 ? (narrow ? 6 : 4) : 3;
 }
 // Whether the forward of g takes the narrow column blocks: the input is larger than the
 // last-level cache or than 10 MiB, whichever is less, or CPVT_CPU_NARROW_BLOCKS=1 (0: never).
 // Only where the two shapes differ (AVX2, float and double). The 10 MiB: on a 2-core Zen 3
-// guest with 32 MiB of L3 (shared with other guests' cores) the narrow blocks were the faster
-// from 10.6 MB of input up (B=24..32 at 24x24: 1.0-1.4 against 1.3-2.1 ms, B=96 at 14x14;
+// guest with 32 MiB of L3 (shared with other guests' cores) the narrow blocks (4 x 1 then) were
+// the faster from 10.6 MB of input up (B=24..32 at 24x24: 1.0-1.4 against 1.3-2.1 ms, B=96 at 14x14;
 // medians of the fastest samples of 5 alternating rounds, 2 threads, without streaming stores),
 // the wide ones up to 9.7 MB (B=16..20 at 24x24, B=64 at 14x14; 8 rounds), as in the Zen 1 runs
 // above, whose 8 MB of L3 set the limit there (bench/results/2026-12-07_cpu-amd-epyc-zen3).
 template <typename T>
 bool forward_narrow_blocks(const Geometry& g) {
-  if constexpr (forward_block_cols<T>(true) == forward_block_cols<T>(false)) return false;
+  if constexpr (forward_block_cols<T>(true) == forward_block_cols<T>(false) &&
+                forward_block_rows<T>(true) == forward_block_rows<T>(false)) {
+    return false;
+  }
   if (const std::optional<bool> on = env_flag("CPVT_CPU_NARROW_BLOCKS")) return *on;
   constexpr int64_t kMostWide = int64_t(10) << 20;
   const int64_t llc = llc_bytes();
   const int64_t limit = llc > 0 ? std::min(llc, kMostWide) : kMostWide;
   return g.B * g.N * g.C * static_cast<int64_t>(sizeof(T)) > limit;
 }
-// The most rows of any forward pass over rows read in place (float's blocks are the tallest).
-constexpr int64_t kDirectRows = forward_block_rows<float>();
-static_assert(kDirectRows >= forward_block_rows<double>() &&
-              kDirectRows >= forward_block_rows<at::Half>());
+// The most rows of any forward pass over rows read in place (float's narrow blocks are the
+// tallest).
+constexpr int64_t kDirectRows = forward_block_rows<float>(true);
+static_assert(kDirectRows >= forward_block_rows<float>(false) &&
+              kDirectRows >= forward_block_rows<double>(true) &&
+              kDirectRows >= forward_block_rows<double>(false) &&
+              kDirectRows >= forward_block_rows<at::Half>(true) &&
+              kDirectRows >= forward_block_rows<at::Half>(false));
 
 template <typename T>
-int64_t direct_pass_rows(int64_t r, int64_t end, int64_t H) {
-  return std::min<int64_t>({forward_block_rows<T>(), end - r, H - r % H});
+int64_t direct_pass_rows(int64_t r, int64_t end, int64_t H, bool narrow) {
+  return std::min<int64_t>({forward_block_rows<T>(narrow), end - r, H - r % H});
 }
 
 template <typename T, typename A, typename S>
 void conv_rows_direct_forward(const S* const* rows, int64_t k, const A* wt, const A* bias,
                               int64_t W, int64_t C, bool stream, T* out, int64_t nrows,
                               int64_t row_stride, RowPrefetch& pf, int64_t cs, bool narrow) {
-  constexpr int64_t RB = forward_block_rows<T>();
-  TORCH_INTERNAL_ASSERT((k == 1 || k == 3) && nrows >= 1 && nrows <= RB);
+  constexpr int64_t kWideRows = forward_block_rows<T>(false);
+  constexpr int64_t RB = std::max(forward_block_rows<T>(true), kWideRows);
+  TORCH_INTERNAL_ASSERT((k == 1 || k == 3) && nrows >= 1 &&
+                        nrows <= forward_block_rows<T>(narrow));
   constexpr int kWide = forward_block_cols<T>(false), kNarrow = forward_block_cols<T>(true);
+  constexpr bool kSame = kWide == kNarrow && kWideRows == forward_block_rows<T>(true);
   auto go = [&](auto kc, auto rc) {
-    if constexpr (kNarrow != kWide) {
+    constexpr int R = decltype(rc)::value;
+    if constexpr (!kSame) {
       if (narrow) {
-        return conv_row_direct<decltype(kc)::value, decltype(rc)::value, kNarrow>(
-            rows, wt, bias, W, C, stream, row_stride, out, pf, cs);
+        return conv_row_direct<decltype(kc)::value, R, kNarrow>(rows, wt, bias, W, C, stream,
+                                                                 row_stride, out, pf, cs);
       }
     }
-    conv_row_direct<decltype(kc)::value, decltype(rc)::value, kWide>(rows, wt, bias, W, C, stream,
-                                                                     row_stride, out, pf, cs);
+    if constexpr (R <= kWideRows) {  // (taller passes are narrow ones: asserted above)
+      conv_row_direct<decltype(kc)::value, R, kWide>(rows, wt, bias, W, C, stream, row_stride,
+                                                     out, pf, cs);
+    }
   };
   // The pass heights up to RB, each a compile-time constant.
   auto rows_of = [&](auto kc) {
     if constexpr (RB >= 8) {
       if (nrows == 8) return go(kc, std::integral_constant<int, 8>{});
       if (nrows == 7) return go(kc, std::integral_constant<int, 7>{});
+    }
+    if constexpr (RB >= 6) {
       if (nrows == 6) return go(kc, std::integral_constant<int, 6>{});
       if (nrows == 5) return go(kc, std::integral_constant<int, 5>{});
     }
@@ -1853,7 +1876,7 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
                                    : (g.C + V - 1) / V;
   // Output rows of the pass that starts at grid row r of a thread's range [.., end).
   auto nrows = [&](int64_t r, int64_t end) {
-    return in_place ? direct_pass_rows<T>(r, end, g.H) : pass_rows(pairs, r, end, g.H);
+    return in_place ? direct_pass_rows<T>(r, end, g.H, narrow) : pass_rows(pairs, r, end, g.H);
   };
   at::parallel_for(0, g.B * g.H, row_grain(g), [&](int64_t begin, int64_t end) {
     copy_prefix_rows(src, g, dst, begin, end);
