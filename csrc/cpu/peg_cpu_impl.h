@@ -855,8 +855,8 @@ constexpr int64_t forward_block_rows(bool narrow) {
 // last-level cache or than 10 MiB, whichever is less, or CPVT_CPU_NARROW_BLOCKS=1 (0: never).
 // Only where the two shapes differ (AVX2, float and double). The 10 MiB: on a 2-core Zen 3
 // guest with 32 MiB of L3 (shared with other guests' cores) the narrow blocks (4 x 1 then) were
-// the faster from 10.6 MB of input up (B=24..32 at 24x24: 1.0-1.4 against 1.3-2.1 ms, B=96 at 14x14;
-// medians of the fastest samples of 5 alternating rounds, 2 threads, without streaming stores),
+// the faster from 10.6 MB of input up (B=24..32 at 24x24: 1.0-1.4 against 1.3-2.1 ms, B=96 at
+// 14x14; medians of the fastest samples of 5 alternating rounds, 2 threads, no streaming stores),
 // the wide ones up to 9.7 MB (B=16..20 at 24x24, B=64 at 14x14; 8 rounds), as in the Zen 1 runs
 // above, whose 8 MB of L3 set the limit there (bench/results/2026-12-07_cpu-amd-epyc-zen3).
 template <typename T>
@@ -1876,7 +1876,8 @@ void peg_conv_residual(const T* src, const Geometry& g, const acc_t<T>* wt,
                                    : (g.C + V - 1) / V;
   // Output rows of the pass that starts at grid row r of a thread's range [.., end).
   auto nrows = [&](int64_t r, int64_t end) {
-    return in_place ? direct_pass_rows<T>(r, end, g.H, narrow) : pass_rows(pairs, r, end, g.H);
+    return in_place ? direct_pass_rows<T>(r, end, g.H, narrow)
+                    : pass_rows(pairs, r, end, g.H);
   };
   at::parallel_for(0, g.B * g.H, row_grain(g), [&](int64_t begin, int64_t end) {
     copy_prefix_rows(src, g, dst, begin, end);
