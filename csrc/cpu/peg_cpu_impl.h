@@ -851,6 +851,12 @@ constexpr int64_t forward_block_rows(bool narrow) {
   if constexpr (sizeof(Vec<float>) >= 64) return sizeof(T) >= 4 ? 8 : 4;
   return sizeof(T) >= 4 ? (narrow ? 6 : 4) : 3;
 }
+// Whether the narrow and wide blocks differ in shape (AVX2, float and double).
+template <typename T>
+constexpr bool forward_blocks_differ() {
+  return forward_block_cols<T>(true) != forward_block_cols<T>(false) ||
+         forward_block_rows<T>(true) != forward_block_rows<T>(false);
+}
 // Whether the forward of g takes the narrow column blocks: the input is larger than the
 // last-level cache or than 10 MiB, whichever is less, or CPVT_CPU_NARROW_BLOCKS=1 (0: never).
 // Only where the two shapes differ (AVX2, float and double). The 10 MiB: on a 2-core Zen 3
@@ -861,10 +867,7 @@ constexpr int64_t forward_block_rows(bool narrow) {
 // above, whose 8 MB of L3 set the limit there (bench/results/2026-12-07_cpu-amd-epyc-zen3).
 template <typename T>
 bool forward_narrow_blocks(const Geometry& g) {
-  if constexpr (forward_block_cols<T>(true) == forward_block_cols<T>(false) &&
-                forward_block_rows<T>(true) == forward_block_rows<T>(false)) {
-    return false;
-  }
+  if constexpr (!forward_blocks_differ<T>()) return false;
   if (const std::optional<bool> on = env_flag("CPVT_CPU_NARROW_BLOCKS")) return *on;
   constexpr int64_t kMostWide = int64_t(10) << 20;
   const int64_t llc = llc_bytes();
@@ -894,10 +897,9 @@ void conv_rows_direct_forward(const S* const* rows, int64_t k, const A* wt, cons
   TORCH_INTERNAL_ASSERT((k == 1 || k == 3) && nrows >= 1 &&
                         nrows <= forward_block_rows<T>(narrow));
   constexpr int kWide = forward_block_cols<T>(false), kNarrow = forward_block_cols<T>(true);
-  constexpr bool kSame = kWide == kNarrow && kWideRows == forward_block_rows<T>(true);
   auto go = [&](auto kc, auto rc) {
     constexpr int R = decltype(rc)::value;
-    if constexpr (!kSame) {
+    if constexpr (forward_blocks_differ<T>()) {
       if (narrow) {
         return conv_row_direct<decltype(kc)::value, R, kNarrow>(rows, wt, bias, W, C, stream,
                                                                  row_stride, out, pf, cs);
