@@ -1,9 +1,11 @@
 # python ab.py ROUNDS THREADS PASS "name=ENV=V,ENV2=V2" ... -- shapes
+# The child script: AB_CHILD if set (a later folder's), else child.py beside this file.
 import json, os, subprocess, sys, statistics
 rounds, threads, passes = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 rest = sys.argv[4:]
 i = rest.index("--"); cfgs, shapes = rest[:i], rest[i + 1:]
 py = sys.executable
+child = os.environ.get("AB_CHILD") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 out = {}
 for r in range(rounds):
     for cfg in cfgs:
@@ -13,7 +15,7 @@ for r in range(rounds):
             k, v = kv.split(":", 1); env[k] = v
         pp = env.pop("PP", None)
         if pp: env["PYTHONPATH"] = pp
-        res = json.loads(subprocess.check_output([py, os.path.join(os.path.dirname(__file__), "child.py"), threads, passes] + shapes, env=env, cwd="/tmp"))
+        res = json.loads(subprocess.check_output([py, child, threads, passes] + shapes, env=env, cwd="/tmp"))
         for s, (mn, md) in res.items():
             out.setdefault(s, {}).setdefault(name, []).append((mn, md))
 for s, d in out.items():
