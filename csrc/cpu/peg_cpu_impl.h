@@ -896,10 +896,11 @@ void conv_rows_direct_forward(const S* const* rows, int64_t k, const A* wt, cons
   constexpr int64_t RB = std::max(forward_block_rows<T>(true), kWideRows);
   TORCH_INTERNAL_ASSERT((k == 1 || k == 3) && nrows >= 1 &&
                         nrows <= forward_block_rows<T>(narrow));
-  constexpr int kWide = forward_block_cols<T>(false), kNarrow = forward_block_cols<T>(true);
+  constexpr int kWide = forward_block_cols<T>(false);
   auto go = [&](auto kc, auto rc) {
     constexpr int R = decltype(rc)::value;
     if constexpr (forward_blocks_differ<T>()) {
+      constexpr int kNarrow = forward_block_cols<T>(true);
       if (narrow) {
         return conv_row_direct<decltype(kc)::value, R, kNarrow>(rows, wt, bias, W, C, stream,
                                                                  row_stride, out, pf, cs);
